@@ -1,0 +1,22 @@
+"""Token-level LM backends implementing genlm-backend's ``AsyncLM``.
+
+``MockTokenLM`` is always available. The heavy backends are imported lazily:
+``from genlm_bytes_potential.backends.hf import HFTokenLM`` and
+``from genlm_bytes_potential.backends.vllm import VLLMTokenLM``.
+"""
+
+from genlm_bytes_potential.backends.mock import MockTokenLM
+
+__all__ = ["MockTokenLM", "HFTokenLM", "VLLMTokenLM"]
+
+
+def __getattr__(name):
+    if name == "HFTokenLM":
+        from genlm_bytes_potential.backends.hf import HFTokenLM
+
+        return HFTokenLM
+    if name == "VLLMTokenLM":
+        from genlm_bytes_potential.backends.vllm import VLLMTokenLM
+
+        return VLLMTokenLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

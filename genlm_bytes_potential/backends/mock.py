@@ -1,0 +1,163 @@
+"""A deterministic random token-level LM over an arbitrary byte vocabulary.
+
+No tokenizer and no model: the next-token distribution is a pure function of
+``(seed, temperature, context)``, so brute-force tests can recompute it exactly
+with :meth:`MockTokenLM.logprobs_of` (float64). Every call is recorded
+(``batch_calls``, ``requests``) so tests can prove how a caller batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import torch
+from genlm.backend.llm.base import AsyncLM
+from genlm.backend.tokenization import Token
+
+__all__ = ["MockTokenLM"]
+
+
+def _as_bytes(b) -> bytes:
+    if isinstance(b, Token):
+        return b.byte_string
+    if isinstance(b, (bytes, bytearray)):
+        return bytes(b)
+    raise TypeError(f"byte_vocab entries must be bytes, got {type(b).__name__}: {b!r}")
+
+
+class MockTokenLM(AsyncLM):
+    """Deterministic random token LM.
+
+    Args:
+        byte_vocab: the byte string of each token; token id = position. Duplicates
+            are allowed (distinct ids with the same bytes).
+        seed: changes every distribution.
+        temperature: logits are standard normals divided by ``temperature``;
+            small values give peaked distributions, large values nearly flat ones.
+        bos_token_id, eos_token_id: optional ids, exposed as attributes only (the
+            mock gives them ordinary random probability like any other token).
+
+    Attributes:
+        byte_vocab: list of ``genlm.backend`` ``Token(token_id, bytes)``.
+        str_vocab: utf-8 decodings (``errors="replace"``), for API parity.
+        vocab_size: ``len(byte_vocab)``.
+        tokenizer: ``None`` (there is none).
+        batch_calls: number of batch evaluations; each ``batch_next_token_logprobs[_sync]``
+            call counts one, each ``next_token_logprobs[_sync]`` call counts one.
+        requests: every context evaluated, in order, as a tuple of ints.
+
+    The async and sync methods return ``torch.float64`` CPU tensors with exactly
+    the values of :meth:`logprobs_of`.
+    """
+
+    _CACHE_SIZE = 4096
+
+    def __init__(
+        self,
+        byte_vocab: Sequence[bytes],
+        *,
+        seed: int = 0,
+        temperature: float = 1.0,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+    ):
+        # AsyncLM.__init__ would decode a tokenizer; set its state by hand.
+        self.tokenizer = None
+        self._batch_queue = []
+        self._batch_armed = False
+        raw = [_as_bytes(b) for b in byte_vocab]
+        if not raw:
+            raise ValueError("byte_vocab must not be empty")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.byte_vocab = [Token(i, b) for i, b in enumerate(raw)]
+        self.str_vocab = [b.decode("utf-8", errors="replace") for b in raw]
+        self.vocab_size = len(raw)
+        for name, tid in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+            if tid is not None and not 0 <= tid < self.vocab_size:
+                raise ValueError(f"{name}={tid} is not a token id in [0, {self.vocab_size})")
+        self.seed = int(seed)
+        self.temperature = float(temperature)
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.batch_calls = 0
+        self.requests: list[tuple[int, ...]] = []
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+
+    def __repr__(self):
+        return (
+            f"MockTokenLM(V={self.vocab_size}, seed={self.seed}, "
+            f"temperature={self.temperature})"
+        )
+
+    # ---- the distribution -------------------------------------------------
+
+    def _check(self, context) -> tuple[int, ...]:
+        ctx = tuple(int(t) for t in context)
+        for t in ctx:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} out of range [0, {self.vocab_size})")
+        return ctx
+
+    def logprobs_of(self, context: Sequence[int]) -> np.ndarray:
+        """Exact float64 next-token log-probabilities after ``context`` (a fresh copy).
+
+        Does not count as a call.
+        """
+        ctx = self._check(context)
+        hit = self._cache.get(ctx)
+        if hit is None:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(np.asarray([self.seed, len(ctx), *ctx], dtype=np.int64).tobytes())
+            rng = np.random.default_rng(int.from_bytes(h.digest(), "little"))
+            logits = rng.standard_normal(self.vocab_size) / self.temperature
+            m = logits.max()
+            hit = logits - (m + np.log(np.exp(logits - m).sum()))
+            self._cache[ctx] = hit
+            if len(self._cache) > self._CACHE_SIZE:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(ctx)
+        return hit.copy()
+
+    def _batch(self, contexts) -> torch.Tensor:
+        ctxs = [self._check(c) for c in contexts]
+        self.batch_calls += 1
+        self.requests.extend(ctxs)
+        if not ctxs:
+            return torch.empty((0, self.vocab_size), dtype=torch.float64)
+        return torch.from_numpy(np.stack([self.logprobs_of(c) for c in ctxs]))
+
+    @staticmethod
+    def _no_lora(lora_name):
+        if lora_name is not None:
+            raise ValueError(f"MockTokenLM has no LoRA adapters (got lora_name={lora_name!r})")
+
+    # ---- AsyncLM API ------------------------------------------------------
+
+    async def batch_next_token_logprobs(self, token_ids_list, lora_name=None):
+        self._no_lora(lora_name)
+        return self._batch(token_ids_list)
+
+    def batch_next_token_logprobs_sync(self, token_ids_list, lora_name=None):
+        self._no_lora(lora_name)
+        return self._batch(token_ids_list)
+
+    async def next_token_logprobs(self, token_ids, lora_name=None):
+        self._no_lora(lora_name)
+        return self._batch([token_ids])[0]
+
+    def next_token_logprobs_sync(self, token_ids, lora_name=None):
+        self._no_lora(lora_name)
+        return self._batch([token_ids])[0]
+
+    def reset_counters(self):
+        """Zero ``batch_calls`` and empty ``requests``."""
+        self.batch_calls = 0
+        self.requests.clear()
+
+    def clear_cache(self):
+        self._cache.clear()
