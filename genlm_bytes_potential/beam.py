@@ -1,0 +1,493 @@
+"""The byte beam: a normalized autoregressive byte distribution from a token LM.
+
+A *candidate* is a partial tokenization of the bytes read so far: the tokens it has
+committed (an :class:`~genlm_bytes_potential.lm_state.LMState`), a trie node (the bytes of
+the token it is in the middle of) and a log weight ``w`` = log of the LM probability of the
+committed tokens times the mass of the node under the LM's next-token distribution. With
+``M_c`` the trie masses of candidate ``c``'s state:
+
+* reading byte ``b`` moves ``c`` to its child ``n·b`` with ``w += log M_c(n·b) - log M_c(n)``;
+* extending (end of token, EOT) at a node with tokens ``t`` ending there gives a new
+  candidate at the root with state ``c + t`` and ``w += log M_c(leaf t) - log M_c(n)``.
+
+A :class:`Beam` for bytes ``x`` holds the candidates that read ``x`` (after pruning) and
+their extensions (after the threshold), every one with its masses computed. Its
+next-byte distribution over the 256 bytes and EOS is
+
+    q(a | x) = W(x·a) / sum_a' W(x·a'),   W(x·a) = sum of the weights after reading a,
+
+so it sums to 1 at every context where the beam is not empty, and the log-probability of
+a byte string is the sum of its conditionals (``Beam.logp``). Without pruning (``K=None``,
+``prune_threshold=0``) ``W(x)`` is the exact probability under the token LM that its byte
+output starts with ``x`` (every tokenization counted), ``sum_a W(x·a) = W(x)`` when every
+token has bytes, and ``q`` is the exact byte-level conditional.
+
+How the approximations enter:
+
+* **Pruning** happens after each byte: candidates below ``prune_threshold`` times the
+  beam's total weight are dropped, then all but the ``K`` heaviest; extensions below the
+  threshold (relative to the total including extensions) are not made. ``q`` is then the
+  conditional under the surviving candidates only, still normalized.
+* **Healing** is not part of ``q``. A byte that no candidate can read has ``q = 0`` and
+  leaves an empty beam. With ``heal=True``, advancing by such a byte instead tries to
+  re-tokenize the end of one candidate (back off at most ``heal_max_backoff`` bytes into
+  its current token, commit the shorter token, replay the rest with at most
+  ``heal_max_splits`` further commits); the healed beam carries on, the step is counted in
+  ``stats.heals`` and its log-probability is the healed weight over the beam's total
+  weight, an estimate outside the normalized distribution. Prefill and scoring use it; a
+  contract-exact potential does not.
+
+All candidates of all beams advanced together that need an LM call are sent in one
+``batch_next_token_logprobs`` call, and their masses come from one trie batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from numbers import Integral, Real
+
+import numpy as np
+
+from .lm_state import LMState, TokenModel
+from .trie import EOS
+
+N_OUTCOMES = 257  # bytes 0..255, then EOS
+
+
+def _check_byte(b) -> int:
+    if isinstance(b, bool) or not isinstance(b, Integral):
+        raise TypeError(f"byte {b!r} has type {type(b).__name__}; expected an int in 0..255 or EOS (257)")
+    if not (0 <= b <= 255 or b == EOS):
+        raise ValueError(f"byte {b!r} is outside 0..255 and is not EOS (257)")
+    return int(b)
+
+
+def _outcome(b: int) -> int:
+    """Column of a byte (or EOS) in a next-byte array."""
+    return 256 if b == EOS else b
+
+
+@dataclass(frozen=True)
+class BeamParams:
+    """Beam parameters.
+
+    Args:
+        K: beam width, the most candidates kept after each byte; ``None`` for no limit.
+        prune_threshold: drop candidates whose share of the beam's weight is below this
+            (0 keeps all).
+        heal: re-tokenize when a byte cannot be read (see the module docstring).
+        heal_max_backoff: most bytes a healing may back off into the current token.
+        heal_max_splits: most extra token commits while a healing replays bytes.
+    """
+
+    K: int | None = 8
+    prune_threshold: float = 0.0
+    heal: bool = True
+    heal_max_backoff: int | None = None
+    heal_max_splits: int | None = None
+
+    def __post_init__(self):
+        if self.K is not None:
+            if isinstance(self.K, bool) or not isinstance(self.K, Integral):
+                raise TypeError(f"K={self.K!r} has type {type(self.K).__name__}; expected an int >= 1 or None")
+            if self.K < 1:
+                raise ValueError(f"K={self.K!r}; expected an int >= 1 or None (no limit)")
+        if isinstance(self.prune_threshold, bool) or not isinstance(self.prune_threshold, Real):
+            raise TypeError(f"prune_threshold={self.prune_threshold!r}; expected a float in [0, 1)")
+        if not 0 <= self.prune_threshold < 1:
+            raise ValueError(f"prune_threshold={self.prune_threshold!r}; expected a float in [0, 1)")
+        for name in ("heal_max_backoff", "heal_max_splits"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, Integral) or v < 0):
+                raise ValueError(f"{name}={v!r}; expected an int >= 0 or None (no limit)")
+
+    @property
+    def log_threshold(self) -> float:
+        return math.log(self.prune_threshold) if self.prune_threshold > 0 else -math.inf
+
+
+@dataclass(frozen=True)
+class BeamStats:
+    """Diagnostics accumulated along the bytes a beam has read.
+
+    Attributes:
+        pruned_mass: probability share of the beam's weight dropped by pruning, summed
+            over steps.
+        heals: steps that needed token healing.
+        lm_calls: LM batch calls made by the steps that built this beam (a batch shared
+            by several beams counts for each).
+        lm_contexts: token contexts whose next-token distribution those calls computed.
+    """
+
+    pruned_mass: float = 0.0
+    heals: int = 0
+    lm_calls: int = 0
+    lm_contexts: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Beam:
+    """Candidates for a byte prefix, with their masses (see the module docstring).
+
+    Attributes:
+        nodes, weights: trie node and log weight of each candidate.
+        states: LM state of each candidate.
+        blocks, block_of, rows: candidate ``i``'s scaled masses are
+            ``blocks[block_of[i]][rows[i]]`` (rows of the trie batches that made them).
+        logp: log-probability of the bytes read so far (sum of conditionals).
+        log_total: log of the candidates' total weight before extension, ``log W(x)``.
+        with_eos: whether EOS tokens end the byte string (False during prefill).
+    """
+
+    model: TokenModel
+    params: BeamParams
+    nodes: np.ndarray
+    weights: np.ndarray
+    states: tuple[LMState, ...]
+    blocks: tuple[np.ndarray, ...]
+    block_of: np.ndarray
+    rows: np.ndarray
+    logp: float = 0.0
+    log_total: float = 0.0
+    with_eos: bool = True
+    stats: BeamStats = field(default_factory=BeamStats)
+    _dist: list = field(default_factory=list, repr=False)  # memo of next_logprobs
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def is_empty(self) -> bool:
+        return len(self.nodes) == 0
+
+    def log_mass(self, cand: np.ndarray, node: np.ndarray) -> np.ndarray:
+        """``log M_c(node)`` for candidate indices ``cand`` and nodes (same length)."""
+        out = np.empty(len(cand))
+        which = self.block_of[cand]
+        for g in np.unique(which):
+            sel = which == g
+            out[sel] = self.blocks[g][self.rows[cand[sel]], node[sel]]
+        with np.errstate(divide="ignore"):
+            return np.log(out)
+
+    def next_logprobs(self) -> np.ndarray:
+        """``log q(a | x)`` for a = 0..255 and EOS (index 256); all -inf when empty."""
+        if not self._dist:
+            self._dist.append(_next_logprobs([self])[0])
+        return self._dist[0]
+
+    def partial(self, i: int) -> bytes:
+        """Bytes of the token candidate ``i`` is in the middle of."""
+        return self.model.trie.prefix_of[self.nodes[i]]
+
+    def __repr__(self) -> str:
+        vocab = self.model.lm.byte_vocab
+        lines = [f"Beam(logp={self.logp:.4f}, {len(self)} candidates)"]
+        for i in np.argsort(-self.weights)[:16]:
+            toks = "|".join(repr(bytes(vocab[t]))[2:-1] for t in self.states[i].tokens[-6:])
+            lines.append(f"  {self.weights[i]:9.4f}  ...{toks}|{self.partial(i)!r}")
+        return "\n".join(lines)
+
+
+def _segment_logsumexp(values: np.ndarray, seg: np.ndarray, n_seg: int) -> np.ndarray:
+    """logsumexp of ``values`` grouped by ``seg`` ids (-inf for empty groups)."""
+    out = np.full(n_seg, -np.inf)
+    if len(values) == 0:
+        return out
+    mx = np.full(n_seg, -np.inf)
+    np.maximum.at(mx, seg, values)
+    safe = np.where(np.isfinite(mx), mx, 0.0)
+    s = np.bincount(seg, weights=np.exp(values - safe[seg]), minlength=n_seg)
+    with np.errstate(divide="ignore"):
+        return np.log(s) + safe
+
+
+def _next_logprobs(beams: list[Beam]) -> np.ndarray:
+    """Next-byte log-probs ``[len(beams), 257]`` for several beams in one pass."""
+    out = []
+    for beam in beams:
+        trie = beam.model.trie  # per beam: gathers vectorized over all its candidates' children
+        owner, label, child = trie.children_of(beam.nodes)
+        vals = (
+            beam.weights[owner]
+            + beam.log_mass(owner, child)
+            - beam.log_mass(owner, beam.nodes[owner])
+        )
+        cols = np.where(label == EOS, 256, label)
+        row = _segment_logsumexp(vals, cols, N_OUTCOMES)
+        norm = _segment_logsumexp(row, np.zeros(N_OUTCOMES, np.int64), 1)[0]
+        out.append(row - norm if np.isfinite(norm) else row)
+    return np.stack(out) if out else np.zeros((0, N_OUTCOMES))
+
+
+async def initial_beam(
+    model: TokenModel,
+    params: BeamParams,
+    prompt_tokens: tuple[int, ...] | list[int] = (),
+    with_eos: bool = True,
+) -> Beam:
+    """The beam before any byte: one candidate at the root after ``prompt_tokens``."""
+    state = model.initial_state(prompt_tokens)
+    calls = model.stats.batch_calls
+    block = await model.masses([state], with_eos)
+    return Beam(
+        model=model,
+        params=params,
+        nodes=np.array([model.trie.root]),
+        weights=np.zeros(1),
+        states=(state,),
+        blocks=(block,),
+        block_of=np.zeros(1, np.int64),
+        rows=np.zeros(1, np.int64),
+        with_eos=with_eos,
+        stats=BeamStats(lm_calls=model.stats.batch_calls - calls, lm_contexts=1),
+    )
+
+
+async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None) -> list[Beam]:
+    """Advance each beam by its byte: read, prune, extend. All extensions of all beams
+    share one LM batch call and one trie batch.
+
+    Args:
+        beams: beams over the same model.
+        next_bytes: one byte (0..255) or EOS (257) per beam.
+        with_eos: trie mode for the new candidates' masses; default: each beam's own.
+    """
+    if len(beams) != len(next_bytes):
+        raise ValueError(f"{len(beams)} beams but {len(next_bytes)} bytes; expected one byte per beam")
+    next_bytes = [_check_byte(b) for b in next_bytes]
+    if not beams:
+        return []
+    model = beams[0].model
+    trie = model.trie
+    for beam in beams:
+        beam.next_logprobs()
+
+    read = []  # per beam: (candidate indices, new nodes, new weights)
+    for beam, b in zip(beams, next_bytes):
+        child = trie.child(beam.nodes, b)
+        idx = np.nonzero(child >= 0)[0]
+        w = beam.weights[idx] + beam.log_mass(idx, child[idx]) - beam.log_mass(idx, beam.nodes[idx])
+        keep = np.isfinite(w)
+        read.append(_prune(beam.params, idx[keep], child[idx][keep], w[keep]))
+
+    # Extensions of every beam's surviving candidates, in one batch.
+    ext_plan = []
+    requests: list[LMState] = []
+    for beam, (idx, nodes, w, _) in zip(beams, read):
+        owner, leaf = trie.leaves_of(nodes)
+        ew = w[owner] + beam.log_mass(idx[owner], leaf) - beam.log_mass(idx[owner], nodes[owner])
+        total = np.logaddexp(_logsumexp(w), _logsumexp(ew))
+        ok = np.isfinite(ew) & (ew - total > beam.params.log_threshold)
+        owner, leaf, ew = owner[ok], leaf[ok], ew[ok]
+        states = [beam.states[idx[o]].extend(trie.leaf_token[l]) for o, l in zip(owner, leaf)]
+        ext_plan.append((ew, len(requests), len(states)))
+        requests.extend(states)
+
+    modes = {beam.with_eos if with_eos is None else with_eos for beam in beams}
+    blocks_by_mode = {}
+    calls_before = model.stats.batch_calls
+    for mode in modes:
+        sel = [
+            j
+            for beam, (_, start, n) in zip(beams, ext_plan)
+            if (beam.with_eos if with_eos is None else with_eos) == mode
+            for j in range(start, start + n)
+        ]
+        if sel:
+            blocks_by_mode[mode] = (await model.masses([requests[j] for j in sel], mode), sel)
+    calls = model.stats.batch_calls - calls_before
+
+    out = []
+    for k, (beam, b) in enumerate(zip(beams, next_bytes)):
+        idx, nodes, w, pruned = read[k]
+        ew, start, n = ext_plan[k]
+        mode = beam.with_eos if with_eos is None else with_eos
+        stats = replace(
+            beam.stats,
+            pruned_mass=beam.stats.pruned_mass + pruned,
+            lm_calls=beam.stats.lm_calls + (calls if n else 0),
+            lm_contexts=beam.stats.lm_contexts + n,
+        )
+        if len(idx) == 0:
+            new = await _empty_or_healed(beam, b, mode, stats)
+            out.append(new)
+            continue
+        log_total = _logsumexp(w)
+        logp = beam.logp + beam._dist[0][_outcome(b)]
+        new_blocks = list(beam.blocks)
+        block_of = beam.block_of[idx]
+        rows = beam.rows[idx]
+        states = tuple(beam.states[i] for i in idx)
+        if n:
+            block, sel = blocks_by_mode[mode]
+            pos = sel.index(start)
+            new_blocks.append(block)
+            block_of = np.concatenate([block_of, np.full(n, len(new_blocks) - 1)])
+            rows = np.concatenate([rows, np.arange(pos, pos + n)])
+            states = states + tuple(requests[start : start + n])
+            nodes = np.concatenate([nodes, np.full(n, trie.root)])
+            w = np.concatenate([w, ew])
+        out.append(_compact(Beam(
+            model=model, params=beam.params, nodes=nodes, weights=w, states=states,
+            blocks=tuple(new_blocks), block_of=block_of, rows=rows, logp=logp,
+            log_total=log_total, with_eos=mode, stats=stats,
+        )))
+    return out
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    if len(x) == 0:
+        return -math.inf
+    m = np.max(x)
+    if not np.isfinite(m):
+        return float(m)
+    return float(m + np.log(np.sum(np.exp(x - m))))
+
+
+def _prune(params: BeamParams, idx, nodes, w):
+    """Threshold, then the K heaviest. Returns kept (idx, nodes, w, pruned share)."""
+    if len(w) == 0:
+        return idx, nodes, w, 0.0
+    total = _logsumexp(w)
+    keep = w - total > params.log_threshold
+    order = np.argsort(-w[keep], kind="stable")
+    if params.K is not None:
+        order = order[: params.K]
+    kept = np.nonzero(keep)[0][order]
+    pruned = 1.0 - math.exp(_logsumexp(w[kept]) - total) if len(kept) < len(w) else 0.0
+    return idx[kept], nodes[kept], w[kept], pruned
+
+
+def _compact(beam: Beam) -> Beam:
+    """Drop mass blocks no candidate refers to any more."""
+    used = np.unique(beam.block_of)
+    if len(used) == len(beam.blocks):
+        return beam
+    remap = np.full(len(beam.blocks), -1, np.int64)
+    remap[used] = np.arange(len(used))
+    return replace(beam, blocks=tuple(beam.blocks[g] for g in used), block_of=remap[beam.block_of], _dist=[])
+
+
+def _empty(beam: Beam, mode: bool, stats: BeamStats) -> Beam:
+    return Beam(
+        model=beam.model, params=beam.params, nodes=np.zeros(0, np.int64), weights=np.zeros(0),
+        states=(), blocks=(), block_of=np.zeros(0, np.int64), rows=np.zeros(0, np.int64),
+        logp=-math.inf, log_total=-math.inf, with_eos=mode, stats=stats,
+    )
+
+
+async def _empty_or_healed(beam: Beam, b: int, mode: bool, stats: BeamStats) -> Beam:
+    if beam.params.heal and not beam.is_empty and b != EOS:
+        healed = await _heal(beam, b, mode)
+        if healed is not None:
+            node, weight, state, block, calls = healed
+            return await _expand_single(beam, node, weight, state, block, mode, replace(
+                stats, heals=stats.heals + 1, lm_calls=stats.lm_calls + calls,
+                lm_contexts=stats.lm_contexts + calls,
+            ))
+    return _empty(beam, mode, stats)
+
+
+async def _heal(beam: Beam, b: int, mode: bool):
+    """Token healing for a byte no candidate can read: for candidates by decreasing
+    weight, back off k bytes into the current token (longest prefix first), commit the
+    token spelled by the rest, replay the backed-off bytes and ``b`` from the root,
+    committing again when stuck (at most ``heal_max_splits`` times). Returns
+    (node, weight, state, masses row, LM calls) of the first success, else None."""
+    trie, model, params = beam.model.trie, beam.model, beam.params
+    calls = 0
+    for i in np.argsort(-beam.weights, kind="stable"):
+        partial = beam.partial(i)
+        node_i = int(beam.nodes[i])
+        base = beam.weights[i] - beam.log_mass(np.array([i]), np.array([node_i]))[0]
+        row = beam.blocks[beam.block_of[i]][beam.rows[i]]
+        min_k = 0 if params.heal_max_backoff is None else max(0, len(partial) - params.heal_max_backoff)
+        for k in range(len(partial), min_k - 1, -1):
+            node_k = trie.node_of(partial[:k])
+            for leaf in range(node_k + 1, node_k + 1 + trie.n_leaves[node_k]):
+                weight = base + math.log(row[leaf]) if row[leaf] > 0 else -math.inf
+                if not np.isfinite(weight):
+                    continue
+                state = beam.states[i].extend(trie.leaf_token[leaf])
+                masses = (await model.masses([state], mode))[0]
+                calls += 1
+                res = await _replay(model, params, partial[k:] + bytes([b]), state, masses, weight, mode)
+                calls += res[-1]
+                if res[0] is not None:
+                    return (*res[:4], calls)
+    return None
+
+
+async def _replay(model, params, data: bytes, state, masses, weight, mode):
+    """Read ``data`` from the root of ``state``; when stuck, commit a token ending at the
+    current node (at most ``heal_max_splits`` times) and continue."""
+    trie = model.trie
+    node, splits, calls = trie.root, 0, 0
+    for byte in data:
+        child = int(trie.child(np.array([node]), byte)[0])
+        if child >= 0 and masses[child] > 0:
+            weight += math.log(masses[child]) - math.log(masses[node])
+            node = child
+            continue
+        if params.heal_max_splits is not None and splits >= params.heal_max_splits:
+            return None, None, None, None, calls
+        splits += 1
+        for leaf in range(node + 1, node + 1 + trie.n_leaves[node]):
+            if masses[leaf] <= 0:
+                continue
+            new_state = state.extend(trie.leaf_token[leaf])
+            new_masses = (await model.masses([new_state], mode))[0]
+            calls += 1
+            child = int(trie.child(np.array([trie.root]), byte)[0])
+            if child >= 0 and new_masses[child] > 0:
+                weight += math.log(masses[leaf]) - math.log(masses[node])
+                weight += math.log(new_masses[child]) - math.log(new_masses[trie.root])
+                state, masses, node = new_state, new_masses, child
+                break
+        else:
+            return None, None, None, None, calls
+    return node, weight, state, masses, calls
+
+
+async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -> Beam:
+    """A beam of one healed candidate, extended like any other step."""
+    seed = Beam(
+        model=beam.model, params=beam.params, nodes=np.array([node]), weights=np.array([weight]),
+        states=(state,), blocks=(masses[None],), block_of=np.zeros(1, np.int64),
+        rows=np.zeros(1, np.int64), logp=beam.logp, log_total=beam.log_total, with_eos=mode,
+        stats=stats,
+    )
+    trie = beam.model.trie
+    owner, leaf = trie.leaves_of(seed.nodes)
+    ew = weight + seed.log_mass(owner, leaf) - seed.log_mass(owner, seed.nodes[owner])
+    total = np.logaddexp(weight, _logsumexp(ew))
+    ok = np.isfinite(ew) & (ew - total > beam.params.log_threshold)
+    leaf, ew = leaf[ok], ew[ok]
+    new_states = tuple(state.extend(trie.leaf_token[l]) for l in leaf)
+    logp = beam.logp + weight - beam.log_total
+    if not new_states:
+        return replace(seed, logp=logp, log_total=weight)
+    block = await beam.model.masses(list(new_states), mode)
+    n = len(new_states)
+    return replace(
+        seed,
+        nodes=np.concatenate([seed.nodes, np.full(n, trie.root)]),
+        weights=np.concatenate([seed.weights, ew]),
+        states=seed.states + new_states,
+        blocks=seed.blocks + (block,),
+        block_of=np.concatenate([seed.block_of, np.ones(n, np.int64)]),
+        rows=np.concatenate([seed.rows, np.arange(n)]),
+        logp=logp,
+        log_total=weight,
+        stats=replace(stats, lm_calls=stats.lm_calls + 1, lm_contexts=stats.lm_contexts + n),
+    )
+
+
+async def prefill(beam: Beam, data: bytes, with_eos: bool = True) -> Beam:
+    """Read ``data`` (e.g. a prompt) with EOS tokens as ordinary text; the last step's
+    extensions get masses in mode ``with_eos``, ready for generation."""
+    for i, b in enumerate(data):
+        (beam,) = await advance([beam], [b], with_eos=with_eos if i == len(data) - 1 else False)
+    return beam

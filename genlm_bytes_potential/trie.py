@@ -1,0 +1,304 @@
+"""Token-byte trie as flat arrays in depth-first order, with batched log-masses.
+
+Nodes are the distinct byte prefixes of the vocabulary's tokens (the root is the empty
+prefix), one *leaf* per token id (the end-of-token edge, EOT = 256, from the node of the
+token's bytes), and one EOS node (edge EOS = 257 from the root). Nodes are numbered in
+depth-first preorder: a node is followed by its leaves (ascending token id), then by its
+byte children (ascending byte) and their subtrees. The subtree of node ``n`` is therefore
+the contiguous range ``[n, end[n])``.
+
+The *mass* of a node under a next-token distribution ``p`` is
+
+    mass(n) = sum of p(t) over the tokens t whose leaf lies in the subtree of n,
+
+so ``mass(child) / mass(n)`` is the probability of the next byte given that the token
+being read starts with the prefix of ``n``. Two modes treat the EOS tokens (a set of byte
+strings) differently:
+
+* ``with_eos=True``: EOS tokens leave their byte path; their mass goes to the EOS node
+  (and so to the root), where reading EOS ends the byte string.
+* ``with_eos=False``: EOS tokens are ordinary text and the EOS node has mass 0. Prefill
+  reads prompts this way.
+
+``masses`` and ``log_masses`` compute every node for a batch of distributions at once. Sums
+run in float64 on ``p / max(p)``, so every token whose log-prob is at least -700 below
+the row's largest contributes (float64 keeps ``exp(-700)`` normal) and every node's mass
+is a sum of non-negative terms: relative error at most ~depth * 2**-52.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numba
+import numpy as np
+import torch
+
+EOT = 256
+EOS = 257
+
+
+class TokenByteTrie:
+    """Flat DFS-ordered trie over a byte vocabulary.
+
+    Args:
+        byte_vocab: ``byte_vocab[i]`` is the byte string of token id ``i``. Tokens with an
+            empty byte string cannot be read and are left out.
+        eos_tokens: byte strings whose tokens mean end-of-sequence in ``with_eos`` mode.
+            Every one must be the bytes of some token.
+
+    Attributes (numpy arrays indexed by node unless stated):
+        end: end of the node's subtree range (exclusive).
+        depth: number of bytes in the node's prefix (leaves: their token's length).
+        parent: parent node (-1 for the root).
+        leaf_token: token id of a leaf, -1 for other nodes.
+        n_leaves: number of tokens whose bytes are exactly the node's prefix; those
+            leaves are nodes ``n + 1 .. n + n_leaves[n]``.
+        child_ptr, child_label, child_node: byte children (and the root's EOS edge) in
+            CSR form; children of ``n`` are ``child_ptr[n]:child_ptr[n + 1]``.
+        token_leaf: (by token id) the token's leaf node, -1 if left out.
+    """
+
+    def __init__(self, byte_vocab: Sequence[bytes], eos_tokens: Iterable[bytes] = ()):
+        vocab = [bytes(b) for b in byte_vocab]
+        if not vocab:
+            raise ValueError("byte_vocab is empty; expected at least one token")
+        self.vocab_size = len(vocab)
+        eos_tokens = {bytes(e) for e in eos_tokens}
+        present = set(vocab)
+        for e in eos_tokens:
+            if e not in present:
+                raise ValueError(f"EOS token {e!r} is not the bytes of any token in the vocabulary")
+        self.eos_tokens = frozenset(eos_tokens)
+        self.eos_token_ids = np.array(
+            [i for i, b in enumerate(vocab) if b in eos_tokens], dtype=np.int64
+        )
+        self._build(vocab)
+
+    def _build(self, vocab: list[bytes]) -> None:
+        tokens_of: dict[bytes, list[int]] = {}
+        for i, b in enumerate(vocab):
+            if b:
+                tokens_of.setdefault(b, []).append(i)
+        prefixes = {b""}
+        for b in tokens_of:
+            prefixes.update(b[:k] for k in range(1, len(b) + 1))
+        # Lexicographic order of byte strings is the trie's preorder (a prefix sorts first).
+        ordered = sorted(prefixes)
+        n = len(ordered) + sum(len(t) for t in tokens_of.values()) + 1
+        depth = np.zeros(n, np.int64)
+        parent = np.full(n, -1, np.int64)
+        label = np.full(n, -1, np.int64)
+        leaf_token = np.full(n, -1, np.int64)
+        n_leaves = np.zeros(n, np.int64)
+        index: dict[bytes, int] = {}
+        prefix_of: list[bytes] = []
+        i = 0
+        for p in ordered:
+            index[p] = i
+            prefix_of.append(p)
+            depth[i] = len(p)
+            if p:
+                parent[i] = index[p[:-1]]
+                label[i] = p[-1]
+            node = i
+            i += 1
+            for t in tokens_of.get(p, ()):
+                prefix_of.append(p)
+                depth[i], parent[i], label[i], leaf_token[i] = len(p), node, EOT, t
+                n_leaves[node] += 1
+                i += 1
+        self.eos_node = i
+        prefix_of.append(b"")
+        depth[i], parent[i], label[i] = 0, 0, EOS
+        self.root = 0
+        self.n_nodes = n
+        self.depth, self.parent, self.label = depth, parent, label
+        self.leaf_token, self.n_leaves = leaf_token, n_leaves
+        self.prefix_of = prefix_of
+
+        # Subtree ends: children close their parents' ranges (reverse preorder).
+        end = np.arange(1, n + 1, dtype=np.int64)
+        for node in range(n - 1, 0, -1):
+            p = parent[node]
+            if end[node] > end[p]:
+                end[p] = end[node]
+        self.end = end
+
+        # Byte children (and the root's EOS edge) in CSR form, sorted by label.
+        is_child = (label >= 0) & (label != EOT)
+        kids = np.nonzero(is_child)[0]
+        order = np.lexsort((label[kids], parent[kids]))
+        kids = kids[order]
+        self.child_node = kids
+        self.child_label = label[kids]
+        counts = np.bincount(parent[kids], minlength=n)
+        self.child_ptr = np.concatenate([[0], np.cumsum(counts)])
+        self._child_key = parent[kids] * 258 + label[kids]
+
+        leaves = np.nonzero(leaf_token >= 0)[0]
+        self.leaf_nodes = leaves  # DFS order
+        self.token_leaf = np.full(self.vocab_size, -1, np.int64)
+        self.token_leaf[leaf_token[leaves]] = leaves
+        is_eos_leaf = np.isin(leaf_token[leaves], self.eos_token_ids)
+        self._leaf_tokens = leaf_token[leaves]
+        self._eos_leaf_pos = np.nonzero(is_eos_leaf)[0]
+        # With EOS: EOS tokens' leaves carry nothing (marked -1); their mass is the EOS node's.
+        self._leaf_tokens_eos = np.where(is_eos_leaf, -1, self._leaf_tokens)
+        self._torch_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    # ------------------------------------------------------------------ lookups
+    def child(self, nodes: np.ndarray, label: int) -> np.ndarray:
+        """Child of each node along edge ``label`` (a byte or EOS); -1 where absent."""
+        keys = np.asarray(nodes, np.int64) * 258 + label
+        pos = np.searchsorted(self._child_key, keys)
+        pos = np.minimum(pos, len(self._child_key) - 1)
+        found = self._child_key[pos] == keys
+        return np.where(found, self.child_node[pos], -1)
+
+    def children_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All byte/EOS children of ``nodes`` flattened: (owner index, label, child node)."""
+        nodes = np.asarray(nodes, np.int64)
+        lo, hi = self.child_ptr[nodes], self.child_ptr[nodes + 1]
+        counts = hi - lo
+        owner = np.repeat(np.arange(len(nodes)), counts)
+        starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
+        flat = starts + np.arange(counts.sum())
+        return owner, self.child_label[flat], self.child_node[flat]
+
+    def leaves_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All leaves directly under ``nodes`` flattened: (owner index, leaf node)."""
+        nodes = np.asarray(nodes, np.int64)
+        counts = self.n_leaves[nodes]
+        owner = np.repeat(np.arange(len(nodes)), counts)
+        first = np.repeat(nodes + 1 - np.cumsum(counts) + counts, counts)
+        return owner, first + np.arange(counts.sum())
+
+    def node_of(self, prefix: bytes) -> int:
+        """Node of a byte prefix, -1 if no token starts with it."""
+        node = np.array([self.root])
+        for b in prefix:
+            node = self.child(node, b)
+            if node[0] < 0:
+                return -1
+        return int(node[0])
+
+    # ------------------------------------------------------------------ masses
+    def masses(self, logprobs, with_eos: bool = True):
+        """Node masses for a batch of next-token distributions, scaled per row.
+
+        Args:
+            logprobs: ``[B, V]`` token log-probabilities (numpy or torch, CPU or CUDA);
+                they need not be normalized.
+            with_eos: EOS tokens' mass goes to the EOS node (True) or stays on their
+                byte paths (False).
+
+        Returns:
+            ``(scaled, shift)``: ``scaled[b, n] * exp(shift[b])`` is the mass of node
+            ``n`` under row ``b``; ``shift[b]`` is the row's largest log-prob. Both float64;
+            numpy for CPU input, torch on the input's device for CUDA input. Ratios of
+            masses in one row (all the beam needs) are ratios of ``scaled`` entries.
+        """
+        if torch.is_tensor(logprobs) and logprobs.device.type != "cpu":
+            return self._masses_torch(logprobs, with_eos)
+        lp = logprobs.numpy() if torch.is_tensor(logprobs) else np.asarray(logprobs)
+        if lp.dtype not in (np.float32, np.float64):
+            lp = lp.astype(np.float64)
+        lp = np.ascontiguousarray(lp)
+        self._check_shape(lp.shape)
+        shift = _row_shift(lp.max(axis=1).astype(np.float64))
+        out = np.empty((lp.shape[0], self.n_nodes))
+        _subtree_sums(
+            lp, shift, self._leaf_tokens_eos if with_eos else self._leaf_tokens,
+            self.leaf_nodes, self._eos_tokens_or_none(with_eos), self.eos_node, self.parent, out,
+        )
+        return out, shift
+
+    def log_masses(self, logprobs, with_eos: bool = True):
+        """Log-masses of every node: ``[B, n_nodes]`` float64 (numpy for CPU input,
+        torch on the device otherwise); -inf exactly where a mass is 0. Leaves carry
+        their token's log-prob unchanged."""
+        scaled, shift = self.masses(logprobs, with_eos)
+        if torch.is_tensor(scaled):
+            out = torch.log(scaled) + shift[:, None]
+            lp = torch.as_tensor(logprobs).to(torch.float64)
+            leaf_nodes, leaf_tokens = self._torch_tables(lp.device)[:2]
+            out[:, leaf_nodes] = lp[:, leaf_tokens]
+            if with_eos and len(self.eos_token_ids):
+                out[:, leaf_nodes[self._eos_leaf_pos]] = float("-inf")
+            return out
+        with np.errstate(divide="ignore"):
+            out = np.log(scaled)
+        out += shift[:, None]
+        lp = logprobs.numpy() if torch.is_tensor(logprobs) else np.asarray(logprobs)
+        leaf_lp = lp[:, self._leaf_tokens].astype(np.float64)
+        if with_eos and len(self.eos_token_ids):
+            leaf_lp[:, self._eos_leaf_pos] = -np.inf
+        out[:, self.leaf_nodes] = leaf_lp
+        return out
+
+    def _eos_tokens_or_none(self, with_eos: bool) -> np.ndarray:
+        return self.eos_token_ids if with_eos else self.eos_token_ids[:0]
+
+    def _check_shape(self, shape) -> None:
+        if len(shape) != 2 or shape[1] != self.vocab_size:
+            raise ValueError(
+                f"logprobs has shape {tuple(shape)}; expected [B, {self.vocab_size}] "
+                f"(one column per token of the vocabulary)"
+            )
+
+    def _torch_tables(self, device) -> tuple:
+        key = str(device)
+        if key not in self._torch_cache:
+            # Bottom-up levels: each node adds its mass into its parent, deepest first
+            # (a node's leaves before the node itself).
+            nodes = np.arange(1, self.n_nodes)
+            lvl = 2 * self.depth[nodes] + (self.leaf_token[nodes] >= 0)
+            order = np.argsort(-lvl, kind="stable")
+            nodes, lvl = nodes[order], lvl[order]
+            cuts = np.nonzero(np.diff(lvl))[0] + 1
+            t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)  # noqa: E731
+            levels = [(t(g), t(self.parent[g])) for g in np.split(nodes, cuts)]
+            self._torch_cache[key] = (t(self.leaf_nodes), t(self._leaf_tokens), levels)
+        return self._torch_cache[key]
+
+    def _masses_torch(self, logprobs: torch.Tensor, with_eos: bool):
+        lp = logprobs.to(torch.float64)
+        self._check_shape(lp.shape)
+        leaf_nodes, leaf_tokens, levels = self._torch_tables(lp.device)
+        shift = lp.max(dim=1).values
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        leaf_w = torch.exp(lp[:, leaf_tokens] - shift[:, None])
+        w = torch.zeros((self.n_nodes, lp.shape[0]), dtype=torch.float64, device=lp.device)
+        if with_eos and len(self.eos_token_ids):
+            eos_pos = torch.as_tensor(self._eos_leaf_pos, device=lp.device)
+            w[self.eos_node] = leaf_w[:, eos_pos].sum(dim=1)
+            leaf_w = leaf_w.index_fill(1, eos_pos, 0.0)
+        w[leaf_nodes] = leaf_w.T
+        for nodes, parents in levels:  # node-major rows: contiguous gathers
+            w.index_add_(0, parents, w[nodes])
+        return w.T.contiguous(), shift
+
+
+def _row_shift(row_max: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(row_max), row_max, 0.0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out):
+    """out[b, n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n; EOS tokens
+    (when given) count at the EOS node instead of their leaves. One reverse-preorder pass
+    per row: every node adds its total into its parent."""
+    B, n_nodes = out.shape
+    for b in numba.prange(B):
+        row = out[b]
+        row[:] = 0.0
+        s = shift[b]
+        for j in range(leaf_nodes.shape[0]):
+            t = leaf_tokens[j]
+            if t >= 0:
+                row[leaf_nodes[j]] = np.exp(lp[b, t] - s)
+        for t in eos_tokens:
+            row[eos_node] += np.exp(lp[b, t] - s)
+        for node in range(n_nodes - 1, 0, -1):
+            row[parent[node]] += row[node]
