@@ -1,0 +1,124 @@
+"""User-facing helpers over the byte beam: next-byte distributions, scoring, generation.
+
+    lm = ByteLM(token_lm, K=8)
+    (await lm.score(b"def f(x):\\n")).bits_per_byte
+    await lm.generate(b"Once upon a time", max_bytes=40)          # sampled
+    (await lm.next_byte(b"Hello, wor")).top(3)                    # {b'l': 0.97, ...}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .beam import Beam, BeamParams, advance, initial_beam, prefill
+from .lm_state import TokenModel
+from .trie import EOS
+
+
+class ByteDist:
+    """A next-byte distribution over bytes 0..255 and EOS: ``dist[b]`` is ``log q(b)``
+    (``dist[EOS]`` with ``EOS = 257``); ``top(k)`` and ``str()`` decode lazily."""
+
+    def __init__(self, logp: np.ndarray):
+        if logp.shape != (257,):
+            raise ValueError(f"logp has shape {logp.shape}; expected (257,): bytes 0..255, then EOS")
+        self.logp = logp
+
+    def __getitem__(self, b: int) -> float:
+        if b == EOS:
+            return float(self.logp[256])
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 255:
+            raise ValueError(f"byte {b!r}; expected an int 0..255 or EOS (257)")
+        return float(self.logp[b])
+
+    def top(self, k: int = 10) -> dict[bytes | str, float]:
+        """The ``k`` likeliest outcomes as ``{byte: probability}`` (EOS as ``"<EOS>"``)."""
+        order = np.argsort(-self.logp, kind="stable")[:k]
+        return {("<EOS>" if i == 256 else bytes([i])): float(np.exp(self.logp[i])) for i in order if np.isfinite(self.logp[i])}
+
+    def __str__(self) -> str:
+        return "  ".join(f"{k!r}: {p:.4f}" if isinstance(k, str) else f"{k!r}"[1:] + f": {p:.4f}" for k, p in self.top(8).items())
+
+    __repr__ = __str__
+
+
+@dataclass(frozen=True)
+class Score:
+    """Log-probability (nats) of ``n_bytes`` bytes, with bits per byte."""
+
+    logprob: float
+    n_bytes: int
+    heals: int = 0
+
+    @property
+    def bits_per_byte(self) -> float:
+        return -self.logprob / math.log(2) / self.n_bytes if self.n_bytes else 0.0
+
+
+class ByteLM:
+    """A token LM read as a byte LM through the beam.
+
+    Args:
+        lm: an ``AsyncLM``-like token model.
+        K, prune_threshold, heal, heal_max_backoff, heal_max_splits: see ``BeamParams``.
+        eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
+        max_context_length: the LM sees at most this many trailing tokens.
+    """
+
+    def __init__(self, lm, *, K: int | None = 8, prune_threshold: float = 0.0, heal: bool = True,
+                 heal_max_backoff: int | None = None, heal_max_splits: int | None = None,
+                 eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None):
+        self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=heal,
+                                 heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits)
+        self.model = TokenModel(lm, eos_tokens, max_context_length)
+
+    async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:
+        """The beam after ``prompt_tokens`` then ``prompt`` bytes (read as text)."""
+        beam = await initial_beam(self.model, self.params, prompt_tokens, with_eos=not prompt)
+        return await prefill(beam, _as_bytes(prompt)) if prompt else beam
+
+    async def next_byte(self, prompt: bytes = b"") -> ByteDist:
+        return ByteDist((await self.beam(prompt)).next_logprobs())
+
+    async def score(self, data: bytes | str, prompt: bytes = b"") -> Score:
+        """Total log-probability of ``data`` after ``prompt`` (each byte's conditional;
+        with healing, a byte the beam cannot read costs the healed estimate)."""
+        data = _as_bytes(data)
+        beam = await self.beam(prompt)
+        start = beam.logp
+        for b in data:
+            (beam,) = await advance([beam], [b])
+        return Score(beam.logp - start, len(data), beam.stats.heals)
+
+    async def generate(self, prompt: bytes | str = b"", max_bytes: int = 64, *, greedy: bool = False,
+                       seed: int | None = None, stop_at_eos: bool = True) -> bytes:
+        """Sample (or take the likeliest) bytes one at a time after ``prompt``."""
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes={max_bytes!r}; expected an int >= 0")
+        rng = np.random.default_rng(seed)
+        beam = await self.beam(_as_bytes(prompt))
+        out = bytearray()
+        for _ in range(max_bytes):
+            logp = beam.next_logprobs().copy()
+            if not stop_at_eos:
+                logp[256] = -np.inf
+            if not np.isfinite(logp).any():
+                break
+            i = int(np.argmax(logp)) if greedy else int(rng.choice(257, p=np.exp(logp - np.logaddexp.reduce(logp))))
+            if i == 256:
+                break
+            out.append(i)
+            (beam,) = await advance([beam], [i])
+        return bytes(out)
+
+
+def _as_bytes(data) -> bytes:
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    raise TypeError(f"{data!r} has type {type(data).__name__}; expected bytes or str")

@@ -1,0 +1,270 @@
+"""``ByteBeamPotential``: the byte beam as a genlm-control ``Potential`` over bytes.
+
+The vocabulary is the 256 byte values as ints (genlm-control's ``BoolFSA``, ``BoolCFG`` and
+``JsonSchema`` use the same), so ``potential * grammar`` is a plain product. For a context
+``x = x_1..x_n`` (ints) with beam distribution ``q`` (see :mod:`.beam`):
+
+    prefix(x)      = sum_i log q(x_i | x_<i)          (prefix([]) = 0)
+    complete(x)    = prefix(x) + log q(EOS | x)
+    logw_next(x)_a = log q(a | x)                     (a = 0..255, EOS)
+
+so ``logw_next(x)_a == prefix(x·a) - prefix(x)`` holds to the last bit (both come from the
+same beam step) and each ``logw_next`` row sums to 1. A context the beam gives probability 0
+has weight -inf and a ``logw_next`` of all -inf; nothing raises. Healing is used only while
+reading the prompt: inside contexts it would step outside the normalized distribution.
+
+Beams are cached in a prefix tree keyed by context bytes, so particles sharing a prefix share
+beam states; batch methods advance all missing beams together, one LM batch call and one
+trie batch per byte step.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import replace
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+from genlm.control.constant import EndOfSequence
+from genlm.control.potential.base import Potential
+
+from .beam import Beam, BeamParams, advance, initial_beam, prefill
+from .lm_state import TokenModel
+
+
+class _Node:
+    """A context in the beam cache's prefix tree."""
+
+    __slots__ = ("children", "beam", "parent", "byte")
+
+    def __init__(self, parent: "_Node | None", byte: int | None):
+        self.children: dict[int, _Node] = {}
+        self.beam: Beam | None = None
+        self.parent = parent
+        self.byte = byte
+
+
+class BeamCache:
+    """Beams by context in a prefix tree, least recently used evicted past ``max_beams``.
+
+    ``lookup`` finds the deepest cached beam on a context's path: the exact context and its
+    parent are found by hashing (C speed), so an SMC step costs O(1) Python work per
+    particle; otherwise the walk costs one dict step per byte.
+    """
+
+    def __init__(self, max_beams: int):
+        self.max_beams = max_beams
+        self.root = _Node(None, None)
+        self._by_key: OrderedDict[bytes, _Node] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def clear(self) -> None:
+        self.root = _Node(None, None)
+        self._by_key.clear()
+
+    def lookup(self, key: bytes) -> tuple[int, Beam | None]:
+        """(length of the deepest cached prefix of ``key``, its beam)."""
+        for k in (len(key), len(key) - 1):
+            node = self._by_key.get(key[:k]) if k >= 0 else None
+            if node is not None:
+                self._by_key.move_to_end(key[:k])
+                return k, node.beam
+        node, best = self.root, (0, self.root.beam)
+        for i, b in enumerate(key):
+            node = node.children.get(b)
+            if node is None:
+                break
+            if node.beam is not None:
+                best = (i + 1, node.beam)
+        return best
+
+    def put(self, key: bytes, beam: Beam) -> None:
+        node = self.root
+        for b in key:
+            child = node.children.get(b)
+            if child is None:
+                child = node.children[b] = _Node(node, b)
+            node = child
+        node.beam = beam
+        self._by_key[key] = node
+        self._by_key.move_to_end(key)
+        while len(self._by_key) > self.max_beams:
+            _, old = self._by_key.popitem(last=False)
+            old.beam = None
+            while old.parent is not None and old.beam is None and not old.children:
+                del old.parent.children[old.byte]
+                old = old.parent
+
+
+class ByteBeamPotential(Potential):
+    """A token LM as an exact, normalized potential over bytes (ints 0..255 and EOS).
+
+    Args:
+        lm: a genlm-backend ``AsyncLM`` (or anything with ``byte_vocab`` and
+            ``batch_next_token_logprobs``).
+        K: beam width (``None``: no limit).
+        prune_threshold: drop candidates below this share of the beam's weight.
+        prompt: bytes (or str, utf-8) read by the beam before the context, EOS tokens as
+            text, with token healing.
+        prompt_tokens: token ids the LM is conditioned on first (e.g. from a chat template);
+            ``prompt`` bytes, if any, follow them.
+        eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
+        max_context_length: the LM sees at most this many trailing tokens.
+        cache_size: most beams kept in the prefix-tree cache.
+        heal_max_backoff, heal_max_splits: limits of prompt healing (see ``BeamParams``).
+    """
+
+    def __init__(
+        self,
+        lm: Any,
+        *,
+        K: int | None = 8,
+        prune_threshold: float = 0.0,
+        prompt: bytes | str = b"",
+        prompt_tokens: Sequence[int] = (),
+        eos_tokens: Sequence[bytes] | None = None,
+        max_context_length: int | None = None,
+        cache_size: int = 4096,
+        heal_max_backoff: int | None = None,
+        heal_max_splits: int | None = None,
+        device: str | None = None,
+    ):
+        if isinstance(prompt, str):
+            prompt = prompt.encode("utf-8")
+        if not isinstance(prompt, (bytes, bytearray)):
+            raise TypeError(f"prompt has type {type(prompt).__name__}; expected bytes or str")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, Integral) or cache_size < 1:
+            raise ValueError(f"cache_size={cache_size!r}; expected an int >= 1")
+        self.lm = lm
+        self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=False)
+        self.prompt_params = replace(
+            self.params, heal=True, heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
+        )
+        self.prompt = bytes(prompt)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device)
+        self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
+        self.cache = BeamCache(cache_size)
+        self._root_beam: Beam | None = None
+        self._init_args = dict(
+            K=K, prune_threshold=prune_threshold, prompt=self.prompt, prompt_tokens=tuple(prompt_tokens),
+            eos_tokens=eos_tokens, max_context_length=max_context_length, cache_size=cache_size,
+            heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits, device=device,
+        )
+        super().__init__(vocabulary=list(range(256)))
+
+    @classmethod
+    def from_name(cls, model: str | None = None, backend: str = "auto", *, engine_opts: dict | None = None, **kwargs) -> "ByteBeamPotential":
+        """Load a model by HF name or local path (``None``: the embedded SmolLM2-135M) on
+        ``backend`` (``"auto"``, ``"vllm"``, ``"hf"``, ``"mock"``) and wrap it."""
+        from .models import load_lm
+
+        return cls(load_lm(model, backend=backend, **(engine_opts or {})), **kwargs)
+
+    # ------------------------------------------------------------ beams
+    def _key(self, context) -> bytes:
+        if isinstance(context, (bytes, bytearray)):
+            return bytes(context)
+        try:
+            items = list(context)
+        except TypeError:
+            raise TypeError(f"context {context!r} is not a sequence of ints 0..255") from None
+        for i, x in enumerate(items):
+            if isinstance(x, EndOfSequence):
+                raise ValueError(f"context has EOS at position {i} of {len(items)}; EOS may only end a sequence (use complete())")
+            if isinstance(x, bool) or not isinstance(x, Integral):
+                raise TypeError(f"context item {x!r} at position {i} has type {type(x).__name__}; expected an int 0..255")
+            if not 0 <= x <= 255:
+                raise ValueError(f"context item {x!r} at position {i} is outside the byte vocabulary 0..255")
+        return bytes(items)
+
+    async def _root(self) -> Beam:
+        """The beam after the prompt, for the empty context (kept outside the LRU)."""
+        if self._root_beam is None:
+            beam = await initial_beam(
+                self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt
+            )
+            if self.prompt:
+                beam = await prefill(beam, self.prompt, with_eos=True)
+            self._root_beam = replace(beam, params=self.params, logp=0.0, _dist=[])
+        return self._root_beam
+
+    async def beams(self, contexts: Sequence[Sequence[int]]) -> list[Beam]:
+        """The beam of each context. Missing beams are built together from their deepest
+        cached prefixes: one ``advance`` (one LM batch, one trie batch) per byte step."""
+        keys = [self._key(c) for c in contexts]
+        root = await self._root()
+        found: dict[bytes, Beam] = {}
+        pending: dict[bytes, tuple[int, Beam]] = {}
+        for key in keys:
+            if key in found or key in pending:
+                continue
+            n, beam = self.cache.lookup(key)
+            if beam is None or n == 0:
+                n, beam = 0, root
+            if n == len(key):
+                found[key] = beam
+            else:
+                pending[key] = (n, beam)
+        while pending:
+            # Contexts sharing a prefix advance through it once.
+            step: dict[bytes, Beam] = {}
+            for key, (n, beam) in pending.items():
+                step.setdefault(key[: n + 1], beam)
+            advanced = dict(zip(step, await advance(list(step.values()), [k[-1] for k in step])))
+            for k, beam in advanced.items():
+                self.cache.put(k, beam)
+            nxt = {}
+            for key, (n, _) in pending.items():
+                beam = advanced[key[: n + 1]]
+                if n + 1 == len(key):
+                    found[key] = beam
+                else:
+                    nxt[key] = (n + 1, beam)
+            pending = nxt
+        return [found[k] for k in keys]
+
+    # ------------------------------------------------------------ the contract
+    async def prefix(self, context) -> float:
+        return float((await self.batch_prefix([context]))[0])
+
+    async def complete(self, context) -> float:
+        return float((await self.batch_complete([context]))[0])
+
+    async def logw_next(self, context):
+        return self.make_lazy_weights((await self.batch_logw_next([context])).weights[0])
+
+    async def batch_prefix(self, contexts) -> np.ndarray:
+        if not contexts:
+            raise ValueError("contexts is empty; expected at least one context")
+        return np.array([b.logp for b in await self.beams(contexts)])
+
+    async def batch_complete(self, contexts) -> np.ndarray:
+        if not contexts:
+            raise ValueError("contexts is empty; expected at least one context")
+        return np.array([b.logp + b.next_logprobs()[256] for b in await self.beams(contexts)])
+
+    async def batch_logw_next(self, contexts):
+        if not contexts:
+            raise ValueError("contexts is empty; expected at least one context")
+        beams = await self.beams(contexts)
+        return self.make_lazy_weights(np.stack([b.next_logprobs() for b in beams]))
+
+    # ------------------------------------------------------------ lifecycle
+    def spawn(self) -> "ByteBeamPotential":
+        """A fresh potential over the same LM and settings, with an empty cache."""
+        return ByteBeamPotential(self.lm, **self._init_args)
+
+    async def cleanup(self) -> None:
+        """Drop every cached beam (and the LM states and masses they hold)."""
+        self.cache.clear()
+        self._root_beam = None
+
+    def __repr__(self) -> str:
+        return f"ByteBeamPotential(K={self.params.K}, prune_threshold={self.params.prune_threshold}, prompt={self.prompt[:40]!r})"
+
+
+__all__ = ["ByteBeamPotential", "BeamCache"]
