@@ -1,0 +1,215 @@
+"""Shared helpers: timing, environment facts, result recording."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_MD = ROOT / "BENCHMARKS.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# ------------------------------------------------------------------ timing
+class Stat:
+    """Median and range of repeated measurements (seconds, or any unit)."""
+
+    def __init__(self, samples):
+        self.samples = [float(s) for s in samples]
+        if not self.samples:
+            raise ValueError("no samples")
+        self.median = statistics.median(self.samples)
+        self.min = min(self.samples)
+        self.max = max(self.samples)
+
+    def to_dict(self):
+        return {"median": self.median, "min": self.min, "max": self.max, "n": len(self.samples)}
+
+    def __repr__(self):
+        return f"Stat(median={self.median:.4g}, min={self.min:.4g}, max={self.max:.4g})"
+
+
+def ratio_stat(num: Stat, den: Stat) -> dict:
+    """``num.median / den.median``; the range is the min–max of the per-repetition ratios
+    (repetitions are interleaved, so sample ``i`` of both ran back to back). With unequal
+    sample counts the range is the extreme pairing."""
+    if len(num.samples) == len(den.samples):
+        paired = [a / b for a, b in zip(num.samples, den.samples)]
+        lo, hi = min(paired), max(paired)
+    else:
+        lo, hi = num.min / den.max, num.max / den.min
+    return {"median": num.median / den.median, "min": lo, "max": hi}
+
+
+def time_call(fn, *, sync=None, min_time=0.02, max_inner=1000) -> float:
+    """Seconds per call of ``fn()``: runs it enough times in a row to last ``min_time``."""
+    sync = sync or (lambda: None)
+    inner = 1
+    while True:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= min_time or inner >= max_inner:
+            return dt / inner
+        inner = min(max_inner, max(inner * 2, int(inner * min_time / max(dt, 1e-9)) + 1))
+
+
+def interleaved(fns: dict, reps: int, **kw) -> dict[str, Stat]:
+    """Time each of ``fns`` ``reps`` times, alternating between them each repetition so
+    drift (thermal, other load) hits all of them alike."""
+    samples = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            samples[k].append(time_call(fn, **kw))
+    return {k: Stat(v) for k, v in samples.items()}
+
+
+def fmt_ratio(r: dict) -> str:
+    return f"{r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"
+
+
+def fmt_time(s: Stat, unit="ms") -> str:
+    f = {"ms": 1e3, "us": 1e6, "s": 1.0}[unit]
+    return f"{s.median * f:.3g} ({s.min * f:.3g}–{s.max * f:.3g})"
+
+
+# ------------------------------------------------------------------ environment
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        sha = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT, capture_output=True, text=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def machine_desc(device: str = "cpu") -> str:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        desc = f"{cores}-core CPU, {round(mem)} GiB"
+    except (ValueError, OSError, AttributeError):
+        desc = f"{cores}-core CPU"
+    if device.startswith("cuda"):
+        import torch
+
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "numba", "numpy", "genlm-bytes", "genlm-control", "genlm-backend"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def header(workload: str, *, date: str | None, machine: str | None, model: str, backend: str,
+           device: str = "cpu", extra: str = "") -> tuple[dict, str]:
+    meta = {
+        "workload": workload,
+        "date": date or _dt.date.today().isoformat(),
+        "machine": machine or machine_desc(device),
+        "model": model,
+        "backend": backend,
+        "device": device,
+        "commit": git_commit(),
+        "versions": versions(),
+    }
+    v = meta["versions"]
+    try:
+        meta["loadavg_at_end"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        meta["loadavg_at_end"] = None
+    md = (
+        f"### {workload} — {meta['date']}\n\n"
+        f"- machine: {meta['machine']}; device: {device}\n"
+        f"- model: {model}; backend: {backend}\n"
+        f"- git commit: `{meta['commit']}`; torch {v['torch']}, numba {v['numba']}, "
+        f"genlm-bytes {v['genlm-bytes']}, genlm-control {v['genlm-control']}; "
+        f"1-min load average at the end of the run (other jobs share this machine): {meta['loadavg_at_end']}\n"
+    )
+    if extra:
+        md += extra.rstrip() + "\n"
+    return meta, md
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+SECTION_TITLES = {
+    "W1": "## W1 — byte-level scoring (log-prob, bits/byte)",
+    "W2": "## W2 — byte-level SMC under a grammar",
+    "W3": "## W3 — trie masses",
+    "W4": "## W4 — LM-call floor",
+}
+
+
+def append_markdown(key: str, text: str, path: Path = BENCH_MD) -> None:
+    """Append ``text`` at the end of the section for workload ``key`` (W1..W4), creating
+    BENCHMARKS.md and the section as needed. Runs are only ever appended."""
+    title = SECTION_TITLES[key]
+    if path.exists():
+        doc = path.read_text()
+    else:
+        doc = (
+            "# Benchmarks\n\n"
+            "Ours (`genlm_bytes_potential`) against the anchor (genlm-control `ByteLLM` on "
+            "genlm-bytes `ByteBeamState` / `TokenByteTrie`), in the same process on the same "
+            "inputs. Times are medians of repetitions, min–max in parentheses; ratios are "
+            "anchor/ours for times (higher = ours faster) unless stated. Each run is appended "
+            "by its command (see benchmarks/README.md); nothing here is edited by hand except "
+            "the notes.\n\n"
+        )
+    if title not in doc:
+        # Keep sections in W1..W4 order.
+        order = sorted(SECTION_TITLES)
+        later = [SECTION_TITLES[k] for k in order if k > key and SECTION_TITLES[k] in doc]
+        if later:
+            pos = doc.index(later[0])
+            doc = doc[:pos] + title + "\n\n" + doc[pos:]
+        else:
+            doc = doc.rstrip("\n") + "\n\n" + title + "\n\n"
+    start = doc.index(title) + len(title)
+    nxt = [doc.index(t) for t in SECTION_TITLES.values() if t in doc and doc.index(t) > start]
+    end = min(nxt) if nxt else len(doc)
+    body = doc[start:end].rstrip("\n")
+    doc = doc[:start] + body + "\n\n" + text.rstrip("\n") + "\n\n" + doc[end:].lstrip("\n")
+    path.write_text(doc.rstrip("\n") + "\n")
+
+
+def save_json(meta: dict, results, name: str | None = None, out_dir: Path = RESULTS_DIR) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+    name = name or f"{meta['workload'].lower()}-{meta['device']}-{stamp}.json"
+    path = out_dir / name
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+    return path
