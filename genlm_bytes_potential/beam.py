@@ -26,7 +26,8 @@ How the approximations enter:
 
 * **Pruning** happens after each byte: candidates below ``prune_threshold`` times the
   beam's total weight are dropped, then all but the ``K`` heaviest; extensions below the
-  threshold (relative to the total including extensions) are not made. ``q`` is then the
+  threshold share of that total are not made (except the heaviest, when no candidate
+  could read another byte without it). ``q`` is then the
   conditional under the surviving candidates only, still normalized.
 * **Healing** is not part of ``q``. A byte that no candidate can read has ``q = 0`` and
   leaves an empty beam. With ``heal=True``, advancing by such a byte instead tries to
@@ -278,8 +279,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     for beam, (idx, nodes, w, _) in zip(beams, read):
         owner, leaf = trie.leaves_of(nodes)
         ew = w[owner] + beam.log_mass(idx[owner], leaf) - beam.log_mass(idx[owner], nodes[owner])
-        total = np.logaddexp(_logsumexp(w), _logsumexp(ew))
-        ok = np.isfinite(ew) & (ew - total > beam.params.log_threshold)
+        ok = _keep_extensions(beam.params, trie, nodes, w, ew)
         owner, leaf, ew = owner[ok], leaf[ok], ew[ok]
         states = [beam.states[idx[o]].extend(trie.leaf_token[l]) for o, l in zip(owner, leaf)]
         ext_plan.append((ew, len(requests), len(states)))
@@ -358,6 +358,17 @@ def _prune(params: BeamParams, idx, nodes, w):
     kept = np.nonzero(keep)[0][order]
     pruned = 1.0 - math.exp(_logsumexp(w[kept]) - total) if len(kept) < len(w) else 0.0
     return idx[kept], nodes[kept], w[kept], pruned
+
+
+def _keep_extensions(params: BeamParams, trie, nodes, w, ew) -> np.ndarray:
+    """Extensions whose share of the candidates' total weight (which already includes
+    them) passes the threshold; the heaviest is kept when no candidate could otherwise
+    read another byte."""
+    ok = np.isfinite(ew) & (ew - _logsumexp(w) > params.log_threshold)
+    if len(ew) and not ok.any() and np.isfinite(ew).any():
+        if not (trie.child_ptr[nodes + 1] > trie.child_ptr[nodes]).any():
+            ok[np.argmax(ew)] = True
+    return ok
 
 
 def _compact(beam: Beam) -> Beam:
@@ -462,8 +473,7 @@ async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -
     trie = beam.model.trie
     owner, leaf = trie.leaves_of(seed.nodes)
     ew = weight + seed.log_mass(owner, leaf) - seed.log_mass(owner, seed.nodes[owner])
-    total = np.logaddexp(weight, _logsumexp(ew))
-    ok = np.isfinite(ew) & (ew - total > beam.params.log_threshold)
+    ok = _keep_extensions(beam.params, trie, seed.nodes, seed.weights, ew)
     leaf, ew = leaf[ok], ew[ok]
     new_states = tuple(state.extend(trie.leaf_token[l]) for l in leaf)
     logp = beam.logp + weight - beam.log_total

@@ -1,0 +1,193 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from genlm_bytes_potential.backends import MockTokenLM
+from genlm_bytes_potential.beam import BeamParams, advance, initial_beam, prefill
+from genlm_bytes_potential.byte_lm import ByteDist, ByteLM
+from genlm_bytes_potential.lm_state import LMState, TokenModel
+from genlm_bytes_potential.trie import EOS
+
+from brute import complete_prob, log, prefix_prob
+from strategies import EOS_BYTES, texts, vocabularies
+
+
+def make_model(vocab, seed, temperature=1.0, **kw):
+    lm = MockTokenLM(vocab, seed=seed, temperature=temperature, eos_token_id=vocab.index(EOS_BYTES) if EOS_BYTES in vocab else None)
+    return lm, TokenModel(lm, **kw)
+
+
+async def read(beam, data):
+    for b in data:
+        (beam,) = await advance([beam], [b])
+    return beam
+
+
+@settings(max_examples=40, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(5), temperature=st.sampled_from([0.5, 1.0, 3.0]))
+async def test_unbounded_beam_is_the_exact_marginal(vocab, seed, data, temperature):
+    lm, model = make_model(vocab, seed, temperature)
+    beam = await initial_beam(model, BeamParams(K=None))
+    ctx = beam.states[0].tokens
+    eos = {EOS_BYTES}
+    for i in range(len(data) + 1):
+        logq = beam.next_logprobs()
+        assert abs(np.exp(logq).sum() - 1) <= 1e-9
+        want = log(prefix_prob(lm, ctx, data[:i], eos))
+        assert beam.logp == pytest.approx(want, rel=1e-6, abs=1e-9)
+        want_eos = log(complete_prob(lm, ctx, data[:i], eos)) - want
+        assert logq[256] == pytest.approx(want_eos, rel=1e-6, abs=1e-9)
+        if i < len(data):
+            (beam,) = await advance([beam], [data[i]])
+
+
+@settings(max_examples=30, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(6), K=st.integers(1, 3), threshold=st.sampled_from([0.0, 0.05, 0.3]))
+async def test_pruned_beam_normalizes_and_factorizes(vocab, seed, data, K, threshold):
+    lm, model = make_model(vocab, seed)
+    beam = await initial_beam(model, BeamParams(K=K, prune_threshold=threshold, heal=False))
+    total = 0.0
+    for b in data:
+        logq = beam.next_logprobs()
+        if beam.is_empty:
+            assert np.all(logq == -np.inf)
+        else:
+            assert abs(np.exp(logq).sum() - 1) <= 1e-9
+        total += logq[b]
+        (beam,) = await advance([beam], [b])
+        assert beam.logp == pytest.approx(total, abs=1e-12) or beam.logp == total == -math.inf
+        if K is not None:
+            assert len([n for n in beam.nodes if n != model.trie.root]) <= K
+
+
+async def test_one_batch_call_per_step_for_many_candidates():
+    vocab = [b"a", b"b", b"ab", b"ba", b"aa", b"a", b"bab", EOS_BYTES]
+    lm, model = make_model(vocab, 3)
+    beams = [await initial_beam(model, BeamParams(K=None)) for _ in range(3)]
+    beams = [await read(b, d) for b, d in zip(beams, [b"ab", b"ba", b"aa"])]
+    lm.reset_counters()
+    steps = await advance(beams, [ord("a"), ord("b"), ord("a")])
+    # several candidates in several beams needed the LM; one batch call served them all
+    assert len(lm.requests) >= 4
+    assert lm.batch_calls == 1
+    assert all(s.stats.lm_calls >= 1 for s in steps)
+
+
+async def test_prefill_reads_eos_tokens_as_text_generation_does_not():
+    vocab = [b"a", b"b", EOS_BYTES]
+    lm, model = make_model(vocab, 0)
+    gen = await initial_beam(model, BeamParams(K=None))
+    gen = await read(gen, b"a<")  # '<' exists only inside the EOS token
+    assert gen.logp == -math.inf
+    pre = await initial_beam(model, BeamParams(K=None), with_eos=False)
+    pre = await prefill(pre, b"a<e>b")
+    assert np.isfinite(pre.logp) and pre.with_eos
+    assert np.exp(pre.next_logprobs()).sum() == pytest.approx(1, abs=1e-9)
+    assert np.isfinite(pre.next_logprobs()[256])  # EOS possible after the prompt
+
+
+
+
+async def test_healing_recovers_where_k1_empties():
+    vocab = [b"a", b"ab", b"bc", EOS_BYTES]  # "abc" = a|bc only; K=1 may keep "ab"
+    lm, model = make_model(vocab, 0)
+    for seed in range(200):
+        lm, model = make_model(vocab, seed)
+        plain = await read(await initial_beam(model, BeamParams(K=1, heal=False)), b"abc")
+        if plain.is_empty:
+            break
+    else:
+        pytest.fail("no seed makes K=1 keep the wrong tokenization")
+    assert plain.logp == -math.inf
+    healed = await read(await initial_beam(model, BeamParams(K=1)), b"abc")
+    assert not healed.is_empty and np.isfinite(healed.logp) and healed.stats.heals == 1
+    exact = await read(await initial_beam(model, BeamParams(K=None)), b"abc")
+    # the healed candidate is one tokenization: its weight is at most the exact marginal
+    assert healed.log_total <= exact.log_total + 1e-9
+    # backing off 0 bytes cannot reach "a|bc"
+    stuck = await read(await initial_beam(model, BeamParams(K=1, heal_max_backoff=0)), b"abc")
+    assert stuck.is_empty
+
+
+async def test_heal_max_splits_is_respected():
+    vocab = [b"x", b"xab", b"a", b"bc", EOS_BYTES]  # "xabc" = x|a|bc: healing commits x, then a
+    for seed in range(300):
+        lm, model = make_model(vocab, seed)
+        plain = await read(await initial_beam(model, BeamParams(K=1, heal=False)), b"xabc")
+        if plain.is_empty:
+            break
+    else:
+        pytest.fail("no seed makes K=1 keep x|ab")
+    one = await read(await initial_beam(model, BeamParams(K=1, heal_max_splits=1)), b"xabc")
+    assert not one.is_empty and one.stats.heals == 1
+    zero = await read(await initial_beam(model, BeamParams(K=1, heal_max_splits=0)), b"xabc")
+    assert zero.is_empty
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(K=0), ValueError, "K=0"),
+        (dict(K=2.5), TypeError, "K=2.5"),
+        (dict(K=True), TypeError, "K=True"),
+        (dict(prune_threshold=-0.1), ValueError, "-0.1"),
+        (dict(prune_threshold=1.0), ValueError, "1.0"),
+        (dict(heal_max_backoff=-1), ValueError, "heal_max_backoff=-1"),
+    ],
+)
+def test_beam_params_validation(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        BeamParams(**kwargs)
+
+
+async def test_bad_bytes_raise_and_zero_probability_is_minus_inf():
+    lm, model = make_model([b"a", b"b", EOS_BYTES], 0)
+    beam = await initial_beam(model, BeamParams(K=2))
+    with pytest.raises(ValueError, match="256"):
+        await advance([beam], [256])
+    with pytest.raises(ValueError, match="-1"):
+        await advance([beam], [-1])
+    with pytest.raises(TypeError, match="'a'"):
+        await advance([beam], ["a"])
+    (zero,) = await advance([beam], [ord("z")])
+    assert zero.logp == -math.inf and zero.is_empty
+    (still,) = await advance([zero], [ord("a")])
+    assert still.logp == -math.inf and np.all(still.next_logprobs() == -np.inf)
+
+
+async def test_max_context_length_truncates_the_lm_view_only():
+    lm, model = make_model([b"a", b"b", EOS_BYTES], 0, max_context_length=2)
+    state = LMState((2, 0, 1, 0))
+    assert model.model_input(state) == [1, 0]
+    assert state.tokens == (2, 0, 1, 0)
+    with pytest.raises(ValueError, match="max_context_length=0"):
+        TokenModel(lm, max_context_length=0)
+
+
+async def test_no_bos_no_eos_tokenizer():
+    lm = MockTokenLM([b"a", b"b"], seed=0)
+    model = TokenModel(lm)
+    assert model.initial_state().tokens == ()
+    assert model.initial_state([1]).tokens == (1,)
+    beam = await read(await initial_beam(model, BeamParams(K=2)), b"ab")
+    assert np.isfinite(beam.logp)
+
+
+async def test_byte_lm_helpers():
+    vocab = [b"a", b"b", b"ab", b" ", EOS_BYTES]
+    lm = MockTokenLM(vocab, seed=4, eos_token_id=4)
+    blm = ByteLM(lm, K=4)
+    score = await blm.score(b"ab ba")
+    assert score.n_bytes == 5 and score.bits_per_byte == pytest.approx(-score.logprob / math.log(2) / 5)
+    dist = await blm.next_byte(b"ab")
+    assert isinstance(dist, ByteDist)
+    top = dist.top(3)
+    assert len(top) == 3 and list(top.values()) == sorted(top.values(), reverse=True)
+    assert "b'" in str(dist) or "<EOS>" in str(dist)
+    greedy = await blm.generate(b"a", max_bytes=10, greedy=True)
+    assert greedy == await blm.generate(b"a", max_bytes=10, greedy=True)
+    sampled = await blm.generate(b"a", max_bytes=10, seed=1, stop_at_eos=False)
+    assert len(sampled) == 10 and set(sampled) <= set(b"ab ")
+    assert (await blm.score(sampled, prompt=b"a")).logprob > -math.inf

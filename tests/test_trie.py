@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from hypothesis import given, settings, strategies as st
+
+from genlm_bytes_potential.trie import EOS, TokenByteTrie
+
+from strategies import EOS_BYTES, vocabularies
+
+
+def brute_log_masses(trie, vocab, lp, with_eos):
+    """float64 reference: sum of p over tokens in each node's subtree (by prefix)."""
+    out = np.full((lp.shape[0], trie.n_nodes), -np.inf)
+    eos = set(trie.eos_tokens) if with_eos else set()
+    for n in range(trie.n_nodes):
+        if n == trie.eos_node:
+            toks = [t for t, b in enumerate(vocab) if b in eos]
+        elif trie.leaf_token[n] >= 0:
+            t = trie.leaf_token[n]
+            toks = [] if vocab[t] in eos else [t]
+        else:
+            pre = trie.prefix_of[n]
+            toks = [t for t, b in enumerate(vocab) if b and b.startswith(pre) and b not in eos]
+            if n == trie.root:
+                toks += [t for t, b in enumerate(vocab) if b in eos]
+        if toks:
+            out[:, n] = logsumexp(lp[:, toks], axis=1)
+    return out
+
+
+def structure_ok(trie, vocab):
+    for n in range(trie.n_nodes):
+        # Subtrees are contiguous: every node in [n, end) descends from n.
+        for d in range(n + 1, trie.end[n]):
+            a = d
+            while a not in (-1, n):
+                a = trie.parent[a]
+            assert a == n
+
+
+@settings(max_examples=60, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 2**16), with_eos=st.booleans(), spread=st.sampled_from([1.0, 50.0, 300.0]))
+def test_log_masses_match_brute_force(vocab, seed, with_eos, spread):
+    trie = TokenByteTrie(vocab, [EOS_BYTES])
+    rng = np.random.default_rng(seed)
+    lp = rng.uniform(-spread, 0, size=(3, len(vocab)))
+    lp[0, rng.integers(len(vocab))] = -700.0  # far below the largest: must not underflow
+    lp[1, rng.integers(len(vocab))] = -np.inf  # a token of probability 0
+    lp32 = lp.astype(np.float32)
+    cases = [(lp, lp), (torch.tensor(lp), lp), (lp32, lp32.astype(np.float64))]
+    for given_lp, exact_lp in cases:
+        want = brute_log_masses(trie, vocab, exact_lp, with_eos)
+        got = np.asarray(trie.log_masses(given_lp, with_eos))
+        assert np.array_equal(np.isinf(got), np.isinf(want))
+        fin = np.isfinite(want)
+        # |log m - log m_ref| <= 1e-6 is relative error <= ~1e-6 on the masses
+        assert np.max(np.abs(got[fin] - want[fin]), initial=0) <= 1e-6
+    structure_ok(trie, vocab)
+
+
+def test_no_underflow_700_below_max():
+    vocab = [b"a", b"ab", b"b"]
+    trie = TokenByteTrie(vocab)
+    lp = np.array([[0.0, -700.0, -700.0]])
+    lm = trie.log_masses(lp, with_eos=False)[0]
+    node_ab = trie.node_of(b"ab")
+    node_b = trie.node_of(b"b")
+    assert lm[node_ab] == pytest.approx(-700.0, rel=1e-12)
+    assert lm[node_b] == pytest.approx(-700.0, rel=1e-12)
+    assert lm[trie.node_of(b"a")] == pytest.approx(np.logaddexp(0, -700.0), abs=1e-12)
+
+
+def test_torch_level_path_matches_numba_path():
+    """The CUDA code path (level-wise index_add) run on CPU tensors."""
+    rng = np.random.default_rng(0)
+    vocab = [bytes(rng.integers(97, 100, size=rng.integers(1, 5)).tolist()) for _ in range(300)] + [EOS_BYTES]
+    trie = TokenByteTrie(vocab, [EOS_BYTES])
+    lp = torch.tensor(rng.normal(size=(4, len(vocab))) * 20)
+    for with_eos in (True, False):
+        scaled_t, shift_t = trie._masses_torch(lp, with_eos)
+        scaled_n, shift_n = trie.masses(lp, with_eos)
+        np.testing.assert_allclose(shift_t.numpy(), shift_n)
+        np.testing.assert_allclose(scaled_t.numpy(), scaled_n, rtol=1e-12, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(1)
+    vocab = [bytes(rng.integers(97, 100, size=rng.integers(1, 5)).tolist()) for _ in range(300)] + [EOS_BYTES]
+    trie = TokenByteTrie(vocab, [EOS_BYTES])
+    lp = rng.normal(size=(4, len(vocab))) * 20
+    got = trie.log_masses(torch.tensor(lp, device="cuda")).cpu().numpy()
+    np.testing.assert_allclose(got, trie.log_masses(lp), rtol=1e-9)
+
+
+def test_duplicates_get_separate_leaves_and_eos_edge():
+    vocab = [b"a", b"ab", b"a", EOS_BYTES]
+    trie = TokenByteTrie(vocab, [EOS_BYTES])
+    node_a = trie.node_of(b"a")
+    assert trie.n_leaves[node_a] == 2
+    assert sorted(trie.leaf_token[node_a + 1 : node_a + 3]) == [0, 2]
+    assert trie.child(np.array([trie.root]), EOS)[0] == trie.eos_node
+    assert trie.node_of(b"<e>") >= 0  # the EOS token is also text (for prefill)
+
+
+def test_bad_inputs_name_the_value():
+    with pytest.raises(ValueError, match="b'zz'"):
+        TokenByteTrie([b"a"], [b"zz"])
+    with pytest.raises(ValueError, match="empty"):
+        TokenByteTrie([])
+    trie = TokenByteTrie([b"a", b"b"])
+    with pytest.raises(ValueError, match=r"\[B, 2\]"):
+        trie.log_masses(np.zeros((1, 3)))
