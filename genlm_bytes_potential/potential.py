@@ -263,8 +263,48 @@ class ByteBeamPotential(Potential):
         self.cache.clear()
         self._root_beam = None
 
+    def bytes_view(self) -> "BytesView":
+        """This potential over one-byte ``bytes`` tokens instead of ints."""
+        return BytesView(self)
+
     def __repr__(self) -> str:
         return f"ByteBeamPotential(K={self.params.K}, prune_threshold={self.params.prune_threshold}, prompt={self.prompt[:40]!r})"
 
 
-__all__ = ["ByteBeamPotential", "BeamCache"]
+
+
+class BytesView(Potential):
+    """The same potential over one-byte ``bytes`` tokens (``b"a"`` rather than ``97``), for
+    samplers and ``coerce`` users that want iterable tokens, e.g. genlm-control's
+    ``eager_token_sampler(view, grammar)``. Weights are identical to the int potential's."""
+
+    def __init__(self, potential: ByteBeamPotential):
+        self.potential = potential
+        super().__init__(vocabulary=[bytes([i]) for i in range(256)])
+
+    def _ints(self, contexts):
+        return [[x[0] if isinstance(x, (bytes, bytearray)) and len(x) == 1 else x for x in c] for c in contexts]
+
+    async def prefix(self, context) -> float:
+        return await self.potential.prefix(self._ints([context])[0])
+
+    async def complete(self, context) -> float:
+        return await self.potential.complete(self._ints([context])[0])
+
+    async def logw_next(self, context):
+        return self.make_lazy_weights((await self.potential.batch_logw_next(self._ints([context]))).weights[0])
+
+    async def batch_prefix(self, contexts) -> np.ndarray:
+        return await self.potential.batch_prefix(self._ints(contexts))
+
+    async def batch_complete(self, contexts) -> np.ndarray:
+        return await self.potential.batch_complete(self._ints(contexts))
+
+    async def batch_logw_next(self, contexts):
+        return self.make_lazy_weights((await self.potential.batch_logw_next(self._ints(contexts))).weights)
+
+    def spawn(self) -> "BytesView":
+        return BytesView(self.potential.spawn())
+
+    async def cleanup(self) -> None:
+        await self.potential.cleanup()

