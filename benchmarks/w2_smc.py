@@ -1,0 +1,286 @@
+"""W2: byte-level SMC under a grammar, ours vs ByteLLM vs token-level PromptedLLM.
+
+    python -m benchmarks.w2_smc                       # SmolLM2-135M, 8/32/128 particles
+    python -m benchmarks.w2_smc --quick               # 8/32 particles, 16 bytes
+    python -m benchmarks.w2_smc --model mock --mock-vocab tiny --particles 8
+
+Each system runs genlm-control's ``SMC(direct_token_sampler(target), critic=grammar)``
+(``--mode product``: ``direct_token_sampler(target * grammar)``, no critic) with the same
+seed, prompt, ESS threshold and grammar:
+
+* ours:   target = ``ByteBeamPotential(lm, K=K, prompt=prompt)`` (ints 0..255);
+* anchor: target = ``ByteLLM(lm, BeamParams(K=K))`` with the same prompt; the grammar is
+  coerced to its ``bytes`` vocabulary (``f = lambda xs: list(b"".join(xs))``);
+* token:  target = ``PromptedLLM(lm)`` (prompt tokenized); grammar coerced to tokens
+  (``f = lambda ts: list(b"".join(ts))``); max length in tokens = max bytes / 3.
+
+Grammars: a regex (``BoolFSA.from_regex``) and a JSON schema (``JsonSchema``).
+bytes/s = bytes in all final particles (EOS excluded) / wall seconds; ESS of the final
+weights; "valid" = particles with finite weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import random
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from benchmarks.common import (
+    Stat, append_markdown, fmt_ratio, header, md_table, ratio_stat, save_json,
+)
+from benchmarks.lms import make_lm, reset
+
+PARTICLES = (8, 32, 128)
+QUICK_PARTICLES = (8, 32)
+SYSTEMS = ("ours", "anchor", "token")
+
+TASKS = {
+    "regex": {
+        "prompt": b"Three fruits, comma separated, lowercase: ",
+        "regex": r"[a-z]+(, [a-z]+){2}\.",
+    },
+    "json": {
+        "prompt": b'A person as a JSON object with "name" and "age": ',
+        "schema": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            "required": ["name", "age"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def grammar(task: str):
+    from genlm.control import BoolFSA, JsonSchema
+
+    t = TASKS[task]
+    return BoolFSA.from_regex(t["regex"]) if "regex" in t else JsonSchema(t["schema"])
+
+
+def _nbytes(ctx) -> int:
+    n = 0
+    for x in ctx:
+        if isinstance(x, int):
+            n += 1
+        elif isinstance(x, (bytes, bytearray)):
+            n += len(x)
+        elif hasattr(x, "byte_string"):
+            n += len(x.byte_string)
+    return n
+
+
+def _prompt_ids(lm, prompt: bytes) -> list[int]:
+    tok = getattr(lm, "tokenizer", None)
+    bos = getattr(lm, "bos_token_id", None)
+    if bos is None and tok is not None:
+        bos = getattr(tok, "bos_token_id", None)
+    if tok is not None and hasattr(tok, "encode"):
+        ids = list(tok.encode(prompt.decode("utf-8"), add_special_tokens=False))
+    else:  # a vocabulary with every single byte as the token of the same id (mock)
+        vocab = [bytes(t) for t in lm.byte_vocab]
+        if any(vocab[b] != bytes([b]) for b in prompt):
+            raise ValueError("no tokenizer and no byte-identity tokens: cannot encode the prompt")
+        ids = list(prompt)
+    return ([bos] if bos is not None else []) + ids
+
+
+def _target(system, lm, K, eos, prompt):
+    from genlm.bytes import BeamParams
+    from genlm.control import ByteLLM, PromptedLLM
+
+    from genlm_bytes_potential.potential import ByteBeamPotential
+
+    if system == "ours":
+        return ByteBeamPotential(lm, K=K, prompt=prompt, eos_tokens=list(eos))
+    if system == "anchor":
+        bl = ByteLLM(lm, BeamParams(K=K, eos_byte_strings=list(eos)))
+        bl.set_prompt_from_str(prompt.decode("utf-8"))
+        return bl
+    if system == "token":
+        return PromptedLLM(lm, prompt_ids=_prompt_ids(lm, prompt), eos_byte_strings=list(eos))
+    raise ValueError(system)
+
+
+def _coerced(g, system, target):
+    if system == "ours":
+        return g
+    return g.coerce(target, f=lambda xs: list(b"".join(
+        x if isinstance(x, (bytes, bytearray)) else x.byte_string for x in xs)))
+
+
+async def smc_once(system, lm, task, n_particles, max_bytes, K, eos, seed, mode="critic",
+                   ess_threshold=0.5) -> dict:
+    from genlm.control import SMC, direct_token_sampler
+
+    prompt = TASKS[task]["prompt"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = _target(system, lm, K, eos, prompt)
+        g = _coerced(grammar(task), system, target)
+        if mode == "product":
+            smc = SMC(direct_token_sampler(target * g))
+        else:
+            smc = SMC(direct_token_sampler(target), critic=g)
+        max_tokens = max_bytes if system != "token" else max(1, math.ceil(max_bytes / 3))
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            c0, t0 = time.process_time(), time.perf_counter()
+            seqs = await smc(n_particles=n_particles, ess_threshold=ess_threshold,
+                             max_tokens=max_tokens)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        finally:
+            await smc.cleanup()
+    lw = np.asarray(seqs.log_weights, dtype=float)
+    nb = sum(_nbytes(c) for c in seqs.contexts)
+    best = max(range(len(lw)), key=lambda i: lw[i]) if len(lw) else None
+    sample = b""
+    if best is not None:
+        sample = b"".join(
+            bytes([x]) if isinstance(x, int) else (x if isinstance(x, (bytes, bytearray))
+                                                   else getattr(x, "byte_string", b""))
+            for x in seqs.contexts[best])
+    return {
+        "seconds": dt, "cpu_seconds": cpu, "bytes": nb, "bytes_per_s": nb / dt,
+        "ess": float(seqs.ess), "valid": int(np.isfinite(lw).sum()),
+        "log_ml": float(seqs.log_ml), "max_tokens": max_tokens,
+        "sample": sample.decode("utf-8", "replace")[:60],
+    }
+
+
+def _one(system, lm, task, n, max_bytes, K, eos, seed, mode, log):
+    reset(lm)
+    try:
+        r = asyncio.run(smc_once(system, lm, task, n, max_bytes, K, eos, seed, mode))
+    except Exception as e:  # noqa: BLE001 - a failing system is a result
+        log(f"  {system:6s} {task} N={n}: failed {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    r.update(lm.summary())
+    log(f"  {system:6s} {task:5s} N={n:3d}: {r['bytes_per_s']:8.1f} B/s  {r['seconds']:.2f}s  "
+        f"ESS {r['ess']:.2f}  valid {r['valid']}/{n}  LM {r['batch_calls']}b+"
+        f"{r['single_calls']}s calls/{r['contexts']} ctx  best {r['sample']!r}")
+    return r
+
+
+def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4, reps=1,
+        seed=0, systems=SYSTEMS, mode="critic", log=print) -> list[dict]:
+    # Warm-up (JIT, first allocations), untimed.
+    for system in systems:
+        _one(system, lm, tasks[0], 2, 4, K, eos, seed, mode, lambda *_: None)
+    results = []
+    for task in tasks:
+        for n in particles:
+            runs = {s: [] for s in systems}
+            for rep in range(reps):
+                order = systems if rep % 2 == 0 else tuple(reversed(systems))
+                for s in order:
+                    runs[s].append(_one(s, lm, task, n, max_bytes, K, eos, seed + rep, mode, log))
+            row = {"task": task, "particles": n, "max_bytes": max_bytes, "K": K}
+            stats = {}
+            for s in systems:
+                ok = [r for r in runs[s] if "error" not in r]
+                if not ok:
+                    row[s] = {"errors": [r["error"] for r in runs[s]]}
+                    continue
+                stats[s] = Stat([r["bytes_per_s"] for r in ok])
+                row[s] = {
+                    "bytes_per_s": stats[s].to_dict(),
+                    "seconds": Stat([r["seconds"] for r in ok]).to_dict(),
+                    "ess": float(np.median([r["ess"] for r in ok])),
+                    "valid": float(np.median([r["valid"] for r in ok])),
+                    "bytes": float(np.median([r["bytes"] for r in ok])),
+                    "lm_contexts": float(np.median([r["contexts"] for r in ok])),
+                    "lm_calls": float(np.median([r["batch_calls"] + r["single_calls"] for r in ok])),
+                    "sample": ok[0]["sample"],
+                }
+            for s in ("anchor", "token"):
+                if "ours" in stats and s in stats:
+                    # throughput ratio: ours / theirs (higher = ours faster)
+                    row[f"vs_{s}"] = ratio_stat(stats["ours"], stats[s])
+            results.append(row)
+    return results
+
+
+def render(meta, results) -> str:
+    _, md = header("W2 SMC", date=meta["date"], machine=meta["machine"], model=meta["model"],
+                   backend=meta["backend"], device="cpu",
+                   extra=(f"- command: `{meta['command']}`; mode {meta['mode']}; beam K="
+                          f"{meta['K']}; max {meta['max_bytes']} bytes (token-level: "
+                          f"{math.ceil(meta['max_bytes'] / 3)} tokens); ESS threshold 0.5; "
+                          f"{meta['reps']} repetition(s), seed {meta['seed']}\n"
+                          f"- regex `{TASKS['regex']['regex']}` after {TASKS['regex']['prompt']!r}; "
+                          f"JSON schema {{name: string, age: integer}} after "
+                          f"{TASKS['json']['prompt']!r}\n"
+                          "- B/s: bytes in the final particles per wall second (median "
+                          "(min–max) over repetitions); ratio = ours B/s ÷ theirs; valid = "
+                          "particles with finite final weight"))
+    rows = []
+    for r in results:
+        def cell(s):
+            x = r.get(s)
+            if x is None:
+                return "–"
+            if "bytes_per_s" not in x:
+                return "failed: " + "; ".join(x["errors"])[:60]
+            b = x["bytes_per_s"]
+            return (f"{b['median']:.1f} ({b['min']:.1f}–{b['max']:.1f}); ESS {x['ess']:.1f}; "
+                    f"valid {x['valid']:.0f}")
+        rows.append([
+            r["task"], r["particles"], cell("ours"), cell("anchor"), cell("token"),
+            fmt_ratio(r["vs_anchor"]) if "vs_anchor" in r else "–",
+            fmt_ratio(r["vs_token"]) if "vs_token" in r else "–",
+        ])
+    md += "\n" + md_table(
+        ["grammar", "particles", "ours", "anchor ByteLLM", "token PromptedLLM",
+         "ours/anchor", "ours/token"], rows)
+    samples = [f"{r['task']} N={r['particles']}: ours {r['ours'].get('sample', '')!r}"
+               for r in results if isinstance(r.get("ours"), dict)]
+    if samples:
+        md += "\nHighest-weight particle (ours): " + "; ".join(samples[:4]) + "\n"
+    return md
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="8/32 particles, 16 bytes")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "mock"])
+    p.add_argument("--mock-vocab", default="model", choices=["model", "tiny"])
+    p.add_argument("--particles", nargs="*", type=int, default=None)
+    p.add_argument("--task", nargs="*", default=["regex", "json"], choices=list(TASKS))
+    p.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument("--max-bytes", type=int, default=None)
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--mode", default="critic", choices=["critic", "product"])
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--date", default=None)
+    p.add_argument("--machine", default=None)
+    p.add_argument("--no-write", action="store_true")
+    a = p.parse_args(argv)
+    particles = tuple(a.particles or (QUICK_PARTICLES if a.quick else PARTICLES))
+    max_bytes = a.max_bytes or (16 if a.quick else 24)
+    lm, info = make_lm(a.model, vocab=a.mock_vocab)
+    results = run(lm, info["eos"], tasks=tuple(a.task), particles=particles,
+                  max_bytes=max_bytes, K=a.K, reps=a.reps, seed=a.seed,
+                  systems=tuple(a.systems), mode=a.mode)
+    meta, _ = header("W2", date=a.date, machine=a.machine, model=info["model"],
+                     backend=info["backend"])
+    meta.update(command="python -m benchmarks.w2_smc " + " ".join(argv or sys.argv[1:]),
+                mode=a.mode, K=a.K, max_bytes=max_bytes, reps=a.reps, seed=a.seed)
+    md = render(meta, results)
+    print(md)
+    if not a.no_write:
+        append_markdown("W2", md)
+        print("saved", save_json(meta, results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
