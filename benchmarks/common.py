@@ -44,12 +44,15 @@ def ratio_stat(num: Stat, den: Stat) -> dict:
     """``num.median / den.median``; the range is the min–max of the per-repetition ratios
     (repetitions are interleaved, so sample ``i`` of both ran back to back). With unequal
     sample counts the range is the extreme pairing."""
+    def div(a, b):
+        return a / b if b else (float("inf") if a else float("nan"))
+
     if len(num.samples) == len(den.samples):
-        paired = [a / b for a, b in zip(num.samples, den.samples)]
+        paired = [div(a, b) for a, b in zip(num.samples, den.samples)]
         lo, hi = min(paired), max(paired)
     else:
-        lo, hi = num.min / den.max, num.max / den.min
-    return {"median": num.median / den.median, "min": lo, "max": hi}
+        lo, hi = div(num.min, den.max), div(num.max, den.min)
+    return {"median": div(num.median, den.median), "min": lo, "max": hi}
 
 
 def time_call(fn, *, sync=None, min_time=0.02, max_inner=1000) -> float:

@@ -109,6 +109,8 @@ def run(vocabs: dict, batches=BATCHES, reps=7, device="cpu", check=True, seed=0,
     """
     from genlm.bytes.trie import TrieMode
 
+    import genlm_bytes_potential.trie  # noqa: F401  (imports stay outside the build timing)
+
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     results = []
     for name, (vocab, eos) in vocabs.items():

@@ -1,0 +1,138 @@
+"""Smoke runs of every benchmark workload at toy scale (mock LM, synthetic vocabulary).
+
+They check that the harness runs ours and the anchor end to end and that its results,
+markdown and plots are well-formed. No timing assertions: a benchmark is not a test.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import common, w1_score, w2_smc, w3_trie, w4_floor
+from benchmarks.lms import RecordingLM, heldout_text, make_lm, reset
+from benchmarks.vocabs import bytes_to_unicode, tiny_vocab
+
+
+def _is_stat(d):
+    return {"median", "min", "max"} <= set(d) and d["min"] <= d["median"] <= d["max"]
+
+
+@pytest.fixture
+def mock_lm():
+    lm, info = make_lm("mock", vocab="tiny")
+    assert isinstance(lm, RecordingLM)
+    return lm, info
+
+
+def test_common_stats_and_markdown(tmp_path):
+    s = common.Stat([3.0, 1.0, 2.0])
+    assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
+    r = common.ratio_stat(common.Stat([4.0, 2.0]), common.Stat([2.0, 1.0]))
+    assert r == {"median": 2.0, "min": 2.0, "max": 2.0}
+    assert common.time_call(lambda: None, min_time=0.0) >= 0
+    md = tmp_path / "B.md"
+    common.append_markdown("W3", "### run a\n", md)
+    common.append_markdown("W1", "### run b\n", md)
+    common.append_markdown("W3", "### run c\n", md)
+    doc = md.read_text()
+    assert doc.index("## W1") < doc.index("## W3")
+    assert doc.index("run a") < doc.index("run c") and doc.index("run b") < doc.index("## W3")
+    assert len(bytes_to_unicode()) == 256
+
+
+def test_w3_trie_smoke(tmp_path):
+    vocab, eos = tiny_vocab()
+    res = w3_trie.run({"tiny": (vocab, eos)}, batches=(1, 3), reps=1, build_reps=1,
+                      log=lambda *_: None)
+    assert [r["B"] for r in res] == [1, 3]
+    for r in res:
+        for k in ("ours", "anchor", "ours_log", "anchor_log", "build_ours", "build_anchor"):
+            assert _is_stat(r[k]) and r[k]["median"] > 0
+        assert r["speedup"]["median"] > 0
+        # ours (float64) and genlm-bytes (float32) compute the same masses
+        assert r["agreement"]["max_rel_diff"] < 1e-4
+        assert r["agreement"]["anchor_underflow_nodes"] == 0
+    meta, _ = common.header("W3", date="2026-01-01", machine="m", model="", backend="")
+    meta.update(command="x", numba_threads=1, labels={"tiny": "tiny"}, reps=1)
+    md = w3_trie.render(meta, res, {"tiny": "tiny"}, reps=1)
+    assert md.count("| tiny |") == 3 and "2026-01-01" in md
+    path = common.save_json(meta, res, out_dir=tmp_path)
+    assert json.loads(path.read_text())["results"][0]["vocab"] == "tiny"
+
+
+def test_w1_score_smoke(mock_lm):
+    lm, info = mock_lm
+    text = heldout_text(24)
+    assert 20 <= len(text) <= 24
+    res = w1_score.run(lm, info["eos"], text, Ks=(1, 3), reps=1, warm=False,
+                       log=lambda *_: None)
+    assert [r["K"] for r in res] == [1, 3]
+    for r in res:
+        for side in ("ours", "anchor"):
+            assert r[side]["bytes_per_s"] > 0, r[side]
+            assert math.isfinite(r[side]["bits_per_byte"]) and r[side]["bits_per_byte"] > 0
+            assert r[side]["lm_contexts"] >= 1
+        assert r["speedup"]["median"] > 0
+    meta = {"date": "d", "machine": "m", "model": info["model"], "backend": info["backend"],
+            "command": "c", "text": "t"}
+    assert "| 3 |" in w1_score.render(meta, res, reps=1)
+
+
+def test_w2_smc_smoke(mock_lm):
+    lm, info = mock_lm
+    res = w2_smc.run(lm, info["eos"], tasks=("regex",), particles=(2,), max_bytes=3, K=2,
+                     log=lambda *_: None)
+    (row,) = res
+    assert row["task"] == "regex" and row["particles"] == 2
+    for s in w2_smc.SYSTEMS:
+        x = row[s]
+        assert "bytes_per_s" in x, x  # every system ran
+        assert _is_stat(x["bytes_per_s"]) and 0 <= x["ess"] <= 2 and 0 <= x["valid"] <= 2
+    meta = {"date": "d", "machine": "m", "model": "mock", "backend": "mock", "command": "c",
+            "mode": "critic", "K": 2, "max_bytes": 3, "reps": 1, "seed": 0}
+    assert "| regex | 2 |" in w2_smc.render(meta, res)
+
+
+def test_w4_floor_smoke(mock_lm):
+    lm, info = mock_lm
+    res = w4_floor.run(lm, info["eos"], text=heldout_text(12), Ks=(2,),
+                       smc=(("regex", 2),), max_bytes=3, smc_K=2, reps=1, log=lambda *_: None)
+    assert len(res) == 2
+    for r in res:
+        assert r["ours_s"]["median"] > 0 and r["floor_s"]["median"] > 0
+        assert r["calls"]["batch_calls"] >= 1 and r["calls"]["single_calls"] == 0
+    # The replay makes exactly the recorded calls.
+    reset(lm)
+    w4_floor._w1(lm, info["eos"], heldout_text(12), 2)
+    calls = list(lm.calls)
+    inner = lm.inner
+    inner.reset_counters()
+    import asyncio
+
+    asyncio.run(w4_floor.replay(lm, calls))
+    assert inner.batch_calls == len(calls)
+    assert [tuple(c) for c in inner.requests] == [c for _, cs, _ in calls for c in cs]
+
+
+def test_plots_smoke(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    s = {"median": 1.0, "min": 0.5, "max": 2.0, "n": 2}
+    w3 = [{"vocab": "v", "V": 10, "B": b, "ours": s, "anchor": s} for b in (1, 4)]
+    w1 = [{"K": k, "ours": {"bytes_per_s": 2.0, "bytes_per_s_min": 1.0, "bytes_per_s_max": 3.0,
+                            "bits_per_byte": 1.5},
+           "anchor": {"errors": ["x"]}} for k in (1, 2)]
+    w2 = [{"task": "regex", "particles": n, "ours": {"bytes_per_s": s}, "anchor": {"errors": []}}
+          for n in (2, 8)]
+    meta = {"device": "cpu", "machine": "m", "model": "mock"}
+    for wl, res in (("w1", w1), ("w2", w2), ("w3", w3)):
+        (tmp_path / f"{wl}-cpu-20260101T000000.json").write_text(
+            json.dumps({"meta": dict(meta, workload=wl), "results": res}))
+    paths = plots.make_all("cpu", results_dir=tmp_path, out_dir=tmp_path)
+    assert len(paths) == 4
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.isfinite(1.0)
