@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import sys
@@ -130,9 +129,9 @@ async def _sample(args) -> dict:
     import numpy as np
     import torch
     from genlm.control import SMC, direct_token_sampler
-    from genlm.control.constant import EndOfSequence
 
     from .potential import ByteBeamPotential
+    from .sampling import byte_posterior
 
     grammar = _grammar(args)
     lm = _load(args)
@@ -155,15 +154,8 @@ async def _sample(args) -> dict:
     finally:
         if bar is not None:
             bar.close()
-    posterior: dict[bytes, float] = {}
-    for ctx, lw in zip(seqs.contexts, seqs.log_normalized_weights):
-        if np.isfinite(lw) and ctx and isinstance(ctx[-1], EndOfSequence):
-            key = bytes(ctx[:-1])
-            posterior[key] = posterior.get(key, 0.0) + math.exp(lw)
-    total = sum(posterior.values())
-    samples = sorted(((k, v / total) for k, v in posterior.items()), key=lambda kv: -kv[1])
     return {
-        "samples": [{"text": k.decode("utf-8", "backslashreplace"), "weight": w} for k, w in samples],
+        "samples": [{"text": k.decode("utf-8", "backslashreplace"), "weight": w} for k, w in byte_posterior(seqs)],
         "ess": float(seqs.ess),
         "log_ml": float(seqs.log_ml),
         "particles": args.particles,
