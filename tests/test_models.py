@@ -1,0 +1,133 @@
+"""The default SmolLM2 model folder and load_lm."""
+
+import json
+import time
+
+import pytest
+import tokenizers
+from genlm.backend.tokenization import decode_vocab
+
+from genlm_bytes_potential import models
+from genlm_bytes_potential.backends import MockTokenLM
+from genlm_bytes_potential.backends.hf import HFTokenLM
+from genlm_bytes_potential.models import default_model_dir, load_lm
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.  Two spaces, then a tab:\tand\nnew lines\n\n",
+    "def f(x):\n    return {'a': [1, 2.5e-3]}  # comment\n",
+    "Héllo wörld — naïve café, 日本語のテキスト, Привет, emoji 🎉👩‍💻",
+    " leading space and trailing space ",
+]
+
+
+def test_default_model_dir_is_cached(smollm2_dir):
+    assert (smollm2_dir / "config.json").is_file()
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert (smollm2_dir / "tokenizer.json").is_file()
+    marker = json.loads((smollm2_dir / models._MARKER).read_text())
+    assert marker["format"] == models._FORMAT
+    t = time.perf_counter()
+    assert default_model_dir() == smollm2_dir
+    assert time.perf_counter() - t < 1.0
+    assert not [p for p in smollm2_dir.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_byte_vocab_rebuilds_text(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    assert isinstance(tok.backend_tokenizer.decoder, tokenizers.decoders.ByteLevel)
+    byte_vocab, _ = decode_vocab(tok)
+    assert len(byte_vocab) == len(tok) == 49152
+    assert byte_vocab[tok.encode(" the", add_special_tokens=False)[0]] == b" the"
+    for text in TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(byte_vocab[t] for t in ids) == text.encode("utf-8"), text
+
+
+def test_conversion_is_atomic(tmp_path, monkeypatch):
+    """Conversion writes a temporary folder and renames it; partial folders are replaced."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf, dest):
+        calls.append(dest)
+        assert ".tmp-" in dest.name  # never written in place
+        (dest / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    root = tmp_path / "genlm-bytes-potential"
+    dest = root / f"{models.DEFAULT_MODEL_NAME}-Q4_1-f32-v{models._FORMAT}"
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text("partial")  # a crashed earlier run: no marker
+    assert default_model_dir() == dest
+    assert len(calls) == 1 and (dest / models._MARKER).is_file()
+    assert (dest / "config.json").read_text() == "{}"
+    assert default_model_dir() == dest and len(calls) == 1  # cached now
+    assert [p.name for p in root.iterdir()] == [dest.name]
+
+    def failing_convert(gguf, dest):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "_convert", failing_convert)
+    (dest / models._MARKER).unlink()
+    with pytest.raises(RuntimeError, match="disk full"):
+        default_model_dir()
+    assert [p.name for p in root.iterdir()] == [dest.name]  # no temporary left behind
+
+
+def test_load_lm_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'; expected one of auto, vllm, hf, mock"):
+        load_lm(backend="gpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_lm(str(tmp_path / "missing"), backend="hf")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_lm("./no/such/model", backend="hf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_lm(str(tmp_path / "empty"), backend="hf")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="is a file"):
+        load_lm(str(tmp_path / "weights.bin"), backend="hf")
+    with pytest.raises(TypeError, match="model must be"):
+        load_lm(42, backend="hf")
+    with pytest.raises(FileNotFoundError, match="not found in the Hugging Face cache"):
+        load_lm("nobody/no-such-model-xyz", backend="mock")
+
+
+def test_load_lm_mock(smollm2_dir):
+    lm = load_lm(backend="mock", seed=3)
+    assert isinstance(lm, MockTokenLM)
+    assert lm.vocab_size == 49152 and lm.seed == 3
+    assert lm.eos_token_id is not None and bytes(lm.byte_vocab[lm.eos_token_id]) == b"<|im_end|>"
+
+
+def test_load_lm_hf_default(smollm2_dir):
+    t = time.perf_counter()
+    lm = load_lm(backend="hf")
+    elapsed = time.perf_counter() - t
+    assert isinstance(lm, HFTokenLM) and lm.vocab_size == 49152
+    assert elapsed < 15  # the converted folder loads fast (about 1-2 s here)
+    ids = lm.tokenizer.encode("The capital of France is", add_special_tokens=False)
+    logprobs = lm.next_token_logprobs_sync(ids)
+    assert bytes(lm.byte_vocab[int(logprobs.argmax())]) == b" Paris"
+
+
+def test_load_lm_tiny_folder(tiny_llama_dir):
+    lm = load_lm(str(tiny_llama_dir), backend="hf", cache_bytes=1 << 20)
+    assert isinstance(lm, HFTokenLM) and lm.cache_bytes == 1 << 20
+
+
+def test_auto_backend(monkeypatch, tiny_llama_dir):
+    import genlm_bytes_potential.backends.vllm as vllm_backend
+
+    made = []
+
+    class FakeVLLM:
+        def __init__(self, model, **opts):
+            made.append((model, opts))
+
+    monkeypatch.setattr(vllm_backend, "VLLMTokenLM", FakeVLLM)
+    monkeypatch.setattr(models, "_vllm_available", lambda: True)
+    lm = load_lm(str(tiny_llama_dir), gpu_memory_utilization=0.5)
+    assert isinstance(lm, FakeVLLM) and made == [(str(tiny_llama_dir), {"gpu_memory_utilization": 0.5})]
+    monkeypatch.setattr(models, "_vllm_available", lambda: False)
+    assert isinstance(load_lm(str(tiny_llama_dir)), HFTokenLM)
