@@ -34,5 +34,12 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The main job: byte-level SMC for a JSON object matching a schema, from an instruction
+# prompt, on the embedded SmolLM2-135M-Instruct (vLLM when installed, HF otherwise).
+DEMO_PROMPT := Give me a JSON object for a person named Ada, age 36, with keys "name" and "age".
+demo: install
+	$(PY) -m genlm_bytes_potential sample --chat --prompt '$(DEMO_PROMPT)' \
+		--json-schema @examples/person.schema.json --particles 8 --max-bytes 40 --K 4 --seed 0
+
 clean:
 	rm -rf .venv build *.egg-info

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if not result["samples"]:
             print("no particle completed within --max-bytes; try more bytes or particles")
         for s in result["samples"]:
-            print(f"{s['weight']:8.4f}  {s['text']}")
+            print(f"{s['weight']:8.4f}  {json.dumps(s['text'], ensure_ascii=False)}")
     else:
         print(f"{result['bytes']} bytes  log-prob {result['logprob']:.4f} nats  {result['bits_per_byte']:.4f} bits/byte")
     return 0

@@ -38,7 +38,7 @@ def test_sample_lark_text_output_with_progress(capsys, model_dir):
                          "--particles", "3", "--max-bytes", "3", "--prompt", "Say a: ")
     assert code == 0, err
     assert "ESS" in out and "SMC" in err
-    texts = [line.split()[-1] for line in out.splitlines()[1:]]
+    texts = [json.loads(line.split()[-1]) for line in out.splitlines()[1:]]
     assert texts and set(texts) <= {"a", "bc"}
 
 
