@@ -178,6 +178,12 @@ class Beam:
             self._dist.append(_next_logprobs([self])[0])
         return self._dist[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the mass rows this beam refers to (rows shared with other beams are
+        counted by each): the beam's memory footprint, dominated by its root candidates."""
+        return len(np.unique(np.stack([self.block_of, self.rows]), axis=1).T) * self.model.trie.n_nodes * 8 if len(self) else 0
+
     def partial(self, i: int) -> bytes:
         """Bytes of the token candidate ``i`` is in the middle of."""
         return self.model.trie.prefix_of[self.nodes[i]]

@@ -47,15 +47,18 @@ class _Node:
 
 
 class BeamCache:
-    """Beams by context in a prefix tree, least recently used evicted past ``max_beams``.
+    """Beams by context in a prefix tree; least recently used beams are evicted while
+    there are more than ``max_beams`` or they hold more than ``max_bytes`` of masses.
 
     ``lookup`` finds the deepest cached beam on a context's path: the exact context and its
     parent are found by hashing (C speed), so an SMC step costs O(1) Python work per
     particle; otherwise the walk costs one dict step per byte.
     """
 
-    def __init__(self, max_beams: int):
+    def __init__(self, max_beams: int, max_bytes: float = float("inf")):
         self.max_beams = max_beams
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self.root = _Node(None, None)
         self._by_key: OrderedDict[bytes, _Node] = OrderedDict()
 
@@ -65,6 +68,7 @@ class BeamCache:
     def clear(self) -> None:
         self.root = _Node(None, None)
         self._by_key.clear()
+        self.nbytes = 0
 
     def lookup(self, key: bytes) -> tuple[int, Beam | None]:
         """(length of the deepest cached prefix of ``key``, its beam)."""
@@ -89,15 +93,23 @@ class BeamCache:
             if child is None:
                 child = node.children[b] = _Node(node, b)
             node = child
+        if node.beam is not None:
+            self.nbytes -= _size(node.beam)
         node.beam = beam
+        self.nbytes += _size(beam)
         self._by_key[key] = node
         self._by_key.move_to_end(key)
-        while len(self._by_key) > self.max_beams:
+        while len(self._by_key) > 1 and (len(self._by_key) > self.max_beams or self.nbytes > self.max_bytes):
             _, old = self._by_key.popitem(last=False)
+            self.nbytes -= _size(old.beam)
             old.beam = None
             while old.parent is not None and old.beam is None and not old.children:
                 del old.parent.children[old.byte]
                 old = old.parent
+
+
+def _size(beam) -> int:
+    return getattr(beam, "nbytes", 0)
 
 
 class ByteBeamPotential(Potential):
@@ -115,6 +127,8 @@ class ByteBeamPotential(Potential):
         eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
         max_context_length: the LM sees at most this many trailing tokens.
         cache_size: most beams kept in the prefix-tree cache.
+        cache_bytes: most bytes of trie masses the cached beams may hold (each beam holds
+            about one float64 row per trie node for each of its fresh candidates).
         heal_max_backoff, heal_max_splits: limits of prompt healing (see ``BeamParams``).
     """
 
@@ -129,6 +143,7 @@ class ByteBeamPotential(Potential):
         eos_tokens: Sequence[bytes] | None = None,
         max_context_length: int | None = None,
         cache_size: int = 4096,
+        cache_bytes: int = 2**31,
         heal_max_backoff: int | None = None,
         heal_max_splits: int | None = None,
         device: str | None = None,
@@ -137,8 +152,9 @@ class ByteBeamPotential(Potential):
             prompt = prompt.encode("utf-8")
         if not isinstance(prompt, (bytes, bytearray)):
             raise TypeError(f"prompt has type {type(prompt).__name__}; expected bytes or str")
-        if isinstance(cache_size, bool) or not isinstance(cache_size, Integral) or cache_size < 1:
-            raise ValueError(f"cache_size={cache_size!r}; expected an int >= 1")
+        for name, value in (("cache_size", cache_size), ("cache_bytes", cache_bytes)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an int >= 1")
         self.lm = lm
         self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=False)
         self.prompt_params = replace(
@@ -147,11 +163,11 @@ class ByteBeamPotential(Potential):
         self.prompt = bytes(prompt)
         self.model = TokenModel(lm, eos_tokens, max_context_length, device)
         self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
-        self.cache = BeamCache(cache_size)
+        self.cache = BeamCache(cache_size, cache_bytes)
         self._root_beam: Beam | None = None
         self._init_args = dict(
             K=K, prune_threshold=prune_threshold, prompt=self.prompt, prompt_tokens=tuple(prompt_tokens),
-            eos_tokens=eos_tokens, max_context_length=max_context_length, cache_size=cache_size,
+            eos_tokens=eos_tokens, max_context_length=max_context_length, cache_size=cache_size, cache_bytes=cache_bytes,
             heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits, device=device,
         )
         super().__init__(vocabulary=list(range(256)))

@@ -149,3 +149,17 @@ async def test_bytes_view_agrees():
         (await view.logw_next([b"a"])).weights, (await pot.logw_next([97])).weights
     )
     await view.assert_contract([[b"a"], [b"a", b"b"]], rtol=1e-6)
+
+
+async def test_cache_bytes_bound_evicts_and_keeps_results():
+    lm = mock([b"a", b"b", b"ab", b"ba", EOS_BYTES], seed=4)
+    pot = ByteBeamPotential(lm, K=3)
+    one = (await pot.beams([list(b"ab")]))[0].nbytes
+    assert one > 0
+    small = ByteBeamPotential(lm, K=3, cache_bytes=3 * one)
+    ctxs = [list(b"abab"), list(b"baba"), list(b"aabb"), list(b"bbaa")]
+    for c in ctxs:
+        assert await small.prefix(c) == await pot.prefix(c)
+        assert small.cache.nbytes <= 3 * one or len(small.cache) == 1
+    with pytest.raises(ValueError, match="cache_bytes=0"):
+        ByteBeamPotential(lm, cache_bytes=0)
