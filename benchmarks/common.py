@@ -92,6 +92,12 @@ def fmt_time(s: Stat, unit="ms") -> str:
 
 # ------------------------------------------------------------------ environment
 def git_commit() -> str:
+    """The commit checked out when this process started (runs take minutes; others
+    commit meanwhile)."""
+    return _COMMIT_AT_START
+
+
+def _git_commit_now() -> str:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -104,6 +110,15 @@ def git_commit() -> str:
         return sha + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
+
+
+_COMMIT_AT_START = _git_commit_now()
+
+
+def command_line(module: str, argv) -> str:
+    import shlex
+
+    return f"python -m {module} " + shlex.join(list(argv))
 
 
 def machine_desc(device: str = "cpu") -> str:

@@ -36,10 +36,12 @@ class RecordingLM:
     delegated. Gives a ``tokenizer`` shim (``bos_token_id``/``eos_token_id``) to LMs that
     have none (the mock), because genlm-bytes reads ``lm.tokenizer.bos_token_id``."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, tokenizer=None):
         self._lm = lm
         self.calls: list[tuple[str, list[tuple[int, ...]], float]] = []
-        if getattr(lm, "tokenizer", None) is None:
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        elif getattr(lm, "tokenizer", None) is None:
             self.tokenizer = SimpleNamespace(
                 bos_token_id=getattr(lm, "bos_token_id", None),
                 eos_token_id=getattr(lm, "eos_token_id", None),
@@ -188,6 +190,7 @@ def make_lm(model: str = "smollm2", *, vocab: str = "model", seed: int = 0,
             lm = MockTokenLM(v, seed=seed, temperature=temperature, bos_token_id=len(v) - 1,
                              eos_token_id=len(v) - 1)
             name = f"MockTokenLM over a {len(v)}-token synthetic vocabulary"
+            tok = None
         else:
             tok = _smollm2_tokenizer()
             from genlm.backend.tokenization import decode_vocab
@@ -199,7 +202,9 @@ def make_lm(model: str = "smollm2", *, vocab: str = "model", seed: int = 0,
         backend = f"mock (temperature {temperature})"
     else:
         raise ValueError(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
-    rec = RecordingLM(lm)
+    # The mock over SmolLM2's vocabulary keeps the real tokenizer (the anchor reads its
+    # bos_token_id; the token-level baseline encodes its prompt with it).
+    rec = RecordingLM(lm, tokenizer=tok if model == "mock" else None)
     eos_id = getattr(lm, "eos_token_id", None)
     if eos_id is None and getattr(lm, "tokenizer", None) is not None:
         eos_id = lm.tokenizer.eos_token_id

@@ -25,6 +25,7 @@ import time
 import warnings
 
 from benchmarks.common import (
+    command_line,
     Stat, append_markdown, header, md_table, ratio_stat, save_json, fmt_ratio,
 )
 from benchmarks.lms import heldout_text, make_lm, reset
@@ -181,7 +182,7 @@ def main(argv=None):
     results = run(lm, info["eos"], text, Ks=Ks, reps=reps)
     meta, _ = header("W1", date=a.date, machine=a.machine, model=info["model"],
                      backend=info["backend"])
-    meta.update(command="python -m benchmarks.w1_score " + " ".join(argv or sys.argv[1:]),
+    meta.update(command=command_line("benchmarks.w1_score", argv if argv is not None else sys.argv[1:]),
                 text="benchmarks/data/heldout.txt" + (f"[:{len(text)}]" if a.bytes or a.quick else ""),
                 eos=[e.decode("utf-8", "replace") for e in info["eos"]], reps=reps)
     md = render(meta, results, reps)

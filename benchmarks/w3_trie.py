@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    command_line,
     Stat, append_markdown, fmt_ratio, fmt_time, header, interleaved, md_table, ratio_stat,
     save_json,
 )
@@ -238,7 +239,7 @@ def main(argv=None):
     import numba
 
     meta, _ = header("W3", date=a.date, machine=a.machine, model="", backend="", device=device)
-    meta.update(command="python -m benchmarks.w3_trie " + " ".join(argv or sys.argv[1:]),
+    meta.update(command=command_line("benchmarks.w3_trie", argv if argv is not None else sys.argv[1:]),
                 numba_threads=numba.get_num_threads(), labels=labels, reps=reps)
     md = render(meta, results, labels, reps)
     print(md)

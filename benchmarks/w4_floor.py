@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 
-from benchmarks.common import Stat, append_markdown, header, md_table, ratio_stat, save_json
+from benchmarks.common import command_line, Stat, append_markdown, header, md_table, ratio_stat, save_json
 from benchmarks.lms import heldout_text, make_lm, reset
 
 
@@ -122,7 +122,7 @@ def main(argv=None):
                   smc_K=a.smc_K, reps=reps, mode=a.mode)
     meta, _ = header("W4", date=a.date, machine=a.machine, model=info["model"],
                      backend=info["backend"])
-    meta.update(command="python -m benchmarks.w4_floor " + " ".join(argv or sys.argv[1:]),
+    meta.update(command=command_line("benchmarks.w4_floor", argv if argv is not None else sys.argv[1:]),
                 reps=reps)
     md = render(meta, results)
     print(md)
