@@ -9,6 +9,7 @@ exactly one LM batch call and one trie batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,23 @@ class LMStats:
     contexts: int = 0
 
 
+def lm_context_limit(lm: Any) -> int | None:
+    """The most tokens ``lm`` can take as a context, when it says: its own
+    ``max_context_length``, vLLM's ``max_model_len`` (minus the position of the next
+    token), or a Hugging Face model's ``config.max_position_embeddings``."""
+    value = getattr(lm, "max_context_length", None)
+    if value is None and getattr(lm, "max_model_len", None) is not None:
+        value = int(lm.max_model_len) - 1
+    if value is None:
+        config = getattr(getattr(lm, "model", None), "config", None)
+        if config is not None and hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        value = getattr(config, "max_position_embeddings", None)
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        return None
+    return int(value)
+
+
 def _special_id(lm: Any, name: str) -> int | None:
     value = getattr(lm, name, None)
     if value is None and getattr(lm, "tokenizer", None) is not None:
@@ -50,8 +68,13 @@ class TokenModel:
         lm: an ``AsyncLM``-like object (``byte_vocab``, ``batch_next_token_logprobs``).
         eos_tokens: byte strings that mean end-of-sequence. ``None`` takes the LM's EOS
             token (``eos_token_id`` of the LM or its tokenizer) when there is one.
-        max_context_length: when set, the LM sees at most the last this many tokens of a
-            context (states keep their full context).
+        max_context_length: the most tokens the LM sees (states keep their full
+            context). The LM's own limit (see :func:`lm_context_limit`) caps it, so a
+            context or prompt longer than the model's window never reaches the model.
+            Truncation rule: a context longer than the window is cut to its first token,
+            when that is the start token (BOS, or EOS used as document start; see
+            ``initial_state``), followed by its most recent tokens, ``window`` tokens in
+            all (a window of 1 keeps only the last token).
         device: where trie masses are computed (``"cpu"``, ``"cuda"``); default: where
             the LM returns its log-probs.
     """
@@ -64,15 +87,16 @@ class TokenModel:
     stats: LMStats = field(init=False, default_factory=LMStats)
 
     def __post_init__(self):
-        if self.max_context_length is not None and (
-            not isinstance(self.max_context_length, int) or self.max_context_length < 1
-        ):
-            raise ValueError(
-                f"max_context_length={self.max_context_length!r}; expected a positive int or None"
-            )
+        m = self.max_context_length
+        if m is not None and (isinstance(m, bool) or not isinstance(m, Integral) or m < 1):
+            raise ValueError(f"max_context_length={m!r}; expected a positive int or None")
+        limit = lm_context_limit(self.lm)
+        #: tokens the LM sees at most: ``max_context_length`` capped by the LM's own limit
+        self.window = min((x for x in (m, limit) if x is not None), default=None)
         vocab = [bytes(t) for t in self.lm.byte_vocab]
         self.bos_token_id = _special_id(self.lm, "bos_token_id")
         self.eos_token_id = _special_id(self.lm, "eos_token_id")
+        self.start_token_id = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
         if self.eos_tokens is None:
             self.eos_tokens = [vocab[self.eos_token_id]] if self.eos_token_id is not None else []
         self.trie = TokenByteTrie(vocab, self.eos_tokens)
@@ -85,15 +109,18 @@ class TokenModel:
         for t in prompt:
             if not 0 <= t < self.trie.vocab_size:
                 raise ValueError(f"prompt token id {t} is outside the vocabulary [0, {self.trie.vocab_size})")
-        start = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
+        start = self.start_token_id
         if start is not None and (not prompt or prompt[0] != start):
             prompt = (start,) + prompt
         return LMState(prompt)
 
     def model_input(self, state: LMState) -> list[int]:
-        tokens = state.tokens
-        if self.max_context_length is not None and len(tokens) > self.max_context_length:
-            tokens = tokens[-self.max_context_length :]
+        """The tokens the LM sees for ``state`` (see the truncation rule above)."""
+        tokens, n = state.tokens, self.window
+        if n is not None and len(tokens) > n:
+            if n >= 2 and self.start_token_id is not None and tokens[0] == self.start_token_id:
+                return [tokens[0], *tokens[len(tokens) - n + 1 :]]
+            return list(tokens[-n:])
         return list(tokens)
 
     async def masses(self, states: list[LMState], with_eos: bool) -> np.ndarray:
@@ -103,13 +130,44 @@ class TokenModel:
         distinct: dict[tuple[int, ...], int] = {}
         rows = np.array([distinct.setdefault(s.tokens, len(distinct)) for s in states], np.int64)
         inputs = [self.model_input(LMState(t)) for t in distinct]
-        logprobs = await self.lm.batch_next_token_logprobs(inputs)
+        try:
+            logprobs = await self.lm.batch_next_token_logprobs(inputs)
+        except Exception as e:  # not CancelledError: cancellation passes through as is
+            raise RuntimeError(
+                f"LM call failed: {type(self.lm).__name__}.batch_next_token_logprobs on "
+                f"{len(inputs)} token contexts ({self._describe(inputs[0])}): {type(e).__name__}: {e}"
+            ) from e
         self.stats.batch_calls += 1
         self.stats.contexts += len(inputs)
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
+        self._check_logprobs(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
         scaled, _ = self.trie.masses(logprobs, with_eos=with_eos)
         scaled = scaled.cpu().numpy() if torch.is_tensor(scaled) else scaled
         return scaled if len(distinct) == len(states) else scaled[rows]
+
+    def _describe(self, tokens: list[int]) -> str:
+        tail = tokens[-8:]
+        vocab = self.lm.byte_vocab
+        text = b"".join(bytes(vocab[t]) for t in tail if 0 <= t < len(vocab))
+        return f"first context: {len(tokens)} tokens, ending {tail} = {text!r}"
+
+    def _check_logprobs(self, logprobs: torch.Tensor, inputs: list[list[int]]) -> None:
+        """The LM's answer must be ``[len(inputs), V]`` with no NaN or +inf."""
+        want = (len(inputs), self.trie.vocab_size)
+        if tuple(logprobs.shape) != want:
+            raise RuntimeError(
+                f"{type(self.lm).__name__}.batch_next_token_logprobs returned shape "
+                f"{tuple(logprobs.shape)} for {len(inputs)} contexts; expected {list(want)} "
+                f"(one row per context, one column per token of byte_vocab)"
+            )
+        bad = ~(logprobs < float("inf"))  # NaN or +inf
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0, 0])
+            raise RuntimeError(
+                f"{type(self.lm).__name__}.batch_next_token_logprobs returned NaN or +inf "
+                f"log-probabilities for context {row} of {len(inputs)} "
+                f"({self._describe(inputs[row]).removeprefix('first context: ')})"
+            )
