@@ -20,6 +20,7 @@ trie batch per byte step.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
@@ -30,7 +31,7 @@ import numpy as np
 from genlm.control.constant import EndOfSequence
 from genlm.control.potential.base import Potential
 
-from .beam import Beam, BeamParams, advance, initial_beam, prefill
+from .beam import Beam, BeamParams, advance, initial_beam
 from .lm_state import TokenModel
 
 
@@ -125,11 +126,30 @@ class ByteBeamPotential(Potential):
         prompt_tokens: token ids the LM is conditioned on first (e.g. from a chat template);
             ``prompt`` bytes, if any, follow them.
         eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
-        max_context_length: the LM sees at most this many trailing tokens.
+        max_context_length: the most tokens the LM sees, capped by the LM's own limit
+            (``max_context_length``, vLLM's ``max_model_len``, HF's
+            ``config.max_position_embeddings``). Longer contexts, a long prompt included,
+            are truncated, never an error: the LM sees the start token (BOS, or EOS as
+            document start) followed by the most recent tokens (see ``TokenModel``).
         cache_size: most beams kept in the prefix-tree cache.
         cache_bytes: most bytes of trie masses the cached beams may hold (each beam holds
             about one float64 row per trie node for each of its fresh candidates).
         heal_max_backoff, heal_max_splits: limits of prompt healing (see ``BeamParams``).
+
+    Exact mode: ``K=None, prune_threshold=0`` keeps every tokenization of the context
+    that has nonzero probability, and the potential is then the exact byte-level
+    distribution of the token LM. Its cost is the number of those tokenizations, which
+    is exponential in the context length whenever tokens overlap, i.e. for every real
+    (byte-level BPE) vocabulary, not only in contrived worst cases: it about doubles per
+    byte on English text with SmolLM2's vocabulary (5,440 candidates after 15 bytes). It
+    is meant for short strings and tests; a small ``prune_threshold`` (e.g. 1e-12) drops
+    the negligible tokenizations and bounds the beam in practice.
+
+    Errors: bad input raises ``TypeError``/``ValueError`` naming the value (parameters,
+    context items, EOS inside a context, a prompt byte no tokenization can read);
+    contexts of probability 0 weigh -inf and are not errors. A failing LM call raises
+    ``RuntimeError`` naming the contexts, chained to the LM's own error; cancelled or
+    failed calls leave the cache consistent and the potential usable.
     """
 
     def __init__(
@@ -149,7 +169,13 @@ class ByteBeamPotential(Potential):
         device: str | None = None,
     ):
         if isinstance(prompt, str):
-            prompt = prompt.encode("utf-8")
+            try:
+                prompt = prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"prompt {prompt[:40]!r} is not encodable as UTF-8 ({e.reason} at position "
+                    f"{e.start}); pass bytes"
+                ) from None
         if not isinstance(prompt, (bytes, bytearray)):
             raise TypeError(f"prompt has type {type(prompt).__name__}; expected bytes or str")
         for name, value in (("cache_size", cache_size), ("cache_bytes", cache_bytes)):
@@ -164,6 +190,7 @@ class ByteBeamPotential(Potential):
         self.model = TokenModel(lm, eos_tokens, max_context_length, device)
         self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
         self.cache = BeamCache(cache_size, cache_bytes)
+        self._warned_cache = False
         self._root_beam: Beam | None = None
         self._init_args = dict(
             K=K, prune_threshold=prune_threshold, prompt=self.prompt, prompt_tokens=tuple(prompt_tokens),
@@ -203,8 +230,14 @@ class ByteBeamPotential(Potential):
             beam = await initial_beam(
                 self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt
             )
-            if self.prompt:
-                beam = await prefill(beam, self.prompt, with_eos=True)
+            for i, b in enumerate(self.prompt):  # prefill, stopping at a byte it cannot read
+                (beam,) = await advance([beam], [b], with_eos=i == len(self.prompt) - 1)
+                if beam.is_empty:
+                    raise ValueError(
+                        f"prompt byte {b:#04x} at position {i} ({self.prompt[max(0, i - 30) : i + 1]!r}): "
+                        f"no tokenization of the prompt reads it with nonzero probability "
+                        f"(is the byte in some token of the vocabulary?)"
+                    )
             self._root_beam = replace(beam, params=self.params, logp=0.0, _dist=[])
         return self._root_beam
 
@@ -241,6 +274,16 @@ class ByteBeamPotential(Potential):
                 else:
                     nxt[key] = (n + 1, beam)
             pending = nxt
+        if not self._warned_cache and len(keys) <= self.cache.max_beams:
+            if any(k and k not in self.cache._by_key for k in keys):
+                self._warned_cache = True
+                warnings.warn(
+                    f"the beam cache (cache_bytes={self.cache.max_bytes}) cannot hold the beams "
+                    f"of {len(keys)} contexts at once; the next calls will recompute them from "
+                    f"shorter prefixes (slow). Raise cache_bytes.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return [found[k] for k in keys]
 
     # ------------------------------------------------------------ the contract
