@@ -218,7 +218,8 @@ class VLLMTokenLM(AsyncLM):
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
             ``enforce_eager``, ``block_size``, ...). ``enable_prefix_caching``
-            defaults to True.
+            defaults to True; on CPU, ``block_size`` defaults to 32 and
+            ``enforce_eager`` to True.
 
     ``stats`` counts ``requests``, ``prompt_tokens`` and ``cached_tokens``
     (prompt tokens served from the prefix cache); ``engine_steps`` and
@@ -234,8 +235,11 @@ class VLLMTokenLM(AsyncLM):
         opts.setdefault("enable_prefix_caching", True)
         procs = list(opts.pop("logits_processors", None) or [])
         procs.append(CaptureLogprobs)
-        if "block_size" not in opts and _is_cpu_platform():
-            opts["block_size"] = 32
+        if _is_cpu_platform():
+            # smallest prefix-cache block the CPU attention kernels take
+            opts.setdefault("block_size", 32)
+            # torch.compile warm-up costs ~40 s at start-up for no measured gain on CPU
+            opts.setdefault("enforce_eager", True)
         self.model_name = model
         self.engine_opts = opts
         self.llm = LLM(model=model, logits_processors=procs, **opts)
@@ -579,3 +583,11 @@ def _patch_kernel_rebind_scan():
 
     _rebind_kernels._genlm_safe = True
     dispatcher._rebind_kernels = _rebind_kernels
+
+
+if _V1LogitsProcessor is not None:
+    # At import too, for engine-core / worker processes: they import this module
+    # (to unpickle CaptureLogprobs, or re-running __main__ under spawn) before
+    # they validate the config and register their kernels.
+    _fix_model_runner_env()
+    _patch_kernel_rebind_scan()
