@@ -115,6 +115,26 @@ def _git_commit_now() -> str:
 _COMMIT_AT_START = _git_commit_now()
 
 
+def set_threads(n: int | None) -> dict:
+    """Limit torch and numba to ``n`` threads (None: leave the defaults); returns the
+    thread counts in force, for the record."""
+    import numba
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return {"torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads()}
+
+
+def add_common_args(p) -> None:
+    p.add_argument("--date", default=None, help="date to record (default: today)")
+    p.add_argument("--machine", default=None, help="machine description to record")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and numba threads (default: their defaults)")
+    p.add_argument("--no-write", action="store_true", help="print only; do not append/save")
+
+
 def command_line(module: str, argv) -> str:
     import shlex
 
@@ -148,7 +168,7 @@ def versions() -> dict:
 
 
 def header(workload: str, *, date: str | None, machine: str | None, model: str, backend: str,
-           device: str = "cpu", extra: str = "") -> tuple[dict, str]:
+           device: str = "cpu", extra: str = "", threads: dict | None = None) -> tuple[dict, str]:
     meta = {
         "workload": workload,
         "date": date or _dt.date.today().isoformat(),
@@ -172,6 +192,9 @@ def header(workload: str, *, date: str | None, machine: str | None, model: str, 
         f"genlm-bytes {v['genlm-bytes']}, genlm-control {v['genlm-control']}; "
         f"1-min load average at the end of the run (other jobs share this machine): {meta['loadavg_at_end']}\n"
     )
+    if threads:
+        meta.update(threads)
+        md += f"- threads: torch {threads['torch_threads']}, numba {threads['numba_threads']}\n"
     if extra:
         md += extra.rstrip() + "\n"
     return meta, md

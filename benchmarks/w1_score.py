@@ -25,7 +25,7 @@ import time
 import warnings
 
 from benchmarks.common import (
-    command_line,
+    add_common_args, command_line, set_threads,
     Stat, append_markdown, header, md_table, ratio_stat, save_json, fmt_ratio,
 )
 from benchmarks.lms import heldout_text, make_lm, reset
@@ -128,7 +128,7 @@ def run(lm, eos, text: bytes, Ks=KS, reps=3, log=print, warm=True) -> list[dict]
 
 
 def render(meta, results, reps) -> str:
-    _, md = header("W1 scoring", date=meta["date"], machine=meta["machine"],
+    _, md = header("W1 scoring", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"),
                    model=meta["model"], backend=meta["backend"], device="cpu",
                    extra=(f"- command: `{meta['command']}`; text: {meta['text']} "
                           f"({results[0]['n_bytes']} bytes); {reps} repetitions, "
@@ -171,17 +171,17 @@ def main(argv=None):
     p.add_argument("--K", nargs="*", type=int, default=None)
     p.add_argument("--bytes", type=int, default=None, help="score only the first N bytes")
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--date", default=None)
-    p.add_argument("--machine", default=None)
-    p.add_argument("--no-write", action="store_true")
+    add_common_args(p)
     a = p.parse_args(argv)
+    threads = set_threads(a.threads)
     Ks = tuple(a.K or (QUICK_KS if a.quick else KS))
     reps = a.reps or (1 if a.quick else 3)
     text = heldout_text(a.bytes or (512 if a.quick else None))
     lm, info = make_lm(a.model, vocab=a.mock_vocab)
     results = run(lm, info["eos"], text, Ks=Ks, reps=reps)
     meta, _ = header("W1", date=a.date, machine=a.machine, model=info["model"],
-                     backend=info["backend"])
+                     backend=info["backend"], threads=threads)
+    meta["threads_rec"] = threads
     meta.update(command=command_line("benchmarks.w1_score", argv if argv is not None else sys.argv[1:]),
                 text="benchmarks/data/heldout.txt" + (f"[:{len(text)}]" if a.bytes or a.quick else ""),
                 eos=[e.decode("utf-8", "replace") for e in info["eos"]], reps=reps)

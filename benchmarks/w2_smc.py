@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 
 from benchmarks.common import (
-    command_line,
+    add_common_args, command_line, set_threads,
     Stat, append_markdown, fmt_ratio, header, md_table, ratio_stat, save_json,
 )
 from benchmarks.lms import make_lm, reset
@@ -216,7 +216,7 @@ def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4
 
 
 def render(meta, results) -> str:
-    _, md = header("W2 SMC", date=meta["date"], machine=meta["machine"], model=meta["model"],
+    _, md = header("W2 SMC", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"), model=meta["model"],
                    backend=meta["backend"], device="cpu",
                    extra=(f"- command: `{meta['command']}`; mode {meta['mode']}; beam K="
                           f"{meta['K']}; max {meta['max_bytes']} bytes (token-level: "
@@ -269,10 +269,9 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--anchor-max-particles", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--date", default=None)
-    p.add_argument("--machine", default=None)
-    p.add_argument("--no-write", action="store_true")
+    add_common_args(p)
     a = p.parse_args(argv)
+    threads = set_threads(a.threads)
     particles = tuple(a.particles or (QUICK_PARTICLES if a.quick else PARTICLES))
     max_bytes = a.max_bytes or (16 if a.quick else 24)
     lm, info = make_lm(a.model, vocab=a.mock_vocab)
@@ -281,7 +280,8 @@ def main(argv=None):
                   systems=tuple(a.systems), mode=a.mode,
                   anchor_max_particles=a.anchor_max_particles)
     meta, _ = header("W2", date=a.date, machine=a.machine, model=info["model"],
-                     backend=info["backend"])
+                     backend=info["backend"], threads=threads)
+    meta["threads_rec"] = threads
     meta.update(command=command_line("benchmarks.w2_smc", argv if argv is not None else sys.argv[1:]),
                 mode=a.mode, K=a.K, max_bytes=max_bytes, reps=a.reps, seed=a.seed)
     md = render(meta, results)

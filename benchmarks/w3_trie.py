@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    command_line,
+    add_common_args, command_line, set_threads,
     Stat, append_markdown, fmt_ratio, fmt_time, header, interleaved, md_table, ratio_stat,
     save_json,
 )
@@ -220,11 +220,10 @@ def main(argv=None):
     p.add_argument("--batch", nargs="*", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--date", default=None, help="date to record (default: today)")
-    p.add_argument("--machine", default=None, help="machine description to record")
     p.add_argument("--no-check", action="store_true", help="skip the node-by-node agreement")
-    p.add_argument("--no-write", action="store_true", help="print, do not append/save")
+    add_common_args(p)
     a = p.parse_args(argv)
+    set_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     batches = tuple(a.batch or (QUICK_BATCHES if a.quick else BATCHES))
     reps = a.reps or (3 if a.quick else 7)

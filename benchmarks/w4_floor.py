@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 
-from benchmarks.common import command_line, Stat, append_markdown, header, md_table, ratio_stat, save_json
+from benchmarks.common import add_common_args, command_line, set_threads, Stat, append_markdown, header, md_table, ratio_stat, save_json
 from benchmarks.lms import heldout_text, make_lm, reset
 
 
@@ -77,7 +77,7 @@ def run(lm, eos, *, text: bytes, Ks=(8,), smc=(("regex", 32),), max_bytes=24, sm
 
 
 def render(meta, results) -> str:
-    _, md = header("W4 LM-call floor", date=meta["date"], machine=meta["machine"],
+    _, md = header("W4 LM-call floor", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"),
                    model=meta["model"], backend=meta["backend"], device="cpu",
                    extra=(f"- command: `{meta['command']}`; {meta['reps']} repetitions "
                           "(run, then replay of its recorded LM calls on emptied caches)\n"
@@ -109,10 +109,9 @@ def main(argv=None):
     p.add_argument("--smc-K", type=int, default=4)
     p.add_argument("--mode", default="critic", choices=["critic", "product"])
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--date", default=None)
-    p.add_argument("--machine", default=None)
-    p.add_argument("--no-write", action="store_true")
+    add_common_args(p)
     a = p.parse_args(argv)
+    threads = set_threads(a.threads)
     reps = a.reps or (1 if a.quick else 3)
     text = heldout_text(a.bytes or (512 if a.quick else None))
     particles = a.particles or ([8] if a.quick else [32])
@@ -121,7 +120,8 @@ def main(argv=None):
                   smc=tuple(("regex", n) for n in particles), max_bytes=a.max_bytes,
                   smc_K=a.smc_K, reps=reps, mode=a.mode)
     meta, _ = header("W4", date=a.date, machine=a.machine, model=info["model"],
-                     backend=info["backend"])
+                     backend=info["backend"], threads=threads)
+    meta["threads_rec"] = threads
     meta.update(command=command_line("benchmarks.w4_floor", argv if argv is not None else sys.argv[1:]),
                 reps=reps)
     md = render(meta, results)
