@@ -141,11 +141,12 @@ class TokenModel:
         self.stats.contexts += len(inputs)
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
-        self._check_logprobs(logprobs, inputs)
+        self._check_shape(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
         scaled, _ = self.trie.masses(logprobs, with_eos=with_eos)
         scaled = scaled.cpu().numpy() if torch.is_tensor(scaled) else scaled
+        self._check_finite(scaled[:, self.trie.root], inputs)
         return scaled if len(distinct) == len(states) else scaled[rows]
 
     def _describe(self, tokens: list[int]) -> str:
@@ -154,8 +155,8 @@ class TokenModel:
         text = b"".join(bytes(vocab[t]) for t in tail if 0 <= t < len(vocab))
         return f"first context: {len(tokens)} tokens, ending {tail} = {text!r}"
 
-    def _check_logprobs(self, logprobs: torch.Tensor, inputs: list[list[int]]) -> None:
-        """The LM's answer must be ``[len(inputs), V]`` with no NaN or +inf."""
+    def _check_shape(self, logprobs: torch.Tensor, inputs: list[list[int]]) -> None:
+        """The LM's answer must be ``[len(inputs), V]``."""
         want = (len(inputs), self.trie.vocab_size)
         if tuple(logprobs.shape) != want:
             raise RuntimeError(
@@ -163,9 +164,13 @@ class TokenModel:
                 f"{tuple(logprobs.shape)} for {len(inputs)} contexts; expected {list(want)} "
                 f"(one row per context, one column per token of byte_vocab)"
             )
-        bad = ~(logprobs < float("inf"))  # NaN or +inf
-        if bool(bad.any()):
-            row = int(bad.any(dim=1).nonzero()[0, 0])
+
+    def _check_finite(self, root_mass: np.ndarray, inputs: list[list[int]]) -> None:
+        """A NaN or +inf log-prob anywhere in a row makes its root mass NaN (the trie sums
+        every token into the root), so checking one number per row checks them all."""
+        bad = np.nonzero(~np.isfinite(root_mass))[0]
+        if len(bad):
+            row = int(bad[0])
             raise RuntimeError(
                 f"{type(self.lm).__name__}.batch_next_token_logprobs returned NaN or +inf "
                 f"log-probabilities for context {row} of {len(inputs)} "
