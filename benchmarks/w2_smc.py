@@ -171,10 +171,16 @@ def _one(system, lm, task, n, max_bytes, K, eos, seed, mode, log):
 
 
 def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4, reps=1,
-        seed=0, systems=SYSTEMS, mode="critic", anchor_max_particles=None,
+        seed=0, systems=SYSTEMS, mode="critic", anchor_max_particles=None, skip=(),
         log=print) -> list[dict]:
-    """``anchor_max_particles``: skip the anchor above this many particles (its runs grow
-    ~linearly in particles and can take tens of minutes on a small CPU); skipped cells say so."""
+    """``anchor_max_particles``: skip the anchor above this many particles. ``skip``:
+    ``(system, task, n)`` triples: skip ``system`` on ``task`` above ``n`` particles. Runs
+    grow ~linearly in particles and some take tens of minutes on a small CPU; skipped
+    cells say so."""
+    caps = {(s, t): n for s, t, n in skip}
+    if anchor_max_particles:
+        for t in tasks:
+            caps.setdefault(("anchor", t), anchor_max_particles)
     # Warm-up (JIT, first allocations), untimed.
     for system in systems:
         _one(system, lm, tasks[0], 2, 4, K, eos, seed, mode, lambda *_: None)
@@ -185,8 +191,9 @@ def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4
             for rep in range(reps):
                 order = systems if rep % 2 == 0 else tuple(reversed(systems))
                 for s in order:
-                    if s == "anchor" and anchor_max_particles and n > anchor_max_particles:
-                        runs[s].append({"error": f"skipped (> {anchor_max_particles} particles: time budget)"})
+                    cap = caps.get((s, task))
+                    if cap is not None and n > cap:
+                        runs[s].append({"error": f"skipped (> {cap} particles: time budget)"})
                         continue
                     runs[s].append(_one(s, lm, task, n, max_bytes, K, eos, seed + rep, mode, log))
             row = {"task": task, "particles": n, "max_bytes": max_bytes, "K": K}
@@ -268,6 +275,8 @@ def main(argv=None):
     p.add_argument("--mode", default="critic", choices=["critic", "product"])
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--anchor-max-particles", type=int, default=None)
+    p.add_argument("--skip", nargs="*", default=[], metavar="SYSTEM:TASK:N",
+                   help="skip SYSTEM on TASK above N particles (N=0: always)")
     p.add_argument("--seed", type=int, default=0)
     add_common_args(p)
     a = p.parse_args(argv)
@@ -278,7 +287,8 @@ def main(argv=None):
     results = run(lm, info["eos"], tasks=tuple(a.task), particles=particles,
                   max_bytes=max_bytes, K=a.K, reps=a.reps, seed=a.seed,
                   systems=tuple(a.systems), mode=a.mode,
-                  anchor_max_particles=a.anchor_max_particles)
+                  anchor_max_particles=a.anchor_max_particles,
+                  skip=[(x.split(":")[0], x.split(":")[1], int(x.split(":")[2])) for x in a.skip])
     meta, _ = header("W2", date=a.date, machine=a.machine, model=info["model"],
                      backend=info["backend"], threads=threads)
     meta["threads_rec"] = threads
