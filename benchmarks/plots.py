@@ -72,7 +72,7 @@ def plot_w1(d: dict, out_dir: Path) -> list[Path]:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("beam width K")
     ax.set_ylabel("bits / byte")
-    ax.set_title("W1 bits/byte of the held-out text", fontsize=9)
+    ax.set_title(f"W1 bits/byte — {d['meta']['model'][:40]}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "bench_w1_bits_per_byte.png")
@@ -98,7 +98,7 @@ def plot_w2(d: dict, out_dir: Path) -> list[Path]:
         ax.set_yscale("log")
         ax.set_xlabel("particles")
         ax.set_ylabel("bytes / s")
-        ax.set_title(f"W2 SMC, {task}", fontsize=9)
+        ax.set_title(f"W2 SMC, {task} — {d['meta']['model'][:36]}", fontsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "bench_w2_smc.png"
