@@ -134,10 +134,15 @@ def plot_w3(d: dict, out_dir: Path) -> list[Path]:
 
 
 def make_all(device="cpu", results_dir: Path = RESULTS_DIR, out_dir: Path = ROOT,
-             w1_model: str | None = None) -> list[Path]:
+             w1_model: str | None = None, files: dict | None = None) -> list[Path]:
+    """Plot the latest result of each workload, or ``files[workload]`` (a JSON path)."""
     paths = []
+    files = files or {}
     for wl, fn in (("w1", plot_w1), ("w2", plot_w2), ("w3", plot_w3)):
-        d = latest(wl, device, results_dir, model_filter=w1_model if wl != "w3" else None)
+        if files.get(wl):
+            d = json.loads(Path(files[wl]).read_text())
+        else:
+            d = latest(wl, device, results_dir, model_filter=w1_model if wl != "w3" else None)
         if d is not None:
             paths += fn(d, out_dir)
     return paths
@@ -147,8 +152,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default=None, help="only results whose model contains this")
+    for wl in ("w1", "w2", "w3"):
+        p.add_argument(f"--{wl}", default=None, help=f"plot this {wl.upper()} results JSON")
     a = p.parse_args(argv)
-    for path in make_all(a.device, w1_model=a.model):
+    files = {"w1": a.w1, "w2": a.w2, "w3": a.w3}
+    for path in make_all(a.device, w1_model=a.model, files=files):
         print("wrote", path)
 
 
