@@ -329,6 +329,8 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         if n:
             block, sel = blocks_by_mode[mode]
             pos = sel.index(start)
+            if len(block) > n:  # own rows only, so evicting this beam frees them
+                block, pos = block[pos : pos + n].copy(), 0
             new_blocks.append(block)
             block_of = np.concatenate([block_of, np.full(n, len(new_blocks) - 1)])
             rows = np.concatenate([rows, np.arange(pos, pos + n)])

@@ -49,7 +49,13 @@ class _Node:
 
 class BeamCache:
     """Beams by context in a prefix tree; least recently used beams are evicted while
-    there are more than ``max_beams`` or they hold more than ``max_bytes`` of masses.
+    there are more than ``max_beams`` or they hold more than ``max_bytes`` of masses
+    (the newest beam always stays).
+
+    ``nbytes`` is exactly the size of the distinct mass blocks the cached beams refer to:
+    a block shared by several beams (consecutive contexts, or all beams advanced in one
+    batch) counts once and is released with its last beam. So the masses the cache keeps
+    alive never exceed ``max_bytes`` (plus the newest beam's), whatever the sharing.
 
     ``lookup`` finds the deepest cached beam on a context's path: the exact context and its
     parent are found by hashing (C speed), so an SMC step costs O(1) Python work per
@@ -62,6 +68,7 @@ class BeamCache:
         self.nbytes = 0
         self.root = _Node(None, None)
         self._by_key: OrderedDict[bytes, _Node] = OrderedDict()
+        self._blocks: dict[int, list] = {}  # id(block) -> [block, cached beams using it]
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -69,7 +76,20 @@ class BeamCache:
     def clear(self) -> None:
         self.root = _Node(None, None)
         self._by_key.clear()
+        self._blocks.clear()
         self.nbytes = 0
+
+    def _count(self, beam, n: int) -> None:
+        """Count ``beam``'s distinct mass blocks in (``n=1``) or out (``n=-1``)."""
+        for block in {id(b): b for b in getattr(beam, "blocks", ())}.values():
+            entry = self._blocks.get(id(block))
+            if entry is None:
+                entry = self._blocks[id(block)] = [block, 0]
+                self.nbytes += block.nbytes
+            entry[1] += n
+            if entry[1] == 0:
+                del self._blocks[id(block)]
+                self.nbytes -= block.nbytes
 
     def lookup(self, key: bytes) -> tuple[int, Beam | None]:
         """(length of the deepest cached prefix of ``key``, its beam)."""
@@ -95,22 +115,18 @@ class BeamCache:
                 child = node.children[b] = _Node(node, b)
             node = child
         if node.beam is not None:
-            self.nbytes -= _size(node.beam)
+            self._count(node.beam, -1)
         node.beam = beam
-        self.nbytes += _size(beam)
+        self._count(beam, 1)
         self._by_key[key] = node
         self._by_key.move_to_end(key)
         while len(self._by_key) > 1 and (len(self._by_key) > self.max_beams or self.nbytes > self.max_bytes):
             _, old = self._by_key.popitem(last=False)
-            self.nbytes -= _size(old.beam)
+            self._count(old.beam, -1)
             old.beam = None
             while old.parent is not None and old.beam is None and not old.children:
                 del old.parent.children[old.byte]
                 old = old.parent
-
-
-def _size(beam) -> int:
-    return getattr(beam, "nbytes", 0)
 
 
 class ByteBeamPotential(Potential):
@@ -215,7 +231,13 @@ class ByteBeamPotential(Potential):
             items = list(context)
         except TypeError:
             raise TypeError(f"context {context!r} is not a sequence of ints 0..255") from None
-        for i, x in enumerate(items):
+        try:  # fast path (C loops): valid contexts cost O(1) Python work per call
+            key = bytes(items)
+            if bool not in set(map(type, items)):
+                return key
+        except (TypeError, ValueError):
+            pass
+        for i, x in enumerate(items):  # find and name the bad item
             if isinstance(x, EndOfSequence):
                 raise ValueError(f"context has EOS at position {i} of {len(items)}; EOS may only end a sequence (use complete())")
             if isinstance(x, bool) or not isinstance(x, Integral):
