@@ -288,6 +288,9 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         ok = _keep_extensions(beam.params, trie, nodes, w, ew)
         owner, leaf, ew = owner[ok], leaf[ok], ew[ok]
         states = [beam.states[idx[o]].extend(trie.leaf_token[l]) for o, l in zip(owner, leaf)]
+        if model.canonical and states:  # commit only canonical token sequences
+            keep = np.array([model.is_canonical(s.tokens) for s in states], bool)
+            ew, states = ew[keep], [s for s, k in zip(states, keep) if k]
         ext_plan.append((ew, len(requests), len(states)))
         requests.extend(states)
 

@@ -67,14 +67,16 @@ class ByteLM:
         K, prune_threshold, heal, heal_max_backoff, heal_max_splits: see ``BeamParams``.
         eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
         max_context_length: the LM sees at most this many trailing tokens.
+        canonical: commit only canonical tokenizations (see ``TokenModel``).
     """
 
     def __init__(self, lm, *, K: int | None = 8, prune_threshold: float = 0.0, heal: bool = True,
                  heal_max_backoff: int | None = None, heal_max_splits: int | None = None,
-                 eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None):
+                 eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None,
+                 canonical: bool = False):
         self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=heal,
                                  heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits)
-        self.model = TokenModel(lm, eos_tokens, max_context_length)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, canonical=canonical)
 
     async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:
         """The beam after ``prompt_tokens`` then ``prompt`` bytes (read as text)."""

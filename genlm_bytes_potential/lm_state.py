@@ -77,12 +77,25 @@ class TokenModel:
             all (a window of 1 keeps only the last token).
         device: where trie masses are computed (``"cpu"``, ``"cuda"``); default: where
             the LM returns its log-probs.
+        canonical: keep only canonical tokenizations (as in Phan et al. 2024 and
+            ByteSampler): a token is committed only if the tokenizer's own encoding of
+            the bytes of the last ``canonical_window`` committed tokens (the window
+            stops at special tokens such as BOS) is exactly those tokens. Needs
+            ``lm.tokenizer`` (a Hugging Face tokenizer). With the default window of 2 this
+            is the bigram test, which decides canonicity for plain BPE merges (Vieira et
+            al. 2025); pretokenizer context wider than the window is not seen, and windows
+            whose bytes are not valid UTF-8 (a character split across tokens) cannot be
+            encoded and are accepted unchecked. Mass of tokens still being read is not
+            filtered, only commits are; healed tokens are not checked.
+        canonical_window: tokens checked per commit (>= 1).
     """
 
     lm: Any
     eos_tokens: list[bytes] | None = None
     max_context_length: int | None = None
     device: str | None = None
+    canonical: bool = False
+    canonical_window: int = 2
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)
 
@@ -100,6 +113,55 @@ class TokenModel:
         if self.eos_tokens is None:
             self.eos_tokens = [vocab[self.eos_token_id]] if self.eos_token_id is not None else []
         self.trie = TokenByteTrie(vocab, self.eos_tokens)
+        self._vocab = vocab
+        if self.canonical:
+            w = self.canonical_window
+            if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
+                raise ValueError(f"canonical_window={w!r}; expected an int >= 1")
+            tok = getattr(self.lm, "tokenizer", None)
+            if tok is None or not hasattr(tok, "encode"):
+                raise ValueError(
+                    f"canonical=True needs the LM's tokenizer (lm.tokenizer with .encode); "
+                    f"{type(self.lm).__name__} has {'none' if tok is None else type(tok).__name__}"
+                )
+            self._tokenizer = tok
+            self._special = frozenset(int(t) for t in getattr(tok, "all_special_ids", ()) or ())
+            self._canonical_memo: dict[tuple[int, ...], bool] = {}
+
+    def is_canonical(self, tokens: tuple[int, ...]) -> bool:
+        """Whether the last committed token of ``tokens`` passes the canonicity check
+        (see ``canonical``): the tokenizer re-encodes the trailing window to itself. A
+        window starting inside a UTF-8 character widens left to the character's start
+        (at most 3 tokens); one ending inside a character is left to the next commit."""
+        tail: list[int] = []
+        for t in reversed(tokens):
+            if t in self._special or len(tail) == self.canonical_window + 3:
+                break
+            tail.append(t)
+        tail.reverse()
+        key = tuple(tail)
+        hit = self._canonical_memo.get(key)
+        if hit is None:
+            hit = self._check_window(key)
+            if len(self._canonical_memo) >= 1 << 20:
+                self._canonical_memo.clear()
+            self._canonical_memo[key] = hit
+        return hit
+
+    def _check_window(self, tail: tuple[int, ...]) -> bool:
+        n = min(self.canonical_window, len(tail))
+        while 0 < n <= len(tail):
+            window = tail[len(tail) - n :]
+            data = b"".join(self._vocab[t] for t in window)
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if e.reason == "unexpected end of data" and e.end >= len(data):
+                    return True  # ends inside a character: checked at the next commit
+                n += 1  # starts inside a character (or invalid bytes): widen left
+                continue
+            return list(self._tokenizer.encode(text, add_special_tokens=False)) == list(window)
+        return True  # no encodable window: unchecked
 
     def initial_state(self, prompt_tokens: list[int] | tuple[int, ...] = ()) -> LMState:
         """The context a byte string starts from: ``prompt_tokens``, after BOS when the

@@ -151,6 +151,9 @@ class ByteBeamPotential(Potential):
         cache_bytes: most bytes of trie masses the cached beams may hold (each beam holds
             about one float64 row per trie node for each of its fresh candidates).
         heal_max_backoff, heal_max_splits: limits of prompt healing (see ``BeamParams``).
+        canonical: commit only canonical tokenizations (the tokenizer's own encoding,
+            checked on a window of trailing tokens; see ``TokenModel``). Needs
+            ``lm.tokenizer``.
 
     Exact mode: ``K=None, prune_threshold=0`` keeps every tokenization of the context
     that has nonzero probability, and the potential is then the exact byte-level
@@ -183,6 +186,7 @@ class ByteBeamPotential(Potential):
         heal_max_backoff: int | None = None,
         heal_max_splits: int | None = None,
         device: str | None = None,
+        canonical: bool = False,
     ):
         if isinstance(prompt, str):
             try:
@@ -203,7 +207,7 @@ class ByteBeamPotential(Potential):
             self.params, heal=True, heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
         )
         self.prompt = bytes(prompt)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical)
         self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
         self.cache = BeamCache(cache_size, cache_bytes)
         self._warned_cache = False
@@ -212,6 +216,7 @@ class ByteBeamPotential(Potential):
             K=K, prune_threshold=prune_threshold, prompt=self.prompt, prompt_tokens=tuple(prompt_tokens),
             eos_tokens=eos_tokens, max_context_length=max_context_length, cache_size=cache_size, cache_bytes=cache_bytes,
             heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits, device=device,
+            canonical=canonical,
         )
         super().__init__(vocabulary=list(range(256)))
 
