@@ -29,6 +29,26 @@ How the approximations enter:
   threshold share of that total are not made (except the heaviest, when no candidate
   could read another byte without it). ``q`` is then the
   conditional under the surviving candidates only, still normalized.
+* **What holds after pruning.** Write ``W(x) = exp(Beam.log_total)`` for the surviving
+  weight and ``P(x)`` for the exact marginal (the token LM's probability that its byte
+  output starts with ``x``, every tokenization counted). Then, for a beam read from
+  :func:`initial_beam` without healing:
+
+  1. ``W(x) <= P(x)``: the candidates are disjoint sets of token sequences, and pruning
+     and skipped extensions only drop non-negative terms.
+  2. ``logp(x) = log W(x) + sum_t [-log(1 - rho_t) - log(1 - delta_t)]``, where ``rho_t``
+     is the share of weight pruned after byte ``t`` (``BeamStats.pruned_mass`` adds them
+     up) and ``delta_t`` the share of the beam's weight in extensions the threshold did
+     not make (0 when ``prune_threshold=0``). Each step's normalizer is the previous
+     surviving weight minus the skipped extensions, so the conditionals telescope.
+  3. Hence ``logp(x) >= log W(x)``, and ``logp(x) <= log P(x) + sum_t [...]``; but the
+     normalized ``logp(x)`` can *exceed* ``log P(x)``: pruning removes weight from the
+     denominators as well as from the numerators, so a pruned beam may give a byte
+     string more probability than the exact distribution does (and, per string, less).
+     Neither ``q(a | x) <= p(a | x)`` nor the reverse holds in general.
+  4. Without pruning all the ``rho_t``, ``delta_t`` are 0 and ``logp(x) = log W(x) =
+     log P(x)``.
+
 * **Healing** is not part of ``q``. A byte that no candidate can read has ``q = 0`` and
   leaves an empty beam. With ``heal=True``, advancing by such a byte instead tries to
   re-tokenize the end of one candidate (back off at most ``heal_max_backoff`` bytes into
