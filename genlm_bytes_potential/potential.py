@@ -305,9 +305,10 @@ class ByteBeamPotential(Potential):
             if any(k and k not in self.cache._by_key for k in keys):
                 self._warned_cache = True
                 warnings.warn(
-                    f"the beam cache (cache_bytes={self.cache.max_bytes}) cannot hold the beams "
-                    f"of {len(keys)} contexts at once; the next calls will recompute them from "
-                    f"shorter prefixes (slow). Raise cache_bytes.",
+                    f"the beam cache (cache_size={self.cache.max_beams}, cache_bytes="
+                    f"{self.cache.max_bytes}) cannot hold the beams of {len(keys)} contexts at "
+                    f"once; the next calls will recompute them from shorter prefixes (slow). "
+                    f"Raise cache_size / cache_bytes.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
