@@ -250,33 +250,49 @@ class TokenByteTrie:
     def _torch_tables(self, device) -> tuple:
         key = str(device)
         if key not in self._torch_cache:
-            # Bottom-up levels: each node adds its mass into its parent, deepest first
-            # (a node's leaves before the node itself).
-            nodes = np.arange(1, self.n_nodes)
-            lvl = 2 * self.depth[nodes] + (self.leaf_token[nodes] >= 0)
-            order = np.argsort(-lvl, kind="stable")
-            nodes, lvl = nodes[order], lvl[order]
-            cuts = np.nonzero(np.diff(lvl))[0] + 1
             t = lambda a: torch.as_tensor(a, dtype=torch.long, device=device)  # noqa: E731
-            levels = [(t(g), t(self.parent[g])) for g in np.split(nodes, cuts)]
-            self._torch_cache[key] = (t(self.leaf_nodes), t(self._leaf_tokens), levels)
+            self._torch_cache[key] = (t(self.leaf_nodes), t(self._leaf_tokens), {})
         return self._torch_cache[key]
+
+    def _reachability(self, device, with_eos: bool) -> torch.Tensor:
+        """Sparse ``[n_nodes, L]`` float64 matrix: entry (n, j) is 1 when leaf j (DFS
+        order) lies below node n. With EOS, EOS leaves count at the EOS node and the root
+        only. Masses are then one sparse-dense product: every node sums its own leaves
+        directly (no differences, so no cancellation)."""
+        cache = self._torch_tables(device)[2]
+        if with_eos not in cache:
+            cols, rows = [], []
+            j = np.arange(len(self.leaf_nodes))
+            is_eos = np.zeros(len(j), bool)
+            if with_eos:
+                is_eos[self._eos_leaf_pos] = True
+                for node in (self.eos_node, self.root):
+                    rows.append(np.full(is_eos.sum(), node))
+                    cols.append(j[is_eos])
+            cur, keep = self.leaf_nodes.copy(), j[~is_eos]
+            cur = cur[~is_eos]
+            while len(cur):  # the leaf, then each ancestor up to the root
+                rows.append(cur)
+                cols.append(keep)
+                up = cur != self.root
+                cur, keep = self.parent[cur[up]], keep[up]
+            rows, cols = np.concatenate(rows), np.concatenate(cols)
+            coo = torch.sparse_coo_tensor(
+                torch.as_tensor(np.stack([rows, cols]), device=device),
+                torch.ones(len(rows), dtype=torch.float64, device=device),
+                (self.n_nodes, len(self.leaf_nodes)),
+            )
+            cache[with_eos] = coo.coalesce().to_sparse_csr()
+        return cache[with_eos]
 
     def _masses_torch(self, logprobs: torch.Tensor, with_eos: bool):
         lp = logprobs.to(torch.float64)
         self._check_shape(lp.shape)
-        leaf_nodes, leaf_tokens, levels = self._torch_tables(lp.device)
+        _, leaf_tokens, _ = self._torch_tables(lp.device)
         shift = lp.max(dim=1).values
         shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-        leaf_w = torch.exp(lp[:, leaf_tokens] - shift[:, None])
-        w = torch.zeros((self.n_nodes, lp.shape[0]), dtype=torch.float64, device=lp.device)
-        if with_eos and len(self.eos_token_ids):
-            eos_pos = torch.as_tensor(self._eos_leaf_pos, device=lp.device)
-            w[self.eos_node] = leaf_w[:, eos_pos].sum(dim=1)
-            leaf_w = leaf_w.index_fill(1, eos_pos, 0.0)
-        w[leaf_nodes] = leaf_w.T
-        for nodes, parents in levels:  # node-major rows: contiguous gathers
-            w.index_add_(0, parents, w[nodes])
+        leaf_w = torch.exp(lp[:, leaf_tokens] - shift[:, None])  # [B, L]
+        w = torch.sparse.mm(self._reachability(lp.device, with_eos), leaf_w.T.contiguous())
         return w.T.contiguous(), shift
 
 

@@ -72,7 +72,7 @@ def test_no_underflow_700_below_max():
 
 
 def test_torch_level_path_matches_numba_path():
-    """The CUDA code path (level-wise index_add) run on CPU tensors."""
+    """The CUDA code path (a float64 sparse-dense product) run on CPU tensors."""
     rng = np.random.default_rng(0)
     vocab = [bytes(rng.integers(97, 100, size=rng.integers(1, 5)).tolist()) for _ in range(300)] + [EOS_BYTES]
     trie = TokenByteTrie(vocab, [EOS_BYTES])
