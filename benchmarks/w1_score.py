@@ -134,9 +134,9 @@ def render(meta, results, reps) -> str:
                           f"({results[0]['n_bytes']} bytes); {reps} repetitions, "
                           "alternating ours/anchor; LM caches emptied before each run\n"
                           "- bytes/s: median (min–max); speedup = anchor time / our time "
-                          "(range: per-repetition pairs); the CPU-time speedup (process CPU "
-                          "seconds, all threads) is less sensitive to other jobs on the "
-                          "machine; bits/byte: first repetition (deterministic)"))
+                          "(range: per-repetition pairs); CPU-time speedup: process CPU "
+                          "seconds, all threads (OpenMP spin-waits count too); bits/byte: "
+                          "first repetition (deterministic)"))
     rows = []
     for r in results:
         o, a = r["ours"], r["anchor"]
