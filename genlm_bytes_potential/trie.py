@@ -300,8 +300,7 @@ def _row_shift(row_max: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(row_max), row_max, 0.0)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out):
+def _subtree_sums_py(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out):
     """out[b, n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n; EOS tokens
     (when given) count at the EOS node instead of their leaves. One reverse-preorder pass
     per row: every node adds its total into its parent."""
@@ -318,3 +317,15 @@ def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, pare
             row[eos_node] += np.exp(lp[b, t] - s)
         for node in range(n_nodes - 1, 0, -1):
             row[parent[node]] += row[node]
+
+
+# Rows are independent: threads help big batches, but for a few rows the OpenMP barrier
+# costs more than the work (badly so on a loaded machine), so small batches run serially.
+_subtree_sums_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_subtree_sums_py)
+_subtree_sums_serial = numba.njit(cache=True, nogil=True)(_subtree_sums_py)
+_SERIAL_MAX_ROWS = 4
+
+
+def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out):
+    kernel = _subtree_sums_serial if out.shape[0] <= _SERIAL_MAX_ROWS else _subtree_sums_parallel
+    kernel(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out)
