@@ -388,3 +388,30 @@ async def test_100k_byte_smc_like_run_keeps_memory_bounded():
     assert min(len(c) for c in ctxs) == steps
     assert rss_bytes() - base < CAP
     assert math.isfinite(await pot.prefix(list(ctxs[0])))
+
+
+async def test_cache_bytes_count_exactly_the_masses_kept_alive():
+    """``cache.nbytes`` is the size of the distinct blocks of the cached beams; each beam
+    owns the rows of its new candidates (beams advanced in one batch do not share, so
+    evicting one frees its masses), and blocks die with the beams that use them."""
+    import weakref
+
+    pot = ByteBeamPotential(mock(seed=8), K=3, cache_size=3)
+    ctxs = [list(c) for c in (b"abc", b"bca", b"cab", b"aab", b"bcb", b"cca")]
+    beams = await pot.beams(ctxs)  # one batch per byte step for all six
+    root = pot.model.trie.root
+    for beam in beams:
+        fresh = np.nonzero(beam.nodes == root)[0]
+        assert len(fresh) and {int(beam.block_of[i]) for i in fresh} == {int(beam.block_of[fresh[0]])}
+        assert len(beam.blocks[beam.block_of[fresh[0]]]) == len(fresh)  # its own rows only
+    refs = [weakref.ref(b) for beam in beams for b in beam.blocks]
+    cached = {id(b): b for node in pot.cache._by_key.values() for b in node.beam.blocks}
+    assert pot.cache.nbytes == sum(b.nbytes for b in cached.values())
+    cached = set(cached)
+    del beams, beam
+    gc.collect()
+    root_blocks = {id(b) for b in pot._root_beam.blocks}
+    assert {id(r()) for r in refs if r() is not None} - root_blocks <= cached
+    await pot.cleanup()
+    gc.collect()
+    assert pot.cache.nbytes == 0 and all(r() is None for r in refs)
