@@ -254,3 +254,16 @@ def save_json(meta: dict, results, name: str | None = None, out_dir: Path = RESU
     path = out_dir / name
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
     return path
+
+
+def append_to_section(section: str, text: str, path: Path = BENCH_MD) -> None:
+    """Append ``text`` at the end of the section headed ``section`` of BENCHMARKS.md
+    (re-read right before writing; created at the end if missing; other sections kept)."""
+    doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if section not in doc:
+        doc = doc.rstrip("\n") + "\n\n" + section + "\n\n"
+    start = doc.index(section) + len(section)
+    nxt = doc.find("\n## ", start)
+    end = nxt + 1 if nxt >= 0 else len(doc)
+    doc = doc[:start] + doc[start:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n\n" + doc[end:].lstrip("\n")
+    path.write_text(doc.rstrip("\n") + "\n")

@@ -21,7 +21,7 @@ import math
 import sys
 import time
 
-from benchmarks.common import BENCH_MD, DATA_DIR, command_line, header, md_table, save_json, set_threads
+from benchmarks.common import append_to_section, DATA_DIR, command_line, header, md_table, save_json, set_threads
 from benchmarks.common import add_common_args
 
 CODE = '''def byte_posterior(sequences) -> list[tuple[bytes, float]]:
@@ -72,19 +72,6 @@ async def score(lm, data: bytes, K, canonical: bool):
         "lm_contexts": blm.model.stats.contexts,
         "seconds": time.perf_counter() - t,
     }
-
-
-def append_section(text: str) -> None:
-    """Append ``text`` at the end of this benchmark's section of BENCHMARKS.md (re-read
-    right before writing; other sections are left as they are)."""
-    doc = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n\n"
-    if SECTION not in doc:
-        doc = doc.rstrip("\n") + "\n\n" + SECTION + "\n\n"
-    start = doc.index(SECTION) + len(SECTION)
-    nxt = doc.find("\n## ", start)
-    end = nxt + 1 if nxt >= 0 else len(doc)
-    doc = doc[:start] + doc[start:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n\n" + doc[end:].lstrip("\n")
-    BENCH_MD.write_text(doc.rstrip("\n") + "\n")
 
 
 def main(argv=None):
@@ -148,7 +135,7 @@ def main(argv=None):
     text = md + "\n" + table
     print(text)
     if not args.no_write:
-        append_section(text)
+        append_to_section(SECTION, text)
         save_json(meta, results, name=None)
 
 

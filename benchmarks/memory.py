@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import BENCH_MD, add_common_args, command_line, header, md_table, save_json, set_threads
+from benchmarks.common import append_to_section, add_common_args, command_line, header, md_table, save_json, set_threads
 
 SECTION = "## Memory — RSS over a long SMC run"
 
@@ -101,17 +101,6 @@ def lm_temp(args) -> float:
     return args.temperature or (0.7 if args.vocab == "small" else 0.2)
 
 
-def append_section(text: str) -> None:
-    doc = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n\n"
-    if SECTION not in doc:
-        doc = doc.rstrip("\n") + "\n\n" + SECTION + "\n\n"
-    start = doc.index(SECTION) + len(SECTION)
-    nxt = doc.find("\n## ", start)
-    end = nxt + 1 if nxt >= 0 else len(doc)
-    doc = doc[:start] + doc[start:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n\n" + doc[end:].lstrip("\n")
-    BENCH_MD.write_text(doc.rstrip("\n") + "\n")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", choices=["small", "smollm2"], default="small")
@@ -142,7 +131,7 @@ def main(argv=None):
     text = md + "\n" + md_table(["bytes generated", "s", "RSS MiB", "Δ MiB", "cached beams", "cache masses MiB"], rows)
     print(text)
     if not args.no_write:
-        append_section(text)
+        append_to_section(SECTION, text)
         save_json(meta, {k: v for k, v in r.items() if k != "particles_len"})
 
 

@@ -9,21 +9,9 @@ from genlm.backend.llm.base import AsyncLM
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
 
-CTXS = [
-    [1, 504, 3],
-    [1, 504, 3, 77],
-    [9] * 40,
-    [9] * 41 + [1000],
-    [49151, 0, 12, 7, 7, 7],
-    [2],
-]
+from tiny_models import BACKEND_CONTEXTS, hf_reference
 
-
-def reference(model, ctx, V):
-    """Uncached single-context forward, padded rows dropped and renormalized."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ctx])).logits[0, -1].float()
-    return torch.log_softmax(logits[:V], dim=-1)
+CTXS = BACKEND_CONTEXTS
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ async def test_matches_uncached_forward(lm, tiny_llama):
     out = await lm.batch_next_token_logprobs(CTXS)
     assert out.shape == (len(CTXS), V) and out.dtype == torch.float32
     for row, ctx in zip(out, CTXS):
-        assert torch.allclose(row, reference(model, ctx, V), atol=1e-4, rtol=0)
+        assert torch.allclose(row, hf_reference(model, ctx, V), atol=1e-4, rtol=0)
         assert abs(torch.logsumexp(row, 0).item()) < 1e-5
     # every row is one forward pass, each context computed once
     assert lm.forward_calls == 1 and lm.batch_calls == 1
@@ -67,13 +55,13 @@ async def test_one_token_extension_costs_one_token(lm, tiny_llama):
     # extend one context by one token: one token of compute
     out = await lm.next_token_logprobs(ctx + [5])
     assert lm.forward_tokens == 61
-    assert torch.allclose(out, reference(model, ctx + [5], V), atol=1e-4, rtol=0)
+    assert torch.allclose(out, hf_reference(model, ctx + [5], V), atol=1e-4, rtol=0)
     # a batch of one-token extensions with different cached prefix lengths
     batch = [ctx + [5, 6], ctx + [7], ctx + [5, 8]]
     outs = await lm.batch_next_token_logprobs(batch)
     assert lm.forward_tokens == 61 + 3 and lm.forward_calls == 3
     for row, c in zip(outs, batch):
-        assert torch.allclose(row, reference(model, c, V), atol=1e-4, rtol=0)
+        assert torch.allclose(row, hf_reference(model, c, V), atol=1e-4, rtol=0)
     # an exact repeat is a cache hit: no compute at all
     again = await lm.next_token_logprobs(ctx + [7])
     assert lm.forward_tokens == 64 and lm.cache_hits == 1
@@ -123,12 +111,12 @@ async def test_lru_byte_cap(tiny_llama):
     before = lm.forward_tokens
     out = await lm.next_token_logprobs(ctxs[-1] + [3])
     assert lm.forward_tokens == before + 1
-    assert torch.allclose(out, reference(model, ctxs[-1] + [3], V), atol=1e-4, rtol=0)
+    assert torch.allclose(out, hf_reference(model, ctxs[-1] + [3], V), atol=1e-4, rtol=0)
     # ... the oldest was evicted and is recomputed in full, still exactly
     before = lm.forward_tokens
     out = await lm.next_token_logprobs(ctxs[0] + [3])
     assert lm.forward_tokens == before + 41
-    assert torch.allclose(out, reference(model, ctxs[0] + [3], V), atol=1e-4, rtol=0)
+    assert torch.allclose(out, hf_reference(model, ctxs[0] + [3], V), atol=1e-4, rtol=0)
     assert lm.cache.nbytes <= lm.cache_bytes
     lm.clear_cache()
     assert lm.cache.nbytes == 0

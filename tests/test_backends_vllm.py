@@ -15,22 +15,11 @@ from genlm.backend.llm.base import AsyncLM
 
 from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _SlotPool
 
+from tiny_models import BACKEND_CONTEXTS, hf_reference
+
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
-CTXS = [
-    [1, 504, 3],
-    [1, 504, 3, 77],
-    [9] * 40,
-    [9] * 41 + [1000],
-    [49151, 0, 12, 7, 7, 7],
-    [2],
-]
-
-
-def hf_reference(model, ctx, V):
-    with torch.no_grad():
-        logits = model(torch.tensor([ctx])).logits[0, -1].float()
-    return torch.log_softmax(logits[:V], dim=-1)
+CTXS = BACKEND_CONTEXTS
 
 
 # ---- the logits processor alone (no engine) --------------------------------

@@ -29,3 +29,22 @@ def tiny_gpt2_lm():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, vocab_size=len(tok)))
     model.eval()
     return AsyncTransformer(model, tok, batch_size=64, timeout=0.0)
+
+
+# Token contexts for backend tests over SmolLM2's vocabulary: shared prefixes, a long run,
+# a one-token extension of it, the last id, a single token.
+BACKEND_CONTEXTS = [
+    [1, 504, 3],
+    [1, 504, 3, 77],
+    [9] * 40,
+    [9] * 41 + [1000],
+    [49151, 0, 12, 7, 7, 7],
+    [2],
+]
+
+
+def hf_reference(model, ctx, V):
+    """Uncached single-context forward, padded rows dropped and renormalized."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx])).logits[0, -1].float()
+    return torch.log_softmax(logits[:V], dim=-1)
