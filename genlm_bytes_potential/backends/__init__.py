@@ -1,13 +1,14 @@
 """Token-level LM backends implementing genlm-backend's ``AsyncLM``.
 
 ``MockTokenLM`` is always available. The heavy backends are imported lazily:
-``from genlm_bytes_potential.backends.hf import HFTokenLM`` and
+``from genlm_bytes_potential.backends.hf import HFTokenLM``,
+``from genlm_bytes_potential.backends.paged import PagedTokenLM`` and
 ``from genlm_bytes_potential.backends.vllm import VLLMTokenLM``.
 """
 
 from genlm_bytes_potential.backends.mock import MockTokenLM
 
-__all__ = ["MockTokenLM", "HFTokenLM", "VLLMTokenLM"]
+__all__ = ["MockTokenLM", "HFTokenLM", "PagedTokenLM", "VLLMTokenLM"]
 
 
 def __getattr__(name):
@@ -15,6 +16,10 @@ def __getattr__(name):
         from genlm_bytes_potential.backends.hf import HFTokenLM
 
         return HFTokenLM
+    if name == "PagedTokenLM":
+        from genlm_bytes_potential.backends.paged import PagedTokenLM
+
+        return PagedTokenLM
     if name == "VLLMTokenLM":
         from genlm_bytes_potential.backends.vllm import VLLMTokenLM
 

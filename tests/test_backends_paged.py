@@ -1,0 +1,159 @@
+"""PagedTokenLM: exact log-probs from a slot-paged KV pool, in-batch slot sharing,
+eviction, supported model families, and CUDA graphs (on a GPU machine)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from genlm.backend.llm.base import AsyncLM
+
+from genlm_bytes_potential.backends.hf import HFTokenLM
+from genlm_bytes_potential.backends.paged import PagedTokenLM
+
+from tiny_models import BACKEND_CONTEXTS
+
+CTXS = BACKEND_CONTEXTS
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def model_tok(request, tiny_llama):
+    model, tok = tiny_llama
+    if request.param == "cpu":
+        return model, tok
+    return copy.deepcopy(model).to(request.param), tok  # the session fixture stays on the CPU
+
+
+def _ref(model, ctx, V):
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx], device=model.device)).logits[0, -1].float()
+    return torch.log_softmax(logits[:V], dim=-1).cpu()
+
+
+async def test_matches_uncached_forward(model_tok):
+    model, tok = model_tok
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    assert isinstance(lm, AsyncLM)
+    V = lm.vocab_size
+    out = await lm.batch_next_token_logprobs(CTXS)
+    assert out.shape == (len(CTXS), V) and out.dtype == torch.float32
+    for row, ctx in zip(out, CTXS):
+        assert torch.allclose(row.cpu(), _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
+    assert lm.forward_calls == 1 and lm.batch_calls == 1
+    # contexts sharing a prefix share its slots: each distinct prefix is computed once
+    prefixes = {tuple(c[:j]) for c in CTXS for j in range(1, len(c) + 1)}
+    assert lm.forward_tokens == len(prefixes)
+
+
+async def test_one_token_steps_and_in_batch_sharing(model_tok):
+    model, tok = model_tok
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    V = lm.vocab_size
+    ctx = list(range(100, 160))
+    await lm.next_token_logprobs(ctx)
+    assert lm.forward_tokens == 60
+    # one-token extensions (one graph replay on CUDA) ...
+    batch = [ctx + [5], ctx + [7], ctx + [9]]
+    outs = await lm.batch_next_token_logprobs(batch)
+    assert lm.forward_tokens == 63 and lm.forward_calls == 2
+    # ... and rows that read a slot another row of the same batch writes
+    batch2 = [ctx + [5, 6], ctx + [5, 6, 8], ctx + [11], ctx + [11, 12]]
+    outs2 = await lm.batch_next_token_logprobs(batch2)
+    assert lm.forward_tokens == 63 + 4 and lm.forward_calls == 3  # 6, 8, 11, 12
+    for row, c in zip(torch.cat([outs, outs2]), batch + batch2):
+        assert torch.allclose(row.cpu(), _ref(model, c, V), atol=2e-4, rtol=1e-5)
+    # a cached prefix that was never asked for: its last token is recomputed
+    mid = ctx[:30]
+    out = await lm.next_token_logprobs(mid)
+    assert lm.forward_tokens == 68
+    assert torch.allclose(out.cpu(), _ref(model, mid, V), atol=2e-4, rtol=1e-5)
+    # a repeat is a cache hit
+    again = await lm.next_token_logprobs(ctx + [7])
+    assert lm.cache_hits == 1 and torch.equal(again, outs[1])
+    if model.device.type == "cuda":
+        assert lm.graph_replays >= 2
+
+
+async def test_eviction_keeps_results_exact(tiny_llama):
+    model, tok = tiny_llama
+    V = len(tok)
+    per_slot = 2 * 2 * 1 * 32 * 4  # layers x (k, v) x kv heads x head dim x fp32
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=200 * per_slot, max_batch_tokens=64, logprob_cache_rows=4)
+    assert lm.cache.n_slots == 200
+    rng = np.random.default_rng(0)
+    seen = []
+    for k in range(12):
+        c = [1] + rng.integers(2, V, size=30).tolist()
+        seen.append(c)
+        out = await lm.batch_next_token_logprobs([c, c[:-3], seen[k // 2] + [4]])
+        for row, ctx in zip(out, [c, c[:-3], seen[k // 2] + [4]]):
+            assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
+        assert len(lm.cache.nodes) + len(lm.cache.free) == lm.cache.n_slots - 1
+        assert len(lm.cache.with_logprobs) <= 4
+    assert lm.cache.evictions > 100
+    lm.clear_cache()
+    assert len(lm.cache.free) == lm.cache.n_slots - 1
+
+
+async def test_pool_too_small_for_a_batch(tiny_llama):
+    model, tok = tiny_llama
+    per_slot = 2 * 2 * 1 * 32 * 4
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        PagedTokenLM(model, tok, kv_cache_bytes=50 * per_slot)
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=70 * per_slot, max_batch_tokens=60)
+    with pytest.raises(RuntimeError, match="KV pool too small"):
+        await lm.batch_next_token_logprobs([[1] + [5] * 40, [1] + [6] * 40])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+async def test_other_llama_style_families(family, smollm2_tokenizer):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k RMS norms) run through the same forward."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    tok = smollm2_tokenizer
+    V = len(tok)
+    cfg_cls = Qwen2Config if family == "qwen2" else Qwen3Config
+    cfg = cfg_cls(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    out = await lm.batch_next_token_logprobs(CTXS)
+    ext = await lm.batch_next_token_logprobs([c + [9] for c in CTXS])
+    for row, ctx in zip(torch.cat([out, ext]), CTXS + [c + [9] for c in CTXS]):
+        assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
+
+
+def test_unsupported_model_is_refused(smollm2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = smollm2_tokenizer
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tok)))
+    with pytest.raises(ValueError, match="Use HFTokenLM"):
+        PagedTokenLM(gpt2, tok)
+
+
+async def test_byte_potential_equals_hf_backend(tiny_llama):
+    from genlm_bytes_potential import ByteBeamPotential
+
+    model, tok = tiny_llama
+    ctxs = [list(b"Hello, world"), list(b"def f(x):"), list("naïve".encode())]
+    got = []
+    for lm in (PagedTokenLM(model, tok, kv_cache_bytes=2**22), HFTokenLM(model, tok)):
+        pot = ByteBeamPotential(lm, K=4)
+        got.append((await pot.batch_prefix(ctxs), (await pot.batch_logw_next(ctxs)).weights))
+    np.testing.assert_allclose(got[0][0], got[1][0], atol=1e-4)
+    np.testing.assert_allclose(got[0][1], got[1][1], atol=1e-4)
+
+
+async def test_load_lm_paged(tiny_llama_dir, tiny_llama):
+    from genlm_bytes_potential.models import load_lm
+
+    lm = load_lm(str(tiny_llama_dir), backend="paged", kv_cache_bytes=2**22)
+    assert isinstance(lm, PagedTokenLM)
+    out = await lm.next_token_logprobs(CTXS[0])
+    assert torch.allclose(out, _ref(tiny_llama[0], CTXS[0], lm.vocab_size), atol=2e-4, rtol=1e-5)
