@@ -192,6 +192,11 @@ class Beam:
         with np.errstate(divide="ignore"):
             return np.log(out)
 
+    def log_mass_ratio(self, cand: np.ndarray, node: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """``log M_c(node) - log M_c(base)``, both read in one gather."""
+        m = self.log_mass(np.concatenate([cand, cand]), np.concatenate([node, base]))
+        return m[: len(cand)] - m[len(cand) :]
+
     def next_logprobs(self) -> np.ndarray:
         """``log q(a | x)`` for a = 0..255 and EOS (index 256); all -inf when empty."""
         if not self._dist:
@@ -236,11 +241,7 @@ def _next_logprobs(beams: list[Beam]) -> np.ndarray:
     for beam in beams:
         trie = beam.model.trie  # per beam: gathers vectorized over all its candidates' children
         owner, label, child = trie.children_of(beam.nodes)
-        vals = (
-            beam.weights[owner]
-            + beam.log_mass(owner, child)
-            - beam.log_mass(owner, beam.nodes[owner])
-        )
+        vals = beam.weights[owner] + beam.log_mass_ratio(owner, child, beam.nodes[owner])
         cols = np.where(label == EOS, 256, label)
         row = _segment_logsumexp(vals, cols, N_OUTCOMES)
         norm = _segment_logsumexp(row, np.zeros(N_OUTCOMES, np.int64), 1)[0]
@@ -295,7 +296,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     for beam, b in zip(beams, next_bytes):
         child = trie.child(beam.nodes, b)
         idx = np.nonzero(child >= 0)[0]
-        w = beam.weights[idx] + beam.log_mass(idx, child[idx]) - beam.log_mass(idx, beam.nodes[idx])
+        w = beam.weights[idx] + beam.log_mass_ratio(idx, child[idx], beam.nodes[idx])
         keep = np.isfinite(w)
         read.append(_prune(beam.params, idx[keep], child[idx][keep], w[keep]))
 
@@ -304,7 +305,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     requests: list[LMState] = []
     for beam, (idx, nodes, w, _) in zip(beams, read):
         owner, leaf = trie.leaves_of(nodes)
-        ew = w[owner] + beam.log_mass(idx[owner], leaf) - beam.log_mass(idx[owner], nodes[owner])
+        ew = w[owner] + beam.log_mass_ratio(idx[owner], leaf, nodes[owner])
         ok = _keep_extensions(beam.params, trie, nodes, w, ew)
         owner, leaf, ew = owner[ok], leaf[ok], ew[ok]
         states = [beam.states[idx[o]].extend(trie.leaf_token[l]) for o, l in zip(owner, leaf)]
@@ -503,7 +504,7 @@ async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -
     )
     trie = beam.model.trie
     owner, leaf = trie.leaves_of(seed.nodes)
-    ew = weight + seed.log_mass(owner, leaf) - seed.log_mass(owner, seed.nodes[owner])
+    ew = weight + seed.log_mass_ratio(owner, leaf, seed.nodes[owner])
     ok = _keep_extensions(beam.params, trie, seed.nodes, seed.weights, ew)
     leaf, ew = leaf[ok], ew[ok]
     new_states = tuple(state.extend(trie.leaf_token[l]) for l in leaf)

@@ -68,15 +68,16 @@ class ByteLM:
         eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
         max_context_length: the LM sees at most this many trailing tokens.
         canonical: commit only canonical tokenizations (see ``TokenModel``).
+        device: where trie masses are computed (see ``TokenModel``).
     """
 
     def __init__(self, lm, *, K: int | None = 8, prune_threshold: float = 0.0, heal: bool = True,
                  heal_max_backoff: int | None = None, heal_max_splits: int | None = None,
                  eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None,
-                 canonical: bool = False):
+                 canonical: bool = False, device: str | None = None):
         self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=heal,
                                  heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, canonical=canonical)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device=device, canonical=canonical)
 
     async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:
         """The beam after ``prompt_tokens`` then ``prompt`` bytes (read as text)."""

@@ -202,12 +202,12 @@ class HFTokenLM(AsyncLM):
     def _check(self, contexts) -> list[tuple[int, ...]]:
         out = []
         for c in contexts:
-            ctx = tuple(int(t) for t in c)
+            ctx = tuple(map(int, c))
             if not ctx:
                 raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
-            for t in ctx:
-                if not 0 <= t < self.vocab_size:
-                    raise ValueError(f"token id {t} out of range [0, {self.vocab_size})")
+            if min(ctx) < 0 or max(ctx) >= self.vocab_size:
+                bad = next(t for t in ctx if not 0 <= t < self.vocab_size)
+                raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
             out.append(ctx)
         return out
 
