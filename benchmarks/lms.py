@@ -159,26 +159,31 @@ def _genlm_backend_hf(path):
     return AsyncTransformer(model, tok, batch_size=256, timeout=0.0)
 
 
-def _load_hf(path) -> tuple[object, str]:
-    """Our HF backend if importable, else genlm-backend's AsyncTransformer."""
+def _load_hf(path, backend="hf", **opts) -> tuple[object, str]:
+    """Our HF backend (``backend``: ``"hf"`` or ``"paged"``; ``opts``: ``device``,
+    ``dtype``) if importable, else genlm-backend's AsyncTransformer."""
     try:
         from genlm_bytes_potential.models import load_lm
 
         import genlm_bytes_potential.backends.hf  # noqa: F401
 
-        return load_lm(str(path), backend="hf"), "hf (genlm_bytes_potential HFTokenLM)"
+        lm = load_lm(str(path), backend=backend, **opts)
+        return lm, f"{backend} (genlm_bytes_potential {type(lm).__name__}{', ' if opts else ''}" \
+                   f"{', '.join(f'{k}={v}' for k, v in opts.items())})"
     except ImportError as e:
         return _genlm_backend_hf(path), f"hf (genlm-backend AsyncTransformer; ours absent: {e.name})"
 
 
 def make_lm(model: str = "smollm2", *, vocab: str = "model", seed: int = 0,
-            temperature: float = 0.5) -> tuple[RecordingLM, dict]:
-    """``(RecordingLM, info)``; info has ``model``, ``backend``, ``eos`` (byte strings)."""
+            temperature: float = 0.5, backend: str = "hf", **opts) -> tuple[RecordingLM, dict]:
+    """``(RecordingLM, info)``; info has ``model``, ``backend``, ``eos`` (byte strings).
+    ``backend`` (``"hf"``/``"paged"``) and ``opts`` (``device``, ``dtype``) apply to the
+    real models."""
     if model == "smollm2":
-        lm, backend = _load_hf(_smollm2_dir())
+        lm, backend = _load_hf(_smollm2_dir(), backend, **opts)
         name = "SmolLM2-135M-Instruct (Q4_1 weights as fp32)"
     elif model == "tiny":
-        lm, backend = _load_hf(_tiny_model_dir())
+        lm, backend = _load_hf(_tiny_model_dir(), backend, **opts)
         name = "tiny random-init Llama (2 layers, d=64) + SmolLM2 tokenizer"
     elif model == "mock":
         from genlm_bytes_potential.backends.mock import MockTokenLM

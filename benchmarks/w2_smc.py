@@ -224,7 +224,7 @@ def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4
 
 def render(meta, results) -> str:
     _, md = header("W2 SMC", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"), model=meta["model"],
-                   backend=meta["backend"], device="cpu",
+                   backend=meta["backend"], device=meta.get("device") or "cpu",
                    extra=(f"- command: `{meta['command']}`; mode {meta['mode']}; beam K="
                           f"{meta['K']}; max {meta['max_bytes']} bytes (token-level: "
                           f"{math.ceil(meta['max_bytes'] / 3)} tokens); ESS threshold 0.5; "
@@ -278,12 +278,16 @@ def main(argv=None):
     p.add_argument("--skip", nargs="*", default=[], metavar="SYSTEM:TASK:N",
                    help="skip SYSTEM on TASK above N particles (N=0: always)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="hf", choices=["hf", "paged"], help="our LM backend, shared by all systems")
+    p.add_argument("--device", default=None, help="model device (e.g. cuda)")
+    p.add_argument("--dtype", default=None, help="model dtype (e.g. bfloat16)")
     add_common_args(p)
     a = p.parse_args(argv)
     threads = set_threads(a.threads)
     particles = tuple(a.particles or (QUICK_PARTICLES if a.quick else PARTICLES))
     max_bytes = a.max_bytes or (16 if a.quick else 24)
-    lm, info = make_lm(a.model, vocab=a.mock_vocab)
+    opts = {k: v for k, v in (("device", a.device), ("dtype", a.dtype)) if v is not None}
+    lm, info = make_lm(a.model, vocab=a.mock_vocab, backend=a.backend, **opts)
     results = run(lm, info["eos"], tasks=tuple(a.task), particles=particles,
                   max_bytes=max_bytes, K=a.K, reps=a.reps, seed=a.seed,
                   systems=tuple(a.systems), mode=a.mode,
@@ -293,7 +297,7 @@ def main(argv=None):
                      backend=info["backend"], threads=threads)
     meta["threads_rec"] = threads
     meta.update(command=command_line("benchmarks.w2_smc", argv if argv is not None else sys.argv[1:]),
-                mode=a.mode, K=a.K, max_bytes=max_bytes, reps=a.reps, seed=a.seed)
+                mode=a.mode, K=a.K, max_bytes=max_bytes, reps=a.reps, seed=a.seed, device=a.device)
     md = render(meta, results)
     print(md)
     if not a.no_write:

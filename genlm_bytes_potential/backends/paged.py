@@ -260,46 +260,34 @@ class PagedTokenLM(HFTokenLM):
         h = inner.norm(h[torch.arange(B, device=h.device), last])
         return self._normalize(self.model.lm_head(h).float())
 
-    def _decode(self, ids, pos, write, keys):
-        """One new token per row, through a CUDA graph of this (rows, keys) bucket."""
-        B, S = keys.shape
-        Bb = 1 << (B - 1).bit_length()
-        Sb = max(64, 1 << (S - 1).bit_length())
-        g = self._graphs.get((Bb, Sb))
+    def _decode(self, packed: np.ndarray, B: int) -> torch.Tensor:
+        """One new token per row (``packed``: see ``_pack``, padded to a bucket), through
+        the CUDA graph of this bucket: one host-to-device copy, one replay."""
+        g = self._graphs.get(packed.shape)
         if g is None:
-            g = self._graphs[(Bb, Sb)] = self._capture(Bb, Sb)
-        graph, (s_ids, s_pos, s_write, s_keys, _), out = g
-        s_ids.fill_(self.pad_token_id)
-        s_pos.zero_()
-        s_write.zero_()
-        s_keys.zero_()
-        s_ids[:B].copy_(ids)
-        s_pos[:B].copy_(pos)
-        s_write[:B].copy_(write)
-        s_keys[:B, :S].copy_(keys)
+            g = self._graphs[packed.shape] = self._capture(packed.shape)
+        graph, buf, out = g
+        buf.copy_(torch.from_numpy(packed))
         graph.replay()
         self.graph_replays += 1
         return out[:B].clone()
 
-    def _capture(self, B: int, S: int):
+    def _capture(self, shape: tuple[int, int]):
         dev = self.device
-        ids = torch.full((B, 1), self.pad_token_id, dtype=torch.long, device=dev)
-        pos = torch.zeros((B, 1), dtype=torch.long, device=dev)
-        write = torch.zeros((B, 1), dtype=torch.long, device=dev)
-        keys = torch.zeros((B, S), dtype=torch.long, device=dev)
-        last = torch.zeros(B, dtype=torch.long, device=dev)
+        buf = torch.zeros(shape, dtype=torch.long, device=dev)
+        buf[:, 0] = self.pad_token_id
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._run(ids, pos, write, keys, last)
+                self._run(*_unpack(buf, 1))
         torch.cuda.current_stream(dev).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = self._run(ids, pos, write, keys, last)
-        return graph, (ids, pos, write, keys, last), out  # the graph reads these buffers: keep them
+            out = self._run(*_unpack(buf, 1))
+        return graph, buf, out  # the graph reads buf and writes out: keep both
 
     # ---- planning a batch ---------------------------------------------------
 
@@ -376,33 +364,46 @@ class PagedTokenLM(HFTokenLM):
         B = len(rows)
         N = max(len(ctx) - d for ctx, d in rows)
         S = max(len(ctx) for ctx, _ in rows)
-        ids = np.full((B, N), self.pad_token_id, np.int64)
-        pos = np.zeros((B, N), np.int64)
-        write = np.zeros((B, N), np.int64)
-        keys = np.zeros((B, S), np.int64)
-        last = np.zeros(B, np.int64)
-        for b, (ctx, d) in enumerate(rows):
-            node = cache.nodes[ctx]
-            n = len(ctx) - d
-            ids[b, :n] = ctx[d:]
-            pos[b, :n] = np.arange(d, len(ctx))
-            write[b, :n] = node.path[d:]
-            keys[b, : len(ctx)] = node.path
-            last[b] = n - 1
-        dev = self.device
-        t = [torch.from_numpy(x).to(dev, non_blocking=True) for x in (ids, pos, write, keys, last)]
-        if N == 1 and self.cuda_graphs and B <= self.max_batch_size:
-            lp = self._decode(*t[:4])
+        graph = N == 1 and self.cuda_graphs and B <= self.max_batch_size
+        if graph:  # buckets: rows to a power of two, keys to a power of two >= 64
+            B_pad, S_pad = 1 << (B - 1).bit_length(), max(64, 1 << (S - 1).bit_length())
         else:
-            lp = self._run(*t)
+            B_pad, S_pad = B, S
+        packed = self._pack(rows, N, B_pad, S_pad)
+        if graph:
+            lp = self._decode(packed, B)
+        else:
+            lp = self._run(*_unpack(torch.from_numpy(packed).to(self.device), N))
         self.forward_calls += 1
         for b, (ctx, _) in enumerate(rows):
             cache.set_logprobs(ctx, cache.nodes[ctx], lp[b])
+
+    def _pack(self, rows, N: int, B_pad: int, S_pad: int) -> np.ndarray:
+        """One int64 array ``[B_pad, 3N + 1 + S_pad]`` per forward pass (one transfer):
+        per row its new token ids, their positions, the slots they write, the index of
+        its last new token, then its key slots; padding rows read and write slot 0."""
+        packed = np.zeros((B_pad, 3 * N + 1 + S_pad), np.int64)
+        packed[:, :N] = self.pad_token_id
+        for b, (ctx, d) in enumerate(rows):
+            path = self.cache.nodes[ctx].path
+            n = len(ctx) - d
+            packed[b, :n] = ctx[d:]
+            packed[b, N : N + n] = np.arange(d, len(ctx))
+            packed[b, 2 * N : 2 * N + n] = path[d:]
+            packed[b, 3 * N] = n - 1
+            packed[b, 3 * N + 1 : 3 * N + 1 + len(ctx)] = path
+        return packed
 
     def clear_cache(self):
         """Drop every cached context (KV slots and log-probs); captured graphs stay."""
         with self._lock:
             self.cache.clear()
+
+
+def _unpack(packed: torch.Tensor, N: int):
+    """``(ids, pos, write, keys, last)`` views of a packed batch (see ``_pack``)."""
+    return (packed[:, :N], packed[:, N : 2 * N], packed[:, 2 * N : 3 * N], packed[:, 3 * N + 1 :],
+            packed[:, 3 * N])
 
 
 def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,0 +1,84 @@
+"""Where a byte step's time goes on a CUDA GPU: trie masses and their transfer, one LM
+step of ``PagedTokenLM``, W1 scoring throughput, and a cProfile of one scoring run.
+
+    python -m benchmarks.gpu_profile --bytes 400 --K 5 8
+
+Prints medians of 30 repetitions for the micro-measurements (ms) and bytes/s for W1
+(after a warm-up pass over the same text, so CUDA graphs are captured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from benchmarks.lms import heldout_text
+
+
+def _median_ms(fn, reps=30) -> float:
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[reps // 2] * 1e3
+
+
+def main():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from genlm_bytes_potential.backends.paged import PagedTokenLM
+    from genlm_bytes_potential.byte_lm import ByteLM
+    from genlm_bytes_potential.lm_state import _to_host
+    from genlm_bytes_potential.models import default_model_dir
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bytes", type=int, default=400)
+    p.add_argument("--K", type=int, nargs="+", default=[5, 8])
+    args = p.parse_args()
+    path = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    lm = PagedTokenLM(model, tok)
+    eos = [bytes(lm.byte_vocab[tok.eos_token_id])]
+    text = heldout_text(args.bytes)
+    trie = ByteLM(lm, eos_tokens=eos).model.trie
+    lp = torch.log_softmax(torch.randn(8, lm.vocab_size, device="cuda"), -1)
+    for B in (1, 5, 8):
+        pageable = _median_ms(lambda: trie.masses(lp[:B], True)[0].cpu().numpy())
+        pinned = _median_ms(lambda: _to_host(trie.masses(lp[:B], True)[0]))
+        print(f"trie masses + transfer, B={B}: pageable {pageable:.2f} ms, pinned {pinned:.2f} ms")
+    ctx = tuple([1] + tok.encode(text[:300].decode("utf-8", "ignore")))
+    lm.batch_next_token_logprobs_sync([ctx])
+    for B in (1, 5, 8):
+        step = iter(range(10**6))
+        ms = _median_ms(lambda: lm.batch_next_token_logprobs_sync(
+            [ctx + (1000 + 8 * next(step) + b,) for b in range(B)]))
+        print(f"LM one-token step, B={B}: {ms:.2f} ms")
+    for K in args.K:
+        blm = ByteLM(lm, K=K, eos_tokens=eos)
+        asyncio.run(blm.score(text))
+        lm.clear_cache()
+        t = time.perf_counter()
+        asyncio.run(blm.score(text))
+        print(f"W1 K={K}: {len(text) / (time.perf_counter() - t):.1f} B/s")
+    lm.clear_cache()
+    prof = cProfile.Profile()
+    prof.enable()
+    asyncio.run(blm.score(text))
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
