@@ -60,7 +60,7 @@ def eos_of(lm):
     return [bytes(lm.byte_vocab[lm.tokenizer.eos_token_id])]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bytes", type=int, default=400)
     p.add_argument("--K", type=int, nargs="+", default=[1, 5, 8])
@@ -69,7 +69,7 @@ def main():
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--out", default="gpu_w1.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     lms, convert_s = load(getattr(torch, args.dtype), args.device)
     text = heldout_text(args.bytes)
     cuda = args.device.startswith("cuda")
@@ -101,6 +101,7 @@ def main():
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(json.dumps(meta))
+    return rows
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(p):
         p.add_argument("--model", default=None, help="HF name or local path (default: embedded SmolLM2-135M-Instruct)")
-        p.add_argument("--backend", default="auto", choices=["auto", "vllm", "paged", "hf", "mock"], help="LM backend (auto: vLLM when installed, else hf; paged: Llama-family models, CUDA graphs on GPU; mock: random LM over the tokenizer, for tests)")
+        p.add_argument("--backend", default="auto", choices=["auto", "vllm", "paged", "hf", "mock"], help="LM backend (auto: vLLM when installed, else paged for Llama/Mistral/Qwen models, else hf; paged: Llama-family models, CUDA graphs on GPU; mock: random LM over the tokenizer, for tests)")
         p.add_argument("--K", type=_positive_int, default=8, help="beam width (default 8)")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
 

@@ -163,6 +163,17 @@ def _vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _auto_backend(name: str) -> str:
+    """vLLM when importable; else ``paged`` for the model types it runs, else ``hf``."""
+    if _vllm_available():
+        return "vllm"
+    from transformers import AutoConfig
+
+    from genlm_bytes_potential.backends.paged import SUPPORTED_MODEL_TYPES
+
+    return "paged" if AutoConfig.from_pretrained(name).model_type in SUPPORTED_MODEL_TYPES else "hf"
+
+
 def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **engine_opts):
     """Load a token-level ``AsyncLM``.
 
@@ -176,7 +187,7 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
             decoder),
             ``"mock"`` (:class:`~genlm_bytes_potential.backends.MockTokenLM` over the
             model's byte vocabulary; no weights loaded), or ``"auto"``: vLLM if it is
-            importable, else HF.
+            importable, else ``"paged"`` for the model types it supports, else ``"hf"``.
         **engine_opts: passed to the backend's constructor (for vLLM: engine
             arguments such as ``tensor_parallel_size``, ``gpu_memory_utilization``,
             ``max_model_len``; for HF: ``dtype``, ``device``, ``kv_cache_bytes``, ...;
@@ -186,7 +197,7 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     name = _resolve_model(model)
     if backend == "auto":
-        backend = "vllm" if _vllm_available() else "hf"
+        backend = _auto_backend(name)
     if backend == "vllm":
         from genlm_bytes_potential.backends.vllm import VLLMTokenLM
 

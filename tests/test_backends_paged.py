@@ -157,3 +157,16 @@ async def test_load_lm_paged(tiny_llama_dir, tiny_llama):
     assert isinstance(lm, PagedTokenLM)
     out = await lm.next_token_logprobs(CTXS[0])
     assert torch.allclose(out, _ref(tiny_llama[0], CTXS[0], lm.vocab_size), atol=2e-4, rtol=1e-5)
+
+
+def test_auto_backend_without_vllm(monkeypatch, tiny_llama_dir, tmp_path):
+    from transformers import GPT2Config
+
+    from genlm_bytes_potential import models
+
+    monkeypatch.setattr(models, "_vllm_available", lambda: False)
+    assert models._auto_backend(str(tiny_llama_dir)) == "paged"
+    GPT2Config(n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    assert models._auto_backend(str(tmp_path)) == "hf"
+    monkeypatch.setattr(models, "_vllm_available", lambda: True)
+    assert models._auto_backend(str(tmp_path)) == "vllm"

@@ -136,3 +136,19 @@ def test_plots_smoke(tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.isfinite(1.0)
+
+
+def test_gpu_session_on_cpu(tmp_path):
+    """The GPU W1 session runs on the CPU too (SmolLM2 fp32, a few bytes): every row
+    scores the text, and ours agrees with ByteLLM on the same LM."""
+    from benchmarks import gpu_session
+
+    out = tmp_path / "w1.json"
+    rows = gpu_session.main(["--device", "cpu", "--dtype", "float32", "--bytes", "24", "--K", "2",
+                             "--reps", "1", "--rows", "ours", "anchor_t0", "anchor_on_our_lm",
+                             "--out", str(out)])
+    by = {r["name"]: r for r in rows}
+    assert set(by) == {"ours", "anchor_t0", "anchor_on_our_lm"}
+    assert all(r["bytes_per_s"] > 0 and math.isfinite(r["bits_per_byte"]) for r in rows)
+    assert abs(by["ours"]["bits_per_byte"] - by["anchor_on_our_lm"]["bits_per_byte"]) < 0.05
+    assert json.loads(out.read_text())["meta"]["device"] == "cpu"

@@ -196,8 +196,9 @@ class PagedTokenLM(HFTokenLM):
             )
         self.kv_cache_bytes = int(kv_cache_bytes)
         #: keys then values of every slot: ``[layers, slots, 2 * kv_heads, head_dim]``
-        self.pool = torch.zeros((len(self.layers), n_slots, 2 * self.kv_heads, self.head_dim),
-                                dtype=dtype, device=self.device)
+        self.pool = torch.empty((len(self.layers), n_slots, 2 * self.kv_heads, self.head_dim),
+                                dtype=dtype, device=self.device)  # pages committed as slots fill
+        self.pool[:, 0].zero_()  # scratch slot, read (masked) by padding: must be finite
         self.cache = _SlotTrie(n_slots, int(logprob_cache_rows))
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple] = {}
