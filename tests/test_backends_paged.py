@@ -79,7 +79,8 @@ async def test_eviction_keeps_results_exact(tiny_llama):
     model, tok = tiny_llama
     V = len(tok)
     per_slot = 2 * 2 * 1 * 32 * 4  # layers x (k, v) x kv heads x head dim x fp32
-    lm = PagedTokenLM(model, tok, kv_cache_bytes=200 * per_slot, max_batch_tokens=64, logprob_cache_rows=4)
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=200 * per_slot, max_batch_tokens=64,
+                       logprob_cache_bytes=4 * 4 * V)
     assert lm.cache.n_slots == 200
     rng = np.random.default_rng(0)
     seen = []

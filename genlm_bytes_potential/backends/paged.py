@@ -145,7 +145,8 @@ class PagedTokenLM(HFTokenLM):
             docstring); its weights are used as they are (dtype and device).
         tokenizer: its tokenizer.
         kv_cache_bytes: size of the KV pool (one slot per cached token).
-        logprob_cache_rows: how many contexts' next-token log-probs stay cached.
+        logprob_cache_bytes: memory for cached next-token log-prob rows (float32, one
+            per context asked for; least recently used rows are dropped first).
         max_batch_size: most rows per forward pass.
         max_batch_tokens: most padded new-token positions (rows x longest) per pass.
         cuda_graphs: replay captured graphs for one-token batches (CUDA only).
@@ -160,7 +161,7 @@ class PagedTokenLM(HFTokenLM):
         tokenizer,
         *,
         kv_cache_bytes: int = 2 * 2**30,
-        logprob_cache_rows: int = 8192,
+        logprob_cache_bytes: int = 2**30,
         max_batch_size: int = 64,
         max_batch_tokens: int = 4096,
         cuda_graphs: bool = True,
@@ -199,7 +200,7 @@ class PagedTokenLM(HFTokenLM):
         self.pool = torch.empty((len(self.layers), n_slots, 2 * self.kv_heads, self.head_dim),
                                 dtype=dtype, device=self.device)  # pages committed as slots fill
         self.pool[:, 0].zero_()  # scratch slot, read (masked) by padding: must be finite
-        self.cache = _SlotTrie(n_slots, int(logprob_cache_rows))
+        self.cache = _SlotTrie(n_slots, max(1, int(logprob_cache_bytes) // (4 * self.vocab_size)))
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
@@ -377,7 +378,7 @@ class PagedTokenLM(HFTokenLM):
             lp = self._run(*_unpack(torch.from_numpy(packed).to(self.device), N))
         self.forward_calls += 1
         for b, (ctx, _) in enumerate(rows):
-            cache.set_logprobs(ctx, cache.nodes[ctx], lp[b])
+            cache.set_logprobs(ctx, cache.nodes[ctx], lp[b].clone())  # own memory: evictable alone
 
     def _pack(self, rows, N: int, B_pad: int, S_pad: int) -> np.ndarray:
         """One int64 array ``[B_pad, 3N + 1 + S_pad]`` per forward pass (one transfer):
