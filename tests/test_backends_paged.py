@@ -171,3 +171,21 @@ def test_auto_backend_without_vllm(monkeypatch, tiny_llama_dir, tmp_path):
     assert models._auto_backend(str(tmp_path)) == "hf"
     monkeypatch.setattr(models, "_vllm_available", lambda: True)
     assert models._auto_backend(str(tmp_path)) == "vllm"
+
+
+def test_slot_trie_evicts_lru_leaves_and_keeps_contexts_asked_for():
+    from genlm_bytes_potential.backends.paged import _SlotTrie
+
+    t = _SlotTrie(n_slots=6, max_logprob_rows=10)  # 5 usable slots
+    for ctx in [(1,), (1, 2), (1, 2, 3), (1, 4), (5,)]:
+        t.add(ctx)
+    t.set_logprobs((1, 2), t.nodes[(1, 2)], torch.zeros(1))
+    for ctx in [(1, 2, 3), (1, 4), (5,), (1, 2)]:  # oldest first
+        t.touch(ctx, t.nodes[ctx])
+    assert not t.free
+    t.reserve(1, pinned={(5,)})  # the oldest leaf goes; its parent holds log-probs and stays
+    assert set(t.nodes) == {(1,), (1, 2), (1, 4), (5,)} and len(t.free) == 1
+    t.reserve(3, pinned={(5,)})  # then (1, 4), (1, 2) and their childless parent (1,)
+    assert set(t.nodes) == {(5,)} and len(t.free) == 4 and t.evictions == 4
+    with pytest.raises(RuntimeError, match="KV pool too small"):
+        t.reserve(5, pinned={(5,)})

@@ -110,31 +110,32 @@ class _SlotTrie:
             self.with_logprobs[ctx] = self.with_logprobs.pop(ctx, node)
 
     def reserve(self, need: int, pinned: set[tuple[int, ...]]) -> None:
-        """Free slots until ``need`` are free, evicting least recently used leaves not
-        in ``pinned`` (and their ancestors that become leaves)."""
-        if len(self.free) >= need:
-            return
+        """Free slots until ``need`` are free (aiming for an eighth of the pool more),
+        evicting least recently used leaves not in ``pinned``; a parent left childless
+        goes with its child unless it holds log-probs (then it waits for its own turn)."""
         target = min(self.n_slots - 1, need + (self.n_slots - 1) // 8)
-        leaves = sorted((n.tick, ctx) for ctx, n in self.nodes.items() if n.children == 0)
-        for _, ctx in leaves:
-            while ctx and ctx not in pinned:
+        while len(self.free) < need:
+            leaves = sorted((n.tick, ctx) for ctx, n in self.nodes.items() if not n.children and ctx not in pinned)
+            if not leaves:
+                raise RuntimeError(
+                    f"KV pool too small: this batch needs {need} new slots but only {len(self.free)} of "
+                    f"{self.n_slots - 1} can be freed; raise kv_cache_bytes or lower max_batch_tokens"
+                )
+            for _, ctx in leaves:
                 node = self.nodes[ctx]
-                if node.children:
-                    break
-                del self.nodes[ctx]
-                self.with_logprobs.pop(ctx, None)
-                self.free.append(node.slot)
-                self.evictions += 1
-                if node.parent is not None:
-                    node.parent.children -= 1
-                ctx = ctx[:-1]
-            if len(self.free) >= target:
-                return
-        if len(self.free) < need:
-            raise RuntimeError(
-                f"KV pool too small: this batch needs {need} new slots but only {len(self.free)} of "
-                f"{self.n_slots - 1} can be freed; raise kv_cache_bytes or lower max_batch_tokens"
-            )
+                while True:
+                    del self.nodes[ctx]
+                    self.with_logprobs.pop(ctx, None)
+                    self.free.append(node.slot)
+                    self.evictions += 1
+                    node, ctx = node.parent, ctx[:-1]
+                    if node is None:
+                        break
+                    node.children -= 1
+                    if node.children or node.logprobs is not None or ctx in pinned:
+                        break
+                if len(self.free) >= target:
+                    return
 
 
 class PagedTokenLM(HFTokenLM):
