@@ -244,6 +244,8 @@ class TokenModel:
 def _to_host(x: torch.Tensor) -> np.ndarray:
     """A device tensor as a numpy array, through page-locked memory (DMA, several times
     faster than a copy to pageable memory for the MBs of masses a batch has)."""
+    if x.device.type != "cuda":
+        return x.cpu().numpy()
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     host.copy_(x)
     return host.numpy()
