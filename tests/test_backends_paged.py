@@ -189,3 +189,24 @@ def test_slot_trie_evicts_lru_leaves_and_keeps_contexts_asked_for():
     assert set(t.nodes) == {(5,)} and len(t.free) == 4 and t.evictions == 4
     with pytest.raises(RuntimeError, match="KV pool too small"):
         t.reserve(5, pinned={(5,)})
+
+
+async def test_failed_forward_leaves_no_unwritten_slots(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    V = lm.vocab_size
+    await lm.next_token_logprobs(CTXS[0])
+    before = (set(lm.cache.nodes), len(lm.cache.free))
+    real = lm._forward_wave
+
+    def fail(rows):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(lm, "_forward_wave", fail)
+    with pytest.raises(RuntimeError, match="device lost"):
+        await lm.batch_next_token_logprobs([CTXS[0] + [5, 6], [1, 2, 3]])
+    assert (set(lm.cache.nodes), len(lm.cache.free)) == before
+    monkeypatch.setattr(lm, "_forward_wave", real)
+    out = await lm.batch_next_token_logprobs([CTXS[0] + [5, 6], [1, 2, 3]])
+    for row, ctx in zip(out, [CTXS[0] + [5, 6], [1, 2, 3]]):
+        assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)

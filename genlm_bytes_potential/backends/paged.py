@@ -95,6 +95,15 @@ class _SlotTrie:
         self.nodes[ctx] = node
         return node
 
+    def discard(self, keys) -> None:
+        """Remove nodes (children before their parents) and free their slots."""
+        for ctx in keys:
+            node = self.nodes.pop(ctx)
+            self.with_logprobs.pop(ctx, None)
+            self.free.append(node.slot)
+            if node.parent is not None:
+                node.parent.children -= 1
+
     def set_logprobs(self, ctx, node: _Node, row: torch.Tensor):
         node.logprobs = row
         self.with_logprobs.pop(ctx, None)
@@ -324,6 +333,7 @@ class PagedTokenLM(HFTokenLM):
         depths = [cache.deepest(ctx) for ctx in todo]
         need = sum(len(c) - d for c, d in zip(todo, depths))
         cache.reserve(need, pinned={c[:d] for c, d in zip(todo, depths)})
+        created: list[tuple[int, ...]] = []  # new nodes, parents first
         waves: list[list] = []  # rows: (ctx, first new position)
         sizes: list[tuple[int, int]] = []  # (rows, longest new) per wave
         for ctx in todo:
@@ -346,10 +356,14 @@ class PagedTokenLM(HFTokenLM):
             sizes[w] = (sizes[w][0] + 1, max(sizes[w][1], n))
             for j in range(d + 1, len(ctx) + 1):
                 cache.add(ctx[:j]).wave = w
+                created.append(ctx[:j])
             self.forward_tokens += n
         try:
             for rows in waves:
                 self._forward_wave(rows)
+        except BaseException:  # slots never written must not pass for cached prefixes
+            cache.discard(reversed(created))
+            raise
         finally:
             for ctx in todo:
                 for j in range(len(ctx), 0, -1):
