@@ -92,3 +92,16 @@ def vllm_tiny(tiny_llama_dir):
     )
     yield lm
     lm.close()
+
+
+@_pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A model folder with GPT-2's real tokenizer, served by the mock backend."""
+    import json
+
+    from tiny_models import gpt2_tokenizer
+
+    path = tmp_path_factory.mktemp("gpt2-tokenizer")
+    gpt2_tokenizer().save_pretrained(path)
+    (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    return str(path)

@@ -15,7 +15,7 @@ from genlm.backend.llm.base import AsyncLM
 
 from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _SlotPool
 
-from tiny_models import BACKEND_CONTEXTS, hf_reference
+from tiny_models import BACKEND_CONTEXTS, hf_reference, loop_ticks_during
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
@@ -145,18 +145,7 @@ async def test_concurrent_calls_coalesce(vllm_tiny):
 
 
 async def test_event_loop_not_blocked(vllm_tiny):
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0)
-            ticks += 1
-
-    task = asyncio.ensure_future(ticker())
-    await vllm_tiny.batch_next_token_logprobs([[i] * 300 for i in range(100, 116)])
-    task.cancel()
-    assert ticks > 1
+    assert await loop_ticks_during(vllm_tiny.batch_next_token_logprobs([[i] * 300 for i in range(100, 116)])) > 1
 
 
 def test_sync_api_from_threads(vllm_tiny):

@@ -4,17 +4,6 @@ import pytest
 
 from genlm_bytes_potential.cli import main
 
-from tiny_models import gpt2_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A model folder with GPT-2's real tokenizer, served by the mock backend."""
-    path = tmp_path_factory.mktemp("gpt2-tokenizer")
-    gpt2_tokenizer().save_pretrained(path)
-    (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    return str(path)
-
 
 def run(capsys, *argv):
     code = main(list(argv))

