@@ -5,7 +5,9 @@
 The default SmolLM2-135M (bf16 on the GPU, as the anchor's reference run in
 shared/device/README.md) is loaded once. Rows (``--rows`` picks some):
 
-* ``ours``: ``ByteLM(PagedTokenLM)`` (KV slot per token-trie node, CUDA graphs);
+* ``ours``: ``ByteLM(PagedTokenLM)`` (KV slot per token-trie node, CUDA graphs;
+  LM calls prefetched 4 bytes ahead, the default);
+* ``ours_la0``: the same without prefetching (``lookahead=0``);
 * ``ours_hf``: ``ByteLM(HFTokenLM)`` (KV reuse along token prefixes, eager forward);
 * ``anchor``: ``ByteLLM`` on genlm-backend's ``AsyncTransformer`` as shipped (batching
   timeout 0.02 s; the README's 8.9 B/s reference);
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import time
@@ -48,11 +51,11 @@ def load(dtype, device):
         "anchor": AsyncTransformer(model, tok),
         "anchor_t0": AsyncTransformer(model, tok, timeout=0.0),
     }
-    lms["anchor_on_our_lm"] = lms["ours"]
+    lms["anchor_on_our_lm"] = lms["ours_la0"] = lms["ours"]
     return lms, convert_s
 
 
-ROWS = {"ours": score_ours, "ours_hf": score_ours, "anchor": score_anchor, "anchor_t0": score_anchor,
+ROWS = {"ours": score_ours, "ours_la0": functools.partial(score_ours, lookahead=0), "ours_hf": score_ours, "anchor": score_anchor, "anchor_t0": score_anchor,
         "anchor_on_our_lm": score_anchor}
 
 

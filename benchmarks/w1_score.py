@@ -34,10 +34,10 @@ KS = (1, 2, 4, 8, 16)
 QUICK_KS = (1, 4, 16)
 
 
-async def score_ours(lm, text: bytes, K: int, eos) -> dict:
+async def score_ours(lm, text: bytes, K: int, eos, **opts) -> dict:
     from genlm_bytes_potential.byte_lm import ByteLM
 
-    blm = ByteLM(lm, K=K, eos_tokens=list(eos))  # builds the trie (untimed)
+    blm = ByteLM(lm, K=K, eos_tokens=list(eos), **opts)  # builds the trie (untimed)
     c0, t0 = time.process_time(), time.perf_counter()
     s = await blm.score(text)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0

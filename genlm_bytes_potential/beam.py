@@ -273,7 +273,8 @@ async def initial_beam(
     )
 
 
-async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None) -> list[Beam]:
+async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None,
+                  ahead: list[bytes] | None = None) -> list[Beam]:
     """Advance each beam by its byte: read, prune, extend. All extensions of all beams
     share one LM batch call and one trie batch.
 
@@ -281,6 +282,9 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         beams: beams over the same model.
         next_bytes: one byte (0..255) or EOS (257) per beam.
         with_eos: trie mode for the new candidates' masses; default: each beam's own.
+        ahead: per beam, bytes known to follow its byte. With the model's ``lookahead``
+            on, a step that calls the LM also asks for the contexts that reading them
+            may need (:func:`speculative_contexts`); results are unchanged.
     """
     if len(beams) != len(next_bytes):
         raise ValueError(f"{len(beams)} beams but {len(next_bytes)} bytes; expected one byte per beam")
@@ -315,6 +319,15 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         ext_plan.append((ew, len(requests), len(states)))
         requests.extend(states)
 
+    prefetch = []
+    if ahead is not None and model.lookahead and model.would_call(requests):
+        budget = model.max_prefetch - len(requests)
+        for beam, b, more in zip(beams, next_bytes, ahead):
+            if b != EOS and len(more) and budget > 0:
+                extra = speculative_contexts(beam, bytes([b]) + bytes(more[: model.lookahead]), budget)
+                prefetch.extend(extra)
+                budget -= len(extra)
+
     modes = {beam.with_eos if with_eos is None else with_eos for beam in beams}
     blocks_by_mode = {}
     calls_before = model.stats.batch_calls
@@ -326,7 +339,8 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             for j in range(start, start + n)
         ]
         if sel:
-            blocks_by_mode[mode] = (await model.masses([requests[j] for j in sel], mode), sel)
+            blocks_by_mode[mode] = (await model.masses([requests[j] for j in sel], mode, prefetch), sel)
+            prefetch = []
     calls = model.stats.batch_calls - calls_before
 
     out = []
@@ -367,6 +381,61 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             log_total=log_total, with_eos=mode, stats=stats,
         )))
     return out
+
+
+def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) -> list[LMState]:
+    """Token contexts that reading ``data`` from ``beam`` may ask the LM for, at most
+    ``limit``, ranked by a guess of their weight.
+
+    After reading ``data[:e]``, candidate ``c`` extends its state by a token spelled by its
+    partial token and ``data[:e]``, with log weight ``w_c + log M_c(leaf) - log M_c(node_c)``
+    (exact, before pruning); such a context extends again (up to ``depth`` tokens deep) by
+    a token spelled by the bytes after it up to ``e``, its weight guessed as its parent's
+    plus ``_LEVEL_PENALTY``. The rank is that weight plus ``_BYTE_PENALTY * e`` (the further
+    ahead, the likelier pruned first); a child ranks below its parent, so the set is
+    prefix-closed. Which contexts are asked for depends on pruning: this is a guess for the
+    LM's cache, never part of the beam's arithmetic."""
+    if limit <= 0 or beam.is_empty:
+        return []
+    token_ids = beam.model.token_ids
+    trie = beam.model.trie
+    sources = [(i, beam.states[i], trie.prefix_of[beam.nodes[i]], 0, 0) for i in range(len(beam))]
+    found: list[tuple[int, LMState, int]] = []  # (candidate, or -1 - index of parent; state; level)
+    ends: list[int] = []
+    seen: set[tuple[int, ...]] = set()
+    for end in range(1, len(data) + 1):
+        new = []
+        for src, state, partial, start, level in sources:
+            if level == depth:
+                continue
+            for t in token_ids.get(partial + data[start:end], ()):
+                s = state.extend(t)
+                if s.tokens not in seen:
+                    seen.add(s.tokens)
+                    new.append((-1 - len(found), s, b"", end, level + 1))
+                    found.append((src, s, level + 1))
+                    ends.append(end)
+        sources += new
+    if not found:
+        return []
+    est = np.full(len(found), -np.inf)
+    first = np.array([k for k, (_, _, level) in enumerate(found) if level == 1], np.int64)
+    if len(first):
+        cand = np.array([found[k][0] for k in first], np.int64)
+        leaf = trie.token_leaf[np.array([found[k][1].tokens[-1] for k in first], np.int64)]
+        est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf, beam.nodes[cand])
+    for k, (src, _, level) in enumerate(found):  # parents come before their children
+        if level > 1:
+            est[k] = est[-1 - src] + _LEVEL_PENALTY
+    rank = est + _BYTE_PENALTY * np.array(ends)
+    keep = np.sort(np.argsort(-rank, kind="stable")[:limit])
+    return [found[k][1] for k in keep if np.isfinite(est[k])]
+
+
+# Rank of a speculative context (see speculative_contexts), in nats; chosen on SmolLM2
+# scoring (K = 5, 8): fewest LM forward passes per byte at 64 contexts per call.
+_LEVEL_PENALTY = -2.0
+_BYTE_PENALTY = -3.0
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -531,5 +600,6 @@ async def prefill(beam: Beam, data: bytes, with_eos: bool = True) -> Beam:
     """Read ``data`` (e.g. a prompt) with EOS tokens as ordinary text; the last step's
     extensions get masses in mode ``with_eos``, ready for generation."""
     for i, b in enumerate(data):
-        (beam,) = await advance([beam], [b], with_eos=with_eos if i == len(data) - 1 else False)
+        (beam,) = await advance([beam], [b], with_eos=with_eos if i == len(data) - 1 else False,
+                                ahead=[memoryview(data)[i + 1 :]])
     return beam

@@ -69,15 +69,18 @@ class ByteLM:
         max_context_length: the LM sees at most this many trailing tokens.
         canonical: commit only canonical tokenizations (see ``TokenModel``).
         device: where trie masses are computed (see ``TokenModel``).
+        lookahead: bytes read ahead when they are known (``score``, prompts) to prefetch
+            LM calls into the LM's cache (see ``TokenModel``; 0: off).
     """
 
     def __init__(self, lm, *, K: int | None = 8, prune_threshold: float = 0.0, heal: bool = True,
                  heal_max_backoff: int | None = None, heal_max_splits: int | None = None,
                  eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None,
-                 canonical: bool = False, device: str | None = None):
+                 canonical: bool = False, device: str | None = None, lookahead: int = 4):
         self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=heal,
                                  heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device=device, canonical=canonical)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device=device, canonical=canonical,
+                                lookahead=lookahead)
 
     async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:
         """The beam after ``prompt_tokens`` then ``prompt`` bytes (read as text)."""
@@ -93,8 +96,8 @@ class ByteLM:
         data = _as_bytes(data)
         beam = await self.beam(prompt)
         start = beam.logp
-        for b in data:
-            (beam,) = await advance([beam], [b])
+        for i, b in enumerate(data):
+            (beam,) = await advance([beam], [b], ahead=[memoryview(data)[i + 1 :]])
         return Score(beam.logp - start, len(data), beam.stats.heals)
 
     async def generate(self, prompt: bytes | str = b"", max_bytes: int = 64, *, greedy: bool = False,

@@ -88,6 +88,12 @@ class TokenModel:
             encoded and are accepted unchecked. Mass of tokens still being read is not
             filtered, only commits are; healed tokens are not checked.
         canonical_window: tokens checked per commit (>= 1).
+        lookahead: when the bytes ahead are known (scoring, prefill, a potential's
+            context), a batch that has to call the LM also asks for the contexts the next
+            ``lookahead`` bytes may need (see ``beam.advance``), so that later steps find
+            them in the LM's cache: fewer, larger LM calls, same values. Only for LMs that
+            cache log-probs and say so (``lm.has_logprobs(token_ids) -> bool``); 0: off.
+        max_prefetch: most contexts one LM call asks for, when it prefetches.
     """
 
     lm: Any
@@ -96,6 +102,8 @@ class TokenModel:
     device: str | None = None
     canonical: bool = False
     canonical_window: int = 2
+    lookahead: int = 4
+    max_prefetch: int = 64
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)
 
@@ -114,6 +122,8 @@ class TokenModel:
             self.eos_tokens = [vocab[self.eos_token_id]] if self.eos_token_id is not None else []
         self.trie = TokenByteTrie(vocab, self.eos_tokens)
         self._vocab = vocab
+        self.lookahead = self._resolve_lookahead()
+        self._token_ids: dict[bytes, tuple[int, ...]] | None = None
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -127,6 +137,28 @@ class TokenModel:
             self._tokenizer = tok
             self._special = frozenset(int(t) for t in getattr(tok, "all_special_ids", ()) or ())
             self._canonical_memo: dict[tuple[int, ...], bool] = {}
+
+    def _resolve_lookahead(self) -> int:
+        for name in ("lookahead", "max_prefetch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
+                raise ValueError(f"{name}={v!r}; expected an int >= 0")
+        return int(self.lookahead) if callable(getattr(self.lm, "has_logprobs", None)) else 0
+
+    @property
+    def token_ids(self) -> dict[bytes, tuple[int, ...]]:
+        """Token ids by byte string (several ids may share one)."""
+        if self._token_ids is None:
+            ids: dict[bytes, tuple[int, ...]] = {}
+            for i, b in enumerate(self._vocab):
+                ids[b] = ids.get(b, ()) + (i,)
+            self._token_ids = ids
+        return self._token_ids
+
+    def would_call(self, states: list[LMState]) -> bool:
+        """Whether ``masses(states)`` may need an LM forward pass: the (caching) LM lacks
+        some context's log-probs. Always True without lookahead."""
+        return not self.lookahead or not all(self.lm.has_logprobs(self.model_input(s)) for s in states)
 
     def is_canonical(self, tokens: tuple[int, ...]) -> bool:
         """Whether the last committed token of ``tokens`` passes the canonicity check
@@ -185,12 +217,17 @@ class TokenModel:
             return list(tokens[-n:])
         return list(tokens)
 
-    async def masses(self, states: list[LMState], with_eos: bool) -> np.ndarray:
+    async def masses(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = ()) -> np.ndarray:
         """Scaled trie masses (see ``TokenByteTrie.masses``) of the states' next-token
         distributions, ``[len(states), n_nodes]``: one LM batch call over the distinct
-        contexts and one trie batch. Within a row, mass ratios are exact."""
+        contexts and one trie batch. Within a row, mass ratios are exact.
+        ``prefetch``: contexts asked for in the same LM call, for its cache only."""
         distinct: dict[tuple[int, ...], int] = {}
         rows = np.array([distinct.setdefault(s.tokens, len(distinct)) for s in states], np.int64)
+        n = len(distinct)
+        for s in prefetch if self.lookahead else ():
+            if s.tokens not in distinct and not self.lm.has_logprobs(self.model_input(s)):
+                distinct[s.tokens] = len(distinct)
         inputs = [self.model_input(LMState(t)) for t in distinct]
         try:
             logprobs = await self.lm.batch_next_token_logprobs(inputs)
@@ -204,13 +241,14 @@ class TokenModel:
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
         self._check_shape(logprobs, inputs)
+        logprobs = logprobs[:n]
         if self.device is not None:
             logprobs = logprobs.to(self.device)
         scaled, _ = self.trie.masses(logprobs, with_eos=with_eos)
         if torch.is_tensor(scaled):
             scaled = _to_host(scaled)
         self._check_finite(scaled[:, self.trie.root], inputs)
-        return scaled if len(distinct) == len(states) else scaled[rows]
+        return scaled if n == len(states) else scaled[rows]
 
     def _describe(self, tokens: list[int]) -> str:
         tail = tokens[-8:]

@@ -154,6 +154,8 @@ class ByteBeamPotential(Potential):
         canonical: commit only canonical tokenizations (the tokenizer's own encoding,
             checked on a window of trailing tokens; see ``TokenModel``). Needs
             ``lm.tokenizer``.
+        lookahead: bytes of a context (or prompt) read ahead to prefetch LM calls into
+            the LM's cache (see ``TokenModel``; 0: off). Values unchanged.
 
     Exact mode: ``K=None, prune_threshold=0`` keeps every tokenization of the context
     that has nonzero probability, and the potential is then the exact byte-level
@@ -187,6 +189,7 @@ class ByteBeamPotential(Potential):
         heal_max_splits: int | None = None,
         device: str | None = None,
         canonical: bool = False,
+        lookahead: int = 4,
     ):
         if isinstance(prompt, str):
             try:
@@ -207,7 +210,7 @@ class ByteBeamPotential(Potential):
             self.params, heal=True, heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
         )
         self.prompt = bytes(prompt)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead)
         self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
         self.cache = BeamCache(cache_size, cache_bytes)
         self._warned_cache = False
@@ -216,7 +219,7 @@ class ByteBeamPotential(Potential):
             K=K, prune_threshold=prune_threshold, prompt=self.prompt, prompt_tokens=tuple(prompt_tokens),
             eos_tokens=eos_tokens, max_context_length=max_context_length, cache_size=cache_size, cache_bytes=cache_bytes,
             heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits, device=device,
-            canonical=canonical,
+            canonical=canonical, lookahead=lookahead,
         )
         super().__init__(vocabulary=list(range(256)))
 
@@ -258,7 +261,8 @@ class ByteBeamPotential(Potential):
                 self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt
             )
             for i, b in enumerate(self.prompt):  # prefill, stopping at a byte it cannot read
-                (beam,) = await advance([beam], [b], with_eos=i == len(self.prompt) - 1)
+                (beam,) = await advance([beam], [b], with_eos=i == len(self.prompt) - 1,
+                                        ahead=[memoryview(self.prompt)[i + 1 :]])
                 if beam.is_empty:
                     raise ValueError(
                         f"prompt byte {b:#04x} at position {i} ({self.prompt[max(0, i - 30) : i + 1]!r}): "
@@ -288,9 +292,12 @@ class ByteBeamPotential(Potential):
         while pending:
             # Contexts sharing a prefix advance through it once.
             step: dict[bytes, Beam] = {}
+            ahead: dict[bytes, memoryview] = {}  # bytes known to follow each step
             for key, (n, beam) in pending.items():
                 step.setdefault(key[: n + 1], beam)
-            advanced = dict(zip(step, await advance(list(step.values()), [k[-1] for k in step])))
+                ahead.setdefault(key[: n + 1], memoryview(key)[n + 1 :])
+            advanced = dict(zip(step, await advance(list(step.values()), [k[-1] for k in step],
+                                                    ahead=list(ahead.values()))))
             for k, beam in advanced.items():
                 self.cache.put(k, beam)
             nxt = {}

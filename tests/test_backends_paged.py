@@ -210,3 +210,33 @@ async def test_failed_forward_leaves_no_unwritten_slots(tiny_llama, monkeypatch)
     out = await lm.batch_next_token_logprobs([CTXS[0] + [5, 6], [1, 2, 3]])
     for row, ctx in zip(out, [CTXS[0] + [5, 6], [1, 2, 3]]):
         assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [HFTokenLM, PagedTokenLM])
+async def test_cached_contexts_are_answered_without_a_forward_pass(cls, tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    lm = cls(model, tok)
+    first = await lm.batch_next_token_logprobs(CTXS)
+
+    def no_worker(contexts):
+        raise AssertionError("a fully cached call reached the worker")
+
+    monkeypatch.setattr(lm, "_evaluate", no_worker)
+    again = await lm.batch_next_token_logprobs(CTXS[::-1])
+    assert torch.equal(again, first.flip(0))
+    assert lm.cache_hits == len(CTXS)
+
+
+async def test_lookahead_scores_the_same_with_fewer_forward_passes(tiny_llama):
+    from genlm_bytes_potential.byte_lm import ByteLM
+
+    model, tok = tiny_llama
+    text = "def f(x):\n    return x + 1  # café, naïve".encode()
+    runs = []
+    for lookahead in (0, 4):
+        lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+        score = await ByteLM(lm, K=4, lookahead=lookahead).score(text)
+        runs.append((score.logprob, lm.forward_calls, lm.cache_hits))
+    (lp0, fw0, _), (lp4, fw4, hits4) = runs
+    assert lp4 == pytest.approx(lp0, abs=1e-3)
+    assert fw4 < fw0 and hits4 > 0

@@ -193,3 +193,49 @@ async def test_byte_lm_helpers():
     sampled = await blm.generate(b"a", max_bytes=10, seed=1, stop_at_eos=False)
     assert len(sampled) == 10 and set(sampled) <= set(b"ab ")
     assert (await blm.score(sampled, prompt=b"a")).logprob > -math.inf
+
+
+@settings(max_examples=40, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]))
+async def test_lookahead_changes_no_value(vocab, seed, data, K):
+    """Prefetching only adds contexts to LM calls: every conditional is the same."""
+    params = BeamParams(K=K, heal=False)
+    beams = []
+    for lookahead in (0, 4):
+        lm, model = make_model(vocab, seed, lookahead=lookahead, max_prefetch=16)
+        assert model.lookahead == lookahead
+        beam = await initial_beam(model, params)
+        logps = []
+        for i, b in enumerate(data):
+            (beam,) = await advance([beam], [b], ahead=[data[i + 1 :]])
+            logps.append(beam.logp)
+        beams.append((logps, lm))
+    assert beams[0][0] == beams[1][0]
+    assert len(beams[1][1].requests) >= len(beams[0][1].requests)
+
+
+@settings(max_examples=40, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(3).filter(len))
+async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(vocab, seed, data):
+    """Without pruning, the first step asks for every context that reading the rest
+    (up to ``lookahead`` bytes, ``depth`` tokens) will ask for: later steps call nothing new."""
+    lm, model = make_model(vocab, seed, lookahead=8, max_prefetch=10**6)
+    beam = await initial_beam(model, BeamParams(K=None, heal=False))
+    (beam,) = await advance([beam], [data[0]], ahead=[data[1:]])
+    prefetched = set(lm.requests)
+    lm.reset_counters()
+    for i in range(1, len(data)):
+        (beam,) = await advance([beam], [data[i]], ahead=[data[i + 1 :]])
+    assert set(lm.requests) <= prefetched
+
+
+async def test_lookahead_is_off_for_lms_without_a_logprob_cache():
+    class NoCache(MockTokenLM):
+        has_logprobs = None
+
+    model = TokenModel(NoCache([b"a", b"b", b"ab"]), lookahead=4)
+    assert model.lookahead == 0
+    with pytest.raises(ValueError, match="lookahead=-1"):
+        TokenModel(MockTokenLM([b"a"]), lookahead=-1)
+    with pytest.raises(ValueError, match="max_prefetch=1.5"):
+        TokenModel(MockTokenLM([b"a"]), max_prefetch=1.5)

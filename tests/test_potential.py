@@ -53,7 +53,7 @@ async def test_zero_probability_context_is_minus_inf_not_an_error():
 
 async def test_one_lm_call_per_byte_step_across_contexts():
     lm = mock([b"a", b"b", b"ab", b"ba", b"aa", b"b", EOS_BYTES], seed=5)
-    pot = ByteBeamPotential(lm, K=4)
+    pot = ByteBeamPotential(lm, K=4, lookahead=0)  # requests = the contexts the beams need
     await pot.prefix([])  # the root beam
     lm.reset_counters()
     contexts = [list(b"abab"), list(b"babb"), list(b"aaba"), list(b"bbab"), list(b"ab")]
@@ -64,6 +64,17 @@ async def test_one_lm_call_per_byte_step_across_contexts():
     lm.reset_counters()
     await pot.batch_logw_next([c + [97] for c in contexts])  # one more byte each, from cache
     assert lm.batch_calls == 1
+
+
+async def test_lookahead_gives_the_same_potential():
+    vocab = [b"a", b"b", b"ab", b"ba", b"aa", b"bab", EOS_BYTES]
+    contexts = [list(b"abababba"), list(b"babbaab"), list(b"a")]
+    got = []
+    for lookahead in (0, 4):
+        pot = ByteBeamPotential(mock(vocab, seed=7), K=3, prompt=b"ba", lookahead=lookahead)
+        got.append((await pot.batch_prefix(contexts), (await pot.batch_logw_next(contexts)).weights))
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 async def test_cache_shares_prefixes_and_evicts():

@@ -211,17 +211,44 @@ class HFTokenLM(AsyncLM):
             out.append(ctx)
         return out
 
+    def _lookup(self, ctx: tuple[int, ...]) -> torch.Tensor | None:
+        """The cached log-probs of ``ctx`` (now the most recently used), or None."""
+        node, _, _ = self.cache.find(ctx)
+        if node is None or node.logprobs is None:
+            return None
+        self.cache.touch(node)
+        return node.logprobs
+
+    def _all_cached(self, contexts: list[tuple[int, ...]]) -> torch.Tensor | None:
+        """Every context's log-probs from the cache, in the caller's thread, when all are
+        there and no batch is queued or running; else None."""
+        if self._queue or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if not all(self.has_logprobs(ctx) for ctx in contexts):
+                return None
+            self.batch_calls += 1
+            self.cache_hits += len(contexts)
+            return torch.stack([self._lookup(ctx) for ctx in contexts])
+        finally:
+            self._lock.release()
+
+    def has_logprobs(self, token_ids) -> bool:
+        """Whether the log-probs after ``token_ids`` are cached (a byte beam may prefetch
+        into the cache)."""
+        node, _, _ = self.cache.find(tuple(token_ids))
+        return node is not None and node.logprobs is not None
+
     def _evaluate(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
         with self._lock:
             self.batch_calls += 1
             result = torch.empty((len(contexts), self.vocab_size), dtype=torch.float32)
             todo: dict[tuple, list[int]] = {}
             for i, ctx in enumerate(contexts):
-                node, _, _ = self.cache.find(ctx)
-                if node is not None and node.logprobs is not None:
-                    self.cache.touch(node)
+                row = self._lookup(ctx)
+                if row is not None:
                     self.cache_hits += 1
-                    result[i] = node.logprobs
+                    result[i] = row
                 else:
                     todo.setdefault(ctx, []).append(i)
             for chunk in self._chunks(list(todo)):
@@ -330,11 +357,15 @@ class HFTokenLM(AsyncLM):
         Calls from other coroutines that arrive in the same event-loop pass, or
         while a forward pass runs, are evaluated together in the next one.
         The forward pass runs in a worker thread: the event loop is not blocked.
+        A call whose contexts are all cached is answered at once.
         """
         _no_lora(lora_name)
         contexts = self._check(token_ids_list)
         if not contexts:
             return torch.empty((0, self.vocab_size), dtype=torch.float32)
+        cached = self._all_cached(contexts)
+        if cached is not None:
+            return cached
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop: forget the old one's queue
             self._loop, self._queue, self._worker = loop, [], None

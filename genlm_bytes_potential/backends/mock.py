@@ -154,6 +154,11 @@ class MockTokenLM(AsyncLM):
         self._no_lora(lora_name)
         return self._batch([token_ids])[0]
 
+    def has_logprobs(self, token_ids) -> bool:
+        """Whether the distribution after ``token_ids`` is cached (a byte beam may
+        prefetch into the cache)."""
+        return tuple(int(t) for t in token_ids) in self._cache
+
     def reset_counters(self):
         """Zero ``batch_calls`` and empty ``requests``."""
         self.batch_calls = 0

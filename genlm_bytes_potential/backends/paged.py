@@ -303,6 +303,17 @@ class PagedTokenLM(HFTokenLM):
 
     # ---- planning a batch ---------------------------------------------------
 
+    def has_logprobs(self, token_ids) -> bool:
+        node = self.cache.nodes.get(tuple(token_ids))
+        return node is not None and node.logprobs is not None
+
+    def _lookup(self, ctx: tuple[int, ...]) -> torch.Tensor | None:
+        node = self.cache.nodes.get(ctx)
+        if node is None or node.logprobs is None:
+            return None
+        self.cache.touch(ctx, node)
+        return node.logprobs
+
     @torch.inference_mode()
     def _evaluate(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
         with self._lock:
