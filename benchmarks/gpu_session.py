@@ -6,7 +6,7 @@ The default SmolLM2-135M (bf16 on the GPU, as the anchor's reference run in
 shared/device/README.md) is loaded once. Rows (``--rows`` picks some):
 
 * ``ours``: ``ByteLM(PagedTokenLM)`` (KV slot per token-trie node, CUDA graphs;
-  LM calls prefetched 4 bytes ahead, the default);
+  LM calls prefetched 6 bytes ahead, the default);
 * ``ours_la0``: the same without prefetching (``lookahead=0``);
 * ``ours_hf``: ``ByteLM(HFTokenLM)`` (KV reuse along token prefixes, eager forward);
 * ``anchor``: ``ByteLLM`` on genlm-backend's ``AsyncTransformer`` as shipped (batching

@@ -397,25 +397,31 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     LM's cache, never part of the beam's arithmetic."""
     if limit <= 0 or beam.is_empty:
         return []
-    token_ids = beam.model.token_ids
+    table = beam.model.tokens_by_prefix
     trie = beam.model.trie
+    # sources: (candidate, or -1 - index of its context in found; state; bytes before
+    # data; start in data; level), dropped once their bytes start no token
     sources = [(i, beam.states[i], trie.prefix_of[beam.nodes[i]], 0, 0) for i in range(len(beam))]
-    found: list[tuple[int, LMState, int]] = []  # (candidate, or -1 - index of parent; state; level)
+    found: list[tuple[int, LMState, int]] = []  # (source, state, level)
     ends: list[int] = []
     seen: set[tuple[int, ...]] = set()
     for end in range(1, len(data) + 1):
-        new = []
-        for src, state, partial, start, level in sources:
-            if level == depth:
+        alive = []
+        for source in sources:
+            src, state, partial, start, level = source
+            ids = table.get(partial + data[start:end])
+            if ids is None:
                 continue
-            for t in token_ids.get(partial + data[start:end], ()):
+            alive.append(source)
+            for t in ids:
                 s = state.extend(t)
                 if s.tokens not in seen:
                     seen.add(s.tokens)
-                    new.append((-1 - len(found), s, b"", end, level + 1))
+                    if level + 1 < depth:
+                        alive.append((-1 - len(found), s, b"", end, level + 1))
                     found.append((src, s, level + 1))
                     ends.append(end)
-        sources += new
+        sources = alive
     if not found:
         return []
     est = np.full(len(found), -np.inf)
@@ -433,7 +439,8 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
 
 
 # Rank of a speculative context (see speculative_contexts), in nats; chosen on SmolLM2
-# scoring (K = 5, 8): fewest LM forward passes per byte at 64 contexts per call.
+# scoring of benchmarks/data/heldout.txt (K = 5, 8): fewest LM forward passes per byte
+# (0.17 / 0.21 with 6 bytes and 128 contexts per call, 1.0 without prefetching).
 _LEVEL_PENALTY = -2.0
 _BYTE_PENALTY = -3.0
 

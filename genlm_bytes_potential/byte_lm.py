@@ -76,7 +76,7 @@ class ByteLM:
     def __init__(self, lm, *, K: int | None = 8, prune_threshold: float = 0.0, heal: bool = True,
                  heal_max_backoff: int | None = None, heal_max_splits: int | None = None,
                  eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None,
-                 canonical: bool = False, device: str | None = None, lookahead: int = 4):
+                 canonical: bool = False, device: str | None = None, lookahead: int = 6):
         self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=heal,
                                  heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits)
         self.model = TokenModel(lm, eos_tokens, max_context_length, device=device, canonical=canonical,

@@ -8,6 +8,7 @@ exactly one LM batch call and one trie batch.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -102,8 +103,8 @@ class TokenModel:
     device: str | None = None
     canonical: bool = False
     canonical_window: int = 2
-    lookahead: int = 4
-    max_prefetch: int = 64
+    lookahead: int = 6
+    max_prefetch: int = 128
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)
 
@@ -123,7 +124,11 @@ class TokenModel:
         self.trie = TokenByteTrie(vocab, self.eos_tokens)
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
-        self._token_ids: dict[bytes, tuple[int, ...]] | None = None
+        self._tokens_by_prefix: dict[bytes, tuple[int, ...]] | None = None
+        if self.lookahead:  # built with the trie, not during the first prefetch
+            self.tokens_by_prefix
+        self._ready: dict[tuple[tuple[int, ...], bool], torch.Tensor] = {}  # prefetched device masses
+        self._ready_calls: deque[list] = deque()
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -146,14 +151,17 @@ class TokenModel:
         return int(self.lookahead) if callable(getattr(self.lm, "has_logprobs", None)) else 0
 
     @property
-    def token_ids(self) -> dict[bytes, tuple[int, ...]]:
-        """Token ids by byte string (several ids may share one)."""
-        if self._token_ids is None:
-            ids: dict[bytes, tuple[int, ...]] = {}
+    def tokens_by_prefix(self) -> dict[bytes, tuple[int, ...]]:
+        """For every prefix of a token's bytes, the ids of the tokens spelled exactly by
+        it (often none); byte strings that start no token are absent."""
+        if self._tokens_by_prefix is None:
+            table: dict[bytes, tuple[int, ...]] = {}
             for i, b in enumerate(self._vocab):
-                ids[b] = ids.get(b, ()) + (i,)
-            self._token_ids = ids
-        return self._token_ids
+                for j in range(1, len(b)):
+                    table.setdefault(b[:j], ())
+                table[b] = table.get(b, ()) + (i,)
+            self._tokens_by_prefix = table
+        return self._tokens_by_prefix
 
     def would_call(self, states: list[LMState]) -> bool:
         """Whether ``masses(states)`` may need an LM forward pass: the (caching) LM lacks
@@ -221,10 +229,18 @@ class TokenModel:
         """Scaled trie masses (see ``TokenByteTrie.masses``) of the states' next-token
         distributions, ``[len(states), n_nodes]``: one LM batch call over the distinct
         contexts and one trie batch. Within a row, mass ratios are exact.
-        ``prefetch``: contexts asked for in the same LM call, for its cache only."""
+
+        ``prefetch``: contexts asked for in the same LM call, for the LM's cache (see
+        ``lookahead``). When masses are computed on a GPU, theirs are computed in the same
+        trie batch and kept on the device (the last ``_READY_BATCHES`` calls' worth), so a
+        later call for prefetched contexts only gathers and copies rows, without the LM."""
         distinct: dict[tuple[int, ...], int] = {}
         rows = np.array([distinct.setdefault(s.tokens, len(distinct)) for s in states], np.int64)
         n = len(distinct)
+        if self._ready and all((t, with_eos) in self._ready for t in distinct):
+            scaled = _to_host(torch.stack([self._ready.pop((t, with_eos)) for t in distinct]))
+            self._check_finite(scaled[:, self.trie.root], list(distinct))
+            return scaled if n == len(states) else scaled[rows]
         for s in prefetch if self.lookahead else ():
             if s.tokens not in distinct and not self.lm.has_logprobs(self.model_input(s)):
                 distinct[s.tokens] = len(distinct)
@@ -241,14 +257,25 @@ class TokenModel:
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
         self._check_shape(logprobs, inputs)
-        logprobs = logprobs[:n]
         if self.device is not None:
             logprobs = logprobs.to(self.device)
-        scaled, _ = self.trie.masses(logprobs, with_eos=with_eos)
-        if torch.is_tensor(scaled):
-            scaled = _to_host(scaled)
-        self._check_finite(scaled[:, self.trie.root], inputs)
+        on_device = logprobs.device.type != "cpu"
+        scaled, _ = self.trie.masses(logprobs if on_device else logprobs[:n], with_eos=with_eos)
+        if on_device:
+            if len(distinct) > n:
+                self._keep_ready(list(distinct)[n:], with_eos, scaled[n:])
+            scaled = _to_host(scaled[:n])
+        self._check_finite(scaled[:, self.trie.root], list(distinct)[:n])
         return scaled if n == len(states) else scaled[rows]
+
+    def _keep_ready(self, contexts: list[tuple[int, ...]], with_eos: bool, scaled: torch.Tensor) -> None:
+        """Keep device mass rows of prefetched contexts; forget the oldest call's rows."""
+        keys = [(t, with_eos) for t in contexts]
+        self._ready.update(zip(keys, scaled))
+        self._ready_calls.append(keys)
+        while len(self._ready_calls) > _READY_BATCHES:
+            for k in self._ready_calls.popleft():
+                self._ready.pop(k, None)
 
     def _describe(self, tokens: list[int]) -> str:
         tail = tokens[-8:]
@@ -266,7 +293,7 @@ class TokenModel:
                 f"(one row per context, one column per token of byte_vocab)"
             )
 
-    def _check_finite(self, root_mass: np.ndarray, inputs: list[list[int]]) -> None:
+    def _check_finite(self, root_mass: np.ndarray, contexts: list[tuple[int, ...]]) -> None:
         """A NaN or +inf log-prob anywhere in a row makes its root mass NaN (the trie sums
         every token into the root), so checking one number per row checks them all."""
         bad = np.nonzero(~np.isfinite(root_mass))[0]
@@ -274,9 +301,13 @@ class TokenModel:
             row = int(bad[0])
             raise RuntimeError(
                 f"{type(self.lm).__name__}.batch_next_token_logprobs returned NaN or +inf "
-                f"log-probabilities for context {row} of {len(inputs)} "
-                f"({self._describe(inputs[row]).removeprefix('first context: ')})"
+                f"log-probabilities for context {row} of {len(contexts)} "
+                f"({self._describe(self.model_input(LMState(contexts[row]))).removeprefix('first context: ')})"
             )
+
+
+#: LM calls whose prefetched device mass rows are kept (each up to ``max_prefetch`` rows)
+_READY_BATCHES = 4
 
 
 def _to_host(x: torch.Tensor) -> np.ndarray:

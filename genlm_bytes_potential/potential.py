@@ -189,7 +189,7 @@ class ByteBeamPotential(Potential):
         heal_max_splits: int | None = None,
         device: str | None = None,
         canonical: bool = False,
-        lookahead: int = 4,
+        lookahead: int = 6,
     ):
         if isinstance(prompt, str):
             try:

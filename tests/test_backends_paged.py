@@ -240,3 +240,20 @@ async def test_lookahead_scores_the_same_with_fewer_forward_passes(tiny_llama):
     (lp0, fw0, _), (lp4, fw4, hits4) = runs
     assert lp4 == pytest.approx(lp0, abs=1e-3)
     assert fw4 < fw0 and hits4 > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="masses are kept on the device only on a GPU")
+async def test_prefetched_masses_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
+    from genlm_bytes_potential.byte_lm import ByteLM
+
+    model, tok = tiny_llama
+    model = copy.deepcopy(model).cuda()
+    text = "def f(x):\n    return x + 1  # café, naïve".encode()
+    runs = []
+    for lookahead in (0, 4):
+        blm = ByteLM(PagedTokenLM(model, tok, kv_cache_bytes=2**22), K=4, lookahead=lookahead)
+        score = await blm.score(text)
+        runs.append((score.logprob, blm.model.stats.batch_calls))
+    (lp0, calls0), (lp4, calls4) = runs
+    assert lp4 == pytest.approx(lp0, abs=1e-4)
+    assert calls4 < calls0 / 2  # most steps only gathered prefetched rows

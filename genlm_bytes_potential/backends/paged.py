@@ -172,7 +172,7 @@ class PagedTokenLM(HFTokenLM):
         *,
         kv_cache_bytes: int = 2 * 2**30,
         logprob_cache_bytes: int = 2**30,
-        max_batch_size: int = 64,
+        max_batch_size: int = 128,
         max_batch_tokens: int = 4096,
         cuda_graphs: bool = True,
     ):
