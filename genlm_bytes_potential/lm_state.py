@@ -237,9 +237,10 @@ class TokenModel:
         distinct: dict[tuple[int, ...], int] = {}
         rows = np.array([distinct.setdefault(s.tokens, len(distinct)) for s in states], np.int64)
         n = len(distinct)
-        if self._ready and all((t, with_eos) in self._ready for t in distinct):
-            scaled = _to_host(torch.stack([self._ready.pop((t, with_eos)) for t in distinct]))
-            self._check_finite(scaled[:, self.trie.root], list(distinct))
+        asked = list(distinct)
+        if self._ready and all((t, with_eos) in self._ready for t in asked):
+            scaled = _to_host(torch.stack([self._ready.pop((t, with_eos)) for t in asked]))
+            self._check_finite(scaled[:, self.trie.root], asked)
             return scaled if n == len(states) else scaled[rows]
         for s in prefetch if self.lookahead else ():
             if s.tokens not in distinct and not self.lm.has_logprobs(self.model_input(s)):
@@ -265,7 +266,7 @@ class TokenModel:
             if len(distinct) > n:
                 self._keep_ready(list(distinct)[n:], with_eos, scaled[n:])
             scaled = _to_host(scaled[:n])
-        self._check_finite(scaled[:, self.trie.root], list(distinct)[:n])
+        self._check_finite(scaled[:, self.trie.root], asked)
         return scaled if n == len(states) else scaled[rows]
 
     def _keep_ready(self, contexts: list[tuple[int, ...]], with_eos: bool, scaled: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from genlm_bytes_potential.beam import BeamParams, advance, initial_beam
 from genlm_bytes_potential.lm_state import TokenModel
 
 from brute import complete_prob, log, prefix_prob
+from contract import assert_contract
 from strategies import EOS_BYTES
 
 # a, NUL, then UTF-8 pieces: é = C3 A9, € = E2 82 AC, and FF (never valid UTF-8)
@@ -132,14 +133,7 @@ async def test_normalized_logp_can_exceed_the_exact_marginal():
 async def test_potential_contract_on_arbitrary_bytes(vocab, seed, contexts, K, threshold, prompt):
     lm = MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES))
     pot = ByteBeamPotential(lm, K=K, prune_threshold=threshold, prompt=prompt)
-    ctxs = [list(c) for c in contexts]
-    for c in ctxs:
-        if np.isfinite(await pot.prefix(c)):
-            w = (await pot.logw_next(c)).weights
-            assert abs(np.exp(w).sum() - 1) <= 1e-9
-            await pot.assert_logw_next_consistency(c, rtol=1e-9, atol=1e-12)
-        await pot.assert_autoreg_fact(c, rtol=1e-9, atol=1e-12)
-    await pot.assert_batch_consistency(ctxs, rtol=1e-9, atol=1e-12)
+    await assert_contract(pot, [list(c) for c in contexts], allow_zero=True, autoreg=True)
 
 
 # ---------------------------------------------------------------- canonical
@@ -190,11 +184,6 @@ async def test_canonical_potential_keeps_the_contract(gpt2_mock):
     lm, _ = gpt2_mock
     pot = ByteBeamPotential(lm, K=4, canonical=True, prompt=b"Hello")
     ctxs = [list(b" world"), list(" café".encode()), list(b" \xe2\x82"), []]
-    for c in ctxs:
-        assert np.isfinite(await pot.prefix(c))
-        w = (await pot.logw_next(c)).weights
-        assert abs(np.exp(w).sum() - 1) <= 1e-9
-        await pot.assert_logw_next_consistency(c, rtol=1e-9, atol=1e-12)
-    await pot.assert_batch_consistency(ctxs, rtol=1e-9, atol=1e-12)
+    await assert_contract(pot, ctxs)
     full = ByteBeamPotential(lm, K=4, prompt=b"Hello")
     assert await pot.prefix(ctxs[0]) != await full.prefix(ctxs[0])  # a different distribution

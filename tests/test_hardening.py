@@ -20,6 +20,7 @@ from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.lm_state import LMState, TokenModel, lm_context_limit
 
+from contract import assert_contract
 from strategies import EOS_BYTES, texts, vocabularies
 
 VOCAB = [b"a", b"b", b"c", b"ab", b"bc", b"abc", b"ca", EOS_BYTES]
@@ -117,12 +118,7 @@ async def test_invalid_utf8_and_nul_bytes_work_in_contexts_and_prompts():
     for prompt in (b"", b"\x00", b"\xe2\x82", b"a\xff\x00\xc3"):
         pot = ByteBeamPotential(mock(vocab, seed=1), K=4, prompt=prompt)
         ctxs = [list(c) for c in (b"\x00\x00", b"\xe2\x82", b"\xe2\x82\xac\xc3", b"\xff\xa9a\x00", b"\xac")]
-        for c in ctxs:
-            assert np.isfinite(await pot.prefix(c))
-            w = (await pot.logw_next(c)).weights
-            assert abs(np.exp(w).sum() - 1) <= 1e-9
-            await pot.assert_logw_next_consistency(c, rtol=1e-9, atol=1e-12)
-        await pot.assert_batch_consistency(ctxs, rtol=1e-9, atol=1e-12)
+        await assert_contract(pot, ctxs)
 
 
 async def test_every_byte_string_is_finite_under_a_byte_level_vocabulary():

@@ -225,11 +225,15 @@ class HFTokenLM(AsyncLM):
         if self._queue or not self._lock.acquire(blocking=False):
             return None
         try:
-            if not all(self.has_logprobs(ctx) for ctx in contexts):
-                return None
+            rows = []
+            for ctx in contexts:
+                row = self._lookup(ctx)
+                if row is None:
+                    return None
+                rows.append(row)
             self.batch_calls += 1
             self.cache_hits += len(contexts)
-            return torch.stack([self._lookup(ctx) for ctx in contexts])
+            return torch.stack(rows)
         finally:
             self._lock.release()
 
