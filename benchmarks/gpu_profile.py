@@ -71,13 +71,17 @@ def main():
         asyncio.run(blm.score(text))
         print(f"W1 K={K}: {len(text) / (time.perf_counter() - t):.1f} B/s")
     lm.clear_cache()
+    calls, forwards = blm.model.stats.batch_calls, lm.forward_calls
     prof = cProfile.Profile()
     prof.enable()
     asyncio.run(blm.score(text))
     prof.disable()
-    out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-    print(out.getvalue())
+    print(f"profiled K={args.K[-1]}: {blm.model.stats.batch_calls - calls} trie/LM batches, "
+          f"{lm.forward_calls - forwards} forward passes for {len(text)} bytes")
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(order).print_stats(35)
+        print(out.getvalue())
 
 
 if __name__ == "__main__":

@@ -184,11 +184,15 @@ class Beam:
 
     def log_mass(self, cand: np.ndarray, node: np.ndarray) -> np.ndarray:
         """``log M_c(node)`` for candidate indices ``cand`` and nodes (same length)."""
-        out = np.empty(len(cand))
-        which = self.block_of[cand]
-        for g in np.unique(which):
-            sel = which == g
-            out[sel] = self.blocks[g][self.rows[cand[sel]], node[sel]]
+        rows = self.rows[cand]
+        if len(self.blocks) == 1:
+            out = self.blocks[0][rows, node]
+        else:
+            out = np.empty(len(cand))
+            which = self.block_of[cand]
+            for g in np.flatnonzero(np.bincount(which, minlength=len(self.blocks))):
+                sel = which == g
+                out[sel] = self.blocks[g][rows[sel], node[sel]]
         with np.errstate(divide="ignore"):
             return np.log(out)
 
@@ -222,31 +226,31 @@ class Beam:
         return "\n".join(lines)
 
 
-def _segment_logsumexp(values: np.ndarray, seg: np.ndarray, n_seg: int) -> np.ndarray:
-    """logsumexp of ``values`` grouped by ``seg`` ids (-inf for empty groups)."""
-    out = np.full(n_seg, -np.inf)
-    if len(values) == 0:
-        return out
-    mx = np.full(n_seg, -np.inf)
-    np.maximum.at(mx, seg, values)
-    safe = np.where(np.isfinite(mx), mx, 0.0)
-    s = np.bincount(seg, weights=np.exp(values - safe[seg]), minlength=n_seg)
-    with np.errstate(divide="ignore"):
-        return np.log(s) + safe
-
-
 def _next_logprobs(beams: list[Beam]) -> np.ndarray:
-    """Next-byte log-probs ``[len(beams), 257]`` for several beams in one pass."""
+    """Next-byte log-probs ``[len(beams), 257]`` for several beams in one pass.
+
+    ``W(x·a)`` sums, over candidates ``c``, ``w_c + log M_c(child_a) - log M_c(node_c)``:
+    a ``[candidates, 257]`` table (a node has one child per label), reduced by a
+    logsumexp per column, each column shifted by its own maximum."""
     out = []
     for beam in beams:
         trie = beam.model.trie  # per beam: gathers vectorized over all its candidates' children
         owner, label, child = trie.children_of(beam.nodes)
-        vals = beam.weights[owner] + beam.log_mass_ratio(owner, child, beam.nodes[owner])
-        cols = np.where(label == EOS, 256, label)
-        row = _segment_logsumexp(vals, cols, N_OUTCOMES)
-        norm = _segment_logsumexp(row, np.zeros(N_OUTCOMES, np.int64), 1)[0]
+        table = np.full((len(beam), N_OUTCOMES), -np.inf)
+        table[owner, np.where(label == EOS, 256, label)] = (
+            beam.weights[owner] + beam.log_mass_ratio(owner, child, beam.nodes[owner]))
+        row = _logsumexp_columns(table)
+        norm = _logsumexp(row)
         out.append(row - norm if np.isfinite(norm) else row)
     return np.stack(out) if out else np.zeros((0, N_OUTCOMES))
+
+
+def _logsumexp_columns(table: np.ndarray) -> np.ndarray:
+    """logsumexp of each column (-inf for a column of -inf)."""
+    mx = table.max(axis=0) if len(table) else np.full(table.shape[1], -np.inf)
+    safe = np.where(np.isfinite(mx), mx, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(table - safe).sum(axis=0)) + safe
 
 
 async def initial_beam(
@@ -399,43 +403,47 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
         return []
     table = beam.model.tokens_by_prefix
     trie = beam.model.trie
-    # sources: (candidate, or -1 - index of its context in found; state; bytes before
-    # data; start in data; level), dropped once their bytes start no token
-    sources = [(i, beam.states[i], trie.prefix_of[beam.nodes[i]], 0, 0) for i in range(len(beam))]
-    found: list[tuple[int, LMState, int]] = []  # (source, state, level)
+    # A found context is its parent (candidate i as -1 - i, or an earlier found context)
+    # extended by one token; sources are (parent, bytes before data, start in data,
+    # level), dropped once their bytes start no token. States are built for kept ones only.
+    parent: list[int] = []
+    token: list[int] = []
+    level: list[int] = []
     ends: list[int] = []
-    seen: set[tuple[int, ...]] = set()
+    sources = [(-1 - i, trie.prefix_of[beam.nodes[i]], 0, 0) for i in range(len(beam))]
     for end in range(1, len(data) + 1):
         alive = []
         for source in sources:
-            src, state, partial, start, level = source
+            src, partial, start, lev = source
             ids = table.get(partial + data[start:end])
             if ids is None:
                 continue
             alive.append(source)
             for t in ids:
-                s = state.extend(t)
-                if s.tokens not in seen:
-                    seen.add(s.tokens)
-                    if level + 1 < depth:
-                        alive.append((-1 - len(found), s, b"", end, level + 1))
-                    found.append((src, s, level + 1))
-                    ends.append(end)
+                if lev + 1 < depth:
+                    alive.append((len(token), b"", end, lev + 1))
+                parent.append(src)
+                token.append(t)
+                level.append(lev + 1)
+                ends.append(end)
         sources = alive
-    if not found:
+    if not token:
         return []
-    est = np.full(len(found), -np.inf)
-    first = np.array([k for k, (_, _, level) in enumerate(found) if level == 1], np.int64)
-    if len(first):
-        cand = np.array([found[k][0] for k in first], np.int64)
-        leaf = trie.token_leaf[np.array([found[k][1].tokens[-1] for k in first], np.int64)]
-        est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf, beam.nodes[cand])
-    for k, (src, _, level) in enumerate(found):  # parents come before their children
-        if level > 1:
-            est[k] = est[-1 - src] + _LEVEL_PENALTY
+    parent_a = np.array(parent, np.int64)
+    est = np.full(len(token), -np.inf)
+    first = np.flatnonzero(parent_a < 0)
+    cand = -1 - parent_a[first]
+    leaf = trie.token_leaf[np.array(token, np.int64)[first]]
+    est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf, beam.nodes[cand])
+    for k in np.flatnonzero(parent_a >= 0):  # parents come before their children
+        est[k] = est[parent[k]] + _LEVEL_PENALTY
     rank = est + _BYTE_PENALTY * np.array(ends)
     keep = np.sort(np.argsort(-rank, kind="stable")[:limit])
-    return [found[k][1] for k in keep if np.isfinite(est[k])]
+    states: dict[int, LMState] = {}  # kept contexts' parents rank above them: kept too
+    for k in keep[np.isfinite(est[keep])]:
+        src = parent[k]
+        states[k] = (beam.states[-1 - src] if src < 0 else states[src]).extend(token[k])
+    return list(states.values())
 
 
 # Rank of a speculative context (see speculative_contexts), in nats; chosen on SmolLM2

@@ -166,7 +166,12 @@ class TokenModel:
     def would_call(self, states: list[LMState]) -> bool:
         """Whether ``masses(states)`` may need an LM forward pass: the (caching) LM lacks
         some context's log-probs. Always True without lookahead."""
-        return not self.lookahead or not all(self.lm.has_logprobs(self.model_input(s)) for s in states)
+        return not self.lookahead or not all(self._cached(s) for s in states)
+
+    def _cached(self, state: LMState) -> bool:
+        """Whether the (caching) LM holds ``state``'s log-probs."""
+        tokens, n = state.tokens, self.window
+        return self.lm.has_logprobs(tokens if n is None or len(tokens) <= n else self.model_input(state))
 
     def is_canonical(self, tokens: tuple[int, ...]) -> bool:
         """Whether the last committed token of ``tokens`` passes the canonicity check
@@ -243,7 +248,7 @@ class TokenModel:
             self._check_finite(scaled[:, self.trie.root], asked)
             return scaled if n == len(states) else scaled[rows]
         for s in prefetch if self.lookahead else ():
-            if s.tokens not in distinct and not self.lm.has_logprobs(self.model_input(s)):
+            if s.tokens not in distinct and not self._cached(s):
                 distinct[s.tokens] = len(distinct)
         inputs = [self.model_input(LMState(t)) for t in distinct]
         try:

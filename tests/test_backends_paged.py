@@ -176,10 +176,10 @@ def test_auto_backend_without_vllm(monkeypatch, tiny_llama_dir, tmp_path):
 def test_slot_trie_evicts_lru_leaves_and_keeps_contexts_asked_for():
     from genlm_bytes_potential.backends.paged import _SlotTrie
 
-    t = _SlotTrie(n_slots=6, max_logprob_rows=10)  # 5 usable slots
+    t = _SlotTrie(n_slots=6, n_rows=10)  # 5 usable slots
     for ctx in [(1,), (1, 2), (1, 2, 3), (1, 4), (5,)]:
-        t.add(ctx)
-    t.set_logprobs((1, 2), t.nodes[(1, 2)], torch.zeros(1))
+        t.add(ctx, t.nodes.get(ctx[:-1]))
+    t.take_row((1, 2), t.nodes[(1, 2)])
     for ctx in [(1, 2, 3), (1, 4), (5,), (1, 2)]:  # oldest first
         t.touch(ctx, t.nodes[ctx])
     assert not t.free
@@ -189,6 +189,40 @@ def test_slot_trie_evicts_lru_leaves_and_keeps_contexts_asked_for():
     assert set(t.nodes) == {(5,)} and len(t.free) == 4 and t.evictions == 4
     with pytest.raises(RuntimeError, match="KV pool too small"):
         t.reserve(5, pinned={(5,)})
+
+
+def test_slot_trie_log_prob_rows_are_reused_least_recently_used_first():
+    from genlm_bytes_potential.backends.paged import _SlotTrie
+
+    t = _SlotTrie(n_slots=8, n_rows=2)
+    a, b, c = (t.add((k,), None) for k in (1, 2, 3))
+    assert (t.take_row((1,), a), t.take_row((2,), b)) == (0, 1)
+    t.touch((1,), a)  # (2,) is now the least recently used
+    assert t.take_row((3,), c) == 1 and b.row == -1 and t.take_row((1,), a) == 0
+    t.discard([(3,)])  # a removed context frees its row
+    assert t.free_rows == [1] and set(t.with_logprobs) == {(1,)}
+
+
+async def test_a_cached_prefix_without_log_probs_is_recomputed_in_its_own_slot(tiny_llama):
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok)
+    await lm.next_token_logprobs(CTXS[0])  # its prefixes hold KV slots, not log-probs
+    slots = len(lm.cache.nodes)
+    mid = CTXS[0][:-2]
+    out = await lm.batch_next_token_logprobs([mid, mid + [7]])
+    assert len(lm.cache.nodes) == slots + 1  # only mid + [7] is new
+    assert len(lm.cache.nodes) + len(lm.cache.free) == lm.cache.n_slots - 1
+    for row, ctx in zip(out, [mid, mid + [7]]):
+        assert torch.allclose(row, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
+
+
+async def test_a_call_larger_than_the_log_prob_pool_is_refused(tiny_llama):
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, logprob_cache_bytes=2 * 4 * len(tok))
+    with pytest.raises(ValueError, match="3 distinct contexts .* 2 rows"):
+        await lm.batch_next_token_logprobs([[1, 2], [1, 3], [1, 4]])
+    out = await lm.batch_next_token_logprobs([[1, 2], [1, 3], [1, 2]])
+    assert torch.equal(out[0], out[2]) and not torch.equal(out[0], out[1])
 
 
 async def test_failed_forward_leaves_no_unwritten_slots(tiny_llama, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
+from itertools import chain
 from typing import Sequence
 
 import torch
@@ -200,15 +201,15 @@ class HFTokenLM(AsyncLM):
     # ---- evaluation (runs in a worker thread or synchronously) ------------
 
     def _check(self, contexts) -> list[tuple[int, ...]]:
-        out = []
-        for c in contexts:
-            ctx = tuple(map(int, c))
-            if not ctx:
-                raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
-            if min(ctx) < 0 or max(ctx) >= self.vocab_size:
-                bad = next(t for t in ctx if not 0 <= t < self.vocab_size)
-                raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
-            out.append(ctx)
+        """The contexts as tuples of token ids (lists and tuples of ints as they are),
+        each non-empty and inside the vocabulary."""
+        out = [tuple(c) if type(c) in (list, tuple) else tuple(map(int, c)) for c in contexts]
+        if not all(out):
+            raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
+        flat = list(chain.from_iterable(out))
+        if flat and (min(flat) < 0 or max(flat) >= self.vocab_size):
+            bad = next(t for t in flat if not 0 <= t < self.vocab_size)
+            raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
         return out
 
     def _lookup(self, ctx: tuple[int, ...]) -> torch.Tensor | None:
@@ -225,17 +226,24 @@ class HFTokenLM(AsyncLM):
         if self._queue or not self._lock.acquire(blocking=False):
             return None
         try:
-            rows = []
-            for ctx in contexts:
-                row = self._lookup(ctx)
-                if row is None:
-                    return None
-                rows.append(row)
-            self.batch_calls += 1
-            self.cache_hits += len(contexts)
-            return torch.stack(rows)
+            out = self._cached_logprobs(contexts)
+            if out is not None:
+                self.batch_calls += 1
+                self.cache_hits += len(contexts)
+            return out
         finally:
             self._lock.release()
+
+    def _cached_logprobs(self, contexts: list[tuple[int, ...]]) -> torch.Tensor | None:
+        """``[len(contexts), V]`` from the cache (each now most recently used), or None
+        when one is missing."""
+        rows = []
+        for ctx in contexts:
+            row = self._lookup(ctx)
+            if row is None:
+                return None
+            rows.append(row)
+        return torch.stack(rows)
 
     def has_logprobs(self, token_ids) -> bool:
         """Whether the log-probs after ``token_ids`` are cached (a byte beam may prefetch

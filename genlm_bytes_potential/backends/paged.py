@@ -42,80 +42,111 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 class _Node:
     """One token of a cached context: its KV slot, the slots of its whole path, and
-    (when the context was asked for) its next-token log-probs."""
+    (when the context was asked for) the row of the log-prob pool holding its
+    next-token log-probs."""
 
-    __slots__ = ("parent", "slot", "path", "children", "logprobs", "wave", "tick")
+    __slots__ = ("parent", "slot", "path", "children", "row", "wave", "tick")
 
     def __init__(self, parent, slot: int, path: np.ndarray):
         self.parent = parent
         self.slot = slot
         self.path = path
         self.children = 0
-        self.logprobs: torch.Tensor | None = None
+        self.row = -1  # log-prob pool row; -1: none
         self.wave = -1  # forward pass of the current batch that writes this slot
         self.tick = 0  # last use (for eviction)
 
 
 class _SlotTrie:
-    """Token-prefix trie over a pool of ``n_slots`` KV slots (slot 0 is scratch).
-    Prefix-closed: only leaves are evicted, least recently used first."""
+    """Token-prefix trie over a pool of ``n_slots`` KV slots (slot 0 is scratch) and a
+    pool of ``n_rows`` log-prob rows. Prefix-closed: only leaves are evicted, least
+    recently used first; a context asked for takes a free row or the least recently
+    used context's row."""
 
-    def __init__(self, n_slots: int, max_logprob_rows: int):
+    def __init__(self, n_slots: int, n_rows: int):
         self.n_slots = n_slots
-        self.max_logprob_rows = max_logprob_rows
+        self.n_rows = n_rows
         self.clear()
 
     def clear(self):
         self.nodes: dict[tuple[int, ...], _Node] = {}
         self.free = list(range(self.n_slots - 1, 0, -1))
+        self.free_rows = list(range(self.n_rows - 1, -1, -1))
         self.with_logprobs: dict[tuple[int, ...], _Node] = {}  # insertion = LRU order
         self.tick = 0
         self.evictions = 0
 
-    def deepest(self, ctx: tuple[int, ...]) -> int:
-        """Length of the longest prefix of ``ctx`` in the trie (binary search: the
-        trie is prefix-closed)."""
-        lo, hi = 0, len(ctx)
+    def deepest(self, ctx: tuple[int, ...]) -> tuple[int, _Node | None]:
+        """Length of the longest prefix of ``ctx`` in the trie and its node: ``ctx``
+        itself or its parent (a beam's usual step), else binary search (the trie is
+        prefix-closed)."""
+        n, nodes = len(ctx), self.nodes
+        node = nodes.get(ctx)
+        if node is not None:
+            return n, node
+        if n > 1 and (node := nodes.get(ctx[:-1])) is not None:
+            return n - 1, node
+        lo, hi = 0, n - 2
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if ctx[:mid] in self.nodes:
+            if ctx[:mid] in nodes:
                 lo = mid
             else:
                 hi = mid - 1
-        return lo
+        return lo, nodes.get(ctx[:lo]) if lo else None
 
-    def add(self, ctx: tuple[int, ...]) -> _Node:
-        """A new node for ``ctx``, whose parent ``ctx[:-1]`` is in the trie (or empty)."""
-        parent = self.nodes.get(ctx[:-1]) if len(ctx) > 1 else None
+    def add(self, ctx: tuple[int, ...], parent: _Node | None) -> _Node:
+        """A new node for ``ctx``, whose parent ``ctx[:-1]`` (``parent``) is in the trie
+        (or ``ctx`` has one token and ``parent`` is None)."""
         slot = self.free.pop()
-        path = np.append(parent.path, slot) if parent is not None else np.array([slot], np.int64)
+        if parent is None:
+            path = np.array([slot], np.int64)
+        else:
+            path = np.empty(len(parent.path) + 1, np.int64)
+            path[:-1] = parent.path
+            path[-1] = slot
         node = _Node(parent, slot, path)
         if parent is not None:
             parent.children += 1
         self.nodes[ctx] = node
         return node
 
+    def _remove(self, ctx, node: _Node) -> None:
+        """Forget ``ctx``: free its slot and its log-prob row."""
+        del self.nodes[ctx]
+        self.release_row(ctx, node)
+        self.free.append(node.slot)
+
+    def release_row(self, ctx, node: _Node) -> None:
+        if node.row >= 0:
+            del self.with_logprobs[ctx]
+            self.free_rows.append(node.row)
+            node.row = -1
+
     def discard(self, keys) -> None:
         """Remove nodes (children before their parents) and free their slots."""
         for ctx in keys:
-            node = self.nodes.pop(ctx)
-            self.with_logprobs.pop(ctx, None)
-            self.free.append(node.slot)
+            node = self.nodes[ctx]
+            self._remove(ctx, node)
             if node.parent is not None:
                 node.parent.children -= 1
 
-    def set_logprobs(self, ctx, node: _Node, row: torch.Tensor):
-        node.logprobs = row
-        self.with_logprobs.pop(ctx, None)
-        self.with_logprobs[ctx] = node
-        while len(self.with_logprobs) > self.max_logprob_rows:
-            old = next(iter(self.with_logprobs))
-            self.with_logprobs.pop(old).logprobs = None
+    def take_row(self, ctx, node: _Node) -> int:
+        """The log-prob row of ``ctx`` (now the most recently used): its own, a free one,
+        or the least recently used context's."""
+        if node.row < 0:
+            if self.free_rows:
+                node.row = self.free_rows.pop()
+            else:
+                old = self.with_logprobs.pop(next(iter(self.with_logprobs)))
+                node.row, old.row = old.row, -1
+        self.with_logprobs[ctx] = self.with_logprobs.pop(ctx, node)
+        return node.row
 
     def touch(self, ctx, node: _Node):
         self.tick += 1
         node.tick = self.tick
-        if node.logprobs is not None:
+        if node.row >= 0:
             self.with_logprobs[ctx] = self.with_logprobs.pop(ctx, node)
 
     def reserve(self, need: int, pinned: set[tuple[int, ...]]) -> None:
@@ -133,15 +164,13 @@ class _SlotTrie:
             for _, ctx in leaves:
                 node = self.nodes[ctx]
                 while True:
-                    del self.nodes[ctx]
-                    self.with_logprobs.pop(ctx, None)
-                    self.free.append(node.slot)
+                    self._remove(ctx, node)
                     self.evictions += 1
                     node, ctx = node.parent, ctx[:-1]
                     if node is None:
                         break
                     node.children -= 1
-                    if node.children or node.logprobs is not None or ctx in pinned:
+                    if node.children or node.row >= 0 or ctx in pinned:
                         break
                 if len(self.free) >= target:
                     return
@@ -156,7 +185,8 @@ class PagedTokenLM(HFTokenLM):
         tokenizer: its tokenizer.
         kv_cache_bytes: size of the KV pool (one slot per cached token).
         logprob_cache_bytes: memory for cached next-token log-prob rows (float32, one
-            per context asked for; least recently used rows are dropped first).
+            per context asked for; least recently used rows are reused first), allocated
+            at once; one call may ask for as many distinct contexts as it holds rows.
         max_batch_size: most rows per forward pass.
         max_batch_tokens: most padded new-token positions (rows x longest) per pass.
         cuda_graphs: replay captured graphs for one-token batches (CUDA only).
@@ -211,6 +241,10 @@ class PagedTokenLM(HFTokenLM):
                                 dtype=dtype, device=self.device)  # pages committed as slots fill
         self.pool[:, 0].zero_()  # scratch slot, read (masked) by padding: must be finite
         self.cache = _SlotTrie(n_slots, max(1, int(logprob_cache_bytes) // (4 * self.vocab_size)))
+        #: next-token log-probs of cached contexts, one row each (``_Node.row``); the last
+        #: row is scratch, written by the padding rows of a CUDA-graph batch
+        self.logprob_rows = torch.empty((self.cache.n_rows + 1, self.vocab_size), dtype=torch.float32,
+                                        device=self.device)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
@@ -232,10 +266,11 @@ class PagedTokenLM(HFTokenLM):
             gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
             self._fused.append((qkv, gate_up))
 
-    def _run(self, ids, pos, write, keys, last):
-        """Log-probs ``[B, V]`` at row positions ``last``. ``ids``/``pos``/``write``:
-        ``[B, N]`` new tokens, their positions and the slots they write; ``keys``:
-        ``[B, S]`` each row's slots in context order (padding masked by position).
+    def _run(self, ids, pos, write, keys, last, rows):
+        """Writes the log-probs at row positions ``last`` to ``logprob_rows[rows]``.
+        ``ids``/``pos``/``write``: ``[B, N]`` new tokens, their positions and the slots
+        they write; ``keys``: ``[B, S]`` each row's slots in context order (padding
+        masked by position); ``rows``: ``[B]``.
 
         Grouped-query attention without repeating keys: the ``g = heads / kv_heads``
         query heads of one KV head are stacked as ``g * N`` query rows of it."""
@@ -270,24 +305,24 @@ class PagedTokenLM(HFTokenLM):
             gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, h), w_gu, b_gu).chunk(2, dim=-1)
             h = _linear_residual(h, mlp.act_fn(gate) * up, mlp.down_proj)
         h = inner.norm(h[torch.arange(B, device=h.device), last])
-        return self._normalize(self.model.lm_head(h).float())
+        self.logprob_rows.index_copy_(0, rows, self._normalize(self.model.lm_head(h).float()))
 
-    def _decode(self, packed: np.ndarray, B: int) -> torch.Tensor:
+    def _decode(self, packed: np.ndarray) -> None:
         """One new token per row (``packed``: see ``_pack``, padded to a bucket), through
         the CUDA graph of this bucket: one host-to-device copy, one replay."""
         g = self._graphs.get(packed.shape)
         if g is None:
             g = self._graphs[packed.shape] = self._capture(packed.shape)
-        graph, buf, out = g
+        graph, buf = g
         buf.copy_(torch.from_numpy(packed))
         graph.replay()
         self.graph_replays += 1
-        return out[:B].clone()
 
     def _capture(self, shape: tuple[int, int]):
         dev = self.device
         buf = torch.zeros(shape, dtype=torch.long, device=dev)
         buf[:, 0] = self.pad_token_id
+        buf[:, 4] = self.cache.n_rows  # scratch row (warm-up runs write it)
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
@@ -298,89 +333,104 @@ class PagedTokenLM(HFTokenLM):
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = self._run(*_unpack(buf, 1))
-        return graph, buf, out  # the graph reads buf and writes out: keep both
+            self._run(*_unpack(buf, 1))
+        return graph, buf  # the graph reads buf: keep it
 
     # ---- planning a batch ---------------------------------------------------
 
     def has_logprobs(self, token_ids) -> bool:
         node = self.cache.nodes.get(tuple(token_ids))
-        return node is not None and node.logprobs is not None
+        return node is not None and node.row >= 0
 
-    def _lookup(self, ctx: tuple[int, ...]) -> torch.Tensor | None:
-        node = self.cache.nodes.get(ctx)
-        if node is None or node.logprobs is None:
-            return None
-        self.cache.touch(ctx, node)
-        return node.logprobs
+    def _cached_logprobs(self, contexts: list[tuple[int, ...]]) -> torch.Tensor | None:
+        """Rows of ``logprob_rows`` (one gather; the contexts become the most recently
+        used), or None when one is missing."""
+        cache, rows = self.cache, []
+        for ctx in contexts:
+            node = cache.nodes.get(ctx)
+            if node is None or node.row < 0:
+                return None
+            cache.touch(ctx, node)
+            rows.append(node.row)
+        return self.logprob_rows[torch.as_tensor(rows, device=self.device)]
 
     @torch.inference_mode()
     def _evaluate(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
         with self._lock:
             self.batch_calls += 1
             cache = self.cache
+            asked = dict.fromkeys(contexts)
+            if len(asked) > cache.n_rows:
+                raise ValueError(
+                    f"one call asks for {len(asked)} distinct contexts but the log-prob pool holds "
+                    f"{cache.n_rows} rows; raise logprob_cache_bytes"
+                )
             todo = []
-            for ctx in dict.fromkeys(contexts):
+            for ctx in asked:  # cached ones first become the most recently used: kept
                 node = cache.nodes.get(ctx)
-                if node is not None and node.logprobs is not None:
+                if node is not None and node.row >= 0:
                     self.cache_hits += 1
+                    cache.touch(ctx, node)
                 else:
                     todo.append(ctx)
             if todo:
                 self._compute(sorted(todo, key=len))
-            out = []
-            for ctx in contexts:  # every context asked for becomes the most recently used
-                node = cache.nodes[ctx]
-                cache.touch(ctx, node)
-                out.append(node.logprobs)
-            return torch.stack(out)
+            return self._cached_logprobs(contexts)
 
     def _compute(self, todo: list[tuple[int, ...]]) -> None:
         """Evaluate contexts (sorted by length) in waves of forward passes. A row's
         new tokens get new trie nodes; a row that reads a slot written in this batch
         runs in the same wave as its writer or a later one."""
         cache = self.cache
-        depths = [cache.deepest(ctx) for ctx in todo]
-        need = sum(len(c) - d for c, d in zip(todo, depths))
-        cache.reserve(need, pinned={c[:d] for c, d in zip(todo, depths)})
+        need, pinned, planned = 0, set(), set()
+        for ctx in todo:  # slots to free; cached prefixes that must stay
+            if len(ctx) > 1 and ctx[:-1] in planned and ctx not in cache.nodes:
+                need += 1  # extends a context of this call: one new slot
+            else:
+                d, _ = cache.deepest(ctx)
+                need += len(ctx) - d
+                pinned.add(ctx[:d])
+            planned.add(ctx)
+        cache.reserve(need, pinned)
         created: list[tuple[int, ...]] = []  # new nodes, parents first
-        waves: list[list] = []  # rows: (ctx, first new position)
+        marked: list[_Node] = []  # nodes whose slot a wave of this batch writes
+        waves: list[list] = []  # rows: (ctx, first new position, node)
         sizes: list[tuple[int, int]] = []  # (rows, longest new) per wave
         for ctx in todo:
-            d = cache.deepest(ctx)
-            if d == len(ctx):  # cached slots without log-probs: recompute the last token
+            d, node = cache.deepest(ctx)
+            recompute = d == len(ctx)  # cached slots without log-probs: redo the last token
+            if recompute:
                 d -= 1
-                node = cache.nodes[ctx]
-                start = node.wave if node.wave >= 0 else 0
-            else:
-                parent = cache.nodes.get(ctx[:d]) if d else None
-                start = parent.wave if parent is not None and parent.wave >= 0 else 0
             n = len(ctx) - d
-            w = start
+            w = max(node.wave, 0) if node is not None else 0  # not before its prefix's writer
             while w < len(waves) and not self._fits(sizes[w], n):
                 w += 1
             if w == len(waves):
                 waves.append([])
                 sizes.append((0, 0))
-            waves[w].append((ctx, d))
             sizes[w] = (sizes[w][0] + 1, max(sizes[w][1], n))
-            for j in range(d + 1, len(ctx) + 1):
-                cache.add(ctx[:j]).wave = w
-                created.append(ctx[:j])
+            new_nodes = [node] if recompute else []
+            for j in range(d + 1, len(ctx) + 1) if not recompute else ():
+                key = ctx if j == len(ctx) else ctx[:j]
+                node = cache.add(key, node)
+                created.append(key)
+                new_nodes.append(node)
+            for m in new_nodes:
+                m.wave = w
+            marked.extend(new_nodes)
+            waves[w].append((ctx, d, node))
             self.forward_tokens += n
         try:
             for rows in waves:
                 self._forward_wave(rows)
-        except BaseException:  # slots never written must not pass for cached prefixes
+        except BaseException:  # slots and rows never written must not pass for cached
+            for ctx, _, node in (row for rows in waves for row in rows):
+                cache.release_row(ctx, node)
             cache.discard(reversed(created))
             raise
         finally:
-            for ctx in todo:
-                for j in range(len(ctx), 0, -1):
-                    node = cache.nodes.get(ctx[:j])
-                    if node is None or node.wave < 0:
-                        break
-                    node.wave = -1
+            for node in marked:
+                node.wave = -1
 
     def _fits(self, size: tuple[int, int], n: int) -> bool:
         rows, longest = size
@@ -389,8 +439,8 @@ class PagedTokenLM(HFTokenLM):
     def _forward_wave(self, rows) -> None:
         cache = self.cache
         B = len(rows)
-        N = max(len(ctx) - d for ctx, d in rows)
-        S = max(len(ctx) for ctx, _ in rows)
+        N = max(len(ctx) - d for ctx, d, _ in rows)
+        S = max(len(ctx) for ctx, _, _ in rows)
         graph = N == 1 and self.cuda_graphs and B <= self.max_batch_size
         if graph:  # buckets: rows to a power of two, keys to a power of two >= 64
             B_pad, S_pad = 1 << (B - 1).bit_length(), max(64, 1 << (S - 1).bit_length())
@@ -398,27 +448,35 @@ class PagedTokenLM(HFTokenLM):
             B_pad, S_pad = B, S
         packed = self._pack(rows, N, B_pad, S_pad)
         if graph:
-            lp = self._decode(packed, B)
+            self._decode(packed)
         else:
-            lp = self._run(*_unpack(torch.from_numpy(packed).to(self.device), N))
+            self._run(*_unpack(torch.from_numpy(packed).to(self.device), N))
         self.forward_calls += 1
-        for b, (ctx, _) in enumerate(rows):
-            cache.set_logprobs(ctx, cache.nodes[ctx], lp[b].clone())  # own memory: evictable alone
 
     def _pack(self, rows, N: int, B_pad: int, S_pad: int) -> np.ndarray:
-        """One int64 array ``[B_pad, 3N + 1 + S_pad]`` per forward pass (one transfer):
+        """One int64 array ``[B_pad, 3N + 2 + S_pad]`` per forward pass (one transfer):
         per row its new token ids, their positions, the slots they write, the index of
-        its last new token, then its key slots; padding rows read and write slot 0."""
-        packed = np.zeros((B_pad, 3 * N + 1 + S_pad), np.int64)
+        its last new token, its log-prob row (taken here), then its key slots; padding
+        rows read and write slot 0 and the scratch row."""
+        cache = self.cache
+        B = len(rows)
+        packed = np.zeros((B_pad, 3 * N + 2 + S_pad), np.int64)
         packed[:, :N] = self.pad_token_id
-        for b, (ctx, d) in enumerate(rows):
-            path = self.cache.nodes[ctx].path
-            n = len(ctx) - d
-            packed[b, :n] = ctx[d:]
-            packed[b, N : N + n] = np.arange(d, len(ctx))
-            packed[b, 2 * N : 2 * N + n] = path[d:]
-            packed[b, 3 * N] = n - 1
-            packed[b, 3 * N + 1 : 3 * N + 1 + len(ctx)] = path
+        packed[:, 3 * N + 1] = cache.n_rows
+        packed[:B, 3 * N + 1] = [cache.take_row(ctx, node) for ctx, _, node in rows]
+        if N == 1:  # one new token per row (the usual step): whole columns at once
+            packed[:B, 0] = [ctx[-1] for ctx, _, _ in rows]
+            packed[:B, 1] = [len(ctx) - 1 for ctx, _, _ in rows]
+            packed[:B, 2] = [node.slot for _, _, node in rows]
+        for b, (ctx, d, node) in enumerate(rows):
+            path = node.path
+            if N > 1:
+                n = len(ctx) - d
+                packed[b, :n] = ctx[d:]
+                packed[b, N : N + n] = np.arange(d, len(ctx))
+                packed[b, 2 * N : 2 * N + n] = path[d:]
+                packed[b, 3 * N] = n - 1
+            packed[b, 3 * N + 2 : 3 * N + 2 + len(ctx)] = path
         return packed
 
     def clear_cache(self):
@@ -428,9 +486,9 @@ class PagedTokenLM(HFTokenLM):
 
 
 def _unpack(packed: torch.Tensor, N: int):
-    """``(ids, pos, write, keys, last)`` views of a packed batch (see ``_pack``)."""
-    return (packed[:, :N], packed[:, N : 2 * N], packed[:, 2 * N : 3 * N], packed[:, 3 * N + 1 :],
-            packed[:, 3 * N])
+    """``(ids, pos, write, keys, last, rows)`` views of a packed batch (see ``_pack``)."""
+    return (packed[:, :N], packed[:, N : 2 * N], packed[:, 2 * N : 3 * N], packed[:, 3 * N + 2 :],
+            packed[:, 3 * N], packed[:, 3 * N + 1])
 
 
 def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
