@@ -84,11 +84,6 @@ def _check_byte(b) -> int:
     return int(b)
 
 
-def _outcome(b: int) -> int:
-    """Column of a byte (or EOS) in a next-byte array."""
-    return 256 if b == EOS else b
-
-
 @dataclass(frozen=True)
 class BeamParams:
     """Beam parameters.
@@ -158,6 +153,9 @@ class Beam:
             ``blocks[block_of[i]][rows[i]]`` (rows of the trie batches that made them).
         logp: log-probability of the bytes read so far (sum of conditionals).
         log_total: log of the candidates' total weight before extension, ``log W(x)``.
+        log_norm: ``log sum_a W(x·a)``, the normalizer of ``q(· | x)``: ``W(x)`` less the
+            extensions not made (``sum_a M_c(n·a) = M_c(n) - sum of M_c(leaves at n)``
+            turns the sum over outcomes into one over candidates).
         with_eos: whether EOS tokens end the byte string (False during prefill).
     """
 
@@ -171,6 +169,7 @@ class Beam:
     rows: np.ndarray
     logp: float = 0.0
     log_total: float = 0.0
+    log_norm: float = 0.0
     with_eos: bool = True
     stats: BeamStats = field(default_factory=BeamStats)
     _dist: list = field(default_factory=list, repr=False)  # memo of next_logprobs
@@ -240,8 +239,7 @@ def _next_logprobs(beams: list[Beam]) -> np.ndarray:
         table[owner, np.where(label == EOS, 256, label)] = (
             beam.weights[owner] + beam.log_mass_ratio(owner, child, beam.nodes[owner]))
         row = _logsumexp_columns(table)
-        norm = _logsumexp(row)
-        out.append(row - norm if np.isfinite(norm) else row)
+        out.append(row - beam.log_norm if np.isfinite(beam.log_norm) else row)
     return np.stack(out) if out else np.zeros((0, N_OUTCOMES))
 
 
@@ -297,10 +295,8 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         return []
     model = beams[0].model
     trie = model.trie
-    for beam in beams:
-        beam.next_logprobs()
 
-    read = []  # per beam: (candidate indices, new nodes, new weights)
+    read = []  # per beam: (candidate indices, new nodes, new weights, pruned share, log W(x·b))
     for beam, b in zip(beams, next_bytes):
         child = trie.child(beam.nodes, b)
         idx = np.nonzero(child >= 0)[0]
@@ -311,16 +307,18 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     # Extensions of every beam's surviving candidates, in one batch.
     ext_plan = []
     requests: list[LMState] = []
-    for beam, (idx, nodes, w, _) in zip(beams, read):
+    for beam, (idx, nodes, w, _, _) in zip(beams, read):
         owner, leaf = trie.leaves_of(nodes)
         ew = w[owner] + beam.log_mass_ratio(idx[owner], leaf, nodes[owner])
-        ok = _keep_extensions(beam.params, trie, nodes, w, ew)
-        owner, leaf, ew = owner[ok], leaf[ok], ew[ok]
-        states = [beam.states[idx[o]].extend(trie.leaf_token[l]) for o, l in zip(owner, leaf)]
+        made = _keep_extensions(beam.params, trie, nodes, w, ew)
+        ok = np.flatnonzero(made)
+        states = [beam.states[idx[owner[j]]].extend(trie.leaf_token[leaf[j]]) for j in ok]
         if model.canonical and states:  # commit only canonical token sequences
             keep = np.array([model.is_canonical(s.tokens) for s in states], bool)
-            ew, states = ew[keep], [s for s, k in zip(states, keep) if k]
-        ext_plan.append((ew, len(requests), len(states)))
+            made[ok[~keep]] = False
+            states = [s for s, k in zip(states, keep) if k]
+        skipped = ew[np.isfinite(ew) & ~made]
+        ext_plan.append((ew[made], len(requests), len(states), _logsumexp(skipped)))
         requests.extend(states)
 
     prefetch = []
@@ -338,7 +336,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     for mode in modes:
         sel = [
             j
-            for beam, (_, start, n) in zip(beams, ext_plan)
+            for beam, (_, start, n, _) in zip(beams, ext_plan)
             if (beam.with_eos if with_eos is None else with_eos) == mode
             for j in range(start, start + n)
         ]
@@ -349,8 +347,8 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
 
     out = []
     for k, (beam, b) in enumerate(zip(beams, next_bytes)):
-        idx, nodes, w, pruned = read[k]
-        ew, start, n = ext_plan[k]
+        idx, nodes, w, pruned, log_read = read[k]
+        ew, start, n, log_skipped = ext_plan[k]
         mode = beam.with_eos if with_eos is None else with_eos
         stats = replace(
             beam.stats,
@@ -363,7 +361,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             out.append(new)
             continue
         log_total = _logsumexp(w)
-        logp = beam.logp + beam._dist[0][_outcome(b)]
+        logp = beam.logp + log_read - beam.log_norm
         new_blocks = list(beam.blocks)
         block_of = beam.block_of[idx]
         rows = beam.rows[idx]
@@ -382,7 +380,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         out.append(_compact(Beam(
             model=model, params=beam.params, nodes=nodes, weights=w, states=states,
             blocks=tuple(new_blocks), block_of=block_of, rows=rows, logp=logp,
-            log_total=log_total, with_eos=mode, stats=stats,
+            log_total=log_total, log_norm=_log_minus(log_total, log_skipped), with_eos=mode, stats=stats,
         )))
     return out
 
@@ -403,46 +401,50 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
         return []
     table = beam.model.tokens_by_prefix
     trie = beam.model.trie
+    n = len(data)
     # A found context is its parent (candidate i as -1 - i, or an earlier found context)
-    # extended by one token; sources are (parent, bytes before data, start in data,
-    # level), dropped once their bytes start no token. States are built for kept ones only.
-    parent: list[int] = []
-    token: list[int] = []
-    level: list[int] = []
-    ends: list[int] = []
-    sources = [(-1 - i, trie.prefix_of[beam.nodes[i]], 0, 0) for i in range(len(beam))]
-    for end in range(1, len(data) + 1):
-        alive = []
-        for source in sources:
-            src, partial, start, lev = source
-            ids = table.get(partial + data[start:end])
+    # extended by one token that ends at byte ``ends[k]`` of data. Contexts that end at
+    # the same byte extend alike: by the tokens spelled by data from there (``spelled``).
+    spelled: list[list[tuple[int, int]]] = []
+    for start in range(n):
+        found = []
+        for end in range(start + 1, n + 1):
+            ids = table.get(data[start:end])
             if ids is None:
-                continue
-            alive.append(source)
-            for t in ids:
-                if lev + 1 < depth:
-                    alive.append((len(token), b"", end, lev + 1))
-                parent.append(src)
-                token.append(t)
-                level.append(lev + 1)
-                ends.append(end)
-        sources = alive
-    if not token:
+                break
+            found.extend((end, t) for t in ids)
+        spelled.append(found)
+    found: list[tuple[int, int, int, int]] = []  # (parent, token, level, end)
+    for i in range(len(beam)):
+        partial = trie.prefix_of[beam.nodes[i]]
+        for end in range(1, n + 1):
+            ids = table.get(partial + data[:end])
+            if ids is None:
+                break
+            found.extend((-1 - i, t, 1, end) for t in ids)
+    k = 0
+    while k < len(found):  # breadth first: parents come before their children
+        _, _, lev, start = found[k]
+        if lev < depth and start < n:
+            found.extend((k, t, lev + 1, end) for end, t in spelled[start])
+        k += 1
+    if not found:
         return []
-    parent_a = np.array(parent, np.int64)
-    est = np.full(len(token), -np.inf)
-    first = np.flatnonzero(parent_a < 0)
-    cand = -1 - parent_a[first]
-    leaf = trie.token_leaf[np.array(token, np.int64)[first]]
+    parent, token, level, ends = np.array(found, np.int64).T
+    est = np.empty(len(found))
+    first = np.flatnonzero(level == 1)
+    cand = -1 - parent[first]
+    leaf = trie.token_leaf[token[first]]
     est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf, beam.nodes[cand])
-    for k in np.flatnonzero(parent_a >= 0):  # parents come before their children
-        est[k] = est[parent[k]] + _LEVEL_PENALTY
-    rank = est + _BYTE_PENALTY * np.array(ends)
+    for lev in range(2, depth + 1):
+        sel = np.flatnonzero(level == lev)
+        est[sel] = est[parent[sel]] + _LEVEL_PENALTY
+    rank = est + _BYTE_PENALTY * ends
     keep = np.sort(np.argsort(-rank, kind="stable")[:limit])
     states: dict[int, LMState] = {}  # kept contexts' parents rank above them: kept too
-    for k in keep[np.isfinite(est[keep])]:
-        src = parent[k]
-        states[k] = (beam.states[-1 - src] if src < 0 else states[src]).extend(token[k])
+    for k in keep[np.isfinite(est[keep])].tolist():
+        src, t = found[k][:2]
+        states[k] = (beam.states[-1 - src] if src < 0 else states[src]).extend(t)
     return list(states.values())
 
 
@@ -462,10 +464,18 @@ def _logsumexp(x: np.ndarray) -> float:
     return float(m + np.log(np.sum(np.exp(x - m))))
 
 
+def _log_minus(a: float, b: float) -> float:
+    """``log(exp(a) - exp(b))`` for ``b <= a`` (-inf when they are equal)."""
+    if b == -math.inf:
+        return a
+    return a + math.log1p(-math.exp(b - a)) if b < a else -math.inf
+
+
 def _prune(params: BeamParams, idx, nodes, w):
-    """Threshold, then the K heaviest. Returns kept (idx, nodes, w, pruned share)."""
+    """Threshold, then the K heaviest. Returns kept (idx, nodes, w), the pruned share
+    and the log of the total weight before pruning."""
     if len(w) == 0:
-        return idx, nodes, w, 0.0
+        return idx, nodes, w, 0.0, -math.inf
     total = _logsumexp(w)
     keep = w - total > params.log_threshold
     order = np.argsort(-w[keep], kind="stable")
@@ -473,7 +483,7 @@ def _prune(params: BeamParams, idx, nodes, w):
         order = order[: params.K]
     kept = np.nonzero(keep)[0][order]
     pruned = 1.0 - math.exp(_logsumexp(w[kept]) - total) if len(kept) < len(w) else 0.0
-    return idx[kept], nodes[kept], w[kept], pruned
+    return idx[kept], nodes[kept], w[kept], pruned, total
 
 
 def _keep_extensions(params: BeamParams, trie, nodes, w, ew) -> np.ndarray:
@@ -501,7 +511,7 @@ def _empty(beam: Beam, mode: bool, stats: BeamStats) -> Beam:
     return Beam(
         model=beam.model, params=beam.params, nodes=np.zeros(0, np.int64), weights=np.zeros(0),
         states=(), blocks=(), block_of=np.zeros(0, np.int64), rows=np.zeros(0, np.int64),
-        logp=-math.inf, log_total=-math.inf, with_eos=mode, stats=stats,
+        logp=-math.inf, log_total=-math.inf, log_norm=-math.inf, with_eos=mode, stats=stats,
     )
 
 
@@ -590,11 +600,12 @@ async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -
     owner, leaf = trie.leaves_of(seed.nodes)
     ew = weight + seed.log_mass_ratio(owner, leaf, seed.nodes[owner])
     ok = _keep_extensions(beam.params, trie, seed.nodes, seed.weights, ew)
+    log_norm = _log_minus(weight, _logsumexp(ew[np.isfinite(ew) & ~ok]))
     leaf, ew = leaf[ok], ew[ok]
     new_states = tuple(state.extend(trie.leaf_token[l]) for l in leaf)
     logp = beam.logp + weight - beam.log_total
     if not new_states:
-        return replace(seed, logp=logp, log_total=weight)
+        return replace(seed, logp=logp, log_total=weight, log_norm=log_norm)
     block = await beam.model.masses(list(new_states), mode)
     n = len(new_states)
     return replace(
@@ -607,6 +618,7 @@ async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -
         rows=np.concatenate([seed.rows, np.arange(n)]),
         logp=logp,
         log_total=weight,
+        log_norm=log_norm,
         stats=replace(stats, lm_calls=stats.lm_calls + 1, lm_contexts=stats.lm_contexts + n),
     )
 

@@ -173,6 +173,8 @@ async def test_canonical_exact_beam_keeps_only_the_tokenizers_encoding(gpt2_mock
         beam = await initial_beam(model, BeamParams(K=None if canonical else 64, heal=False))
         for b in text:
             (beam,) = await advance([beam], [b])
+            # the normalizer counts only the extensions made (canonical ones)
+            assert np.exp(beam.next_logprobs()).sum() == pytest.approx(1, abs=1e-9)
         complete = {s.tokens[1:] for s, n in zip(beam.states, beam.nodes) if n == model.trie.root}
         if canonical:
             assert complete == {want}
