@@ -32,6 +32,55 @@ def _median_ms(fn, reps=30) -> float:
     return sorted(ts)[reps // 2] * 1e3
 
 
+def _split(blm, lm, text) -> dict[str, float]:
+    """Wall-clock milliseconds of one scoring run, split by wrapping the main pieces
+    (nested pieces are also counted in their callers)."""
+    from genlm_bytes_potential import beam as beam_mod, lm_state
+
+    spent: dict[str, float] = {}
+    undo = []
+
+    def wrap(owner, name, label, is_async=False):
+        fn = getattr(owner, name)
+
+        def add(t):
+            spent[label] = spent.get(label, 0.0) + (time.perf_counter() - t) * 1e3
+
+        if is_async:
+            async def timed(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return await fn(*a, **k)
+                finally:
+                    add(t)
+        else:
+            def timed(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    add(t)
+        setattr(owner, name, timed)
+        undo.append((owner, name, fn))
+
+    wrap(lm_state.TokenModel, "masses", "TokenModel.masses (LM call, trie, copy)", True)
+    wrap(lm, "batch_next_token_logprobs", "  LM call (await)", True)
+    wrap(lm, "_forward_wave", "    forward pass (plan, replay)")
+    wrap(lm, "_cached_logprobs", "    log-prob gather (waits for the forward)")
+    wrap(lm_state, "_to_host", "  mass rows to host")
+    wrap(beam_mod, "speculative_contexts", "speculation")
+    wrap(beam_mod.Beam, "log_mass", "beam mass gathers")
+    t = time.perf_counter()
+    asyncio.run(blm.score(text))
+    spent["total"] = (time.perf_counter() - t) * 1e3
+    for owner, name, fn in undo:
+        if owner is lm:
+            delattr(lm, name)
+        else:
+            setattr(owner, name, fn)
+    return spent
+
+
 def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,6 +119,10 @@ def main():
         t = time.perf_counter()
         asyncio.run(blm.score(text))
         print(f"W1 K={K}: {len(text) / (time.perf_counter() - t):.1f} B/s")
+    lm.clear_cache()
+    print(f"wall-clock split of one K={args.K[-1]} scoring (ms per byte):")
+    for name, ms in _split(blm, lm, text).items():
+        print(f"  {name}: {ms / len(text):.3f}")
     lm.clear_cache()
     calls, forwards = blm.model.stats.batch_calls, lm.forward_calls
     prof = cProfile.Profile()

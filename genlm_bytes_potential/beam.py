@@ -151,6 +151,8 @@ class Beam:
         states: LM state of each candidate.
         blocks, block_of, rows: candidate ``i``'s scaled masses are
             ``blocks[block_of[i]][rows[i]]`` (rows of the trie batches that made them).
+        block_nodes: per block, None when its rows hold every node, else the sorted
+            nodes its columns hold (a scoring beam keeps only the nodes along the text).
         logp: log-probability of the bytes read so far (sum of conditionals).
         log_total: log of the candidates' total weight before extension, ``log W(x)``.
         log_norm: ``log sum_a W(x·a)``, the normalizer of ``q(· | x)``: ``W(x)`` less the
@@ -167,6 +169,7 @@ class Beam:
     blocks: tuple[np.ndarray, ...]
     block_of: np.ndarray
     rows: np.ndarray
+    block_nodes: tuple[np.ndarray | None, ...] | None = None  # None: all blocks full
     logp: float = 0.0
     log_total: float = 0.0
     log_norm: float = 0.0
@@ -185,15 +188,29 @@ class Beam:
         """``log M_c(node)`` for candidate indices ``cand`` and nodes (same length)."""
         rows = self.rows[cand]
         if len(self.blocks) == 1:
-            out = self.blocks[0][rows, node]
+            out = self.blocks[0][rows, self._columns(0, node)]
         else:
             out = np.empty(len(cand))
             which = self.block_of[cand]
             for g in np.flatnonzero(np.bincount(which, minlength=len(self.blocks))):
                 sel = which == g
-                out[sel] = self.blocks[g][rows[sel], node[sel]]
+                out[sel] = self.blocks[g][rows[sel], self._columns(g, node[sel])]
         with np.errstate(divide="ignore"):
             return np.log(out)
+
+    def _columns(self, g: int, node: np.ndarray) -> np.ndarray:
+        """Columns of block ``g`` holding ``node``."""
+        kept = self.block_nodes[g] if self.block_nodes is not None else None
+        if kept is None:
+            return node
+        col = np.minimum(np.searchsorted(kept, node), len(kept) - 1)
+        if not np.array_equal(kept[col], node):
+            bad = node[kept[col] != node][0]
+            raise ValueError(
+                f"node {bad} ({self.model.trie.prefix_of[bad]!r}) is not among the nodes this beam "
+                f"kept masses for: a beam advanced with ahead_only=True reads only the bytes ahead"
+            )
+        return col
 
     def log_mass_ratio(self, cand: np.ndarray, node: np.ndarray, base: np.ndarray) -> np.ndarray:
         """``log M_c(node) - log M_c(base)``, both read in one gather."""
@@ -210,7 +227,10 @@ class Beam:
     def nbytes(self) -> int:
         """Bytes of the mass rows this beam refers to (rows shared with other beams are
         counted by each): the beam's memory footprint, dominated by its root candidates."""
-        return len(np.unique(np.stack([self.block_of, self.rows]), axis=1).T) * self.model.trie.n_nodes * 8 if len(self) else 0
+        if not len(self):
+            return 0
+        used = np.unique(np.stack([self.block_of, self.rows]), axis=1)[0]
+        return int(sum(self.blocks[g].shape[1] for g in used)) * 8
 
     def partial(self, i: int) -> bytes:
         """Bytes of the token candidate ``i`` is in the middle of."""
@@ -276,7 +296,7 @@ async def initial_beam(
 
 
 async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None,
-                  ahead: list[bytes] | None = None) -> list[Beam]:
+                  ahead: list[bytes] | None = None, ahead_only: bool = False) -> list[Beam]:
     """Advance each beam by its byte: read, prune, extend. All extensions of all beams
     share one LM batch call and one trie batch.
 
@@ -287,16 +307,22 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         ahead: per beam, bytes known to follow its byte. With the model's ``lookahead``
             on, a step that calls the LM also asks for the contexts that reading them
             may need (:func:`speculative_contexts`); results are unchanged.
+        ahead_only: the new beams will read only (a prefix of) ``ahead`` (scoring): their
+            new candidates keep masses at the nodes along those bytes only
+            (``TokenByteTrie.path_nodes``), a fraction of a row to copy and hold. Such a
+            beam cannot give ``next_logprobs`` or read other bytes (ValueError).
     """
     if len(beams) != len(next_bytes):
         raise ValueError(f"{len(beams)} beams but {len(next_bytes)} bytes; expected one byte per beam")
+    if ahead_only and ahead is None:
+        raise ValueError("ahead_only=True needs ahead (the bytes the new beams will read)")
     next_bytes = [_check_byte(b) for b in next_bytes]
     if not beams:
         return []
     model = beams[0].model
     trie = model.trie
 
-    read = []  # per beam: (candidate indices, new nodes, new weights, pruned share, log W(x·b))
+    read = []  # per beam: kept (candidate indices, nodes, weights), pruned share, log W(x·b) before and after
     for beam, b in zip(beams, next_bytes):
         child = trie.child(beam.nodes, b)
         idx = np.nonzero(child >= 0)[0]
@@ -307,10 +333,10 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     # Extensions of every beam's surviving candidates, in one batch.
     ext_plan = []
     requests: list[LMState] = []
-    for beam, (idx, nodes, w, _, _) in zip(beams, read):
+    for beam, (idx, nodes, w, _, _, log_total) in zip(beams, read):
         owner, leaf = trie.leaves_of(nodes)
         ew = w[owner] + beam.log_mass_ratio(idx[owner], leaf, nodes[owner])
-        made = _keep_extensions(beam.params, trie, nodes, w, ew)
+        made = _keep_extensions(beam.params, trie, nodes, log_total, ew)
         ok = np.flatnonzero(made)
         states = [beam.states[idx[owner[j]]].extend(trie.leaf_token[leaf[j]]) for j in ok]
         if model.canonical and states:  # commit only canonical token sequences
@@ -330,6 +356,9 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
                 prefetch.extend(extra)
                 budget -= len(extra)
 
+    kept_nodes = None
+    if ahead_only:
+        kept_nodes = np.unique(np.concatenate([trie.path_nodes(more) for more in ahead]))
     modes = {beam.with_eos if with_eos is None else with_eos for beam in beams}
     blocks_by_mode = {}
     calls_before = model.stats.batch_calls
@@ -341,13 +370,13 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             for j in range(start, start + n)
         ]
         if sel:
-            blocks_by_mode[mode] = (await model.masses([requests[j] for j in sel], mode, prefetch), sel)
+            blocks_by_mode[mode] = (await model.masses([requests[j] for j in sel], mode, prefetch, kept_nodes), sel)
             prefetch = []
     calls = model.stats.batch_calls - calls_before
 
     out = []
     for k, (beam, b) in enumerate(zip(beams, next_bytes)):
-        idx, nodes, w, pruned, log_read = read[k]
+        idx, nodes, w, pruned, log_read, log_total = read[k]
         ew, start, n, log_skipped = ext_plan[k]
         mode = beam.with_eos if with_eos is None else with_eos
         stats = replace(
@@ -360,9 +389,9 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             new = await _empty_or_healed(beam, b, mode, stats)
             out.append(new)
             continue
-        log_total = _logsumexp(w)
         logp = beam.logp + log_read - beam.log_norm
         new_blocks = list(beam.blocks)
+        block_nodes = beam.block_nodes
         block_of = beam.block_of[idx]
         rows = beam.rows[idx]
         states = tuple(beam.states[i] for i in idx)
@@ -372,6 +401,8 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             if len(block) > n:  # own rows only, so evicting this beam frees them
                 block, pos = block[pos : pos + n].copy(), 0
             new_blocks.append(block)
+            if kept_nodes is not None or block_nodes is not None:
+                block_nodes = (block_nodes or (None,) * len(beam.blocks)) + (kept_nodes,)
             block_of = np.concatenate([block_of, np.full(n, len(new_blocks) - 1)])
             rows = np.concatenate([rows, np.arange(pos, pos + n)])
             states = states + tuple(requests[start : start + n])
@@ -379,7 +410,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             w = np.concatenate([w, ew])
         out.append(_compact(Beam(
             model=model, params=beam.params, nodes=nodes, weights=w, states=states,
-            blocks=tuple(new_blocks), block_of=block_of, rows=rows, logp=logp,
+            blocks=tuple(new_blocks), block_of=block_of, rows=rows, block_nodes=block_nodes, logp=logp,
             log_total=log_total, log_norm=_log_minus(log_total, log_skipped), with_eos=mode, stats=stats,
         )))
     return out
@@ -472,25 +503,27 @@ def _log_minus(a: float, b: float) -> float:
 
 
 def _prune(params: BeamParams, idx, nodes, w):
-    """Threshold, then the K heaviest. Returns kept (idx, nodes, w), the pruned share
-    and the log of the total weight before pruning."""
+    """Threshold, then the K heaviest. Returns kept (idx, nodes, w), the pruned share,
+    and the logs of the total weight before and after pruning."""
     if len(w) == 0:
-        return idx, nodes, w, 0.0, -math.inf
+        return idx, nodes, w, 0.0, -math.inf, -math.inf
     total = _logsumexp(w)
     keep = w - total > params.log_threshold
+    if keep.all() and (params.K is None or len(w) <= params.K):
+        return idx, nodes, w, 0.0, total, total
     order = np.argsort(-w[keep], kind="stable")
     if params.K is not None:
         order = order[: params.K]
     kept = np.nonzero(keep)[0][order]
-    pruned = 1.0 - math.exp(_logsumexp(w[kept]) - total) if len(kept) < len(w) else 0.0
-    return idx[kept], nodes[kept], w[kept], pruned, total
+    kept_total = _logsumexp(w[kept])
+    return idx[kept], nodes[kept], w[kept], 1.0 - math.exp(kept_total - total), total, kept_total
 
 
-def _keep_extensions(params: BeamParams, trie, nodes, w, ew) -> np.ndarray:
-    """Extensions whose share of the candidates' total weight (which already includes
-    them) passes the threshold; the heaviest is kept when no candidate could otherwise
-    read another byte."""
-    ok = np.isfinite(ew) & (ew - _logsumexp(w) > params.log_threshold)
+def _keep_extensions(params: BeamParams, trie, nodes, log_total: float, ew) -> np.ndarray:
+    """Extensions whose share of the candidates' total weight ``log_total`` (which
+    already includes them) passes the threshold; the heaviest is kept when no candidate
+    could otherwise read another byte."""
+    ok = np.isfinite(ew) & (ew - log_total > params.log_threshold)
     if len(ew) and not ok.any() and np.isfinite(ew).any():
         if not (trie.child_ptr[nodes + 1] > trie.child_ptr[nodes]).any():
             ok[np.argmax(ew)] = True
@@ -504,7 +537,9 @@ def _compact(beam: Beam) -> Beam:
         return beam
     remap = np.full(len(beam.blocks), -1, np.int64)
     remap[used] = np.arange(len(used))
-    return replace(beam, blocks=tuple(beam.blocks[g] for g in used), block_of=remap[beam.block_of], _dist=[])
+    kept = beam.block_nodes
+    return replace(beam, blocks=tuple(beam.blocks[g] for g in used), block_of=remap[beam.block_of],
+                   block_nodes=None if kept is None else tuple(kept[g] for g in used), _dist=[])
 
 
 def _empty(beam: Beam, mode: bool, stats: BeamStats) -> Beam:
@@ -539,12 +574,12 @@ async def _heal(beam: Beam, b: int, mode: bool):
         partial = beam.partial(i)
         node_i = int(beam.nodes[i])
         base = beam.weights[i] - beam.log_mass(np.array([i]), np.array([node_i]))[0]
-        row = beam.blocks[beam.block_of[i]][beam.rows[i]]
         min_k = 0 if params.heal_max_backoff is None else max(0, len(partial) - params.heal_max_backoff)
         for k in range(len(partial), min_k - 1, -1):
             node_k = trie.node_of(partial[:k])
-            for leaf in range(node_k + 1, node_k + 1 + trie.n_leaves[node_k]):
-                weight = base + math.log(row[leaf]) if row[leaf] > 0 else -math.inf
+            leaves = np.arange(node_k + 1, node_k + 1 + trie.n_leaves[node_k])
+            for leaf, log_mass in zip(leaves.tolist(), beam.log_mass(np.full(len(leaves), i), leaves)):
+                weight = base + log_mass
                 if not np.isfinite(weight):
                     continue
                 state = beam.states[i].extend(trie.leaf_token[leaf])
@@ -599,7 +634,7 @@ async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -
     trie = beam.model.trie
     owner, leaf = trie.leaves_of(seed.nodes)
     ew = weight + seed.log_mass_ratio(owner, leaf, seed.nodes[owner])
-    ok = _keep_extensions(beam.params, trie, seed.nodes, seed.weights, ew)
+    ok = _keep_extensions(beam.params, trie, seed.nodes, weight, ew)
     log_norm = _log_minus(weight, _logsumexp(ew[np.isfinite(ew) & ~ok]))
     leaf, ew = leaf[ok], ew[ok]
     new_states = tuple(state.extend(trie.leaf_token[l]) for l in leaf)

@@ -230,10 +230,13 @@ class TokenModel:
             return list(tokens[-n:])
         return list(tokens)
 
-    async def masses(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = ()) -> np.ndarray:
+    async def masses(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = (),
+                     nodes: np.ndarray | None = None) -> np.ndarray:
         """Scaled trie masses (see ``TokenByteTrie.masses``) of the states' next-token
         distributions, ``[len(states), n_nodes]``: one LM batch call over the distinct
-        contexts and one trie batch. Within a row, mass ratios are exact.
+        contexts and one trie batch. Within a row, mass ratios are exact. ``nodes``
+        (sorted, with the root): return only these columns, ``[len(states), len(nodes)]``
+        (from a GPU, only they are copied).
 
         ``prefetch``: contexts asked for in the same LM call, for the LM's cache (see
         ``lookahead``). When masses are computed on a GPU, theirs are computed in the same
@@ -243,9 +246,11 @@ class TokenModel:
         rows = np.array([distinct.setdefault(s.tokens, len(distinct)) for s in states], np.int64)
         n = len(distinct)
         asked = list(distinct)
+        root = self.trie.root if nodes is None else int(np.searchsorted(nodes, self.trie.root))
         if self._ready and all((t, with_eos) in self._ready for t in asked):
-            scaled = _to_host(torch.stack([self._ready.pop((t, with_eos)) for t in asked]))
-            self._check_finite(scaled[:, self.trie.root], asked)
+            scaled = torch.stack([self._ready.pop((t, with_eos)) for t in asked])
+            scaled = _to_host(scaled if nodes is None else scaled[:, torch.as_tensor(nodes, device=scaled.device)])
+            self._check_finite(scaled[:, root], asked)
             return scaled if n == len(states) else scaled[rows]
         for s in prefetch if self.lookahead else ():
             if s.tokens not in distinct and not self._cached(s):
@@ -270,8 +275,11 @@ class TokenModel:
         if on_device:
             if len(distinct) > n:
                 self._keep_ready(list(distinct)[n:], with_eos, scaled[n:])
-            scaled = _to_host(scaled[:n])
-        self._check_finite(scaled[:, self.trie.root], asked)
+            scaled = scaled[:n] if nodes is None else scaled[:n, torch.as_tensor(nodes, device=scaled.device)]
+            scaled = _to_host(scaled)
+        elif nodes is not None:
+            scaled = scaled[:, nodes]
+        self._check_finite(scaled[:, root], asked)
         return scaled if n == len(states) else scaled[rows]
 
     def _keep_ready(self, contexts: list[tuple[int, ...]], with_eos: bool, scaled: torch.Tensor) -> None:

@@ -146,6 +146,8 @@ class TokenByteTrie:
         # With EOS: EOS tokens' leaves carry nothing (marked -1); their mass is the EOS node's.
         self._leaf_tokens_eos = np.where(is_eos_leaf, -1, self._leaf_tokens)
         self._torch_cache: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._node_index: dict[bytes, int] | None = None  # prefix -> node, built by path_nodes
+        self._max_depth = int(depth.max())
 
     # ------------------------------------------------------------------ lookups
     def child(self, nodes: np.ndarray, label: int) -> np.ndarray:
@@ -173,6 +175,23 @@ class TokenByteTrie:
         owner = np.repeat(np.arange(len(nodes)), counts)
         first = np.repeat(nodes + 1 - np.cumsum(counts) + counts, counts)
         return owner, first + np.arange(counts.sum())
+
+    def path_nodes(self, data: bytes) -> np.ndarray:
+        """The nodes a candidate at the root can meet while reading ``data``, sorted:
+        the root, the EOS node, the node of every prefix of ``data`` that starts a
+        token, and those nodes' leaves."""
+        if self._node_index is None:
+            self._node_index = {self.prefix_of[n]: n for n in np.flatnonzero(self.leaf_token < 0).tolist()}
+            self._node_index.pop(b"", None)  # the EOS node shares the root's (empty) prefix
+        data = bytes(data[: self._max_depth])
+        nodes = [self.root, self.eos_node]
+        for j in range(1, len(data) + 1):
+            node = self._node_index.get(data[:j])
+            if node is None:
+                break
+            nodes.append(node)
+            nodes.extend(range(node + 1, node + 1 + int(self.n_leaves[node])))
+        return np.unique(np.array(nodes, np.int64))
 
     def node_of(self, prefix: bytes) -> int:
         """Node of a byte prefix, -1 if no token starts with it."""

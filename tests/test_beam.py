@@ -229,6 +229,38 @@ async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(voca
     assert set(lm.requests) <= prefetched
 
 
+@settings(max_examples=40, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]),
+       heal=st.booleans())
+async def test_ahead_only_keeps_fewer_masses_and_the_same_values(vocab, seed, data, K, heal):
+    """A scoring beam (``ahead_only``) keeps masses only along the text: same log-probs,
+    heals and candidates, smaller rows."""
+    lm, model = make_model(vocab, seed)
+    runs = []
+    for ahead_only in (False, True):
+        beam = await initial_beam(model, BeamParams(K=K, heal=heal))
+        logps = []
+        for i, b in enumerate(data):
+            (beam,) = await advance([beam], [b], ahead=[data[i + 1 :]], ahead_only=ahead_only)
+            logps.append(beam.logp)
+        runs.append((logps, beam))
+    (full_logps, full), (kept_logps, kept) = runs
+    assert kept_logps == full_logps and kept.stats.heals == full.stats.heals
+    assert list(kept.weights) == list(full.weights)
+    assert kept.nbytes <= full.nbytes
+    if any(n is not None for n in kept.block_nodes or ()):
+        assert kept.nbytes < full.nbytes
+        with pytest.raises(ValueError, match="not among the nodes this beam kept"):
+            kept.next_logprobs()
+
+
+async def test_ahead_only_needs_the_bytes_ahead():
+    lm, model = make_model([b"a", b"b", EOS_BYTES], 0)
+    beam = await initial_beam(model, BeamParams())
+    with pytest.raises(ValueError, match="ahead_only=True needs ahead"):
+        await advance([beam], [ord("a")], ahead_only=True)
+
+
 async def test_lookahead_is_off_for_lms_without_a_logprob_cache():
     class NoCache(MockTokenLM):
         has_logprobs = None
