@@ -65,9 +65,10 @@ def _split(blm, lm, text) -> dict[str, float]:
 
     wrap(lm_state.TokenModel, "masses", "TokenModel.masses (LM call, trie, copy)", True)
     wrap(lm, "batch_next_token_logprobs", "  LM call (await)", True)
-    wrap(lm, "_forward_wave", "    forward pass (plan, replay)")
-    wrap(lm, "_cached_logprobs", "    log-prob gather (waits for the forward)")
-    wrap(lm_state, "_to_host", "  mass rows to host")
+    wrap(lm, "_evaluate", "    evaluate (plan and queue the forward, gather rows)")
+    wrap(lm, "_forward_wave", "      forward pass (pack, replay)")
+    wrap(lm, "_cached_logprobs", "      log-prob gather")
+    wrap(lm_state, "to_host", "  mass rows to host")
     wrap(beam_mod, "speculative_contexts", "speculation")
     wrap(beam_mod.Beam, "log_mass", "beam mass gathers")
     t = time.perf_counter()
@@ -86,7 +87,7 @@ def main():
 
     from genlm_bytes_potential.backends.paged import PagedTokenLM
     from genlm_bytes_potential.byte_lm import ByteLM
-    from genlm_bytes_potential.lm_state import _to_host
+    from genlm_bytes_potential.transfer import to_host
     from genlm_bytes_potential.models import default_model_dir
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -100,14 +101,16 @@ def main():
     eos = [bytes(lm.byte_vocab[tok.eos_token_id])]
     text = heldout_text(args.bytes)
     trie = ByteLM(lm, eos_tokens=eos).model.trie
-    lp = torch.log_softmax(torch.randn(8, lm.vocab_size, device="cuda"), -1)
-    for B in (1, 5, 8):
+    lp = torch.log_softmax(torch.randn(128, lm.vocab_size, device="cuda"), -1)
+    for B in (1, 8, 128):
+        compute = _median_ms(lambda: trie.masses(lp[:B], True))
         pageable = _median_ms(lambda: trie.masses(lp[:B], True)[0].cpu().numpy())
-        pinned = _median_ms(lambda: _to_host(trie.masses(lp[:B], True)[0]))
-        print(f"trie masses + transfer, B={B}: pageable {pageable:.2f} ms, pinned {pinned:.2f} ms")
+        pinned = _median_ms(lambda: to_host(trie.masses(lp[:B], True)[0]))
+        print(f"trie masses, B={B}: {compute:.2f} ms on the GPU; with the copy to the host: "
+              f"pageable {pageable:.2f} ms, pinned {pinned:.2f} ms")
     ctx = tuple([1] + tok.encode(text[:300].decode("utf-8", "ignore")))
     lm.batch_next_token_logprobs_sync([ctx])
-    for B in (1, 5, 8):
+    for B in (1, 8, 128):
         step = iter(range(10**6))
         ms = _median_ms(lambda: lm.batch_next_token_logprobs_sync(
             [ctx + (1000 + 8 * next(step) + b,) for b in range(B)]))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .transfer import to_device, to_host
 from .trie import TokenByteTrie
 
 
@@ -249,7 +250,7 @@ class TokenModel:
         root = self.trie.root if nodes is None else int(np.searchsorted(nodes, self.trie.root))
         if self._ready and all((t, with_eos) in self._ready for t in asked):
             scaled = torch.stack([self._ready.pop((t, with_eos)) for t in asked])
-            scaled = _to_host(scaled if nodes is None else scaled[:, torch.as_tensor(nodes, device=scaled.device)])
+            scaled = to_host(scaled if nodes is None else scaled[:, to_device(nodes, scaled.device)])
             self._check_finite(scaled[:, root], asked)
             return scaled if n == len(states) else scaled[rows]
         for s in prefetch if self.lookahead else ():
@@ -275,8 +276,7 @@ class TokenModel:
         if on_device:
             if len(distinct) > n:
                 self._keep_ready(list(distinct)[n:], with_eos, scaled[n:])
-            scaled = scaled[:n] if nodes is None else scaled[:n, torch.as_tensor(nodes, device=scaled.device)]
-            scaled = _to_host(scaled)
+            scaled = to_host(scaled[:n] if nodes is None else scaled[:n, to_device(nodes, scaled.device)])
         elif nodes is not None:
             scaled = scaled[:, nodes]
         self._check_finite(scaled[:, root], asked)
@@ -322,13 +322,3 @@ class TokenModel:
 
 #: LM calls whose prefetched device mass rows are kept (each up to ``max_prefetch`` rows)
 _READY_BATCHES = 4
-
-
-def _to_host(x: torch.Tensor) -> np.ndarray:
-    """A device tensor as a numpy array, through page-locked memory (DMA, several times
-    faster than a copy to pageable memory for the MBs of masses a batch has)."""
-    if x.device.type != "cuda":
-        return x.cpu().numpy()
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x)
-    return host.numpy()

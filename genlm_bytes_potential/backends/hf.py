@@ -363,12 +363,17 @@ class HFTokenLM(AsyncLM):
 
     # ---- AsyncLM API --------------------------------------------------------
 
+    #: whether ``_evaluate`` only plans and queues GPU work (no waiting for it), so it
+    #: runs in the event loop's thread instead of a worker thread
+    _queues_on_gpu = False
+
     async def batch_next_token_logprobs(self, token_ids_list, lora_name=None) -> torch.Tensor:
         """Log-probs ``[B, V]`` (float32) for every context, in one padded forward pass.
 
         Calls from other coroutines that arrive in the same event-loop pass, or
         while a forward pass runs, are evaluated together in the next one.
-        The forward pass runs in a worker thread: the event loop is not blocked.
+        The forward pass runs in a worker thread (or, when it only queues GPU work,
+        in the event loop's thread): the event loop is not blocked by it.
         A call whose contexts are all cached is answered at once.
         """
         _no_lora(lora_name)
@@ -399,7 +404,10 @@ class HFTokenLM(AsyncLM):
                 continue
             flat = [c for cs, _ in batch for c in cs]
             try:
-                result = await asyncio.to_thread(self._evaluate, flat)
+                if self._queues_on_gpu:  # planning only: the GPU runs the batch later
+                    result = self._evaluate(flat)
+                else:
+                    result = await asyncio.to_thread(self._evaluate, flat)
             except BaseException as exc:  # hand the failure to every caller
                 for _, f in batch:
                     if not f.done():

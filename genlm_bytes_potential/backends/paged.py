@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
+from genlm_bytes_potential.transfer import to_device
 
 __all__ = ["PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
 
@@ -246,6 +247,9 @@ class PagedTokenLM(HFTokenLM):
         self.logprob_rows = torch.empty((self.cache.n_rows + 1, self.vocab_size), dtype=torch.float32,
                                         device=self.device)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        # on CUDA a batch is planned and queued without waiting for the GPU (inputs go
+        # through page-locked memory, results stay on the device): no worker thread
+        self._queues_on_gpu = self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
         self.graph_replays = 0
@@ -314,7 +318,7 @@ class PagedTokenLM(HFTokenLM):
         if g is None:
             g = self._graphs[packed.shape] = self._capture(packed.shape)
         graph, buf = g
-        buf.copy_(torch.from_numpy(packed))
+        buf.copy_(to_device(packed, self.device))
         graph.replay()
         self.graph_replays += 1
 
@@ -352,7 +356,7 @@ class PagedTokenLM(HFTokenLM):
                 return None
             cache.touch(ctx, node)
             rows.append(node.row)
-        return self.logprob_rows[torch.as_tensor(rows, device=self.device)]
+        return self.logprob_rows[to_device(np.array(rows, np.int64), self.device)]
 
     @torch.inference_mode()
     def _evaluate(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
@@ -450,7 +454,7 @@ class PagedTokenLM(HFTokenLM):
         if graph:
             self._decode(packed)
         else:
-            self._run(*_unpack(torch.from_numpy(packed).to(self.device), N))
+            self._run(*_unpack(to_device(packed, self.device), N))
         self.forward_calls += 1
 
     def _pack(self, rows, N: int, B_pad: int, S_pad: int) -> np.ndarray:
