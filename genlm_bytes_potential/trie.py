@@ -146,7 +146,7 @@ class TokenByteTrie:
         # With EOS: EOS tokens' leaves carry nothing (marked -1); their mass is the EOS node's.
         self._leaf_tokens_eos = np.where(is_eos_leaf, -1, self._leaf_tokens)
         self._torch_cache: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._node_index: dict[bytes, int] | None = None  # prefix -> node, built by path_nodes
+        self._node_index: dict[bytes, int] | None = None  # prefix -> node, built at first use
         self._max_depth = int(depth.max())
 
     # ------------------------------------------------------------------ lookups
@@ -180,13 +180,11 @@ class TokenByteTrie:
         """The nodes a candidate at the root can meet while reading ``data``, sorted:
         the root, the EOS node, the node of every prefix of ``data`` that starts a
         token, and those nodes' leaves."""
-        if self._node_index is None:
-            self._node_index = {self.prefix_of[n]: n for n in np.flatnonzero(self.leaf_token < 0).tolist()}
-            self._node_index.pop(b"", None)  # the EOS node shares the root's (empty) prefix
+        index = self._prefix_index()
         data = bytes(data[: self._max_depth])
         nodes = [self.root, self.eos_node]
         for j in range(1, len(data) + 1):
-            node = self._node_index.get(data[:j])
+            node = index.get(data[:j])
             if node is None:
                 break
             nodes.append(node)
@@ -195,12 +193,14 @@ class TokenByteTrie:
 
     def node_of(self, prefix: bytes) -> int:
         """Node of a byte prefix, -1 if no token starts with it."""
-        node = np.array([self.root])
-        for b in prefix:
-            node = self.child(node, b)
-            if node[0] < 0:
-                return -1
-        return int(node[0])
+        return self._prefix_index().get(bytes(prefix), -1)
+
+    def _prefix_index(self) -> dict[bytes, int]:
+        """Every byte prefix's node (leaves and the EOS node excluded)."""
+        if self._node_index is None:
+            inner = np.flatnonzero(self.leaf_token < 0)
+            self._node_index = {self.prefix_of[n]: n for n in inner[inner != self.eos_node].tolist()}
+        return self._node_index
 
     # ------------------------------------------------------------------ masses
     def masses(self, logprobs, with_eos: bool = True):
