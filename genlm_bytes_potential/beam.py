@@ -430,52 +430,51 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     LM's cache, never part of the beam's arithmetic."""
     if limit <= 0 or beam.is_empty:
         return []
-    table = beam.model.tokens_by_prefix
     trie = beam.model.trie
     n = len(data)
     # A found context is its parent (candidate i as -1 - i, or an earlier found context)
-    # extended by one token that ends at byte ``ends[k]`` of data. Contexts that end at
-    # the same byte extend alike: by the tokens spelled by data from there (``spelled``).
+    # extended by the token of one leaf, spelled up to byte ``end`` of data. Contexts that
+    # end at the same byte extend alike: by the tokens data spells from there (``spelled``).
     spelled: list[list[tuple[int, int]]] = []
     for start in range(n):
         found = []
         for end in range(start + 1, n + 1):
-            ids = table.get(data[start:end])
-            if ids is None:
+            leaves = trie.leaves_spelling(data[start:end])
+            if leaves is None:
                 break
-            found.extend((end, t) for t in ids)
+            found.extend((end, leaf) for leaf in leaves)
         spelled.append(found)
-    found: list[tuple[int, int, int, int]] = []  # (parent, token, level, end)
+    found: list[tuple[int, int, int, int]] = []  # (parent, leaf, level, end)
     for i in range(len(beam)):
         partial = trie.prefix_of[beam.nodes[i]]
         for end in range(1, n + 1):
-            ids = table.get(partial + data[:end])
-            if ids is None:
+            leaves = trie.leaves_spelling(partial + data[:end])
+            if leaves is None:
                 break
-            found.extend((-1 - i, t, 1, end) for t in ids)
+            found.extend((-1 - i, leaf, 1, end) for leaf in leaves)
     k = 0
     while k < len(found):  # breadth first: parents come before their children
         _, _, lev, start = found[k]
         if lev < depth and start < n:
-            found.extend((k, t, lev + 1, end) for end, t in spelled[start])
+            found.extend((k, leaf, lev + 1, end) for end, leaf in spelled[start])
         k += 1
     if not found:
         return []
-    parent, token, level, ends = np.array(found, np.int64).T
+    parent, leaf, level, ends = np.array(found, np.int64).T
     est = np.empty(len(found))
     first = np.flatnonzero(level == 1)
     cand = -1 - parent[first]
-    leaf = trie.token_leaf[token[first]]
-    est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf, beam.nodes[cand])
+    est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf[first], beam.nodes[cand])
     for lev in range(2, depth + 1):
         sel = np.flatnonzero(level == lev)
         est[sel] = est[parent[sel]] + _LEVEL_PENALTY
     rank = est + _BYTE_PENALTY * ends
     keep = np.sort(np.argsort(-rank, kind="stable")[:limit])
+    keep = keep[np.isfinite(est[keep])]
     states: dict[int, LMState] = {}  # kept contexts' parents rank above them: kept too
-    for k in keep[np.isfinite(est[keep])].tolist():
-        src, t = found[k][:2]
-        states[k] = (beam.states[-1 - src] if src < 0 else states[src]).extend(t)
+    for k, token in zip(keep.tolist(), trie.leaf_token[leaf[keep]].tolist()):
+        src = found[k][0]
+        states[k] = (beam.states[-1 - src] if src < 0 else states[src]).extend(token)
     return list(states.values())
 
 

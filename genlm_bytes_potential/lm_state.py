@@ -125,9 +125,6 @@ class TokenModel:
         self.trie = TokenByteTrie(vocab, self.eos_tokens)
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
-        self._tokens_by_prefix: dict[bytes, tuple[int, ...]] | None = None
-        if self.lookahead:  # built with the trie, not during the first prefetch
-            self.tokens_by_prefix
         self._ready: dict[tuple[tuple[int, ...], bool], torch.Tensor] = {}  # prefetched device masses
         self._ready_calls: deque[list] = deque()
         if self.canonical:
@@ -150,19 +147,6 @@ class TokenModel:
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
                 raise ValueError(f"{name}={v!r}; expected an int >= 0")
         return int(self.lookahead) if callable(getattr(self.lm, "has_logprobs", None)) else 0
-
-    @property
-    def tokens_by_prefix(self) -> dict[bytes, tuple[int, ...]]:
-        """For every prefix of a token's bytes, the ids of the tokens spelled exactly by
-        it (often none); byte strings that start no token are absent."""
-        if self._tokens_by_prefix is None:
-            table: dict[bytes, tuple[int, ...]] = {}
-            for i, b in enumerate(self._vocab):
-                for j in range(1, len(b)):
-                    table.setdefault(b[:j], ())
-                table[b] = table.get(b, ()) + (i,)
-            self._tokens_by_prefix = table
-        return self._tokens_by_prefix
 
     def would_call(self, states: list[LMState]) -> bool:
         """Whether ``masses(states)`` may need an LM forward pass: the (caching) LM lacks

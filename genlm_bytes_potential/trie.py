@@ -116,6 +116,7 @@ class TokenByteTrie:
         self.depth, self.parent, self.label = depth, parent, label
         self.leaf_token, self.n_leaves = leaf_token, n_leaves
         self.prefix_of = prefix_of
+        self._node_of_prefix = index  # every byte prefix's node (leaves and EOS excluded)
 
         # Subtree ends: children close their parents' ranges (reverse preorder).
         end = np.arange(1, n + 1, dtype=np.int64)
@@ -146,7 +147,6 @@ class TokenByteTrie:
         # With EOS: EOS tokens' leaves carry nothing (marked -1); their mass is the EOS node's.
         self._leaf_tokens_eos = np.where(is_eos_leaf, -1, self._leaf_tokens)
         self._torch_cache: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._node_index: dict[bytes, int] | None = None  # prefix -> node, built at first use
         self._max_depth = int(depth.max())
 
     # ------------------------------------------------------------------ lookups
@@ -180,27 +180,25 @@ class TokenByteTrie:
         """The nodes a candidate at the root can meet while reading ``data``, sorted:
         the root, the EOS node, the node of every prefix of ``data`` that starts a
         token, and those nodes' leaves."""
-        index = self._prefix_index()
         data = bytes(data[: self._max_depth])
         nodes = [self.root, self.eos_node]
         for j in range(1, len(data) + 1):
-            node = index.get(data[:j])
-            if node is None:
+            leaves = self.leaves_spelling(data[:j])
+            if leaves is None:
                 break
-            nodes.append(node)
-            nodes.extend(range(node + 1, node + 1 + int(self.n_leaves[node])))
+            nodes.append(leaves.start - 1)
+            nodes.extend(leaves)
         return np.unique(np.array(nodes, np.int64))
+
+    def leaves_spelling(self, prefix: bytes) -> range | None:
+        """Leaves of the tokens whose bytes are exactly ``prefix`` (often none); None
+        when no token starts with ``prefix``."""
+        node = self._node_of_prefix.get(prefix)
+        return None if node is None else range(node + 1, node + 1 + int(self.n_leaves[node]))
 
     def node_of(self, prefix: bytes) -> int:
         """Node of a byte prefix, -1 if no token starts with it."""
-        return self._prefix_index().get(bytes(prefix), -1)
-
-    def _prefix_index(self) -> dict[bytes, int]:
-        """Every byte prefix's node (leaves and the EOS node excluded)."""
-        if self._node_index is None:
-            inner = np.flatnonzero(self.leaf_token < 0)
-            self._node_index = {self.prefix_of[n]: n for n in inner[inner != self.eos_node].tolist()}
-        return self._node_index
+        return self._node_of_prefix.get(bytes(prefix), -1)
 
     # ------------------------------------------------------------------ masses
     def masses(self, logprobs, with_eos: bool = True):
