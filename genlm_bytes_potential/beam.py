@@ -11,8 +11,7 @@ committed tokens times the mass of the node under the LM's next-token distributi
   candidate at the root with state ``c + t`` and ``w += log M_c(leaf t) - log M_c(n)``.
 
 A :class:`Beam` for bytes ``x`` holds the candidates that read ``x`` (after pruning) and
-their extensions (after the threshold), every one with its masses computed. Its
-next-byte distribution over the 256 bytes and EOS is
+their extensions. Its next-byte distribution over the 256 bytes and EOS is
 
     q(a | x) = W(x·a) / sum_a' W(x·a'),   W(x·a) = sum of the weights after reading a,
 
@@ -22,13 +21,36 @@ a byte string is the sum of its conditionals (``Beam.logp``). Without pruning (`
 output starts with ``x`` (every tokenization counted), ``sum_a W(x·a) = W(x)`` when every
 token has bytes, and ``q`` is the exact byte-level conditional.
 
+Candidates hold no masses: a candidate's masses are a row of the model's
+:class:`~genlm_bytes_potential.lm_state.MassStore` (one per context and EOS mode, kept
+where the trie batch ran), and each step gathers the few entries it reads.
+
 How the approximations enter:
 
 * **Pruning** happens after each byte: candidates below ``prune_threshold`` times the
   beam's total weight are dropped, then all but the ``K`` heaviest; extensions below the
-  threshold share of that total are not made (except the heaviest, when no candidate
-  could read another byte without it). ``q`` is then the
-  conditional under the surviving candidates only, still normalized.
+  threshold share of that total are not made. ``q`` is then the conditional under the
+  surviving candidates only, still normalized.
+* **Full support (the rule).** Pruning also keeps the heaviest candidate at which a token
+  can end (a finite extension weight), when none of the kept ones can; and the heaviest
+  finite extension is always made, whatever the threshold. So a beam holds up to ``K + 1``
+  candidates before extension, and whenever any candidate that read ``x`` could end a
+  token, the beam has a candidate at the root. A root candidate gives every byte that
+  begins a token of positive LM probability (and EOS, when the LM gives an EOS token
+  positive probability) ``q > 0``. Hence:
+
+  - *byte-complete vocabularies* (every single byte is a token: GPT-2, Llama-3, Qwen):
+    the root candidate reads any byte ``b`` into the node of the token ``b``, where a token
+    ends; so by induction every beam has a root candidate, ``q(a | x) > 0`` for every byte
+    ``a`` (given the LM's softmax gives every token positive probability) and ``prefix(x)``
+    is finite for every byte string;
+  - *other vocabularies*: ``q(a | x) > 0`` for every byte that begins a token, at every
+    ``x`` after which some candidate that read ``x`` can end a token. A byte that no token
+    begins with (e.g. 21 byte values in SmolLM2's vocabulary, among them 0x04, 0xfe, 0xff)
+    can only be read inside a token, and has ``q = 0`` wherever no candidate is inside
+    such a token: that is the model's support, not the pruning's.
+  - canonical mode commits only canonical tokens: when every extension of a step is
+    non-canonical, no root candidate exists after it.
 * **What holds after pruning.** Write ``W(x) = exp(Beam.log_total)`` for the surviving
   weight and ``P(x)`` for the exact marginal (the token LM's probability that its byte
   output starts with ``x``, every tokenization counted). Then, for a beam read from
@@ -49,6 +71,10 @@ How the approximations enter:
   4. Without pruning all the ``rho_t``, ``delta_t`` are 0 and ``logp(x) = log W(x) =
      log P(x)``.
 
+* **EOS modes.** A prompt is read with EOS tokens as text (``with_eos=False``); the step
+  that reads its last byte switches every candidate to the with-EOS masses of its own
+  context (``w += log M^eos_c(n·b) - log M^text_c(n)``), so after a prompt no candidate can
+  finish an EOS token as text.
 * **Healing** is not part of ``q``. A byte that no candidate can read has ``q = 0`` and
   leaves an empty beam. With ``heal=True``, advancing by such a byte instead tries to
   re-tokenize the end of one candidate (back off at most ``heal_max_backoff`` bytes into
@@ -56,10 +82,13 @@ How the approximations enter:
   ``heal_max_splits`` further commits); the healed beam carries on, the step is counted in
   ``stats.heals`` and its log-probability is the healed weight over the beam's total
   weight, an estimate outside the normalized distribution. Prefill and scoring use it; a
-  contract-exact potential does not.
+  contract-exact potential does not. With full support, healing is needed only for a
+  byte that begins no token (non-byte-complete vocabularies) or after canonical filtering
+  removed every extension: on byte-complete vocabularies ``stats.heals`` stays 0.
 
-All candidates of all beams advanced together that need an LM call are sent in one
-``batch_next_token_logprobs`` call, and their masses come from one trie batch.
+All candidates of all beams advanced together are read, pruned and extended as flat
+arrays (one gather of masses per step), and all extensions that need masses share one
+``batch_next_token_logprobs`` call and one trie batch.
 """
 
 from __future__ import annotations
@@ -70,7 +99,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from .lm_state import LMState, TokenModel
+from .lm_state import LMState, MassRows, TokenModel
 from .trie import EOS
 
 N_OUTCOMES = 257  # bytes 0..255, then EOS
@@ -144,15 +173,13 @@ class BeamStats:
 
 @dataclass(frozen=True, eq=False)
 class Beam:
-    """Candidates for a byte prefix, with their masses (see the module docstring).
+    """Candidates for a byte prefix (see the module docstring).
 
     Attributes:
         nodes, weights: trie node and log weight of each candidate.
         states: LM state of each candidate.
-        blocks, block_of, rows: candidate ``i``'s scaled masses are
-            ``blocks[block_of[i]][rows[i]]`` (rows of the trie batches that made them).
-        block_nodes: per block, None when its rows hold every node, else the sorted
-            nodes its columns hold (a scoring beam keeps only the nodes along the text).
+        rows: where each candidate's masses live (rows of ``model.store`` in the beam's
+            EOS mode).
         logp: log-probability of the bytes read so far (sum of conditionals).
         log_total: log of the candidates' total weight before extension, ``log W(x)``.
         log_norm: ``log sum_a W(x·a)``, the normalizer of ``q(· | x)``: ``W(x)`` less the
@@ -166,10 +193,7 @@ class Beam:
     nodes: np.ndarray
     weights: np.ndarray
     states: tuple[LMState, ...]
-    blocks: tuple[np.ndarray, ...]
-    block_of: np.ndarray
-    rows: np.ndarray
-    block_nodes: tuple[np.ndarray | None, ...] | None = None  # None: all blocks full
+    rows: MassRows
     logp: float = 0.0
     log_total: float = 0.0
     log_norm: float = 0.0
@@ -186,31 +210,7 @@ class Beam:
 
     def log_mass(self, cand: np.ndarray, node: np.ndarray) -> np.ndarray:
         """``log M_c(node)`` for candidate indices ``cand`` and nodes (same length)."""
-        rows = self.rows[cand]
-        if len(self.blocks) == 1:
-            out = self.blocks[0][rows, self._columns(0, node)]
-        else:
-            out = np.empty(len(cand))
-            which = self.block_of[cand]
-            for g in np.flatnonzero(np.bincount(which, minlength=len(self.blocks))):
-                sel = which == g
-                out[sel] = self.blocks[g][rows[sel], self._columns(g, node[sel])]
-        with np.errstate(divide="ignore"):
-            return np.log(out)
-
-    def _columns(self, g: int, node: np.ndarray) -> np.ndarray:
-        """Columns of block ``g`` holding ``node``."""
-        kept = self.block_nodes[g] if self.block_nodes is not None else None
-        if kept is None:
-            return node
-        col = np.minimum(np.searchsorted(kept, node), len(kept) - 1)
-        if not np.array_equal(kept[col], node):
-            bad = node[kept[col] != node][0]
-            raise ValueError(
-                f"node {bad} ({self.model.trie.prefix_of[bad]!r}) is not among the nodes this beam "
-                f"kept masses for: a beam advanced with ahead_only=True reads only the bytes ahead"
-            )
-        return col
+        return self.model.log_mass(self.rows.take(cand), node)
 
     def log_mass_ratio(self, cand: np.ndarray, node: np.ndarray, base: np.ndarray) -> np.ndarray:
         """``log M_c(node) - log M_c(base)``, both read in one gather."""
@@ -218,19 +218,24 @@ class Beam:
         return m[: len(cand)] - m[len(cand) :]
 
     def next_logprobs(self) -> np.ndarray:
-        """``log q(a | x)`` for a = 0..255 and EOS (index 256); all -inf when empty."""
+        """``log q(a | x)`` for a = 0..255 and EOS (index 256); all -inf when empty. The
+        beam's rows must still be stored (``await next_byte_logprobs([beam])`` recomputes
+        rows the store has reused)."""
         if not self._dist:
+            if not self.model.store.valid(self.rows).all():
+                raise RuntimeError(
+                    "this beam's mass rows were reused by the model's store (mass_bytes too small "
+                    "for the beams kept); use `await next_byte_logprobs([beam])`, which recomputes them"
+                )
             self._dist.append(_next_logprobs([self])[0])
         return self._dist[0]
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the mass rows this beam refers to (rows shared with other beams are
-        counted by each): the beam's memory footprint, dominated by its root candidates."""
-        if not len(self):
-            return 0
-        used = np.unique(np.stack([self.block_of, self.rows]), axis=1)[0]
-        return int(sum(self.blocks[g].shape[1] for g in used)) * 8
+        """Bytes this beam holds: its candidate arrays and token contexts (masses live in
+        the model's store, shared by every beam)."""
+        arrays = self.nodes.nbytes + self.weights.nbytes + self.rows.slot.nbytes + self.rows.gen.nbytes
+        return arrays + sum(56 + 8 * len(s.tokens) for s in self.states)
 
     def partial(self, i: int) -> bytes:
         """Bytes of the token candidate ``i`` is in the middle of."""
@@ -245,30 +250,94 @@ class Beam:
         return "\n".join(lines)
 
 
+async def next_byte_logprobs(beams: list[Beam]) -> np.ndarray:
+    """``log q(· | x)`` of several beams, ``[len(beams), 257]``: rows the store reused are
+    recomputed first, then every beam not yet memoized is done in one gather."""
+    if not beams:
+        return np.zeros((0, N_OUTCOMES))
+    await _ensure(beams)
+    todo = [b for b in beams if not b._dist]
+    if todo:
+        for beam, row in zip(todo, _next_logprobs(todo)):
+            beam._dist.append(row)
+    return np.stack([b._dist[0] for b in beams])
+
+
 def _next_logprobs(beams: list[Beam]) -> np.ndarray:
-    """Next-byte log-probs ``[len(beams), 257]`` for several beams in one pass.
+    """Next-byte log-probs ``[len(beams), 257]`` of beams over one model, in one pass.
 
-    ``W(x·a)`` sums, over candidates ``c``, ``w_c + log M_c(child_a) - log M_c(node_c)``:
-    a ``[candidates, 257]`` table (a node has one child per label), reduced by a
-    logsumexp per column, each column shifted by its own maximum."""
-    out = []
-    for beam in beams:
-        trie = beam.model.trie  # per beam: gathers vectorized over all its candidates' children
-        owner, label, child = trie.children_of(beam.nodes)
-        table = np.full((len(beam), N_OUTCOMES), -np.inf)
-        table[owner, np.where(label == EOS, 256, label)] = (
-            beam.weights[owner] + beam.log_mass_ratio(owner, child, beam.nodes[owner]))
-        row = _logsumexp_columns(table)
-        out.append(row - beam.log_norm if np.isfinite(beam.log_norm) else row)
-    return np.stack(out) if out else np.zeros((0, N_OUTCOMES))
+    ``W(x·a)`` sums, over candidates ``c``, ``w_c + log M_c(child_a) - log M_c(node_c)``;
+    each (beam, outcome) group is reduced by a logsumexp shifted by its own maximum."""
+    model = beams[0].model
+    flat = _Flat.of(beams)
+    owner, label, child = model.trie.children_of(flat.nodes)
+    m = model.log_mass(flat.rows.take(np.concatenate([owner, np.arange(len(flat))])),
+                       np.concatenate([child, flat.nodes]))
+    vals = flat.weights[owner] + m[: len(owner)] - m[len(owner) :][owner]
+    key = flat.bid[owner] * N_OUTCOMES + np.where(label == EOS, 256, label)
+    out = _grouped_logsumexp(key, vals, len(beams) * N_OUTCOMES).reshape(len(beams), N_OUTCOMES)
+    norm = np.array([b.log_norm for b in beams])
+    return out - np.where(np.isfinite(norm), norm, 0.0)[:, None]
 
 
-def _logsumexp_columns(table: np.ndarray) -> np.ndarray:
-    """logsumexp of each column (-inf for a column of -inf)."""
-    mx = table.max(axis=0) if len(table) else np.full(table.shape[1], -np.inf)
+def _grouped_logsumexp(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """``out[g] = log sum exp(values[group == g])`` (-inf for an empty group), each group
+    shifted by its own maximum. A group's result does not depend on the other groups."""
+    mx = np.full(n_groups, -np.inf)
+    np.maximum.at(mx, group, values)
     safe = np.where(np.isfinite(mx), mx, 0.0)
+    acc = np.zeros(n_groups)
+    with np.errstate(invalid="ignore"):
+        np.add.at(acc, group, np.exp(values - safe[group]))
     with np.errstate(divide="ignore"):
-        return np.log(np.exp(table - safe).sum(axis=0)) + safe
+        return np.log(acc) + safe
+
+
+@dataclass(frozen=True)
+class _Flat:
+    """The candidates of several beams as flat arrays; ``bid`` is each one's beam."""
+
+    nodes: np.ndarray
+    weights: np.ndarray
+    rows: MassRows
+    states: tuple[LMState, ...]
+    bid: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @staticmethod
+    def of(beams: list[Beam]) -> "_Flat":
+        if len(beams) == 1:
+            b = beams[0]
+            return _Flat(b.nodes, b.weights, b.rows, b.states, np.zeros(len(b), np.int64))
+        counts = [len(b) for b in beams]
+        return _Flat(
+            nodes=np.concatenate([b.nodes for b in beams]),
+            weights=np.concatenate([b.weights for b in beams]),
+            rows=MassRows(np.concatenate([b.rows.slot for b in beams]), np.concatenate([b.rows.gen for b in beams])),
+            states=tuple(s for b in beams for s in b.states),
+            bid=np.repeat(np.arange(len(beams)), counts),
+        )
+
+
+async def _ensure(beams: list[Beam]) -> None:
+    """Every candidate row of ``beams`` valid (rows the store reused are recomputed) and
+    marked used, so that the step's own allocations do not take them."""
+    model = beams[0].model
+    for mode in (False, True):
+        group = [b for b in beams if b.with_eos == mode and len(b)]
+        if not group:
+            continue
+        flat = _Flat.of(group)
+        stale = not model.store.valid(flat.rows).all()
+        await model.ensure(flat.rows, flat.states, mode)
+        if stale and len(group) > 1:  # _Flat.of copied the rows: write them back
+            start = 0
+            for b in group:
+                end = start + len(b)
+                b.rows.slot[:], b.rows.gen[:] = flat.rows.slot[start:end], flat.rows.gen[start:end]
+                start = end
 
 
 async def initial_beam(
@@ -280,139 +349,222 @@ async def initial_beam(
     """The beam before any byte: one candidate at the root after ``prompt_tokens``."""
     state = model.initial_state(prompt_tokens)
     calls = model.stats.batch_calls
-    block = await model.masses([state], with_eos)
+    rows = await model.rows([state], with_eos)
     return Beam(
         model=model,
         params=params,
         nodes=np.array([model.trie.root]),
         weights=np.zeros(1),
         states=(state,),
-        blocks=(block,),
-        block_of=np.zeros(1, np.int64),
-        rows=np.zeros(1, np.int64),
+        rows=rows,
         with_eos=with_eos,
         stats=BeamStats(lm_calls=model.stats.batch_calls - calls, lm_contexts=1),
     )
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """Candidates that read their byte and survived pruning (flat over beams, grouped by
+    beam), with the extensions chosen for them."""
+
+    bid: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    rows: MassRows
+    states: tuple[LMState, ...]
+    log_read: np.ndarray  # per beam: log W(x·b) before pruning
+    log_total: np.ndarray  # per beam: after pruning
+    pruned: np.ndarray  # per beam: pruned share
+    ext_bid: np.ndarray  # per extension made: its beam, weight, state
+    ext_weights: np.ndarray
+    ext_states: list[LMState]
+    log_skipped: np.ndarray  # per beam: log weight of the extensions not made
+
+
 async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None,
-                  ahead: list[bytes] | None = None, ahead_only: bool = False) -> list[Beam]:
-    """Advance each beam by its byte: read, prune, extend. All extensions of all beams
-    share one LM batch call and one trie batch.
+                  ahead: list[bytes] | None = None) -> list[Beam]:
+    """Advance each beam by its byte: read, prune, extend. All beams are read and pruned
+    as flat arrays, and all their extensions share one LM batch call and one trie batch.
 
     Args:
         beams: beams over the same model.
         next_bytes: one byte (0..255) or EOS (257) per beam.
-        with_eos: trie mode for the new candidates' masses; default: each beam's own.
+        with_eos: EOS mode of the new beams; default: each beam's own. A beam read in
+            the other mode switches its candidates to their contexts' masses in that mode.
         ahead: per beam, bytes known to follow its byte. With the model's ``lookahead``
             on, a step that calls the LM also asks for the contexts that reading them
             may need (:func:`speculative_contexts`); results are unchanged.
-        ahead_only: the new beams will read only (a prefix of) ``ahead`` (scoring): their
-            new candidates keep masses at the nodes along those bytes only
-            (``TokenByteTrie.path_nodes``), a fraction of a row to copy and hold. Such a
-            beam cannot give ``next_logprobs`` or read other bytes (ValueError).
     """
     if len(beams) != len(next_bytes):
         raise ValueError(f"{len(beams)} beams but {len(next_bytes)} bytes; expected one byte per beam")
-    if ahead_only and ahead is None:
-        raise ValueError("ahead_only=True needs ahead (the bytes the new beams will read)")
     next_bytes = [_check_byte(b) for b in next_bytes]
     if not beams:
         return []
     model = beams[0].model
-    trie = model.trie
-
-    read = []  # per beam: kept (candidate indices, nodes, weights), pruned share, log W(x·b) before and after
-    for beam, b in zip(beams, next_bytes):
-        child = trie.child(beam.nodes, b)
-        idx = np.nonzero(child >= 0)[0]
-        w = beam.weights[idx] + beam.log_mass_ratio(idx, child[idx], beam.nodes[idx])
-        keep = np.isfinite(w)
-        read.append(_prune(beam.params, idx[keep], child[idx][keep], w[keep]))
-
-    # Extensions of every beam's surviving candidates, in one batch.
-    ext_plan = []
-    requests: list[LMState] = []
-    for beam, (idx, nodes, w, _, _, log_total) in zip(beams, read):
-        owner, leaf = trie.leaves_of(nodes)
-        ew = w[owner] + beam.log_mass_ratio(idx[owner], leaf, nodes[owner])
-        made = _keep_extensions(beam.params, trie, nodes, log_total, ew)
-        ok = np.flatnonzero(made)
-        states = [beam.states[idx[owner[j]]].extend(trie.leaf_token[leaf[j]]) for j in ok]
-        if model.canonical and states:  # commit only canonical token sequences
-            keep = np.array([model.is_canonical(s.tokens) for s in states], bool)
-            made[ok[~keep]] = False
-            states = [s for s, k in zip(states, keep) if k]
-        skipped = ew[np.isfinite(ew) & ~made]
-        ext_plan.append((ew[made], len(requests), len(states), _logsumexp(skipped)))
-        requests.extend(states)
-
-    prefetch = []
-    if ahead is not None and model.lookahead and model.would_call(requests):
-        budget = model.max_prefetch - len(requests)
-        for beam, b, more in zip(beams, next_bytes, ahead):
-            if b != EOS and len(more) and budget > 0:
-                extra = speculative_contexts(beam, bytes([b]) + bytes(more[: model.lookahead]), budget)
-                prefetch.extend(extra)
-                budget -= len(extra)
-
-    kept_nodes = None
-    if ahead_only:
-        kept_nodes = np.unique(np.concatenate([trie.path_nodes(more) for more in ahead]))
-    modes = {beam.with_eos if with_eos is None else with_eos for beam in beams}
-    blocks_by_mode = {}
+    modes = [beam.with_eos if with_eos is None else with_eos for beam in beams]
+    await _ensure(beams)
+    kept = await _read_and_prune(beams, next_bytes, modes)
+    prefetch = _prefetch(beams, next_bytes, ahead, kept.ext_states, modes, kept.ext_bid)
     calls_before = model.stats.batch_calls
-    for mode in modes:
-        sel = [
-            j
-            for beam, (_, start, n, _) in zip(beams, ext_plan)
-            if (beam.with_eos if with_eos is None else with_eos) == mode
-            for j in range(start, start + n)
-        ]
-        if sel:
-            blocks_by_mode[mode] = (await model.masses([requests[j] for j in sel], mode, prefetch, kept_nodes), sel)
-            prefetch = []
+    ext_rows = await _rows_by_mode(model, kept.ext_states, [modes[b] for b in kept.ext_bid.tolist()], prefetch)
     calls = model.stats.batch_calls - calls_before
 
     out = []
-    for k, (beam, b) in enumerate(zip(beams, next_bytes)):
-        idx, nodes, w, pruned, log_read, log_total = read[k]
-        ew, start, n, log_skipped = ext_plan[k]
-        mode = beam.with_eos if with_eos is None else with_eos
+    k_start = np.searchsorted(kept.bid, np.arange(len(beams) + 1))
+    e_start = np.searchsorted(kept.ext_bid, np.arange(len(beams) + 1))
+    for j, (beam, b) in enumerate(zip(beams, next_bytes)):
+        k0, k1, e0, e1 = k_start[j], k_start[j + 1], e_start[j], e_start[j + 1]
+        n = int(e1 - e0)
         stats = replace(
             beam.stats,
-            pruned_mass=beam.stats.pruned_mass + pruned,
+            pruned_mass=beam.stats.pruned_mass + float(kept.pruned[j]),
             lm_calls=beam.stats.lm_calls + (calls if n else 0),
             lm_contexts=beam.stats.lm_contexts + n,
         )
-        if len(idx) == 0:
-            new = await _empty_or_healed(beam, b, mode, stats)
-            out.append(new)
+        if k0 == k1:
+            out.append(await _empty_or_healed(beam, b, modes[j], stats))
             continue
-        logp = beam.logp + log_read - beam.log_norm
-        new_blocks = list(beam.blocks)
-        block_nodes = beam.block_nodes
-        block_of = beam.block_of[idx]
-        rows = beam.rows[idx]
-        states = tuple(beam.states[i] for i in idx)
-        if n:
-            block, sel = blocks_by_mode[mode]
-            pos = sel.index(start)
-            if len(block) > n:  # own rows only, so evicting this beam frees them
-                block, pos = block[pos : pos + n].copy(), 0
-            new_blocks.append(block)
-            if kept_nodes is not None or block_nodes is not None:
-                block_nodes = (block_nodes or (None,) * len(beam.blocks)) + (kept_nodes,)
-            block_of = np.concatenate([block_of, np.full(n, len(new_blocks) - 1)])
-            rows = np.concatenate([rows, np.arange(pos, pos + n)])
-            states = states + tuple(requests[start : start + n])
-            nodes = np.concatenate([nodes, np.full(n, trie.root)])
-            w = np.concatenate([w, ew])
-        out.append(_compact(Beam(
-            model=model, params=beam.params, nodes=nodes, weights=w, states=states,
-            blocks=tuple(new_blocks), block_of=block_of, rows=rows, block_nodes=block_nodes, logp=logp,
-            log_total=log_total, log_norm=_log_minus(log_total, log_skipped), with_eos=mode, stats=stats,
-        )))
+        log_total = float(kept.log_total[j])
+        out.append(Beam(
+            model=model, params=beam.params,
+            nodes=np.concatenate([kept.nodes[k0:k1], np.full(n, model.trie.root)]),
+            weights=np.concatenate([kept.weights[k0:k1], kept.ext_weights[e0:e1]]),
+            states=kept.states[k0:k1] + tuple(kept.ext_states[e0:e1]),
+            rows=kept.rows.take(np.arange(k0, k1)).concat(ext_rows.take(np.arange(e0, e1))),
+            logp=beam.logp + float(kept.log_read[j]) - beam.log_norm,
+            log_total=log_total, log_norm=_log_minus(log_total, float(kept.log_skipped[j])),
+            with_eos=modes[j], stats=stats,
+        ))
+    return out
+
+
+async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Kept:
+    """Phases 1-2 of a step, flat over all beams: read each beam's byte, prune (threshold,
+    K heaviest, and the full-support rule), and choose the extensions."""
+    model, trie = beams[0].model, beams[0].model.trie
+    flat = _Flat.of(beams)
+    nb = len(beams)
+    child = trie.child(flat.nodes, np.array(next_bytes, np.int64)[flat.bid])
+    ok = np.flatnonzero(child >= 0)
+    bid, node, child = flat.bid[ok], flat.nodes[ok], child[ok]
+    states = tuple(flat.states[i] for i in ok.tolist())
+    rows = flat.rows.take(ok)
+    target = await _rows_in_mode(model, beams, modes, bid, rows, states)
+    owner, leaf = trie.leaves_of(child)
+    m = model.log_mass(
+        MassRows.concat(MassRows.concat(target, rows), target.take(owner)),
+        np.concatenate([child, node, leaf]),
+    )
+    n = len(ok)
+    m_child, m_node, m_leaf = m[:n], m[n : 2 * n], m[2 * n :]
+    w = flat.weights[ok] + m_child - m_node
+    ew = w[owner] + m_leaf - m_child[owner]
+    can_extend = np.zeros(n, bool)
+    can_extend[owner[np.isfinite(ew)]] = True
+
+    params = [beam.params for beam in beams]
+    log_thr = np.array([p.log_threshold for p in params])
+    K = np.array([p.K if p.K is not None else n + 1 for p in params])
+    finite = np.isfinite(w)
+    log_read = _grouped_logsumexp(bid[finite], w[finite], nb)
+    with np.errstate(invalid="ignore"):
+        passes = np.flatnonzero(finite & (w - log_read[bid] > log_thr[bid]))
+    order = passes[np.lexsort((-w[passes], bid[passes]))]
+    first = np.searchsorted(bid[order], bid[order])
+    keep = order[np.arange(len(order)) - first < K[bid[order]]]
+    # Full support: the heaviest candidate that can end a token, if no kept one can.
+    has_ext = np.zeros(nb, bool)
+    has_ext[bid[keep[can_extend[keep]]]] = True
+    rescue = _heaviest_per_group(np.flatnonzero(finite & can_extend), w, bid)
+    rescue = rescue[~has_ext[bid[rescue]]]
+    keep = np.concatenate([keep, rescue])
+    keep = keep[np.argsort(bid[keep], kind="stable")]
+    kbid, kw, kchild = bid[keep], w[keep], child[keep]
+    log_total = _grouped_logsumexp(kbid, kw, nb)
+    with np.errstate(invalid="ignore"):
+        pruned = np.where(np.isfinite(log_read), -np.expm1(log_total - log_read), 0.0)
+
+    # Extensions of the kept candidates: the threshold, and always the heaviest finite one.
+    pos = np.full(n, -1)
+    pos[keep] = np.arange(len(keep))
+    sel = np.flatnonzero((pos[owner] >= 0) & np.isfinite(ew))
+    e_owner, e_leaf, e_w = pos[owner[sel]], leaf[sel], ew[sel]
+    order = np.argsort(kbid[e_owner], kind="stable")  # grouped by beam
+    e_owner, e_leaf, e_w = e_owner[order], e_leaf[order], e_w[order]
+    e_bid = kbid[e_owner]
+    made = e_w - log_total[e_bid] > log_thr[e_bid]
+    none_made = np.ones(nb, bool)
+    none_made[e_bid[made]] = False
+    best = _heaviest_per_group(np.arange(len(e_w)), e_w, e_bid)
+    made[best[none_made[e_bid[best]]]] = True
+    kstates = tuple(states[i] for i in keep.tolist())
+    tokens = trie.leaf_token[e_leaf]
+    ext_states = [kstates[o].extend(t) for o, t in zip(e_owner[made].tolist(), tokens[made].tolist())]
+    if model.canonical and ext_states:  # commit only canonical token sequences
+        canon = np.array([model.is_canonical(s.tokens) for s in ext_states], bool)
+        idx = np.flatnonzero(made)
+        made[idx[~canon]] = False
+        ext_states = [s for s, c in zip(ext_states, canon) if c]
+    return _Kept(
+        bid=kbid, nodes=kchild, weights=kw, rows=target.take(keep), states=kstates,
+        log_read=log_read, log_total=log_total, pruned=pruned,
+        ext_bid=e_bid[made], ext_weights=e_w[made], ext_states=ext_states,
+        log_skipped=_grouped_logsumexp(e_bid[~made], e_w[~made], nb),
+    )
+
+
+def _heaviest_per_group(idx: np.ndarray, w: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Of the indices ``idx``, the first heaviest of each group."""
+    if not len(idx):
+        return idx
+    order = idx[np.lexsort((-w[idx], group[idx]))]
+    g = group[order]
+    return order[np.r_[True, g[1:] != g[:-1]]]
+
+
+async def _rows_in_mode(model, beams, modes, bid, rows: MassRows, states) -> MassRows:
+    """The candidates' rows in their step's mode: their own rows, except for beams read in
+    the other mode (the last byte of a prompt), whose contexts get rows in the new mode."""
+    switch = np.array([m != b.with_eos for m, b in zip(modes, beams)])
+    moved = np.flatnonzero(switch[bid])
+    if not len(moved):
+        return rows
+    target = MassRows(rows.slot.copy(), rows.gen.copy())
+    new = await _rows_by_mode(model, [states[i] for i in moved.tolist()], [modes[b] for b in bid[moved].tolist()])
+    target.slot[moved], target.gen[moved] = new.slot, new.gen
+    return target
+
+
+async def _rows_by_mode(model, states: list[LMState], modes: list[bool], prefetch=()) -> MassRows:
+    """Rows of ``states``, each in its mode: one ``TokenModel.rows`` call per mode present
+    (the first one also carries ``prefetch``)."""
+    slot = np.zeros(len(states), np.int64)
+    gen = np.zeros(len(states), np.int64)
+    modes_arr = np.array(modes, bool)
+    for mode in sorted(set(modes)):
+        sel = np.flatnonzero(modes_arr == mode)
+        got = await model.rows([states[i] for i in sel.tolist()], mode, prefetch)
+        prefetch = ()
+        slot[sel], gen[sel] = got.slot, got.gen
+    return MassRows(slot, gen)
+
+
+def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> list[LMState]:
+    """Contexts to compute in this step's LM call for the steps ahead (phase 3), when the
+    step calls the LM anyway."""
+    model = beams[0].model
+    if ahead is None or not model.lookahead or not requests:
+        return []
+    mode = modes[int(req_bid[0])]
+    if not model.would_call([s for s, b in zip(requests, req_bid.tolist()) if modes[b] == mode], mode):
+        return []
+    budget = model.max_prefetch - len(requests)
+    out: list[LMState] = []
+    for beam, b, more in zip(beams, next_bytes, ahead):
+        if b != EOS and len(more) and budget > 0:
+            extra = speculative_contexts(beam, bytes([b]) + bytes(more[: model.lookahead]), budget)
+            out.extend(extra)
+            budget -= len(extra)
     return out
 
 
@@ -501,51 +653,11 @@ def _log_minus(a: float, b: float) -> float:
     return a + math.log1p(-math.exp(b - a)) if b < a else -math.inf
 
 
-def _prune(params: BeamParams, idx, nodes, w):
-    """Threshold, then the K heaviest. Returns kept (idx, nodes, w), the pruned share,
-    and the logs of the total weight before and after pruning."""
-    if len(w) == 0:
-        return idx, nodes, w, 0.0, -math.inf, -math.inf
-    total = _logsumexp(w)
-    keep = w - total > params.log_threshold
-    if keep.all() and (params.K is None or len(w) <= params.K):
-        return idx, nodes, w, 0.0, total, total
-    order = np.argsort(-w[keep], kind="stable")
-    if params.K is not None:
-        order = order[: params.K]
-    kept = np.nonzero(keep)[0][order]
-    kept_total = _logsumexp(w[kept])
-    return idx[kept], nodes[kept], w[kept], 1.0 - math.exp(kept_total - total), total, kept_total
-
-
-def _keep_extensions(params: BeamParams, trie, nodes, log_total: float, ew) -> np.ndarray:
-    """Extensions whose share of the candidates' total weight ``log_total`` (which
-    already includes them) passes the threshold; the heaviest is kept when no candidate
-    could otherwise read another byte."""
-    ok = np.isfinite(ew) & (ew - log_total > params.log_threshold)
-    if len(ew) and not ok.any() and np.isfinite(ew).any():
-        if not (trie.child_ptr[nodes + 1] > trie.child_ptr[nodes]).any():
-            ok[np.argmax(ew)] = True
-    return ok
-
-
-def _compact(beam: Beam) -> Beam:
-    """Drop mass blocks no candidate refers to any more."""
-    used = np.unique(beam.block_of)
-    if len(used) == len(beam.blocks):
-        return beam
-    remap = np.full(len(beam.blocks), -1, np.int64)
-    remap[used] = np.arange(len(used))
-    kept = beam.block_nodes
-    return replace(beam, blocks=tuple(beam.blocks[g] for g in used), block_of=remap[beam.block_of],
-                   block_nodes=None if kept is None else tuple(kept[g] for g in used), _dist=[])
-
-
 def _empty(beam: Beam, mode: bool, stats: BeamStats) -> Beam:
     return Beam(
         model=beam.model, params=beam.params, nodes=np.zeros(0, np.int64), weights=np.zeros(0),
-        states=(), blocks=(), block_of=np.zeros(0, np.int64), rows=np.zeros(0, np.int64),
-        logp=-math.inf, log_total=-math.inf, log_norm=-math.inf, with_eos=mode, stats=stats,
+        states=(), rows=MassRows.empty(), logp=-math.inf, log_total=-math.inf, log_norm=-math.inf,
+        with_eos=mode, stats=stats,
     )
 
 
@@ -553,12 +665,18 @@ async def _empty_or_healed(beam: Beam, b: int, mode: bool, stats: BeamStats) -> 
     if beam.params.heal and not beam.is_empty and b != EOS:
         healed = await _heal(beam, b, mode)
         if healed is not None:
-            node, weight, state, block, calls = healed
-            return await _expand_single(beam, node, weight, state, block, mode, replace(
+            node, weight, state, calls = healed
+            return await _expand_single(beam, node, weight, state, mode, replace(
                 stats, heals=stats.heals + 1, lm_calls=stats.lm_calls + calls,
                 lm_contexts=stats.lm_contexts + calls,
             ))
     return _empty(beam, mode, stats)
+
+
+async def _host_row(model: TokenModel, state: LMState, mode: bool) -> np.ndarray:
+    """One context's whole mass row, as a host copy (healing reads rows whole)."""
+    rows = await model.rows([state], mode)
+    return np.array(model.store.row(int(rows.slot[0])))
 
 
 async def _heal(beam: Beam, b: int, mode: bool):
@@ -566,7 +684,7 @@ async def _heal(beam: Beam, b: int, mode: bool):
     weight, back off k bytes into the current token (longest prefix first), commit the
     token spelled by the rest, replay the backed-off bytes and ``b`` from the root,
     committing again when stuck (at most ``heal_max_splits`` times). Returns
-    (node, weight, state, masses row, LM calls) of the first success, else None."""
+    (node, weight, state, LM calls) of the first success, else None."""
     trie, model, params = beam.model.trie, beam.model, beam.params
     calls = 0
     for i in np.argsort(-beam.weights, kind="stable"):
@@ -582,18 +700,19 @@ async def _heal(beam: Beam, b: int, mode: bool):
                 if not np.isfinite(weight):
                     continue
                 state = beam.states[i].extend(trie.leaf_token[leaf])
-                masses = (await model.masses([state], mode))[0]
+                masses = await _host_row(model, state, mode)
                 calls += 1
-                res = await _replay(model, params, partial[k:] + bytes([b]), state, masses, weight, mode)
-                calls += res[-1]
-                if res[0] is not None:
-                    return (*res[:4], calls)
+                node, weight, state, more = await _replay(model, params, partial[k:] + bytes([b]), state, masses, weight, mode)
+                calls += more
+                if node is not None:
+                    return node, weight, state, calls
     return None
 
 
 async def _replay(model, params, data: bytes, state, masses, weight, mode):
     """Read ``data`` from the root of ``state``; when stuck, commit a token ending at the
-    current node (at most ``heal_max_splits`` times) and continue."""
+    current node (at most ``heal_max_splits`` times) and continue. Returns (node, weight,
+    state, LM calls), node None on failure."""
     trie = model.trie
     node, splits, calls = trie.root, 0, 0
     for byte in data:
@@ -603,13 +722,13 @@ async def _replay(model, params, data: bytes, state, masses, weight, mode):
             node = child
             continue
         if params.heal_max_splits is not None and splits >= params.heal_max_splits:
-            return None, None, None, None, calls
+            return None, None, None, calls
         splits += 1
         for leaf in range(node + 1, node + 1 + trie.n_leaves[node]):
             if masses[leaf] <= 0:
                 continue
             new_state = state.extend(trie.leaf_token[leaf])
-            new_masses = (await model.masses([new_state], mode))[0]
+            new_masses = await _host_row(model, new_state, mode)
             calls += 1
             child = int(trie.child(np.array([trie.root]), byte)[0])
             if child >= 0 and new_masses[child] > 0:
@@ -618,48 +737,46 @@ async def _replay(model, params, data: bytes, state, masses, weight, mode):
                 state, masses, node = new_state, new_masses, child
                 break
         else:
-            return None, None, None, None, calls
-    return node, weight, state, masses, calls
+            return None, None, None, calls
+    return node, weight, state, calls
 
 
-async def _expand_single(beam: Beam, node, weight, state, masses, mode, stats) -> Beam:
-    """A beam of one healed candidate, extended like any other step."""
+async def _expand_single(beam: Beam, node, weight, state, mode, stats) -> Beam:
+    """A beam of one healed candidate, extended like any other step (the threshold, and
+    always the heaviest extension)."""
+    model, trie = beam.model, beam.model.trie
+    rows = await model.rows([state], mode)
     seed = Beam(
-        model=beam.model, params=beam.params, nodes=np.array([node]), weights=np.array([weight]),
-        states=(state,), blocks=(masses[None],), block_of=np.zeros(1, np.int64),
-        rows=np.zeros(1, np.int64), logp=beam.logp, log_total=beam.log_total, with_eos=mode,
-        stats=stats,
+        model=model, params=beam.params, nodes=np.array([node]), weights=np.array([weight]),
+        states=(state,), rows=rows, logp=beam.logp + weight - beam.log_total, log_total=weight,
+        log_norm=weight, with_eos=mode, stats=stats,
     )
-    trie = beam.model.trie
     owner, leaf = trie.leaves_of(seed.nodes)
     ew = weight + seed.log_mass_ratio(owner, leaf, seed.nodes[owner])
-    ok = _keep_extensions(beam.params, trie, seed.nodes, weight, ew)
-    log_norm = _log_minus(weight, _logsumexp(ew[np.isfinite(ew) & ~ok]))
-    leaf, ew = leaf[ok], ew[ok]
-    new_states = tuple(state.extend(trie.leaf_token[l]) for l in leaf)
-    logp = beam.logp + weight - beam.log_total
+    finite = np.isfinite(ew)
+    ok = finite & (ew - weight > beam.params.log_threshold)
+    if finite.any() and not ok.any():
+        ok[np.argmax(ew)] = True
+    log_norm = _log_minus(weight, _logsumexp(ew[finite & ~ok]))
+    new_states = [state.extend(trie.leaf_token[l]) for l in leaf[ok].tolist()]
     if not new_states:
-        return replace(seed, logp=logp, log_total=weight, log_norm=log_norm)
-    block = await beam.model.masses(list(new_states), mode)
+        return replace(seed, log_norm=log_norm)
+    new_rows = await model.rows(new_states, mode)
     n = len(new_states)
     return replace(
         seed,
         nodes=np.concatenate([seed.nodes, np.full(n, trie.root)]),
-        weights=np.concatenate([seed.weights, ew]),
-        states=seed.states + new_states,
-        blocks=seed.blocks + (block,),
-        block_of=np.concatenate([seed.block_of, np.ones(n, np.int64)]),
-        rows=np.concatenate([seed.rows, np.arange(n)]),
-        logp=logp,
-        log_total=weight,
+        weights=np.concatenate([seed.weights, ew[ok]]),
+        states=seed.states + tuple(new_states),
+        rows=rows.concat(new_rows),
         log_norm=log_norm,
         stats=replace(stats, lm_calls=stats.lm_calls + 1, lm_contexts=stats.lm_contexts + n),
     )
 
 
 async def prefill(beam: Beam, data: bytes, with_eos: bool = True) -> Beam:
-    """Read ``data`` (e.g. a prompt) with EOS tokens as ordinary text; the last step's
-    extensions get masses in mode ``with_eos``, ready for generation."""
+    """Read ``data`` (e.g. a prompt) with EOS tokens as ordinary text; the step that reads
+    its last byte switches every candidate to mode ``with_eos``, ready for generation."""
     for i, b in enumerate(data):
         (beam,) = await advance([beam], [b], with_eos=with_eos if i == len(data) - 1 else False,
                                 ahead=[memoryview(data)[i + 1 :]])

@@ -97,7 +97,7 @@ class ByteLM:
         beam = await self.beam(prompt)
         start = beam.logp
         for i, b in enumerate(data):
-            (beam,) = await advance([beam], [b], ahead=[memoryview(data)[i + 1 :]], ahead_only=True)
+            (beam,) = await advance([beam], [b], ahead=[memoryview(data)[i + 1 :]])
         return Score(beam.logp - start, len(data), beam.stats.heals)
 
     async def generate(self, prompt: bytes | str = b"", max_bytes: int = 64, *, greedy: bool = False,

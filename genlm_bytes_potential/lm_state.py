@@ -8,7 +8,8 @@ exactly one LM batch call and one trie batch.
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -20,14 +21,27 @@ from .transfer import to_device, to_host
 from .trie import TokenByteTrie
 
 
-@dataclass(frozen=True, slots=True)
 class LMState:
-    """A token context. Extending returns a new state; nothing is shared or mutated."""
+    """A token context. Extending returns a new state; nothing is shared or mutated. The
+    hash is computed once (states key the mass store and the LM's caches)."""
 
-    tokens: tuple[int, ...]
+    __slots__ = ("tokens", "_hash")
+
+    def __init__(self, tokens: tuple[int, ...]):
+        self.tokens = tuple(tokens)
+        self._hash = hash(self.tokens)
 
     def extend(self, token: int) -> "LMState":
         return LMState(self.tokens + (int(token),))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LMState) and self._hash == other._hash and self.tokens == other.tokens
+
+    def __repr__(self) -> str:
+        return f"LMState({self.tokens!r})"
 
 
 @dataclass
@@ -36,6 +50,146 @@ class LMStats:
 
     batch_calls: int = 0
     contexts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MassRows:
+    """Where candidates' trie masses live: row ``slot[i]`` of a :class:`MassStore`, valid
+    while the store's generation of that slot is still ``gen[i]`` (a reused slot holds
+    another context). The arrays are refreshed in place when rows are recomputed."""
+
+    slot: np.ndarray
+    gen: np.ndarray
+
+    @staticmethod
+    def empty() -> "MassRows":
+        return MassRows(np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def take(self, idx: np.ndarray) -> "MassRows":
+        return MassRows(self.slot[idx], self.gen[idx])
+
+    def concat(self, other: "MassRows") -> "MassRows":
+        return MassRows(np.concatenate([self.slot, other.slot]), np.concatenate([self.gen, other.gen]))
+
+
+class MassStore:
+    """Scaled trie masses (``TokenByteTrie.masses``) of token contexts: one row per
+    (EOS mode, context), computed once and kept where the trie batch ran (host memory, or
+    the GPU, where rows never travel whole: readers gather the few entries they need).
+
+    Reuse: once ``max_bytes`` of rows exist, a new row takes the slot least recently
+    used, among the rows not used since the previous allocation (so a step's own rows are
+    never taken by its own allocations; the table grows past ``max_bytes`` when a step
+    needs more rows than that). Readers holding :class:`MassRows` check ``valid``."""
+
+    def __init__(self, n_nodes: int, max_bytes: float):
+        self.n_nodes = n_nodes
+        self.max_rows = max(1, int(max_bytes // (8 * n_nodes)))
+        self.table = None  # [capacity, n_nodes] float64: numpy, or torch on the rows' device
+        self.gen = np.zeros(0, np.int64)
+        self.last_used = np.zeros(0, np.int64)
+        self.clock = 1
+        self._slots: dict[tuple[bool, LMState], int] = {}
+        self._key_of: list = []  # per slot in use: its key, None when free
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, key) -> bool:
+        return key in self._slots
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows in use."""
+        return len(self._slots) * self.n_nodes * 8
+
+    def clear(self) -> None:
+        self._slots.clear()
+        self._key_of = []
+        self.gen += 1  # rows held by readers are all stale
+
+    def discard(self, keys: list) -> None:
+        """Forget ``keys`` (rows whose computation failed)."""
+        for key in keys:
+            s = self._slots.pop(key, None)
+            if s is not None:
+                self.gen[s] += 1
+                self._key_of[s] = None
+
+    def find(self, keys: list) -> np.ndarray:
+        """Slot of each key (-1 where absent); found rows count as used now."""
+        get = self._slots.get
+        out = np.fromiter((get(k, -1) for k in keys), np.int64, len(keys))
+        self.touch(out[out >= 0])
+        return out
+
+    def touch(self, slots: np.ndarray) -> None:
+        self.last_used[slots] = self.clock
+
+    def valid(self, rows: MassRows) -> np.ndarray:
+        return self.gen[rows.slot] == rows.gen
+
+    def allocate(self, keys: list, like) -> np.ndarray:
+        """Slots for ``keys`` (absent from the store): free slots, new rows while fewer
+        than ``max_rows`` exist, then the least recently used rows not used since the
+        previous allocation, then new rows past ``max_rows``. The table lives on
+        ``like``'s device."""
+        need = len(keys)
+        free = [i for i, k in enumerate(self._key_of) if k is None][:need] if len(self._slots) < len(self._key_of) else []
+        room = max(0, self.max_rows - len(self._key_of))
+        n_new = min(need - len(free), room)
+        reused = np.zeros(0, np.int64)
+        short = need - len(free) - n_new
+        if short > 0:
+            used = np.fromiter(self._slots.values(), np.int64, len(self._slots))
+            old = used[self.last_used[used] < self.clock]
+            if len(old) > short:
+                old = old[np.argpartition(self.last_used[old], short - 1)[:short]]
+            reused = old
+            for s in reused.tolist():
+                del self._slots[self._key_of[s]]
+            n_new += short - len(reused)
+        start = len(self._key_of)
+        if n_new:
+            self._grow(start + n_new, like)
+        slots = np.concatenate([np.array(free, np.int64), reused, np.arange(start, start + n_new)])
+        self.gen[slots] += 1
+        self.clock += 1
+        self.touch(slots)
+        for key, s in zip(keys, slots.tolist()):
+            self._slots[key] = s
+            self._key_of[s] = key
+        return slots
+
+    def _grow(self, rows: int, like) -> None:
+        """At least ``rows`` slots in use; the table doubles (up to ``max_rows``) when full."""
+        cap = 0 if self.table is None else self.table.shape[0]
+        if rows > cap:
+            new_cap = max(rows, min(self.max_rows, max(64, 2 * cap)))
+            if torch.is_tensor(like) and like.device.type != "cpu":
+                table = torch.empty((new_cap, self.n_nodes), dtype=torch.float64, device=like.device)
+            else:
+                table = np.empty((new_cap, self.n_nodes))
+            if cap:
+                table[:cap] = self.table
+            self.table = table
+            self.gen = np.concatenate([self.gen, np.zeros(new_cap - cap, np.int64)])
+            self.last_used = np.concatenate([self.last_used, np.zeros(new_cap - cap, np.int64)])
+        self._key_of.extend([None] * (rows - len(self._key_of)))
+
+    def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
+        """Scaled masses ``table[slot[i], node[i]]`` on the host (float64); the rows count
+        as used now."""
+        self.last_used[slot] = self.clock
+        if isinstance(self.table, np.ndarray):
+            return self.table[slot, node]
+        idx = to_device(slot * self.n_nodes + node, self.table.device)
+        return to_host(self.table.view(-1)[idx])
+
+    def row(self, slot: int) -> np.ndarray:
+        """One whole row on the host."""
+        row = self.table[slot]
+        return row if isinstance(row, np.ndarray) else to_host(row)
 
 
 def lm_context_limit(lm: Any) -> int | None:
@@ -96,6 +250,8 @@ class TokenModel:
             them in the LM's cache: fewer, larger LM calls, same values. Only for LMs that
             cache log-probs and say so (``lm.has_logprobs(token_ids) -> bool``); 0: off.
         max_prefetch: most contexts one LM call asks for, when it prefetches.
+        mass_bytes: bytes of trie-mass rows the model keeps (:class:`MassStore`; on the
+            device where masses are computed). Rows are recomputed when needed again.
     """
 
     lm: Any
@@ -106,6 +262,7 @@ class TokenModel:
     canonical_window: int = 2
     lookahead: int = 6
     max_prefetch: int = 128
+    mass_bytes: float = 2**31
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)
 
@@ -122,11 +279,10 @@ class TokenModel:
         self.start_token_id = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
         if self.eos_tokens is None:
             self.eos_tokens = [vocab[self.eos_token_id]] if self.eos_token_id is not None else []
-        self.trie = TokenByteTrie(vocab, self.eos_tokens)
+        self.trie = cached_trie(vocab, self.eos_tokens)
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
-        self._ready: dict[tuple[tuple[int, ...], bool], torch.Tensor] = {}  # prefetched device masses
-        self._ready_calls: deque[list] = deque()
+        self.store = MassStore(self.trie.n_nodes, self.mass_bytes)
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -148,10 +304,12 @@ class TokenModel:
                 raise ValueError(f"{name}={v!r}; expected an int >= 0")
         return int(self.lookahead) if callable(getattr(self.lm, "has_logprobs", None)) else 0
 
-    def would_call(self, states: list[LMState]) -> bool:
-        """Whether ``masses(states)`` may need an LM forward pass: the (caching) LM lacks
-        some context's log-probs. Always True without lookahead."""
-        return not self.lookahead or not all(self._cached(s) for s in states)
+    def would_call(self, states: list[LMState], with_eos: bool) -> bool:
+        """Whether ``rows(states, with_eos)`` may need an LM forward pass: some state has
+        no stored row and the (caching) LM lacks its log-probs. Always True without
+        lookahead when a row is missing."""
+        missing = [s for s in states if (with_eos, s) not in self.store]
+        return bool(missing) and (not self.lookahead or not all(self._cached(s) for s in missing))
 
     def _cached(self, state: LMState) -> bool:
         """Whether the (caching) LM holds ``state``'s log-probs."""
@@ -215,32 +373,35 @@ class TokenModel:
             return list(tokens[-n:])
         return list(tokens)
 
-    async def masses(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = (),
-                     nodes: np.ndarray | None = None) -> np.ndarray:
-        """Scaled trie masses (see ``TokenByteTrie.masses``) of the states' next-token
-        distributions, ``[len(states), n_nodes]``: one LM batch call over the distinct
-        contexts and one trie batch. Within a row, mass ratios are exact. ``nodes``
-        (sorted, with the root): return only these columns, ``[len(states), len(nodes)]``
-        (from a GPU, only they are copied).
+    async def rows(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = ()) -> MassRows:
+        """Stored mass rows of the states' next-token distributions: rows already stored are
+        found; the rest come from one LM batch call over the distinct missing contexts and
+        one trie batch written into the store. Within a row, mass ratios are exact.
 
-        ``prefetch``: contexts asked for in the same LM call, for the LM's cache (see
-        ``lookahead``). When masses are computed on a GPU, theirs are computed in the same
-        trie batch and kept on the device (the last ``_READY_BATCHES`` calls' worth), so a
-        later call for prefetched contexts only gathers and copies rows, without the LM."""
-        distinct: dict[tuple[int, ...], int] = {}
-        rows = np.array([distinct.setdefault(s.tokens, len(distinct)) for s in states], np.int64)
-        n = len(distinct)
-        asked = list(distinct)
-        root = self.trie.root if nodes is None else int(np.searchsorted(nodes, self.trie.root))
-        if self._ready and all((t, with_eos) in self._ready for t in asked):
-            scaled = torch.stack([self._ready.pop((t, with_eos)) for t in asked])
-            scaled = to_host(scaled if nodes is None else scaled[:, to_device(nodes, scaled.device)])
-            self._check_finite(scaled[:, root], asked)
-            return scaled if n == len(states) else scaled[rows]
-        for s in prefetch if self.lookahead else ():
-            if s.tokens not in distinct and not self._cached(s):
-                distinct[s.tokens] = len(distinct)
-        inputs = [self.model_input(LMState(t)) for t in distinct]
+        ``prefetch``: contexts computed in the same LM call and trie batch and stored (see
+        ``lookahead``), so that later steps find their rows without calling the LM."""
+        keys = [(with_eos, s) for s in states]
+        store = self.store
+        slot = store.find(keys)
+        missing = np.flatnonzero(slot < 0)
+        if len(missing):
+            todo: dict[tuple[bool, LMState], None] = dict.fromkeys(keys[i] for i in missing.tolist())
+            if self.lookahead:  # prefetched rows must not crowd out the store
+                limit = max(store.max_rows, len(todo))
+                for s in prefetch:
+                    key = (with_eos, s)
+                    if len(todo) >= limit:
+                        break
+                    if key not in store:
+                        todo.setdefault(key)
+            new = await self._compute(list(todo), with_eos)
+            slot[missing] = [new[keys[i]] for i in missing.tolist()]
+        return MassRows(slot, store.gen[slot])
+
+    async def _compute(self, keys: list, with_eos: bool) -> dict:
+        """One LM call and one trie batch for ``keys`` (absent from the store); their rows
+        are written into the store. Returns each key's slot."""
+        inputs = [self.model_input(s) for _, s in keys]
         try:
             logprobs = await self.lm.batch_next_token_logprobs(inputs)
         except Exception as e:  # not CancelledError: cancellation passes through as is
@@ -255,25 +416,31 @@ class TokenModel:
         self._check_shape(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
-        on_device = logprobs.device.type != "cpu"
-        scaled, _ = self.trie.masses(logprobs if on_device else logprobs[:n], with_eos=with_eos)
-        if on_device:
-            if len(distinct) > n:
-                self._keep_ready(list(distinct)[n:], with_eos, scaled[n:])
-            scaled = to_host(scaled[:n] if nodes is None else scaled[:n, to_device(nodes, scaled.device)])
-        elif nodes is not None:
-            scaled = scaled[:, nodes]
-        self._check_finite(scaled[:, root], asked)
-        return scaled if n == len(states) else scaled[rows]
+        store = self.store
+        slots = store.allocate(keys, logprobs)
+        try:
+            self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
+            self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
+        except BaseException:
+            store.discard(keys)
+            raise
+        return dict(zip(keys, slots.tolist()))
 
-    def _keep_ready(self, contexts: list[tuple[int, ...]], with_eos: bool, scaled: torch.Tensor) -> None:
-        """Keep device mass rows of prefetched contexts; forget the oldest call's rows."""
-        keys = [(t, with_eos) for t in contexts]
-        self._ready.update(zip(keys, scaled))
-        self._ready_calls.append(keys)
-        while len(self._ready_calls) > _READY_BATCHES:
-            for k in self._ready_calls.popleft():
-                self._ready.pop(k, None)
+    async def ensure(self, rows: MassRows, states: tuple[LMState, ...], with_eos: bool) -> None:
+        """Make every row of ``rows`` valid, recomputing (in place) those the store reused;
+        all of them count as used now."""
+        valid = self.store.valid(rows)
+        self.store.touch(rows.slot[valid])
+        stale = np.flatnonzero(~valid)
+        if len(stale):
+            fresh = await self.rows([states[i] for i in stale.tolist()], with_eos)
+            rows.slot[stale], rows.gen[stale] = fresh.slot, fresh.gen
+
+    def log_mass(self, rows: MassRows, node: np.ndarray) -> np.ndarray:
+        """``log M(node[i])`` under row ``i`` of ``rows`` (scaled: only ratios within a row
+        are meaningful); -inf where the mass is 0."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.store.gather(rows.slot, node))
 
     def _describe(self, tokens: list[int]) -> str:
         tail = tokens[-8:]
@@ -291,7 +458,7 @@ class TokenModel:
                 f"(one row per context, one column per token of byte_vocab)"
             )
 
-    def _check_finite(self, root_mass: np.ndarray, contexts: list[tuple[int, ...]]) -> None:
+    def _check_finite(self, root_mass: np.ndarray, inputs: list[list[int]]) -> None:
         """A NaN or +inf log-prob anywhere in a row makes its root mass NaN (the trie sums
         every token into the root), so checking one number per row checks them all."""
         bad = np.nonzero(~np.isfinite(root_mass))[0]
@@ -299,10 +466,28 @@ class TokenModel:
             row = int(bad[0])
             raise RuntimeError(
                 f"{type(self.lm).__name__}.batch_next_token_logprobs returned NaN or +inf "
-                f"log-probabilities for context {row} of {len(contexts)} "
-                f"({self._describe(self.model_input(LMState(contexts[row]))).removeprefix('first context: ')})"
+                f"log-probabilities for context {row} of {len(inputs)} "
+                f"({self._describe(inputs[row]).removeprefix('first context: ')})"
             )
 
 
-#: LM calls whose prefetched device mass rows are kept (each up to ``max_prefetch`` rows)
-_READY_BATCHES = 4
+_TRIES: OrderedDict[tuple, TokenByteTrie] = OrderedDict()
+_TRIES_KEPT = 4
+
+
+def cached_trie(vocab: list[bytes], eos_tokens) -> TokenByteTrie:
+    """The trie of a vocabulary and EOS set, built once per process (the last
+    ``_TRIES_KEPT`` vocabularies are kept): a potential over SmolLM2's vocabulary no longer
+    rebuilds its ~0.9 s trie on every construction."""
+    digest = hashlib.blake2b(digest_size=16)
+    for t in vocab:
+        digest.update(len(t).to_bytes(4, "little"))
+        digest.update(t)
+    key = (digest.digest(), len(vocab), frozenset(bytes(e) for e in eos_tokens))
+    trie = _TRIES.get(key)
+    if trie is None:
+        trie = _TRIES[key] = TokenByteTrie(vocab, eos_tokens)
+        while len(_TRIES) > _TRIES_KEPT:
+            _TRIES.popitem(last=False)
+    _TRIES.move_to_end(key)
+    return trie

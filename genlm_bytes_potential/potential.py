@@ -31,7 +31,7 @@ import numpy as np
 from genlm.control.constant import EndOfSequence
 from genlm.control.potential.base import Potential
 
-from .beam import Beam, BeamParams, advance, initial_beam
+from .beam import Beam, BeamParams, advance, initial_beam, next_byte_logprobs
 from .lm_state import TokenModel
 
 
@@ -49,26 +49,18 @@ class _Node:
 
 class BeamCache:
     """Beams by context in a prefix tree; least recently used beams are evicted while
-    there are more than ``max_beams`` or they hold more than ``max_bytes`` of masses
-    (the newest beam always stays).
-
-    ``nbytes`` is exactly the size of the distinct mass blocks the cached beams refer to:
-    a block shared by several beams (consecutive contexts, or all beams advanced in one
-    batch) counts once and is released with its last beam. So the masses the cache keeps
-    alive never exceed ``max_bytes`` (plus the newest beam's), whatever the sharing.
+    there are more than ``max_beams`` (the newest beam always stays). Beams hold no
+    masses (those live in the model's ``MassStore``), only their candidates.
 
     ``lookup`` finds the deepest cached beam on a context's path: the exact context and its
     parent are found by hashing (C speed), so an SMC step costs O(1) Python work per
     particle; otherwise the walk costs one dict step per byte.
     """
 
-    def __init__(self, max_beams: int, max_bytes: float = float("inf")):
+    def __init__(self, max_beams: int):
         self.max_beams = max_beams
-        self.max_bytes = max_bytes
-        self.nbytes = 0
         self.root = _Node(None, None)
         self._by_key: OrderedDict[bytes, _Node] = OrderedDict()
-        self._blocks: dict[int, list] = {}  # id(block) -> [block, cached beams using it]
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -76,20 +68,6 @@ class BeamCache:
     def clear(self) -> None:
         self.root = _Node(None, None)
         self._by_key.clear()
-        self._blocks.clear()
-        self.nbytes = 0
-
-    def _count(self, beam, n: int) -> None:
-        """Count ``beam``'s distinct mass blocks in (``n=1``) or out (``n=-1``)."""
-        for block in {id(b): b for b in getattr(beam, "blocks", ())}.values():
-            entry = self._blocks.get(id(block))
-            if entry is None:
-                entry = self._blocks[id(block)] = [block, 0]
-                self.nbytes += block.nbytes
-            entry[1] += n
-            if entry[1] == 0:
-                del self._blocks[id(block)]
-                self.nbytes -= block.nbytes
 
     def lookup(self, key: bytes) -> tuple[int, Beam | None]:
         """(length of the deepest cached prefix of ``key``, its beam)."""
@@ -114,15 +92,11 @@ class BeamCache:
             if child is None:
                 child = node.children[b] = _Node(node, b)
             node = child
-        if node.beam is not None:
-            self._count(node.beam, -1)
         node.beam = beam
-        self._count(beam, 1)
         self._by_key[key] = node
         self._by_key.move_to_end(key)
-        while len(self._by_key) > 1 and (len(self._by_key) > self.max_beams or self.nbytes > self.max_bytes):
+        while len(self._by_key) > self.max_beams:
             _, old = self._by_key.popitem(last=False)
-            self._count(old.beam, -1)
             old.beam = None
             while old.parent is not None and old.beam is None and not old.children:
                 del old.parent.children[old.byte]
@@ -148,8 +122,9 @@ class ByteBeamPotential(Potential):
             are truncated, never an error: the LM sees the start token (BOS, or EOS as
             document start) followed by the most recent tokens (see ``TokenModel``).
         cache_size: most beams kept in the prefix-tree cache.
-        cache_bytes: most bytes of trie masses the cached beams may hold (each beam holds
-            about one float64 row per trie node for each of its fresh candidates).
+        cache_bytes: most bytes of trie-mass rows kept (one float64 row per trie node for
+            each token context, in the model's ``MassStore``, on the device where masses
+            are computed); rows are recomputed when needed again.
         heal_max_backoff, heal_max_splits: limits of prompt healing (see ``BeamParams``).
         canonical: commit only canonical tokenizations (the tokenizer's own encoding,
             checked on a window of trailing tokens; see ``TokenModel``). Needs
@@ -210,9 +185,10 @@ class ByteBeamPotential(Potential):
             self.params, heal=True, heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
         )
         self.prompt = bytes(prompt)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead)
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead,
+                                mass_bytes=cache_bytes)
         self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
-        self.cache = BeamCache(cache_size, cache_bytes)
+        self.cache = BeamCache(cache_size)
         self._warned_cache = False
         self._root_beam: Beam | None = None
         self._init_args = dict(
@@ -312,10 +288,9 @@ class ByteBeamPotential(Potential):
             if any(k and k not in self.cache._by_key for k in keys):
                 self._warned_cache = True
                 warnings.warn(
-                    f"the beam cache (cache_size={self.cache.max_beams}, cache_bytes="
-                    f"{self.cache.max_bytes}) cannot hold the beams of {len(keys)} contexts at "
-                    f"once; the next calls will recompute them from shorter prefixes (slow). "
-                    f"Raise cache_size / cache_bytes.",
+                    f"the beam cache (cache_size={self.cache.max_beams}) cannot hold the beams of "
+                    f"{len(keys)} contexts at once; the next calls will recompute them from "
+                    f"shorter prefixes (slow). Raise cache_size.",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -339,13 +314,13 @@ class ByteBeamPotential(Potential):
     async def batch_complete(self, contexts) -> np.ndarray:
         if not contexts:
             raise ValueError("contexts is empty; expected at least one context")
-        return np.array([b.logp + b.next_logprobs()[256] for b in await self.beams(contexts)])
+        beams = await self.beams(contexts)
+        return np.array([b.logp for b in beams]) + (await next_byte_logprobs(beams))[:, 256]
 
     async def batch_logw_next(self, contexts):
         if not contexts:
             raise ValueError("contexts is empty; expected at least one context")
-        beams = await self.beams(contexts)
-        return self.make_lazy_weights(np.stack([b.next_logprobs() for b in beams]))
+        return self.make_lazy_weights(await next_byte_logprobs(await self.beams(contexts)))
 
     # ------------------------------------------------------------ lifecycle
     def spawn(self) -> "ByteBeamPotential":
@@ -353,8 +328,9 @@ class ByteBeamPotential(Potential):
         return ByteBeamPotential(self.lm, **self._init_args)
 
     async def cleanup(self) -> None:
-        """Drop every cached beam (and the LM states and masses they hold)."""
+        """Drop every cached beam and stored mass row."""
         self.cache.clear()
+        self.model.store.clear()
         self._root_beam = None
 
     def bytes_view(self) -> "BytesView":

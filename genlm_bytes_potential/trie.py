@@ -176,20 +176,6 @@ class TokenByteTrie:
         first = np.repeat(nodes + 1 - np.cumsum(counts) + counts, counts)
         return owner, first + np.arange(counts.sum())
 
-    def path_nodes(self, data: bytes) -> np.ndarray:
-        """The nodes a candidate at the root can meet while reading ``data``, sorted:
-        the root, the EOS node, the node of every prefix of ``data`` that starts a
-        token, and those nodes' leaves."""
-        data = bytes(data[: self._max_depth])
-        nodes = [self.root, self.eos_node]
-        for j in range(1, len(data) + 1):
-            leaves = self.leaves_spelling(data[:j])
-            if leaves is None:
-                break
-            nodes.append(leaves.start - 1)
-            nodes.extend(leaves)
-        return np.unique(np.array(nodes, np.int64))
-
     def leaves_spelling(self, prefix: bytes) -> range | None:
         """Leaves of the tokens whose bytes are exactly ``prefix`` (often none); None
         when no token starts with ``prefix``."""
@@ -201,7 +187,7 @@ class TokenByteTrie:
         return self._node_of_prefix.get(bytes(prefix), -1)
 
     # ------------------------------------------------------------------ masses
-    def masses(self, logprobs, with_eos: bool = True):
+    def masses(self, logprobs, with_eos: bool = True, out=None, out_rows=None):
         """Node masses for a batch of next-token distributions, scaled per row.
 
         Args:
@@ -215,19 +201,28 @@ class TokenByteTrie:
             ``n`` under row ``b``; ``shift[b]`` is the row's largest log-prob. Both float64;
             numpy for CPU input, torch on the input's device for CUDA input. Ratios of
             masses in one row (all the beam needs) are ratios of ``scaled`` entries.
+            With ``out`` (a ``[rows, n_nodes]`` float64 table of the same kind) and
+            ``out_rows`` (one index per input row), row ``b`` is written to
+            ``out[out_rows[b]]`` instead, and ``(out, shift)`` is returned.
         """
         if torch.is_tensor(logprobs) and logprobs.device.type != "cpu":
-            return self._masses_torch(logprobs, with_eos)
+            scaled, shift = self._masses_torch(logprobs, with_eos)
+            if out is None:
+                return scaled, shift
+            out[torch.as_tensor(out_rows, device=scaled.device)] = scaled
+            return out, shift
         lp = logprobs.numpy() if torch.is_tensor(logprobs) else np.asarray(logprobs)
         if lp.dtype not in (np.float32, np.float64):
             lp = lp.astype(np.float64)
         lp = np.ascontiguousarray(lp)
         self._check_shape(lp.shape)
         shift = _row_shift(lp.max(axis=1).astype(np.float64))
-        out = np.empty((lp.shape[0], self.n_nodes))
+        if out is None:
+            out, out_rows = np.empty((lp.shape[0], self.n_nodes)), np.arange(lp.shape[0])
         _subtree_sums(
             lp, shift, self._leaf_tokens_eos if with_eos else self._leaf_tokens,
             self.leaf_nodes, self._eos_tokens_or_none(with_eos), self.eos_node, self.parent, out,
+            np.asarray(out_rows, np.int64),
         )
         return out, shift
 
@@ -317,13 +312,14 @@ def _row_shift(row_max: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(row_max), row_max, 0.0)
 
 
-def _subtree_sums_py(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out):
-    """out[b, n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n; EOS tokens
-    (when given) count at the EOS node instead of their leaves. One reverse-preorder pass
-    per row: every node adds its total into its parent."""
-    B, n_nodes = out.shape
+def _subtree_sums_py(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows):
+    """out[out_rows[b], n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n;
+    EOS tokens (when given) count at the EOS node instead of their leaves. One
+    reverse-preorder pass per row: every node adds its total into its parent."""
+    B = lp.shape[0]
+    n_nodes = out.shape[1]
     for b in numba.prange(B):
-        row = out[b]
+        row = out[out_rows[b]]
         row[:] = 0.0
         s = shift[b]
         for j in range(leaf_nodes.shape[0]):
@@ -343,6 +339,6 @@ _subtree_sums_serial = numba.njit(cache=True, nogil=True)(_subtree_sums_py)
 _SERIAL_MAX_ROWS = 4
 
 
-def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out):
-    kernel = _subtree_sums_serial if out.shape[0] <= _SERIAL_MAX_ROWS else _subtree_sums_parallel
-    kernel(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out)
+def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows):
+    kernel = _subtree_sums_serial if lp.shape[0] <= _SERIAL_MAX_ROWS else _subtree_sums_parallel
+    kernel(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from genlm_bytes_potential.backends import MockTokenLM
-from genlm_bytes_potential.beam import BeamParams, advance, initial_beam, prefill
+from genlm_bytes_potential.beam import BeamParams, advance, initial_beam, next_byte_logprobs, prefill
 from genlm_bytes_potential.byte_lm import ByteDist, ByteLM
 from genlm_bytes_potential.lm_state import LMState, TokenModel
 from genlm_bytes_potential.trie import EOS
@@ -58,8 +58,8 @@ async def test_pruned_beam_normalizes_and_factorizes(vocab, seed, data, K, thres
         total += logq[b]
         (beam,) = await advance([beam], [b])
         assert beam.logp == pytest.approx(total, abs=1e-12) or beam.logp == total == -math.inf
-        if K is not None:
-            assert len([n for n in beam.nodes if n != model.trie.root]) <= K
+        if K is not None:  # K, plus at most the candidate kept for full support
+            assert len([n for n in beam.nodes if n != model.trie.root]) <= K + 1
 
 
 async def test_one_batch_call_per_step_for_many_candidates():
@@ -232,33 +232,35 @@ async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(voca
 @settings(max_examples=40, deadline=None)
 @given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]),
        heal=st.booleans())
-async def test_ahead_only_keeps_fewer_masses_and_the_same_values(vocab, seed, data, K, heal):
-    """A scoring beam (``ahead_only``) keeps masses only along the text: same log-probs,
-    heals and candidates, smaller rows."""
-    lm, model = make_model(vocab, seed)
+async def test_a_store_that_reuses_rows_gives_the_same_values(vocab, seed, data, K, heal):
+    """Masses live in the model's store; with room for one row, rows are reused at every
+    step and recomputed when read again: the same log-probs, heals and weights bit for bit,
+    and beams read after their rows were reused recompute them."""
     runs = []
-    for ahead_only in (False, True):
+    for mass_bytes in (2**30, 1):
+        lm, model = make_model(vocab, seed, mass_bytes=mass_bytes)
         beam = await initial_beam(model, BeamParams(K=K, heal=heal))
-        logps = []
+        logps, beams = [], []
         for i, b in enumerate(data):
-            (beam,) = await advance([beam], [b], ahead=[data[i + 1 :]], ahead_only=ahead_only)
+            (beam,) = await advance([beam], [b], ahead=[data[i + 1 :]])
             logps.append(beam.logp)
-        runs.append((logps, beam))
-    (full_logps, full), (kept_logps, kept) = runs
-    assert kept_logps == full_logps and kept.stats.heals == full.stats.heals
-    assert list(kept.weights) == list(full.weights)
-    assert kept.nbytes <= full.nbytes
-    if any(n is not None for n in kept.block_nodes or ()):
-        assert kept.nbytes < full.nbytes
-        with pytest.raises(ValueError, match="not among the nodes this beam kept"):
-            kept.next_logprobs()
+            beams.append(beam)
+        runs.append((logps, beam, await next_byte_logprobs(beams), model))
+    (full_logps, full, full_next, _), (small_logps, small, small_next, small_model) = runs
+    assert small_logps == full_logps and small.stats.heals == full.stats.heals
+    assert list(small.weights) == list(full.weights)
+    np.testing.assert_array_equal(small_next, full_next)
+    assert small_model.store.max_rows == 1
 
 
-async def test_ahead_only_needs_the_bytes_ahead():
-    lm, model = make_model([b"a", b"b", EOS_BYTES], 0)
-    beam = await initial_beam(model, BeamParams())
-    with pytest.raises(ValueError, match="ahead_only=True needs ahead"):
-        await advance([beam], [ord("a")], ahead_only=True)
+async def test_a_beam_holds_no_masses():
+    """A beam holds its candidates' arrays and contexts only; its masses are rows of the
+    model's store, shared by all beams (issue: <= 200 KB per cached beam at K=8)."""
+    vocab = [bytes([c]) for c in range(256)] + [b"ab", b"abc", b"bc", EOS_BYTES]
+    lm, model = make_model(vocab, 0)
+    beam = await read(await initial_beam(model, BeamParams(K=8)), b"abcabcab")
+    assert 0 < beam.nbytes < 4096
+    assert model.store.nbytes == len(model.store) * model.trie.n_nodes * 8
 
 
 async def test_lookahead_is_off_for_lms_without_a_logprob_cache():

@@ -276,7 +276,7 @@ async def test_cancellation_at_every_lm_call_leaves_caches_consistent():
             await task
         assert only_this_task()
         n += 1
-    assert n > 5
+    assert n > 3  # several call points were cancelled
     lm.block_at = None
     assert_same(await results(pot), fresh)
 
@@ -374,7 +374,7 @@ async def test_100k_byte_smc_like_run_keeps_memory_bounded():
         if step % 8 == 7:
             ctxs = [ctxs[i] for i in rng.integers(0, N, N)]
         lm.reset_counters()  # the mock records every request for tests; not part of the bound
-        assert pot.cache.nbytes <= cache_bytes
+        assert pot.model.store.nbytes <= cache_bytes
         if step == 200:
             gc.collect()
             base = rss_bytes()
@@ -386,28 +386,18 @@ async def test_100k_byte_smc_like_run_keeps_memory_bounded():
     assert math.isfinite(await pot.prefix(list(ctxs[0])))
 
 
-async def test_cache_bytes_count_exactly_the_masses_kept_alive():
-    """``cache.nbytes`` is the size of the distinct blocks of the cached beams; each beam
-    owns the rows of its new candidates (beams advanced in one batch do not share, so
-    evicting one frees its masses), and blocks die with the beams that use them."""
-    import weakref
-
+async def test_beams_hold_no_masses_and_cleanup_frees_the_store():
+    """Masses live only in the model's store, one row per context and mode: beams refer
+    to rows (so evicting beams frees nothing but their candidates), and ``cleanup``
+    empties the store and makes every row held by an old beam stale."""
     pot = ByteBeamPotential(mock(seed=8), K=3, cache_size=3)
     ctxs = [list(c) for c in (b"abc", b"bca", b"cab", b"aab", b"bcb", b"cca")]
     beams = await pot.beams(ctxs)  # one batch per byte step for all six
-    root = pot.model.trie.root
-    for beam in beams:
-        fresh = np.nonzero(beam.nodes == root)[0]
-        assert len(fresh) and {int(beam.block_of[i]) for i in fresh} == {int(beam.block_of[fresh[0]])}
-        assert len(beam.blocks[beam.block_of[fresh[0]]]) == len(fresh)  # its own rows only
-    refs = [weakref.ref(b) for beam in beams for b in beam.blocks]
-    cached = {id(b): b for node in pot.cache._by_key.values() for b in node.beam.blocks}
-    assert pot.cache.nbytes == sum(b.nbytes for b in cached.values())
-    cached = set(cached)
-    del beams, beam
-    gc.collect()
-    root_blocks = {id(b) for b in pot._root_beam.blocks}
-    assert {id(r()) for r in refs if r() is not None} - root_blocks <= cached
+    store = pot.model.store
+    assert all(store.valid(b.rows).all() for b in beams)
+    assert len(store) == len({(b.with_eos, s) for b in beams for s in b.states} | set(store._slots))
+    assert store.nbytes == len(store) * pot.model.trie.n_nodes * 8
+    want = (await pot.batch_logw_next(ctxs)).weights
     await pot.cleanup()
-    gc.collect()
-    assert pot.cache.nbytes == 0 and all(r() is None for r in refs)
+    assert store.nbytes == 0 and not any(store.valid(b.rows).any() for b in beams)
+    np.testing.assert_array_equal((await pot.batch_logw_next(ctxs)).weights, want)

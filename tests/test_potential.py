@@ -162,15 +162,18 @@ async def test_bytes_view_agrees():
     await view.assert_contract([[b"a"], [b"a", b"b"]], rtol=1e-6)
 
 
-async def test_cache_bytes_bound_evicts_and_keeps_results():
+async def test_cache_bytes_bound_reuses_mass_rows_and_keeps_results():
+    """``cache_bytes`` bounds the model's mass store: with room for 3 rows, rows are
+    reused and recomputed, and every value equals an unbounded potential's."""
     lm = mock([b"a", b"b", b"ab", b"ba", EOS_BYTES], seed=4)
     pot = ByteBeamPotential(lm, K=3)
-    one = (await pot.beams([list(b"ab")]))[0].nbytes
-    assert one > 0
-    small = ByteBeamPotential(lm, K=3, cache_bytes=3 * one)
+    row = pot.model.trie.n_nodes * 8
+    small = ByteBeamPotential(lm, K=3, cache_bytes=3 * row)
     ctxs = [list(b"abab"), list(b"baba"), list(b"aabb"), list(b"bbaa")]
     for c in ctxs:
         assert await small.prefix(c) == await pot.prefix(c)
-        assert small.cache.nbytes <= 3 * one or len(small.cache) == 1
+        assert (await small.logw_next(c)).weights.tolist() == (await pot.logw_next(c)).weights.tolist()
+    assert small.model.store.max_rows == 3 and len(small.model.store) <= 3 + 2 * 3
+    assert small.model.stats.contexts > pot.model.stats.contexts  # rows were recomputed
     with pytest.raises(ValueError, match="cache_bytes=0"):
         ByteBeamPotential(lm, cache_bytes=0)

@@ -104,21 +104,6 @@ def test_duplicates_get_separate_leaves_and_eos_edge():
     assert trie.node_of(b"<e>") >= 0  # the EOS token is also text (for prefill)
 
 
-@settings(max_examples=60, deadline=None)
-@given(vocab=vocabularies(), data=st.binary(max_size=8))
-def test_path_nodes_are_the_nodes_a_read_from_the_root_meets(vocab, data):
-    trie = TokenByteTrie(vocab, [EOS_BYTES] if EOS_BYTES in vocab else [])
-    want = {trie.root, trie.eos_node}
-    for j in range(1, len(data) + 1):
-        node = trie.node_of(data[:j])
-        if node < 0:
-            break
-        want.add(node)
-        want.update(n for n in range(node + 1, trie.end[node]) if trie.parent[n] == node and trie.leaf_token[n] >= 0)
-    got = trie.path_nodes(memoryview(data))
-    assert list(got) == sorted(want)
-
-
 def test_bad_inputs_name_the_value():
     with pytest.raises(ValueError, match="b'zz'"):
         TokenByteTrie([b"a"], [b"zz"])

@@ -1,0 +1,101 @@
+"""Host cost of the potential with a near-free LM (mock, small vocabulary), ours vs ByteLLM.
+
+    python -m benchmarks.host_cost                 # all parts, prints JSON
+    python -m benchmarks.host_cost --parts smc     # one part
+
+Parts (the LM costs ~nothing, so every number is our own Python/numpy work):
+
+* ``smc``: a 32-particle SMC-like loop (sample a byte per particle from ``batch_logw_next``,
+  resample every 8 steps): microseconds per particle-byte inside ``batch_logw_next``.
+* ``score``: scoring a 300-byte text through ``prefix`` (one byte at a time, as genlm-control's
+  samplers ask), ours vs genlm-control's ``ByteLLM`` on the same mock, K = 1, 2, 4, 8: bytes/s.
+
+Run it against two checkouts (``PYTHONPATH=<checkout>``) in one command to compare before/after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmarks.common import DATA_DIR
+
+
+def _mock():
+    from genlm_bytes_potential.backends import MockTokenLM
+
+    rng = np.random.default_rng(0)
+    letters = b"abcdefghijklmnopqrstuvwxyz ,.\n"
+    words = sorted({bytes(rng.choice(list(letters), rng.integers(2, 6))) for _ in range(400)})
+    vocab = sorted({bytes([c]) for c in range(256)} | set(words)) + [b"<|eos|>"]
+    return MockTokenLM(vocab, seed=0, temperature=0.8, eos_token_id=len(vocab) - 1)
+
+
+async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
+    from genlm_bytes_potential import ByteBeamPotential
+
+    pot = ByteBeamPotential(_mock(), K=K)
+    rng = np.random.default_rng(0)
+    ctxs = [b""] * n
+    spent = 0.0
+    for step in range(steps):
+        t0 = time.perf_counter()
+        w = (await pot.batch_logw_next([list(c) for c in ctxs])).weights[:, :256]
+        spent += time.perf_counter() - t0
+        p = np.exp(w - w.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        nxt = (p.cumsum(axis=1) < rng.random(n)[:, None]).sum(axis=1).clip(0, 255)
+        ctxs = [c + bytes([b]) for c, b in zip(ctxs, nxt)]
+        if step % 8 == 7:
+            ctxs = [ctxs[i] for i in rng.integers(0, n, n)]
+    return {"particles": n, "steps": steps, "K": K, "us_per_particle_byte": 1e6 * spent / (n * steps)}
+
+
+async def _score(pot, data: bytes) -> float:
+    t0 = time.perf_counter()
+    for i in range(1, len(data) + 1):
+        await pot.prefix(list(data[:i]) if isinstance(pot.vocab[0], int) else [bytes([b]) for b in data[:i]])
+    return len(data) / (time.perf_counter() - t0)
+
+
+async def score_part(nbytes: int = 300, Ks=(1, 2, 4, 8)) -> list[dict]:
+    from genlm.bytes import BeamParams
+    from genlm.control import ByteLLM
+
+    from benchmarks.lms import RecordingLM
+    from genlm_bytes_potential import ByteBeamPotential
+
+    data = (DATA_DIR / "heldout.txt").read_bytes()[:nbytes].lower()
+    out = []
+    for K in Ks:
+        ours = await _score(ByteBeamPotential(_mock(), K=K), data)
+        mock = _mock()  # ByteLLM starts from the tokenizer's BOS: the EOS, as ours does without BOS
+        lm = RecordingLM(mock, SimpleNamespace(bos_token_id=mock.eos_token_id, eos_token_id=mock.eos_token_id))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            anchor_pot = ByteLLM(lm, BeamParams(K=K, eos_tokens=[b"<|eos|>"]))
+        anchor = await _score(anchor_pot, data)
+        out.append({"K": K, "ours_bytes_per_s": ours, "bytelm_bytes_per_s": anchor, "ratio": ours / anchor})
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--parts", nargs="*", default=["smc", "score"], choices=["smc", "score"])
+    args = p.parse_args()
+    res = {}
+    if "smc" in args.parts:
+        res["smc"] = asyncio.run(smc_part())
+    if "score" in args.parts:
+        res["score"] = asyncio.run(score_part())
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
