@@ -162,10 +162,12 @@ class MassStore:
         return slots
 
     def _grow(self, rows: int, like) -> None:
-        """At least ``rows`` slots in use; the table doubles (up to ``max_rows``) when full."""
+        """At least ``rows`` slots in use. The table is allocated once for ``max_rows``
+        (host memory is only committed as rows are written) and copied only in the rare
+        step that needs more rows than that."""
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
-            new_cap = max(rows, min(self.max_rows, max(64, 2 * cap)))
+            new_cap = max(rows, self.max_rows, int(1.25 * cap))
             if torch.is_tensor(like) and like.device.type != "cpu":
                 table = torch.empty((new_cap, self.n_nodes), dtype=torch.float64, device=like.device)
             else:
@@ -306,8 +308,7 @@ class TokenModel:
 
     def would_call(self, states: list[LMState], with_eos: bool) -> bool:
         """Whether ``rows(states, with_eos)`` may need an LM forward pass: some state has
-        no stored row and the (caching) LM lacks its log-probs. Always True without
-        lookahead when a row is missing."""
+        no stored row and the (caching) LM lacks its log-probs."""
         missing = [s for s in states if (with_eos, s) not in self.store]
         return bool(missing) and (not self.lookahead or not all(self._cached(s) for s in missing))
 
@@ -378,29 +379,34 @@ class TokenModel:
         found; the rest come from one LM batch call over the distinct missing contexts and
         one trie batch written into the store. Within a row, mass ratios are exact.
 
-        ``prefetch``: contexts computed in the same LM call and trie batch and stored (see
-        ``lookahead``), so that later steps find their rows without calling the LM."""
+        ``prefetch``: contexts asked for in the same LM call (see ``lookahead``), so that
+        later steps find them in the LM's cache; when masses are computed on a GPU, their
+        rows are computed in the same trie batch and stored too (later steps then skip the
+        LM). On the host only the asked-for rows are computed: most prefetched contexts
+        are never read, and a row costs a pass over the trie."""
         keys = [(with_eos, s) for s in states]
         store = self.store
         slot = store.find(keys)
         missing = np.flatnonzero(slot < 0)
         if len(missing):
             todo: dict[tuple[bool, LMState], None] = dict.fromkeys(keys[i] for i in missing.tolist())
+            n_asked = len(todo)
             if self.lookahead:  # prefetched rows must not crowd out the store
-                limit = max(store.max_rows, len(todo))
+                limit = max(store.max_rows, n_asked)
                 for s in prefetch:
-                    key = (with_eos, s)
                     if len(todo) >= limit:
                         break
-                    if key not in store:
-                        todo.setdefault(key)
-            new = await self._compute(list(todo), with_eos)
+                    key = (with_eos, s)
+                    if key not in store and key not in todo and not self._cached(s):
+                        todo[key] = None
+            new = await self._compute(list(todo), with_eos, n_asked)
             slot[missing] = [new[keys[i]] for i in missing.tolist()]
         return MassRows(slot, store.gen[slot])
 
-    async def _compute(self, keys: list, with_eos: bool) -> dict:
-        """One LM call and one trie batch for ``keys`` (absent from the store); their rows
-        are written into the store. Returns each key's slot."""
+    async def _compute(self, keys: list, with_eos: bool, n_asked: int) -> dict:
+        """One LM call for ``keys`` (absent from the store) and one trie batch for the
+        first ``n_asked`` of them (for all on a GPU), written into the store. Returns the
+        slot of each key given a row."""
         inputs = [self.model_input(s) for _, s in keys]
         try:
             logprobs = await self.lm.batch_next_token_logprobs(inputs)
@@ -416,6 +422,8 @@ class TokenModel:
         self._check_shape(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
+        if logprobs.device.type == "cpu":
+            keys, logprobs = keys[:n_asked], logprobs[:n_asked]
         store = self.store
         slots = store.allocate(keys, logprobs)
         try:
