@@ -323,21 +323,30 @@ class _Flat:
 
 async def _ensure(beams: list[Beam]) -> None:
     """Every candidate row of ``beams`` valid (rows the store reused are recomputed) and
-    marked used, so that the step's own allocations do not take them."""
+    marked used. Recomputing awaits the LM, while which concurrent callers may reuse rows
+    found valid before: so it checks again until all are valid with no await in between
+    (a caller gathers right after, before the next allocation can reuse them)."""
     model = beams[0].model
-    for mode in (False, True):
-        group = [b for b in beams if b.with_eos == mode and len(b)]
-        if not group:
-            continue
-        flat = _Flat.of(group)
-        stale = not model.store.valid(flat.rows).all()
-        await model.ensure(flat.rows, flat.states, mode)
-        if stale and len(group) > 1:  # _Flat.of copied the rows: write them back
-            start = 0
-            for b in group:
-                end = start + len(b)
-                b.rows.slot[:], b.rows.gen[:] = flat.rows.slot[start:end], flat.rows.gen[start:end]
-                start = end
+    while True:
+        stale = False
+        for mode in (False, True):
+            group = [b for b in beams if b.with_eos == mode and len(b)]
+            if not group:
+                continue
+            flat = _Flat.of(group)
+            if model.store.valid(flat.rows).all():
+                model.store.touch(flat.rows.slot)
+                continue
+            stale = True
+            await model.ensure(flat.rows, flat.states, mode)
+            if len(group) > 1:  # _Flat.of copied the rows: write them back
+                start = 0
+                for b in group:
+                    end = start + len(b)
+                    b.rows.slot[:], b.rows.gen[:] = flat.rows.slot[start:end], flat.rows.gen[start:end]
+                    start = end
+        if not stale:
+            return
 
 
 async def initial_beam(
@@ -402,8 +411,10 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
         return []
     model = beams[0].model
     modes = [beam.with_eos if with_eos is None else with_eos for beam in beams]
-    await _ensure(beams)
-    kept = await _read_and_prune(beams, next_bytes, modes)
+    kept = None
+    while kept is None:  # None: rows went stale while the mode switch awaited the LM
+        await _ensure(beams)
+        kept = await _read_and_prune(beams, next_bytes, modes)
     prefetch = _prefetch(beams, next_bytes, ahead, kept.ext_states, modes, kept.ext_bid)
     calls_before = model.stats.batch_calls
     ext_rows = await _rows_by_mode(model, kept.ext_states, [modes[b] for b in kept.ext_bid.tolist()], prefetch)
@@ -438,7 +449,7 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
     return out
 
 
-async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Kept:
+async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Kept | None:
     """Phases 1-2 of a step, flat over all beams: read each beam's byte, prune (threshold,
     K heaviest, and the full-support rule), and choose the extensions."""
     model, trie = beams[0].model, beams[0].model.trie
@@ -450,6 +461,8 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
     states = tuple(flat.states[i] for i in ok.tolist())
     rows = flat.rows.take(ok)
     target = await _rows_in_mode(model, beams, modes, bid, rows, states)
+    if target is not rows and not (model.store.valid(rows).all() and model.store.valid(target).all()):
+        return None
     owner, leaf = trie.leaves_of(child)
     m = model.log_mass(
         MassRows.concat(MassRows.concat(target, rows), target.take(owner)),
@@ -684,25 +697,28 @@ async def _heal(beam: Beam, b: int, mode: bool):
     weight, back off k bytes into the current token (longest prefix first), commit the
     token spelled by the rest, replay the backed-off bytes and ``b`` from the root,
     committing again when stuck (at most ``heal_max_splits`` times). Returns
-    (node, weight, state, LM calls) of the first success, else None."""
+    (node, weight, state, LM calls) of the first success, else None. Reads host copies
+    of the candidates' rows, taken before any LM call."""
     trie, model, params = beam.model.trie, beam.model, beam.params
+    await _ensure([beam])
+    copies = [np.array(model.store.row(int(s))) for s in beam.rows.slot.tolist()]
     calls = 0
-    for i in np.argsort(-beam.weights, kind="stable"):
+    for i in np.argsort(-beam.weights, kind="stable").tolist():
         partial = beam.partial(i)
-        node_i = int(beam.nodes[i])
-        base = beam.weights[i] - beam.log_mass(np.array([i]), np.array([node_i]))[0]
+        masses = copies[i]
+        with np.errstate(divide="ignore"):
+            base = beam.weights[i] - math.log(masses[beam.nodes[i]]) if masses[beam.nodes[i]] > 0 else -math.inf
         min_k = 0 if params.heal_max_backoff is None else max(0, len(partial) - params.heal_max_backoff)
         for k in range(len(partial), min_k - 1, -1):
             node_k = trie.node_of(partial[:k])
-            leaves = np.arange(node_k + 1, node_k + 1 + trie.n_leaves[node_k])
-            for leaf, log_mass in zip(leaves.tolist(), beam.log_mass(np.full(len(leaves), i), leaves)):
-                weight = base + log_mass
-                if not np.isfinite(weight):
+            for leaf in range(node_k + 1, node_k + 1 + int(trie.n_leaves[node_k])):
+                if masses[leaf] <= 0 or not np.isfinite(base):
                     continue
+                weight = base + math.log(masses[leaf])
                 state = beam.states[i].extend(trie.leaf_token[leaf])
-                masses = await _host_row(model, state, mode)
+                row = await _host_row(model, state, mode)
                 calls += 1
-                node, weight, state, more = await _replay(model, params, partial[k:] + bytes([b]), state, masses, weight, mode)
+                node, weight, state, more = await _replay(model, params, partial[k:] + bytes([b]), state, row, weight, mode)
                 calls += more
                 if node is not None:
                     return node, weight, state, calls

@@ -52,6 +52,9 @@ class LMStats:
     contexts: int = 0
 
 
+_FIRST_TABLE_BYTES = 2**25
+
+
 @dataclass(frozen=True, slots=True)
 class MassRows:
     """Where candidates' trie masses live: row ``slot[i]`` of a :class:`MassStore`, valid
@@ -77,10 +80,13 @@ class MassStore:
     (EOS mode, context), computed once and kept where the trie batch ran (host memory, or
     the GPU, where rows never travel whole: readers gather the few entries they need).
 
-    Reuse: once ``max_bytes`` of rows exist, a new row takes the slot least recently
-    used, among the rows not used since the previous allocation (so a step's own rows are
-    never taken by its own allocations; the table grows past ``max_bytes`` when a step
-    needs more rows than that). Readers holding :class:`MassRows` check ``valid``."""
+    Reuse (see ``allocate``): rows idle for a while are reused first; once ``max_bytes``
+    of rows exist, any row not used since the previous allocation (so a step's own rows
+    are never taken by its own allocations; the table grows past ``max_bytes`` when a
+    step needs more rows than that). Readers holding :class:`MassRows` check ``valid``
+    and recompute stale rows."""
+
+    IDLE = 16  # allocations after which an unused row is reused before new rows are taken
 
     def __init__(self, n_nodes: int, max_bytes: float):
         self.n_nodes = n_nodes
@@ -130,25 +136,23 @@ class MassStore:
         return self.gen[rows.slot] == rows.gen
 
     def allocate(self, keys: list, like) -> np.ndarray:
-        """Slots for ``keys`` (absent from the store): free slots, new rows while fewer
-        than ``max_rows`` exist, then the least recently used rows not used since the
-        previous allocation, then new rows past ``max_rows``. The table lives on
-        ``like``'s device."""
+        """Slots for ``keys`` (absent from the store), in this order of preference: free
+        slots; rows idle for ``IDLE`` allocations (least recently used first); new rows
+        while fewer than ``max_rows`` exist; rows not used since the previous allocation;
+        new rows past ``max_rows``. Reusing idle rows before taking new ones keeps the
+        table's touched memory near the working set (first touches of fresh memory cost
+        about as much as computing the row). The table lives on ``like``'s device."""
         need = len(keys)
         free = [i for i, k in enumerate(self._key_of) if k is None][:need] if len(self._slots) < len(self._key_of) else []
-        room = max(0, self.max_rows - len(self._key_of))
-        n_new = min(need - len(free), room)
-        reused = np.zeros(0, np.int64)
-        short = need - len(free) - n_new
+        reused = self._least_recent(need - len(free), self.clock - self.IDLE)
+        n_new = min(need - len(free) - len(reused), max(0, self.max_rows - len(self._key_of)))
+        short = need - len(free) - len(reused) - n_new
         if short > 0:
-            used = np.fromiter(self._slots.values(), np.int64, len(self._slots))
-            old = used[self.last_used[used] < self.clock]
-            if len(old) > short:
-                old = old[np.argpartition(self.last_used[old], short - 1)[:short]]
-            reused = old
-            for s in reused.tolist():
-                del self._slots[self._key_of[s]]
-            n_new += short - len(reused)
+            more = self._least_recent(short, self.clock, exclude=reused)
+            reused = np.concatenate([reused, more])
+            n_new += short - len(more)
+        for s in reused.tolist():
+            self._slots.pop(self._key_of[s], None)
         start = len(self._key_of)
         if n_new:
             self._grow(start + n_new, like)
@@ -161,13 +165,26 @@ class MassStore:
             self._key_of[s] = key
         return slots
 
+    def _least_recent(self, n: int, before: int, exclude: np.ndarray | None = None) -> np.ndarray:
+        """Up to ``n`` slots in use last used before clock ``before``, oldest first."""
+        if n <= 0 or not self._slots:
+            return np.zeros(0, np.int64)
+        used = np.fromiter(self._slots.values(), np.int64, len(self._slots))
+        old = used[self.last_used[used] < before]
+        if exclude is not None and len(exclude):
+            old = np.setdiff1d(old, exclude)
+        if len(old) > n:
+            old = old[np.argpartition(self.last_used[old], n - 1)[:n]]
+        return old
+
     def _grow(self, rows: int, like) -> None:
-        """At least ``rows`` slots in use. The table is allocated once for ``max_rows``
-        (host memory is only committed as rows are written) and copied only in the rare
-        step that needs more rows than that."""
+        """At least ``rows`` slots in use. The table starts at ``_FIRST_TABLE_BYTES`` (or
+        ``max_rows``) and doubles up to ``max_rows``; idle rows are reused before it grows,
+        so it grows only with the working set."""
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
-            new_cap = max(rows, self.max_rows, int(1.25 * cap))
+            first = max(64, _FIRST_TABLE_BYTES // (8 * self.n_nodes))
+            new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
             if torch.is_tensor(like) and like.device.type != "cpu":
                 table = torch.empty((new_cap, self.n_nodes), dtype=torch.float64, device=like.device)
             else:
@@ -387,6 +404,9 @@ class TokenModel:
         keys = [(with_eos, s) for s in states]
         store = self.store
         slot = store.find(keys)
+        gen = np.zeros(len(slot), np.int64)
+        found = slot >= 0
+        gen[found] = store.gen[slot[found]]  # as found: a row reused while this call awaits reads as stale
         missing = np.flatnonzero(slot < 0)
         if len(missing):
             todo: dict[tuple[bool, LMState], None] = dict.fromkeys(keys[i] for i in missing.tolist())
@@ -401,7 +421,8 @@ class TokenModel:
                         todo[key] = None
             new = await self._compute(list(todo), with_eos, n_asked)
             slot[missing] = [new[keys[i]] for i in missing.tolist()]
-        return MassRows(slot, store.gen[slot])
+            gen[missing] = store.gen[slot[missing]]
+        return MassRows(slot, gen)
 
     async def _compute(self, keys: list, with_eos: bool, n_asked: int) -> dict:
         """One LM call for ``keys`` (absent from the store) and one trie batch for the
@@ -425,14 +446,22 @@ class TokenModel:
         if logprobs.device.type == "cpu":
             keys, logprobs = keys[:n_asked], logprobs[:n_asked]
         store = self.store
-        slots = store.allocate(keys, logprobs)
-        try:
-            self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
-            self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
-        except BaseException:
-            store.discard(keys)
-            raise
-        return dict(zip(keys, slots.tolist()))
+        known = store.find(keys)  # rows a concurrent call stored while this one awaited the LM
+        out = {k: int(s) for k, s in zip(keys, known.tolist()) if s >= 0}
+        if out:
+            new = np.flatnonzero(known < 0)
+            keys, logprobs = [keys[i] for i in new.tolist()], logprobs[torch.as_tensor(new, device=logprobs.device)]
+            inputs = [inputs[i] for i in new.tolist()]
+        if keys:
+            slots = store.allocate(keys, logprobs)
+            try:
+                self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
+                self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
+            except BaseException:
+                store.discard(keys)
+                raise
+            out.update(zip(keys, slots.tolist()))
+        return out
 
     async def ensure(self, rows: MassRows, states: tuple[LMState, ...], with_eos: bool) -> None:
         """Make every row of ``rows`` valid, recomputing (in place) those the store reused;
