@@ -1,18 +1,19 @@
 """Byte tokens: the vocabulary of :class:`~genlm_bytes_potential.ByteBeamPotential`, and
-views that let potentials over byte values of either type meet in one product.
+products of byte potentials with genlm-control's byte grammars.
 
 A byte potential's tokens are the 256 one-byte ``bytes`` (``b"a"``), as for genlm-control's
 ``ByteLLM``, so sampled sequences read with ``Sequences.decoded_posterior``. genlm-control's
-byte grammars (``BoolFSA``, ``BoolCFG``, ``JsonSchema``) use ints ``0..255`` instead, often
-only the bytes their pattern mentions. :class:`ByteTokenView` presents such a potential over
-all 256 bytes of one type:
+byte grammars (``BoolFSA``, ``BoolCFG``, ``JsonSchema``) use ints ``0..255`` instead, and a
+regex's automaton only the bytes its pattern mentions. :class:`ByteTokenView` presents such a
+potential over the same bytes as the other token type, weights unchanged:
 
-    prefix_view(x)     = prefix(f(x)),   complete_view(x) = complete(f(x))
-    logw_next_view(x)_b = logw_next(f(x))_b  for b in the wrapped vocabulary, -inf otherwise
+    prefix_view(x) = prefix(f(x)),  complete_view(x) = complete(f(x)),
+    logw_next_view(x) = logw_next(f(x))          (same columns, tokens retyped)
 
-with ``f`` the token conversion, so a product with it is genlm-control's plain ``Product``
-over identical vocabularies (no index gathers, no "common vocabulary" warning). The weights
-are the wrapped potential's, unchanged.
+with ``f`` the token conversion. :class:`ByteProduct` is genlm-control's ``Product``
+(vocabulary: the bytes both sides have), without its warning that a grammar's few bytes are
+"less than 10%" of the 256: an alphabet is meant to be small, and narrow rows are cheaper to
+sample from.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from numbers import Integral
 
-import numpy as np
-import torch
 from genlm.control.constant import EndOfSequence
 from genlm.control.potential.base import Potential
 from genlm.control.potential.product import Product
@@ -76,8 +75,8 @@ def _same(context):
 
 class ByteTokenView(Potential):
     """``inner``, a potential over byte values (ints or one-byte ``bytes``, any subset of
-    the 256), as a potential over all 256 bytes as ``bytes`` tokens (``token=bytes``) or
-    ints (``token=int``); see the module docstring. ``to_inner`` converts a context to the
+    the 256), over the same bytes as ``bytes`` tokens (``token=bytes``) or ints
+    (``token=int``); see the module docstring. ``to_inner`` converts a context to the
     tokens ``inner`` reads (default: ints if ``inner``'s tokens are ints, else unchanged)."""
 
     def __init__(self, inner: Potential, token: type = bytes, to_inner: Callable | None = None):
@@ -95,24 +94,11 @@ class ByteTokenView(Potential):
         if to_inner is None:
             to_inner = byte_ints if inner.token_type == Atomic(int) else _same
         self.to_inner = to_inner
-        cols = np.array(values + [256], dtype=np.int64)
-        #: where each of ``inner.vocab_eos``'s columns goes (``None``: the same place)
-        self.columns = None if np.array_equal(cols, np.arange(257)) else cols
-        tables = BYTE_TABLES if token is bytes else INT_TABLES
-        super().__init__(tables.vocab_eos[:-1], tables=tables)
-
-    def _spread(self, weights):
-        """``[..., len(inner.vocab_eos)]`` weights as ``[..., 257]`` (-inf for other bytes)."""
-        if self.columns is None:
-            return weights
-        shape = (*weights.shape[:-1], 257)
-        if torch.is_tensor(weights):
-            out = weights.new_full(shape, float("-inf"))
-            out[..., torch.as_tensor(self.columns, device=weights.device)] = weights
+        if values == list(range(256)):
+            tables = BYTE_TABLES if token is bytes else INT_TABLES
+            super().__init__(tables.vocab_eos[:-1], tables=tables)
         else:
-            out = np.full(shape, -np.inf, dtype=np.result_type(weights.dtype, np.float64))
-            out[..., self.columns] = weights
-        return out
+            super().__init__([BYTE_TOKENS[v] for v in values] if token is bytes else values)
 
     async def prefix(self, context) -> float:
         return await self.inner.prefix(self.to_inner(context))
@@ -121,7 +107,7 @@ class ByteTokenView(Potential):
         return await self.inner.complete(self.to_inner(context))
 
     async def logw_next(self, context):
-        return self.make_lazy_weights(self._spread((await self.inner.logw_next(self.to_inner(context))).weights))
+        return self.make_lazy_weights((await self.inner.logw_next(self.to_inner(context))).weights)
 
     async def batch_prefix(self, contexts):
         return await self.inner.batch_prefix([self.to_inner(c) for c in contexts])
@@ -130,8 +116,7 @@ class ByteTokenView(Potential):
         return await self.inner.batch_complete([self.to_inner(c) for c in contexts])
 
     async def batch_logw_next(self, contexts):
-        w = await self.inner.batch_logw_next([self.to_inner(c) for c in contexts])
-        return self.make_lazy_weights(self._spread(w.weights))
+        return self.make_lazy_weights((await self.inner.batch_logw_next([self.to_inner(c) for c in contexts])).weights)
 
     def is_terminal_only(self) -> bool:
         return self.inner.is_terminal_only()
@@ -147,11 +132,10 @@ class ByteTokenView(Potential):
 
 
 def as_byte_tokens(potential: Potential) -> Potential:
-    """``potential`` over the 256 one-byte ``bytes`` tokens of a byte potential: returned
-    as it is when it already has exactly that vocabulary, else a :class:`ByteTokenView`
-    (for genlm-control's grammars over ints, or over a subset of the bytes). Raises
-    ``ValueError`` naming a token that is not a byte."""
-    if potential.vocab == BYTE_TOKENS and potential.token_type == Atomic(bytes):
+    """``potential``, over byte values, with one-byte ``bytes`` tokens: itself if it has
+    them already, else a :class:`ByteTokenView` (genlm-control's grammars over ints).
+    Raises ``ValueError`` naming a token that is not a byte."""
+    if potential.token_type == Atomic(bytes) and all(byte_value(t) is not None for t in potential.vocab):
         return potential
     return ByteTokenView(potential, bytes)
 
@@ -161,9 +145,14 @@ def _is_byte_potential(potential) -> bool:
 
 
 class ByteProduct(Product):
-    """genlm-control's ``Product`` of potentials over byte tokens whose ``*`` also takes
-    potentials over byte values as ints (``BoolFSA``, ``BoolCFG``, ``JsonSchema``), through
-    :func:`as_byte_tokens`, so products chain: ``potential * JsonSchema(s) * BoolFSA...``."""
+    """genlm-control's ``Product`` of a potential over byte tokens with a potential over
+    (some of the) bytes, without the small-overlap warning (see the module docstring);
+    its ``*`` takes byte grammars over ints too, so products chain:
+    ``potential * JsonSchema(s) * BoolFSA...``."""
+
+    def _check_vocab_overlap(self, common_vocab, p1, p2, threshold=0.1):
+        if not (_is_byte_potential(p1) and _is_byte_potential(p2)):
+            super()._check_vocab_overlap(common_vocab, p1, p2, threshold)
 
     def __mul__(self, other):
         return byte_product(self, other)
@@ -174,9 +163,8 @@ class ByteProduct(Product):
 
 def byte_product(left: Potential, right) -> Product:
     """``left * right`` for ``left`` over byte tokens: ``right`` over byte values of either
-    type goes through :func:`as_byte_tokens`; anything else is genlm-control's product
-    (whose errors say what does not match)."""
+    type goes through :func:`as_byte_tokens` into a :class:`ByteProduct`; anything else is
+    genlm-control's product (whose errors say what does not match)."""
     if _is_byte_potential(right):
-        right = as_byte_tokens(right)
-        return ByteProduct(left, right)
+        return ByteProduct(left, as_byte_tokens(right))
     return Product(left, right)
