@@ -27,19 +27,25 @@ from genlm.control.potential.product import Product
 from genlm.control.typing import Atomic
 
 class _ByteLookup(dict):
-    """Token -> column for the byte tokens and EOS, also answering for the ints 0..255 (the
-    byte's own column) without holding them, so ``len`` and iteration see the vocabulary
-    only: weights read by int (``w[97] == w[b"a"]``) as well as by token."""
+    """Token -> column for byte tokens and EOS, also answering for the ints 0..255 (the
+    column of their byte token) without holding them, so ``len`` and iteration see the
+    vocabulary only: weights read by int (``w[97] == w[b"a"]``) as well as by token."""
 
     def __missing__(self, key):
         if isinstance(key, Integral) and not isinstance(key, bool) and 0 <= key <= 255:
-            return int(key)
+            return dict.__getitem__(self, BYTE_TOKENS[key])
         raise KeyError(key)
 
     def __contains__(self, key) -> bool:
-        return dict.__contains__(self, key) or (
-            isinstance(key, Integral) and not isinstance(key, bool) and 0 <= key <= 255
-        )
+        if dict.__contains__(self, key):
+            return True
+        return isinstance(key, Integral) and not isinstance(key, bool) and 0 <= key <= 255 and BYTE_TOKENS[key] in self.keys()
+
+
+def _alias_ints(potential: Potential) -> None:
+    """Let ``potential``'s lookup (its tokens: one-byte ``bytes``) take ints too."""
+    if not isinstance(potential.lookup, _ByteLookup):
+        potential.lookup = _ByteLookup(potential.lookup)
 
 
 #: the vocabulary of a byte potential: ``BYTE_TOKENS[i] == bytes([i])``
@@ -99,6 +105,8 @@ class ByteTokenView(Potential):
             super().__init__(tables.vocab_eos[:-1], tables=tables)
         else:
             super().__init__([BYTE_TOKENS[v] for v in values] if token is bytes else values)
+            if token is bytes:
+                _alias_ints(self)
 
     async def prefix(self, context) -> float:
         return await self.inner.prefix(self.to_inner(context))
@@ -149,6 +157,10 @@ class ByteProduct(Product):
     (some of the) bytes, without the small-overlap warning (see the module docstring);
     its ``*`` takes byte grammars over ints too, so products chain:
     ``potential * JsonSchema(s) * BoolFSA...``."""
+
+    def __init__(self, p1, p2):
+        super().__init__(p1, p2)
+        _alias_ints(self)
 
     def _check_vocab_overlap(self, common_vocab, p1, p2, threshold=0.1):
         if not (_is_byte_potential(p1) and _is_byte_potential(p2)):

@@ -202,6 +202,10 @@ async def test_product_with_an_int_grammar_has_the_int_products_weights(pot):
     np.testing.assert_array_equal(await product.batch_prefix(ctxs), await plain.batch_prefix(ints))
     np.testing.assert_array_equal(await product.batch_complete(ctxs), await plain.batch_complete(ints))
     await product.assert_contract(ctxs[1:], rtol=1e-9)
+    # ints stay accepted where tokens are read: contexts, and weights by int
+    lw = await product.logw_next([97])
+    assert lw[98] == lw[b"b"] > -np.inf and lw[99] == lw[b"c"] and len(product.lookup) == 4
+    await product.assert_autoreg_fact([97, 98], rtol=1e-9)
 
 
 # ---------------------------------------------------------------- chat prompts
