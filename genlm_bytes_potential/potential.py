@@ -39,7 +39,7 @@ from genlm.control.potential.base import Potential
 from .beam import Beam, BeamParams, advance, initial_beam
 from .lm_state import TokenModel
 from .prompts import Messages, chat_token_ids, is_messages, token_ids
-from .tokens import BYTE_TABLES, ByteTokenView, byte_product, byte_value
+from .tokens import BYTE_TABLES, ByteTokenView, autobatch_as_bytes, byte_product, byte_value
 
 
 class _Node:
@@ -323,6 +323,7 @@ class ByteBeamPotential(Potential):
         self.prompt_tokens: tuple[int, ...] = ()
         self.set_prompt(prompt, prompt_tokens)
         super().__init__(BYTE_TABLES.vocab_eos[:-1], tables=BYTE_TABLES)
+        autobatch_as_bytes(self)  # AWRS(potential, grammar) multiplies without the overlap warning
 
     @classmethod
     def from_name(

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from numbers import Integral
 
 from genlm.control.constant import EndOfSequence
+from genlm.control.potential.autobatch import AutoBatchedPotential
 from genlm.control.potential.base import Potential
 from genlm.control.potential.product import Product
 from genlm.control.typing import Atomic
+
 
 class _ByteLookup(dict):
     """Token -> column for byte tokens and EOS, also answering for the ints 0..255 (the
@@ -39,7 +41,8 @@ class _ByteLookup(dict):
     def __contains__(self, key) -> bool:
         if dict.__contains__(self, key):
             return True
-        return isinstance(key, Integral) and not isinstance(key, bool) and 0 <= key <= 255 and BYTE_TOKENS[key] in self.keys()
+        is_byte = isinstance(key, Integral) and not isinstance(key, bool) and 0 <= key <= 255
+        return is_byte and dict.__contains__(self, BYTE_TOKENS[key])
 
 
 def _alias_ints(potential: Potential) -> None:
@@ -161,6 +164,7 @@ class ByteProduct(Product):
     def __init__(self, p1, p2):
         super().__init__(p1, p2)
         _alias_ints(self)
+        autobatch_as_bytes(self)
 
     def _check_vocab_overlap(self, common_vocab, p1, p2, threshold=0.1):
         if not (_is_byte_potential(p1) and _is_byte_potential(p2)):
@@ -180,3 +184,25 @@ def byte_product(left: Potential, right) -> Product:
     if _is_byte_potential(right):
         return ByteProduct(left, as_byte_tokens(right))
     return Product(left, right)
+
+
+class _ByteAutoBatched(AutoBatchedPotential):
+    """genlm-control's autobatched wrapper of a potential over byte tokens. Samplers
+    multiply their autobatched operands (``AWRS``: potential * condition) and then call the
+    operands themselves, so ``*`` here takes byte tokens only, into a :class:`ByteProduct`
+    (no overlap warning), and names :func:`as_byte_tokens` for a grammar over ints."""
+
+    def __mul__(self, other):
+        if _is_byte_potential(other) and other.token_type != Atomic(bytes):
+            raise TypeError(
+                f"{other!r} reads ints; a sampler that calls it next to a byte potential "
+                f"(AWRS's condition, a critic) needs it over byte tokens: as_byte_tokens(it)"
+            )
+        return byte_product(self, other)
+
+
+def autobatch_as_bytes(potential: Potential) -> None:
+    """Give ``potential`` the autobatched wrapper above: genlm-control's ``autobatched``
+    returns the wrapper memoized in the instance's ``_autobatched`` (without it, or if that
+    memo changes, ``AWRS`` works the same and only warns about the small overlap)."""
+    potential._autobatched = _ByteAutoBatched(potential)

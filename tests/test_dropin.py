@@ -22,7 +22,7 @@ from genlm.control.potential.product import Product
 import genlm_bytes_potential
 from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential import ByteBeamPotential as ByteLLM  # the one line a ByteLLM user changes
-from genlm_bytes_potential import TokenByteTrie
+from genlm_bytes_potential import TokenByteTrie, as_byte_tokens
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.sampling import byte_posterior
 
@@ -329,3 +329,14 @@ async def test_default_model_chat_prompt_and_regex_end_to_end(recwarn):
     ours = [w for w in recwarn if "genlm" in w.filename or "Common vocabulary" in str(w.message)]
     assert not ours, [str(w.message) for w in ours]
     await pot.cleanup()
+
+
+async def test_awrs_takes_grammars_over_byte_tokens_without_warnings(pot):
+    fsa = BoolFSA.from_regex(r"[a-c]{2}")
+    with pytest.raises(TypeError, match=r"as_byte_tokens"):
+        AWRS(pot, fsa)  # AWRS calls the condition itself: it must read byte tokens
+    for condition in (as_byte_tokens(fsa), fsa.coerce(pot, f=b"".join)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            seqs = await SMC(AWRS(pot, condition, seed=0))(n_particles=3, ess_threshold=0.5, max_tokens=3)
+        assert seqs.decoded_posterior and all(re.fullmatch(r"[a-c]{2}", s) for s in seqs.decoded_posterior)
