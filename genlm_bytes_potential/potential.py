@@ -546,9 +546,8 @@ class ByteBeamPotential(Potential):
         return byte_product(self, other)
 
     def int_view(self) -> ByteTokenView:
-        """This potential over ints 0..255 instead of one-byte ``bytes`` tokens (for
-        samplers or potentials over ints, e.g. ``AWRS(potential.int_view(), BoolFSA...)``).
-        Weights are identical."""
+        """This potential over ints 0..255 instead of one-byte ``bytes`` tokens, for
+        samplers or potentials that want ints. Weights are identical."""
         return ByteTokenView(self, int)
 
     def __repr__(self) -> str:
