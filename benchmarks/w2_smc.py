@@ -110,8 +110,10 @@ def _target(system, lm, K, eos, prompt):
 
 
 def _coerced(g, system, target):
-    if system == "ours":
-        return g
+    if system == "ours":  # the grammar over our byte tokens: a view, no coerce
+        from genlm_bytes_potential import as_byte_tokens
+
+        return as_byte_tokens(g)
     return g.coerce(target, f=lambda xs: list(b"".join(
         x if isinstance(x, (bytes, bytearray)) else x.byte_string for x in xs)))
 

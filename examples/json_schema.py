@@ -25,10 +25,10 @@ async def main(args):
     lm = load_lm(args.model, backend=args.backend)
     schema = json.loads(args.schema) if args.schema else SCHEMA
     instruction = f"Answer with JSON matching this schema: {json.dumps(schema)}"
-    tokens = []
-    if getattr(lm, "tokenizer", None) is not None and getattr(lm.tokenizer, "chat_template", None):
-        tokens = lm.tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True)
-    potential = ByteBeamPotential(lm, K=args.K, prompt_tokens=list(tokens), prompt=b"" if tokens else instruction.encode() + b"\n")
+    if getattr(getattr(lm, "tokenizer", None), "chat_template", None):  # a chat model: a chat prompt
+        potential = ByteBeamPotential(lm, K=args.K, prompt_tokens=[{"role": "user", "content": instruction}])
+    else:
+        potential = ByteBeamPotential(lm, K=args.K, prompt=instruction + "\n")
     sampler = direct_token_sampler(potential * JsonSchema(schema))
     seqs = await SMC(sampler)(n_particles=args.particles, ess_threshold=0.5, max_tokens=args.max_bytes)
     for text, p in byte_posterior(seqs):

@@ -3,7 +3,10 @@
 from .beam import Beam, BeamParams, BeamStats
 from .lm_state import LMState, TokenModel
 from .potential import ByteBeamPotential
+from .tokens import as_byte_tokens
 from .trie import EOS, EOT, TokenByteTrie
+
+__version__ = "0.1.0"
 
 __all__ = [
     "Beam",
@@ -15,4 +18,6 @@ __all__ = [
     "LMState",
     "TokenByteTrie",
     "TokenModel",
+    "__version__",
+    "as_byte_tokens",
 ]

@@ -1,12 +1,15 @@
 """``ByteBeamPotential``: the byte beam as a genlm-control ``Potential`` over bytes.
 
-The vocabulary is the 256 byte values as ints (genlm-control's ``BoolFSA``, ``BoolCFG`` and
-``JsonSchema`` use the same), so ``potential * grammar`` is a plain product. For a context
-``x = x_1..x_n`` (ints) with beam distribution ``q`` (see :mod:`.beam`):
+The vocabulary is the 256 one-byte ``bytes`` tokens (``b"a"``), as for genlm-control's
+``ByteLLM``, so code written for ``ByteLLM`` runs unchanged and ``Sequences.decoded_posterior``
+reads sampled sequences. ``potential * grammar`` takes genlm-control's byte grammars over ints
+(``BoolFSA``, ``BoolCFG``, ``JsonSchema``) as they are (see :mod:`.tokens`); contexts may be
+given as one-byte ``bytes`` tokens, ints 0..255 or a ``bytes`` string. For a context
+``x = x_1..x_n`` with beam distribution ``q`` (see :mod:`.beam`):
 
     prefix(x)      = sum_i log q(x_i | x_<i)          (prefix([]) = 0)
     complete(x)    = prefix(x) + log q(EOS | x)
-    logw_next(x)_a = log q(a | x)                     (a = 0..255, EOS)
+    logw_next(x)_a = log q(a | x)                     (a = b"\\x00".."\\xff", EOS)
 
 so ``logw_next(x)_a == prefix(x·a) - prefix(x)`` holds to the last bit (both come from the
 same beam step) and each ``logw_next`` row sums to 1. A context the beam gives probability 0
@@ -20,6 +23,7 @@ trie batch per byte step.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -28,11 +32,14 @@ from numbers import Integral
 from typing import Any
 
 import numpy as np
+import torch
 from genlm.control.constant import EndOfSequence
 from genlm.control.potential.base import Potential
 
 from .beam import Beam, BeamParams, advance, initial_beam, next_byte_logprobs
 from .lm_state import TokenModel
+from .prompts import Messages, chat_token_ids, is_messages, token_ids
+from .tokens import BYTE_TABLES, ByteTokenView, autobatch_as_bytes, byte_product, byte_value
 
 
 class _Node:
@@ -103,29 +110,113 @@ class BeamCache:
                 old = old.parent
 
 
+def _check_lm(lm) -> None:
+    if not hasattr(lm, "byte_vocab") or not callable(getattr(lm, "batch_next_token_logprobs", None)):
+        hint = " (a model name: use ByteBeamPotential.from_name)" if isinstance(lm, str) else ""
+        raise TypeError(
+            f"lm={lm!r} has type {type(lm).__name__}; expected a token LM with byte_vocab and "
+            f"batch_next_token_logprobs (genlm_bytes_potential.models.load_lm, a genlm-backend AsyncLM){hint}"
+        )
+
+
+def _check_device(device) -> None:
+    if device is None:
+        return
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device={device!r} has type {type(device).__name__}; expected 'cpu', 'cuda', 'cuda:N' or None")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device={device!r} is not a device; expected 'cpu', 'cuda', 'cuda:N' or None") from None
+    if d.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (d.index is not None and d.index >= n):
+            raise ValueError(f"device={device!r}, but this machine has {n} CUDA device(s); expected 'cpu' or None")
+    elif d.type != "cpu":
+        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda', 'cuda:N' or None (trie masses run on CPU or CUDA)")
+
+
+def _check_eos_tokens(eos_tokens) -> None:
+    if eos_tokens is None:
+        return
+    if isinstance(eos_tokens, (str, bytes, bytearray)):
+        raise TypeError(f"eos_tokens={eos_tokens!r}; expected a list of byte strings, e.g. [{eos_tokens!r}]")
+    try:
+        items = list(eos_tokens)
+    except TypeError:
+        raise TypeError(f"eos_tokens={eos_tokens!r} has type {type(eos_tokens).__name__}; expected a list of byte strings") from None
+    for e in items:
+        if not isinstance(e, (bytes, bytearray)):
+            raise TypeError(f"eos_tokens item {e!r} has type {type(e).__name__}; expected bytes (e.g. {str(e).encode()!r})")
+
+
+# genlm-bytes' BeamParams fields -> ours (``heal`` applies to the prompt only)
+_GENLM_BYTES_FIELDS = {"K", "prune_threshold", "heal", "heal_max_backoff", "heal_max_splits", "eos_byte_strings", "eos_tokens"}
+
+
+def _beam_settings(beam_params) -> dict:
+    """The beam settings of our ``BeamParams`` or of genlm-bytes' (``eos_byte_strings`` as
+    ``eos_tokens``); fields of theirs we do not have must keep their defaults."""
+    if isinstance(beam_params, BeamParams):
+        return dict(K=beam_params.K, prune_threshold=beam_params.prune_threshold, heal=beam_params.heal,
+                    heal_max_backoff=beam_params.heal_max_backoff, heal_max_splits=beam_params.heal_max_splits)
+    if not (dataclasses.is_dataclass(beam_params) and type(beam_params).__name__ == "BeamParams"):
+        raise TypeError(
+            f"beam_params={beam_params!r} has type {type(beam_params).__name__}; expected "
+            f"genlm_bytes_potential.BeamParams or genlm.bytes.BeamParams"
+        )
+    values = {f.name: getattr(beam_params, f.name) for f in dataclasses.fields(beam_params)}
+    for f in dataclasses.fields(beam_params):
+        if f.name not in _GENLM_BYTES_FIELDS and f.default is not dataclasses.MISSING and values[f.name] != f.default:
+            raise ValueError(
+                f"beam_params.{f.name}={values[f.name]!r} is not supported by ByteBeamPotential "
+                f"(supported: {', '.join(sorted(_GENLM_BYTES_FIELDS - {'eos_tokens'}))}); leave it at {f.default!r}"
+            )
+    eos = values.get("eos_byte_strings") or values.get("eos_tokens") or ()
+    return dict(K=values["K"], prune_threshold=values.get("prune_threshold", 0.0), heal=values.get("heal", True),
+                heal_max_backoff=values.get("heal_max_backoff"), heal_max_splits=values.get("heal_max_splits"),
+                eos_tokens=sorted(bytes(e) for e in eos))
+
+
 class ByteBeamPotential(Potential):
-    """A token LM as an exact, normalized potential over bytes (ints 0..255 and EOS).
+    """A token LM as an exact, normalized potential over bytes (one-byte ``bytes`` tokens
+    and EOS).
+
+    Drop-in for genlm-control's ``ByteLLM``: ``ByteBeamPotential(lm, BeamParams(K=5, ...))``
+    (ours or genlm-bytes' ``BeamParams``; genlm-bytes' ``eos_byte_strings`` are our
+    ``eos_tokens``, an empty set meaning no EOS as there), ``from_name``,
+    ``set_prompt_from_str``, ``prompt_bytes``, ``cleanup`` and ``async with``. Unlike
+    ``ByteLLM``, contexts are never healed (the distribution stays normalized; a context
+    no kept tokenization reads weighs -inf instead of raising).
 
     Args:
-        lm: a genlm-backend ``AsyncLM`` (or anything with ``byte_vocab`` and
-            ``batch_next_token_logprobs``).
+        lm: a token LM (:func:`~genlm_bytes_potential.models.load_lm`, a genlm-backend
+            ``AsyncLM``, anything with ``byte_vocab`` and ``batch_next_token_logprobs``).
+        beam_params: the beam settings as one object (instead of ``K``,
+            ``prune_threshold``, ``heal``, ``heal_max_*`` and, for genlm-bytes', ``eos_tokens``).
+        cache_size: most beams kept in the prefix-tree cache.
         K: beam width (``None``: no limit).
         prune_threshold: drop candidates below this share of the beam's weight.
         prompt: bytes (or str, utf-8) read by the beam before the context, EOS tokens as
-            text, with token healing.
-        prompt_tokens: token ids the LM is conditioned on first (e.g. from a chat template);
-            ``prompt`` bytes, if any, follow them.
+            text, with token healing; or a chat message list (as ``prompt_tokens``).
+        prompt_tokens: tokens the LM is conditioned on first; ``prompt`` bytes, if any,
+            follow them. Token ids in any form a tokenizer returns (list, ``BatchEncoding``
+            or dict with ``input_ids``, tensor/array of shape [n] or [1, n], a rendered
+            template str), or a chat message list, rendered with the LM tokenizer's chat
+            template ready for the assistant's reply (see :mod:`.prompts`).
         eos_tokens: byte strings that end a sequence (default: the LM's EOS token).
         max_context_length: the most tokens the LM sees, capped by the LM's own limit
             (``max_context_length``, vLLM's ``max_model_len``, HF's
             ``config.max_position_embeddings``). Longer contexts, a long prompt included,
             are truncated, never an error: the LM sees the start token (BOS, or EOS as
             document start) followed by the most recent tokens (see ``TokenModel``).
-        cache_size: most beams kept in the prefix-tree cache.
         cache_bytes: most bytes of trie-mass rows kept (one float64 row per trie node for
             each token context, in the model's ``MassStore``, on the device where masses
             are computed); rows are recomputed when needed again.
-        heal_max_backoff, heal_max_splits: limits of prompt healing (see ``BeamParams``).
+        heal: heal the prompt (re-tokenize where a prompt byte cannot be read);
+            heal_max_backoff, heal_max_splits: its limits (see ``BeamParams``).
+        device: where trie masses are computed (``"cpu"``, ``"cuda[:N]"``; default: where
+            the LM returns its log-probs).
         canonical: commit only canonical tokenizations (the tokenizer's own encoding,
             checked on a window of trailing tokens; see ``TokenModel``). Needs
             ``lm.tokenizer``.
@@ -141,32 +232,116 @@ class ByteBeamPotential(Potential):
     is meant for short strings and tests; a small ``prune_threshold`` (e.g. 1e-12) drops
     the negligible tokenizations and bounds the beam in practice.
 
-    Errors: bad input raises ``TypeError``/``ValueError`` naming the value (parameters,
-    context items, EOS inside a context, a prompt byte no tokenization can read);
-    contexts of probability 0 weigh -inf and are not errors. A failing LM call raises
-    ``RuntimeError`` naming the contexts, chained to the LM's own error; cancelled or
-    failed calls leave the cache consistent and the potential usable.
+    Errors: bad input raises ``TypeError``/``ValueError`` naming the value (every
+    constructor argument where it is given; context items, EOS inside a context, a prompt
+    byte no tokenization can read); contexts of probability 0 weigh -inf and are not
+    errors. A failing LM call raises ``RuntimeError`` naming the contexts, chained to the
+    LM's own error; cancelled or failed calls leave the cache consistent and the
+    potential usable.
     """
 
     def __init__(
         self,
         lm: Any,
+        beam_params: Any = None,
+        cache_size: int = 4096,
         *,
         K: int | None = 8,
         prune_threshold: float = 0.0,
-        prompt: bytes | str = b"",
-        prompt_tokens: Sequence[int] = (),
+        prompt: bytes | str | Messages = b"",
+        prompt_tokens: Any = (),
         eos_tokens: Sequence[bytes] | None = None,
         max_context_length: int | None = None,
-        cache_size: int = 4096,
         cache_bytes: int = 2**31,
+        heal: bool = True,
         heal_max_backoff: int | None = None,
         heal_max_splits: int | None = None,
         device: str | None = None,
         canonical: bool = False,
         lookahead: int = 6,
     ):
-        if isinstance(prompt, str):
+        _check_lm(lm)
+        if beam_params is not None:
+            given = dict(K=K, prune_threshold=prune_threshold, heal=heal, heal_max_backoff=heal_max_backoff,
+                         heal_max_splits=heal_max_splits, eos_tokens=eos_tokens)
+            defaults = dict(K=8, prune_threshold=0.0, heal=True, heal_max_backoff=None, heal_max_splits=None, eos_tokens=None)
+            both = [k for k in given if given[k] is not defaults[k] and given[k] != defaults[k]]
+            settings = _beam_settings(beam_params)
+            if both:
+                raise TypeError(f"{', '.join(both)} given both as keyword and in beam_params; give each beam setting once")
+            K, prune_threshold, heal = settings["K"], settings["prune_threshold"], settings["heal"]
+            heal_max_backoff, heal_max_splits = settings["heal_max_backoff"], settings["heal_max_splits"]
+            eos_tokens = settings.get("eos_tokens", eos_tokens)
+        for name, value in (("cache_size", cache_size), ("cache_bytes", cache_bytes)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name}={value!r}; expected an int >= 1")
+        for name, value in (("heal", heal), ("canonical", canonical)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name}={value!r} has type {type(value).__name__}; expected True or False")
+        _check_eos_tokens(eos_tokens)
+        _check_device(device)
+        self.lm = lm
+        self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=False)
+        self.prompt_params = replace(
+            self.params, heal=bool(heal), heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
+        )
+        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead,
+                                mass_bytes=cache_bytes)
+        self.cache = BeamCache(cache_size)
+        self._warned_cache = False
+        self._root_beam: Beam | None = None
+        self._init_args = dict(
+            K=K, prune_threshold=prune_threshold, eos_tokens=eos_tokens, max_context_length=max_context_length,
+            cache_size=cache_size, cache_bytes=cache_bytes, heal=bool(heal), heal_max_backoff=heal_max_backoff,
+            heal_max_splits=heal_max_splits, device=device, canonical=canonical, lookahead=lookahead,
+        )
+        self.prompt: bytes = b""
+        self.prompt_tokens: tuple[int, ...] = ()
+        self.set_prompt(prompt, prompt_tokens)
+        super().__init__(BYTE_TABLES.vocab_eos[:-1], tables=BYTE_TABLES)
+        autobatch_as_bytes(self)  # AWRS(potential, grammar) multiplies without the overlap warning
+
+    @classmethod
+    def from_name(
+        cls,
+        model: str | None = None,
+        beam_params: Any = None,
+        backend: str | None = "auto",
+        cache_size: int = 4096,
+        *,
+        engine_opts: dict | None = None,
+        llm_opts: dict | None = None,
+        **kwargs,
+    ) -> "ByteBeamPotential":
+        """Load a model by HF name or local folder (``None``: the embedded SmolLM2-135M)
+        on ``backend`` (``"auto"`` or ``None``, ``"vllm"``, ``"paged"``, ``"hf"``,
+        ``"mock"``; see :func:`~genlm_bytes_potential.models.load_lm`) and wrap it.
+        ``engine_opts`` (or ``llm_opts``, genlm-backend's name) go to the backend;
+        ``kwargs`` to the constructor."""
+        from .models import load_lm
+
+        if engine_opts is not None and llm_opts is not None:
+            raise TypeError("engine_opts and llm_opts are the same thing; give one")
+        opts = engine_opts if engine_opts is not None else llm_opts
+        if opts is not None and not isinstance(opts, dict):
+            raise TypeError(f"engine_opts={opts!r} has type {type(opts).__name__}; expected a dict")
+        lm = load_lm(model, backend="auto" if backend is None else backend, **(opts or {}))
+        return cls(lm, beam_params, cache_size, **kwargs)
+
+    # ------------------------------------------------------------ prompts
+    def set_prompt(self, prompt: bytes | str | Messages = b"", prompt_tokens: Any = ()) -> None:
+        """Condition on a new prompt (``prompt`` and ``prompt_tokens`` as in the
+        constructor). Cached beams are dropped when the prompt changes."""
+        tokenizer = getattr(self.lm, "tokenizer", None)
+        if is_messages(prompt_tokens):
+            ids = chat_token_ids(tokenizer, prompt_tokens)
+        else:
+            ids = token_ids(prompt_tokens, tokenizer)
+        if is_messages(prompt):
+            if ids:
+                raise ValueError("prompt is a chat message list and prompt_tokens are given too; give one of them")
+            prompt, ids = b"", chat_token_ids(tokenizer, prompt)
+        elif isinstance(prompt, str):
             try:
                 prompt = prompt.encode("utf-8")
             except UnicodeEncodeError as e:
@@ -175,60 +350,61 @@ class ByteBeamPotential(Potential):
                     f"{e.start}); pass bytes"
                 ) from None
         if not isinstance(prompt, (bytes, bytearray)):
-            raise TypeError(f"prompt has type {type(prompt).__name__}; expected bytes or str")
-        for name, value in (("cache_size", cache_size), ("cache_bytes", cache_bytes)):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name}={value!r}; expected an int >= 1")
-        self.lm = lm
-        self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=False)
-        self.prompt_params = replace(
-            self.params, heal=True, heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
-        )
-        self.prompt = bytes(prompt)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead,
-                                mass_bytes=cache_bytes)
-        self.prompt_tokens = self.model.initial_state(prompt_tokens).tokens
-        self.cache = BeamCache(cache_size)
-        self._warned_cache = False
-        self._root_beam: Beam | None = None
-        self._init_args = dict(
-            K=K, prune_threshold=prune_threshold, prompt=self.prompt, prompt_tokens=tuple(prompt_tokens),
-            eos_tokens=eos_tokens, max_context_length=max_context_length, cache_size=cache_size, cache_bytes=cache_bytes,
-            heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits, device=device,
-            canonical=canonical, lookahead=lookahead,
-        )
-        super().__init__(vocabulary=list(range(256)))
+            raise TypeError(f"prompt has type {type(prompt).__name__}; expected bytes, str or a chat message list")
+        tokens = self.model.initial_state(ids).tokens
+        if (bytes(prompt), tokens) != (self.prompt, self.prompt_tokens):
+            self.prompt, self.prompt_tokens = bytes(prompt), tokens
+            self.cache.clear()
+            self._root_beam = None
+        self._init_args.update(prompt=self.prompt, prompt_tokens=tuple(ids))
 
-    @classmethod
-    def from_name(cls, model: str | None = None, backend: str = "auto", *, engine_opts: dict | None = None, **kwargs) -> "ByteBeamPotential":
-        """Load a model by HF name or local path (``None``: the embedded SmolLM2-135M) on
-        ``backend`` (``"auto"``, ``"vllm"``, ``"hf"``, ``"mock"``) and wrap it."""
-        from .models import load_lm
+    def set_prompt_from_str(self, prompt: str) -> None:
+        """The prompt is this text (``ByteLLM``'s and ``PromptedLLM``'s method)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt has type {type(prompt).__name__}; expected str (use set_prompt for bytes or tokens)")
+        self.set_prompt(prompt)
 
-        return cls(load_lm(model, backend=backend, **(engine_opts or {})), **kwargs)
+    @property
+    def prompt_bytes(self) -> bytes:
+        """The prompt's bytes (``ByteLLM``'s name)."""
+        return self.prompt
+
+    async def prefill(self, context=()) -> float:
+        """Read the prompt, and ``context`` (bytes, str or byte tokens) if given, now rather
+        than at the first call: a prompt no tokenization can read fails here, and the first
+        sampling step finds its beam cached. Returns ``prefix(context)``."""
+        return await self.prefix(context.encode("utf-8") if isinstance(context, str) else context)
 
     # ------------------------------------------------------------ beams
     def _key(self, context) -> bytes:
+        """A context (one-byte ``bytes`` tokens, ints 0..255, or ``bytes``) as bytes."""
         if isinstance(context, (bytes, bytearray)):
             return bytes(context)
         try:
             items = list(context)
         except TypeError:
-            raise TypeError(f"context {context!r} is not a sequence of ints 0..255") from None
-        try:  # fast path (C loops): valid contexts cost O(1) Python work per call
-            key = bytes(items)
-            if bool not in set(map(type, items)):
+            raise TypeError(f"context {context!r} is not a sequence of byte tokens") from None
+        # fast paths (C loops): valid contexts cost O(1) Python work per call
+        try:  # one-byte bytes tokens, the vocabulary
+            key = b"".join(items)
+            if len(key) == len(items) and (not key or min(map(len, items)) == 1):
                 return key
-        except (TypeError, ValueError):
-            pass
+        except TypeError:
+            try:  # ints 0..255
+                key = bytes(items)
+                if bool not in set(map(type, items)):
+                    return key
+            except (TypeError, ValueError):
+                pass
         for i, x in enumerate(items):  # find and name the bad item
             if isinstance(x, EndOfSequence):
                 raise ValueError(f"context has EOS at position {i} of {len(items)}; EOS may only end a sequence (use complete())")
-            if isinstance(x, bool) or not isinstance(x, Integral):
-                raise TypeError(f"context item {x!r} at position {i} has type {type(x).__name__}; expected an int 0..255")
-            if not 0 <= x <= 255:
-                raise ValueError(f"context item {x!r} at position {i} is outside the byte vocabulary 0..255")
-        return bytes(items)
+            if byte_value(x) is None:
+                expected = "expected a one-byte bytes token or an int 0..255"
+                if isinstance(x, (bytes, bytearray)) or (isinstance(x, Integral) and not isinstance(x, bool)):
+                    raise ValueError(f"context item {x!r} at position {i} is outside the byte vocabulary; {expected}")
+                raise TypeError(f"context item {x!r} at position {i} has type {type(x).__name__}; {expected}")
+        return bytes(map(byte_value, items))
 
     async def _root(self) -> Beam:
         """The beam after the prompt, for the empty context (kept outside the LRU)."""
@@ -324,7 +500,7 @@ class ByteBeamPotential(Potential):
 
     # ------------------------------------------------------------ lifecycle
     def spawn(self) -> "ByteBeamPotential":
-        """A fresh potential over the same LM and settings, with an empty cache."""
+        """A fresh potential over the same LM, settings and prompt, with an empty cache."""
         return ByteBeamPotential(self.lm, **self._init_args)
 
     async def cleanup(self) -> None:
@@ -333,48 +509,22 @@ class ByteBeamPotential(Potential):
         self.model.store.clear()
         self._root_beam = None
 
-    def bytes_view(self) -> "BytesView":
-        """This potential over one-byte ``bytes`` tokens instead of ints."""
-        return BytesView(self)
+    async def __aenter__(self) -> "ByteBeamPotential":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        await self.cleanup()
+        return False
+
+    def __mul__(self, other):
+        """The product with ``other``; genlm-control's byte grammars over ints
+        (``BoolFSA``, ``BoolCFG``, ``JsonSchema``) are taken as they are (see :mod:`.tokens`)."""
+        return byte_product(self, other)
+
+    def int_view(self) -> ByteTokenView:
+        """This potential over ints 0..255 instead of one-byte ``bytes`` tokens, for
+        samplers or potentials that want ints. Weights are identical."""
+        return ByteTokenView(self, int)
 
     def __repr__(self) -> str:
         return f"ByteBeamPotential(K={self.params.K}, prune_threshold={self.params.prune_threshold}, prompt={self.prompt[:40]!r})"
-
-
-
-
-class BytesView(Potential):
-    """The same potential over one-byte ``bytes`` tokens (``b"a"`` rather than ``97``), for
-    samplers and ``coerce`` users that want iterable tokens, e.g. genlm-control's
-    ``eager_token_sampler(view, grammar)``. Weights are identical to the int potential's."""
-
-    def __init__(self, potential: ByteBeamPotential):
-        self.potential = potential
-        super().__init__(vocabulary=[bytes([i]) for i in range(256)])
-
-    def _ints(self, contexts):
-        return [[x[0] if isinstance(x, (bytes, bytearray)) and len(x) == 1 else x for x in c] for c in contexts]
-
-    async def prefix(self, context) -> float:
-        return await self.potential.prefix(self._ints([context])[0])
-
-    async def complete(self, context) -> float:
-        return await self.potential.complete(self._ints([context])[0])
-
-    async def logw_next(self, context):
-        return self.make_lazy_weights((await self.potential.batch_logw_next(self._ints([context]))).weights[0])
-
-    async def batch_prefix(self, contexts) -> np.ndarray:
-        return await self.potential.batch_prefix(self._ints(contexts))
-
-    async def batch_complete(self, contexts) -> np.ndarray:
-        return await self.potential.batch_complete(self._ints(contexts))
-
-    async def batch_logw_next(self, contexts):
-        return self.make_lazy_weights((await self.potential.batch_logw_next(self._ints(contexts))).weights)
-
-    def spawn(self) -> "BytesView":
-        return BytesView(self.potential.spawn())
-
-    async def cleanup(self) -> None:
-        await self.potential.cleanup()

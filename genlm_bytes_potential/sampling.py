@@ -7,15 +7,18 @@ import math
 import numpy as np
 from genlm.control.constant import EndOfSequence
 
+from .tokens import byte_ints
+
 
 def byte_posterior(sequences) -> list[tuple[bytes, float]]:
     """Completed byte strings of an SMC run with their posterior probabilities, likeliest
     first: particles ending in EOS with finite weight, duplicates summed, normalized.
-    (genlm-control's ``decoded_posterior`` expects ``bytes`` tokens; ours are ints.)"""
+    Tokens may be one-byte ``bytes`` or ints. Unlike genlm-control's
+    ``sequences.decoded_posterior`` (strings), it keeps strings that are not valid UTF-8."""
     mass: dict[bytes, float] = {}
     for ctx, lw in zip(sequences.contexts, sequences.log_normalized_weights):
         if np.isfinite(lw) and ctx and isinstance(ctx[-1], EndOfSequence):
-            key = bytes(ctx[:-1])
+            key = bytes(byte_ints(ctx[:-1]))
             mass[key] = mass.get(key, 0.0) + math.exp(lw)
     total = sum(mass.values())
     return sorted(((k, v / total) for k, v in mass.items()), key=lambda kv: -kv[1])

@@ -38,6 +38,16 @@ EOT = 256
 EOS = 257
 
 
+def _token_bytes(token, name: str, i: int) -> bytes:
+    """``token`` (bytes, or a bytes subclass such as genlm-backend's ``Token``) as bytes."""
+    if not isinstance(token, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"{name}[{i}]={token!r} has type {type(token).__name__}; expected bytes"
+            + (f" (e.g. {token.encode()!r})" if isinstance(token, str) else "")
+        )
+    return bytes(token)
+
+
 class TokenByteTrie:
     """Flat DFS-ordered trie over a byte vocabulary.
 
@@ -60,11 +70,14 @@ class TokenByteTrie:
     """
 
     def __init__(self, byte_vocab: Sequence[bytes], eos_tokens: Iterable[bytes] = ()):
-        vocab = [bytes(b) for b in byte_vocab]
+        for name, items in (("byte_vocab", byte_vocab), ("eos_tokens", eos_tokens)):
+            if isinstance(items, (str, bytes, bytearray)):
+                raise TypeError(f"{name}={items[:40]!r}; expected a list of byte strings")
+        vocab = [_token_bytes(b, "byte_vocab", i) for i, b in enumerate(byte_vocab)]
         if not vocab:
             raise ValueError("byte_vocab is empty; expected at least one token")
         self.vocab_size = len(vocab)
-        eos_tokens = {bytes(e) for e in eos_tokens}
+        eos_tokens = {_token_bytes(e, "eos_tokens", i) for i, e in enumerate(eos_tokens)}
         present = set(vocab)
         for e in eos_tokens:
             if e not in present:

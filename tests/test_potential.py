@@ -151,15 +151,15 @@ async def test_plain_products_with_byte_grammars():
         await product.assert_autoreg_fact(list(ctx), rtol=1e-6)
 
 
-async def test_bytes_view_agrees():
+async def test_int_view_agrees():
     pot = ByteBeamPotential(mock([b"a", b"b", b"ab", EOS_BYTES], seed=3), K=3)
-    view = pot.bytes_view()
-    assert view.vocab[97] == b"a"
-    assert await view.prefix([b"a", b"b"]) == await pot.prefix([97, 98])
+    view = pot.int_view()
+    assert pot.vocab[97] == b"a" and view.vocab[97] == 97
+    assert await view.prefix([97, 98]) == await pot.prefix([b"a", b"b"])
     np.testing.assert_array_equal(
-        (await view.logw_next([b"a"])).weights, (await pot.logw_next([97])).weights
+        (await view.logw_next([97])).weights, (await pot.logw_next([b"a"])).weights
     )
-    await view.assert_contract([[b"a"], [b"a", b"b"]], rtol=1e-6)
+    await view.assert_contract([[97], [97, 98]], rtol=1e-6)
 
 
 async def test_cache_bytes_bound_reuses_mass_rows_and_keeps_results():

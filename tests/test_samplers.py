@@ -10,7 +10,7 @@ import torch
 from genlm.control import AWRS, SMC, BoolCFG, BoolFSA, JsonSchema, direct_token_sampler, eager_token_sampler
 from genlm.control.constant import EndOfSequence
 
-from genlm_bytes_potential import ByteBeamPotential
+from genlm_bytes_potential import ByteBeamPotential, as_byte_tokens
 
 from tiny_models import tiny_gpt2_lm
 
@@ -39,7 +39,7 @@ def posterior_texts(sequences):
     out = []
     for ctx, w in zip(sequences.contexts, sequences.log_weights):
         if np.isfinite(w) and ctx and isinstance(ctx[-1], EndOfSequence):
-            out.append(bytes(ctx[:-1]))
+            out.append(b"".join(ctx[:-1]))
     return out
 
 
@@ -56,7 +56,7 @@ async def test_awrs_smc_with_regex_critic(potential):
     # (AWRS treats mass below 1e-5 of the row as zero, so the grammar must leave the
     # random tiny model some mass at every step; the length boundary appends EOS)
     fsa = BoolFSA.from_regex(r"[a-z]{3}")
-    seqs = await SMC(AWRS(potential, fsa, seed=0))(n_particles=4, ess_threshold=0.5, max_tokens=4)
+    seqs = await SMC(AWRS(potential, as_byte_tokens(fsa), seed=0))(n_particles=4, ess_threshold=0.5, max_tokens=4)
     texts = posterior_texts(seqs)
     assert texts and all(re.fullmatch(rb"[a-z]{3}", t) for t in texts), texts
 
@@ -86,8 +86,8 @@ async def test_lark_cfg_samples_parse(potential):
         parser.parse(t.decode())
 
 
-async def test_eager_sampler_over_the_bytes_view(potential):
+async def test_eager_sampler_over_byte_tokens(potential):
     fsa = BoolFSA.from_regex(r"[ab]{3}")
-    seqs = await SMC(eager_token_sampler(potential.bytes_view(), fsa))(n_particles=3, ess_threshold=0.5, max_tokens=4)
+    seqs = await SMC(eager_token_sampler(potential, fsa))(n_particles=3, ess_threshold=0.5, max_tokens=4)
     texts = [b"".join(c[:-1]) for c, w in zip(seqs.contexts, seqs.log_weights) if np.isfinite(w) and isinstance(c[-1], EndOfSequence)]
     assert texts and all(re.fullmatch(rb"[ab]{3}", t) for t in texts), texts
