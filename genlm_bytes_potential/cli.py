@@ -228,10 +228,8 @@ def _regex_error(pattern: str, exc: Exception) -> str:
         re.compile(pattern)
     except re.error as e:
         return str(e)
-    detail = (str(exc) or str(exc.__context__ or "")).strip()
-    if not detail:
-        return f"{type(exc).__name__}: not supported by the byte-level regex grammar"
-    return detail.splitlines()[0]
+    detail = (str(exc) or str(exc.__context__ or "")).strip() or type(exc).__name__
+    return f"Python accepts it, but genlm-control's byte-level regex (interegular) does not: {detail.splitlines()[0]}"
 
 
 def late_schema_keywords(schema, path: str = "") -> list[str]:
@@ -276,7 +274,8 @@ def _grammar(args):
         grammar = JsonSchema(schema)
     except Exception as exc:  # jsonschema's SchemaError, or the parser's
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CLIError(f"bad JSON schema: {first}") from exc
+        where = getattr(exc, "json_path", None)
+        raise CLIError(f"bad JSON schema: {first}" + (f" (at {where} of the schema)" if where else "")) from exc
     late = late_schema_keywords(schema)
     if late:
         print(f"warning: the JSON schema's {', '.join(late)} "
@@ -301,16 +300,17 @@ def _load(args):
     try:
         return load_lm(args.model, backend=args.backend, **opts)
     except (FileNotFoundError, OSError, ValueError, TypeError) as exc:
-        message = str(exc).replace("Use HFTokenLM.", "Run it with --backend hf.")
+        message = str(exc).replace("Use HFTokenLM.", "").strip()
+        if args.backend == "paged" and isinstance(exc, ValueError):  # a model the paged backend does not run
+            message += " Run it with --backend hf (any full-attention decoder)."
         raise CLIError(f"cannot load model {args.model or '(default)'} on backend {args.backend}: {message}") from exc
 
 
-def _chat_tokens(lm, prompt: bytes) -> list[int]:
-    """The prompt wrapped in the tokenizer's chat template, as a plain list of token ids."""
-    tok = lm.tokenizer
+def _chat_tokens(lm, text: str) -> list[int]:
+    """``text`` wrapped in the tokenizer's chat template, as a plain list of token ids."""
+    tok = getattr(lm, "tokenizer", None)
     if tok is None or not getattr(tok, "chat_template", None):
         raise CLIError("--chat: this model's tokenizer has no chat template")
-    text = _as_text(prompt, "--prompt (with --chat)")
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                   tokenize=True, return_dict=False)
     return [int(t) for t in ids]
@@ -353,11 +353,12 @@ async def _sample(args) -> dict:
     grammar = _grammar(args)
     params = _beam_params(args)
     prompt = _text_or_file(args.prompt)
+    chat_text = _as_text(prompt, "--prompt (with --chat)") if args.chat else None
     lm = _load(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    tokens = _chat_tokens(lm, prompt) if args.chat else []
+    tokens = _chat_tokens(lm, chat_text) if args.chat else []
     try:
         potential = ByteBeamPotential(lm, prompt=b"" if args.chat else prompt, prompt_tokens=tokens, **params)
     except ValueError as exc:
@@ -435,6 +436,7 @@ async def _score(args) -> dict:
     prompt = _text_or_file(args.prompt)
     params = _beam_params(args)
     blm = ByteLM(_load(args), **params)
+    _check_prompt(blm, prompt)
     bar = _progress(args, len(data), "score")
     before = _lm_counters(blm.model)
     start = time.perf_counter()
@@ -472,11 +474,21 @@ def _in_vocab(blm, byte: int) -> bool:
     return any(byte in bytes(t) for t in blm.model.lm.byte_vocab)
 
 
+def _check_prompt(blm, prompt: bytes) -> None:
+    """Name the first prompt byte that no token contains (the beam would read nothing)."""
+    missing = set(prompt) - {b for t in blm.model.lm.byte_vocab for b in bytes(t)}
+    if missing:
+        i = min(prompt.index(b) for b in missing)
+        raise CLIError(f"--prompt byte {prompt[i]:#04x} at position {i} (after {_show(prompt[max(0, i - 20) : i])!r}) "
+                       "is in no token of the model's vocabulary: no tokenization reads it")
+
+
 async def _next_byte(args) -> dict:
     from .byte_lm import ByteLM
 
     blm = ByteLM(_load(args), **_beam_params(args))
     prompt = _text_or_file(args.prompt)
+    _check_prompt(blm, prompt)
     try:
         dist = await blm.next_byte(prompt)
     except ValueError as exc:
@@ -495,6 +507,7 @@ async def _generate(args) -> dict:
 
     blm = ByteLM(_load(args), **_beam_params(args))
     prompt = _text_or_file(args.prompt)
+    _check_prompt(blm, prompt)
     before = _lm_counters(blm.model)
     start = time.perf_counter()
     try:
