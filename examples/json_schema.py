@@ -1,6 +1,6 @@
 """JSON-schema-constrained generation at the byte level, from an instruction prompt.
 
-    python examples/json_schema.py --particles 8
+python examples/json_schema.py --particles 8
 """
 
 import argparse
@@ -28,10 +28,13 @@ async def main(args):
     tokens = []
     if getattr(lm, "tokenizer", None) is not None and getattr(lm.tokenizer, "chat_template", None):
         # return_dict=False: a plain list of token ids (transformers 5 returns a BatchEncoding otherwise)
-        ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True,
-                                               tokenize=True, return_dict=False)
+        ids = lm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         tokens = [int(t) for t in ids]
-    potential = ByteBeamPotential(lm, K=args.K, prompt_tokens=tokens, prompt=b"" if tokens else instruction.encode() + b"\n")
+    potential = ByteBeamPotential(
+        lm, K=args.K, prompt_tokens=tokens, prompt=b"" if tokens else instruction.encode() + b"\n"
+    )
     sampler = direct_token_sampler(potential * JsonSchema(schema))
     seqs = await SMC(sampler)(n_particles=args.particles, ess_threshold=0.5, max_tokens=args.max_bytes)
     for text, p in byte_posterior(seqs):

@@ -33,12 +33,33 @@ EXIT_USAGE = 2
 #: JSON-schema keywords that genlm-control's ``JsonSchema`` parser does not enforce while a
 #: value is being generated: its validator checks them only once the value (or an
 #: enclosing array/object) is complete, so a particle that breaks one dies late.
-LATE_SCHEMA_KEYWORDS = frozenset({
-    "maxLength", "minLength", "format", "maximum", "minimum", "exclusiveMaximum", "exclusiveMinimum",
-    "multipleOf", "maxItems", "minItems", "uniqueItems", "contains", "additionalItems", "maxProperties",
-    "minProperties", "patternProperties", "propertyNames", "dependencies", "allOf", "oneOf", "not", "if",
-    "$ref",
-})
+LATE_SCHEMA_KEYWORDS = frozenset(
+    {
+        "maxLength",
+        "minLength",
+        "format",
+        "maximum",
+        "minimum",
+        "exclusiveMaximum",
+        "exclusiveMinimum",
+        "multipleOf",
+        "maxItems",
+        "minItems",
+        "uniqueItems",
+        "contains",
+        "additionalItems",
+        "maxProperties",
+        "minProperties",
+        "patternProperties",
+        "propertyNames",
+        "dependencies",
+        "allOf",
+        "oneOf",
+        "not",
+        "if",
+        "$ref",
+    }
+)
 _SCHEMA_MAPS = frozenset({"properties", "patternProperties", "definitions", "$defs", "dependencies"})
 
 
@@ -100,23 +121,37 @@ def _as_text(data: bytes, what: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m genlm_bytes_potential", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m genlm_bytes_potential",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
         p.add_argument("--model", default=None, help="HF name or local path (default: embedded SmolLM2-135M-Instruct)")
-        p.add_argument("--backend", default="auto", choices=["auto", "vllm", "paged", "hf", "mock"],
-                       help="LM backend (auto: vLLM when installed, else paged for Llama/Mistral/Qwen models, "
-                       "else hf; paged: Llama-family models, CUDA graphs on GPU; mock: random LM over the "
-                       "tokenizer, for tests)")
+        p.add_argument(
+            "--backend",
+            default="auto",
+            choices=["auto", "vllm", "paged", "hf", "mock"],
+            help="LM backend (auto: vLLM when installed, else paged for Llama/Mistral/Qwen models, "
+            "else hf; paged: Llama-family models, CUDA graphs on GPU; mock: random LM over the "
+            "tokenizer, for tests)",
+        )
         p.add_argument("--dtype", default=None, help="weights' dtype, e.g. float32, bfloat16 (default: the backend's)")
         p.add_argument("--K", type=_positive_int, default=8, help="beam width (default 8)")
-        p.add_argument("--prune-threshold", type=_threshold, default=0.0,
-                       help="drop candidates below this share of the beam's weight (default 0)")
-        p.add_argument("--exact", action="store_true",
-                       help="no pruning (K unlimited, threshold 0): the exact byte-level distribution; its "
-                       "cost grows exponentially with the length, for short strings only")
+        p.add_argument(
+            "--prune-threshold",
+            type=_threshold,
+            default=0.0,
+            help="drop candidates below this share of the beam's weight (default 0)",
+        )
+        p.add_argument(
+            "--exact",
+            action="store_true",
+            help="no pruning (K unlimited, threshold 0): the exact byte-level distribution; its "
+            "cost grows exponentially with the length, for short strings only",
+        )
         p.add_argument("--canonical", action="store_true", help="commit only canonical tokenizations")
         p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -130,9 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--regex", help="a regular expression the bytes must match (or @file)")
     g.add_argument("--lark", help="a Lark grammar (or @file)")
     g.add_argument("--json-schema", help="a JSON schema (or @file)")
-    s.add_argument("--sampler", choices=["direct", "awrs"], default="direct",
-                   help="direct: sample each byte from the product (default); awrs: genlm-control's adaptive "
-                   "weighted rejection sampling, checking the grammar only on the bytes it draws")
+    s.add_argument(
+        "--sampler",
+        choices=["direct", "awrs"],
+        default="direct",
+        help="direct: sample each byte from the product (default); awrs: genlm-control's adaptive "
+        "weighted rejection sampling, checking the grammar only on the bytes it draws",
+    )
     s.add_argument("--particles", type=_positive_int, default=8)
     s.add_argument("--max-bytes", type=_positive_int, default=64)
     s.add_argument("--ess-threshold", type=_fraction, default=0.5)
@@ -278,10 +317,13 @@ def _grammar(args):
         raise CLIError(f"bad JSON schema: {first}" + (f" (at {where} of the schema)" if where else "")) from exc
     late = late_schema_keywords(schema)
     if late:
-        print(f"warning: the JSON schema's {', '.join(late)} "
-              f"{'is' if len(late) == 1 else 'are'} checked only once a value is complete (genlm-control's "
-              "JsonSchema does not enforce them byte by byte): particles that break them die late, and with a "
-              "small --max-bytes none may complete", file=sys.stderr)
+        print(
+            f"warning: the JSON schema's {', '.join(late)} "
+            f"{'is' if len(late) == 1 else 'are'} checked only once a value is complete (genlm-control's "
+            "JsonSchema does not enforce them byte by byte): particles that break them die late, and with a "
+            "small --max-bytes none may complete",
+            file=sys.stderr,
+        )
     return grammar
 
 
@@ -311,8 +353,9 @@ def _chat_tokens(lm, text: str) -> list[int]:
     tok = getattr(lm, "tokenizer", None)
     if tok is None or not getattr(tok, "chat_template", None):
         raise CLIError("--chat: this model's tokenizer has no chat template")
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     return [int(t) for t in ids]
 
 
@@ -384,8 +427,15 @@ async def _sample(args) -> dict:
     samples = []
     for text, weight in byte_posterior(seqs):
         (beam,) = await potential.beams([text])
-        samples.append({"text": _show(text), "weight": weight, "bytes": len(text),
-                        "pruned_mass": beam.stats.pruned_mass, "heals": beam.stats.heals})
+        samples.append(
+            {
+                "text": _show(text),
+                "weight": weight,
+                "bytes": len(text),
+                "pruned_mass": beam.stats.pruned_mass,
+                "heals": beam.stats.heals,
+            }
+        )
     return {
         "samples": samples,
         "ess": float(seqs.ess),
@@ -462,10 +512,16 @@ async def _score(args) -> dict:
     if score.impossible_at is not None:
         i = score.impossible_at
         result["impossible_byte"] = {
-            "value": data[i], "hex": f"{data[i]:#04x}", "position": i, "after": _show(data[max(0, i - 20) : i]),
+            "value": data[i],
+            "hex": f"{data[i]:#04x}",
+            "position": i,
+            "after": _show(data[max(0, i - 20) : i]),
             "reason": "no tokenization of the text reads this byte with nonzero probability "
-                      + ("(no token of the vocabulary contains it)" if not _in_vocab(blm, data[i]) else
-                         "(the beam's candidates could not read it, even after healing)"),
+            + (
+                "(no token of the vocabulary contains it)"
+                if not _in_vocab(blm, data[i])
+                else "(the beam's candidates could not read it, even after healing)"
+            ),
         }
     return result
 
@@ -479,8 +535,10 @@ def _check_prompt(blm, prompt: bytes) -> None:
     missing = set(prompt) - {b for t in blm.model.lm.byte_vocab for b in bytes(t)}
     if missing:
         i = min(prompt.index(b) for b in missing)
-        raise CLIError(f"--prompt byte {prompt[i]:#04x} at position {i} (after {_show(prompt[max(0, i - 20) : i])!r}) "
-                       "is in no token of the model's vocabulary: no tokenization reads it")
+        raise CLIError(
+            f"--prompt byte {prompt[i]:#04x} at position {i} (after {_show(prompt[max(0, i - 20) : i])!r}) "
+            "is in no token of the model's vocabulary: no tokenization reads it"
+        )
 
 
 async def _next_byte(args) -> dict:
@@ -514,8 +572,12 @@ async def _generate(args) -> dict:
         out = await blm.generate(prompt, max_bytes=args.max_bytes, greedy=args.greedy, seed=args.seed)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
-    return {"prompt": _show(prompt), "text": _show(out), "bytes": len(out),
-            "diagnostics": _diagnostics(blm.model, before, len(out), time.perf_counter() - start)}
+    return {
+        "prompt": _show(prompt),
+        "text": _show(out),
+        "bytes": len(out),
+        "diagnostics": _diagnostics(blm.model, before, len(out), time.perf_counter() - start),
+    }
 
 
 COMMANDS = {"sample": _sample, "score": _score, "next-byte": _next_byte, "generate": _generate}
@@ -525,25 +587,40 @@ COMMANDS = {"sample": _sample, "score": _score, "next-byte": _next_byte, "genera
 def _print_text(command: str, result: dict, out) -> None:
     d = result.get("diagnostics")
     if command == "sample":
-        print(f"ESS {result['ess']:.2f} of {result['particles']} particles; "
-              f"log marginal likelihood {result['log_ml']:.3f}", file=out)
+        print(
+            f"ESS {result['ess']:.2f} of {result['particles']} particles; "
+            f"log marginal likelihood {result['log_ml']:.3f}",
+            file=out,
+        )
         if not result["samples"]:
             print("no particle completed within --max-bytes; try more bytes or particles", file=out)
         for s in result["samples"]:
             print(f"{s['weight']:8.4f}  {json.dumps(s['text'], ensure_ascii=False)}", file=out)
         pruned = max((s["pruned_mass"] for s in result["samples"]), default=0.0)
-        print(f"# {d['lm_calls']} LM calls ({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['lm_contexts']} contexts, "
-              f"max pruned mass {pruned:.3g}, {d['seconds']:.1f} s", file=out)
+        print(
+            f"# {d['lm_calls']} LM calls ({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['lm_contexts']} contexts, "
+            f"max pruned mass {pruned:.3g}, {d['seconds']:.1f} s",
+            file=out,
+        )
     elif command == "score":
         bad = result["impossible_byte"]
         if bad is not None:
-            print(f"{result['bytes']} bytes  log-prob -inf: byte {bad['hex']} at position {bad['position']} "
-                  f"(after {bad['after']!r}) has probability 0: {bad['reason']}", file=out)
+            print(
+                f"{result['bytes']} bytes  log-prob -inf: byte {bad['hex']} at position {bad['position']} "
+                f"(after {bad['after']!r}) has probability 0: {bad['reason']}",
+                file=out,
+            )
         else:
-            print(f"{result['bytes']} bytes  log-prob {result['logprob']:.4f} nats  "
-                  f"{result['bits_per_byte']:.4f} bits/byte", file=out)
-        print(f"# pruned mass {result['pruned_mass']:.3g}, heals {result['heals']}, {d['lm_calls']} LM calls "
-              f"({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['bytes_per_s'] or 0:.1f} B/s", file=out)
+            print(
+                f"{result['bytes']} bytes  log-prob {result['logprob']:.4f} nats  "
+                f"{result['bits_per_byte']:.4f} bits/byte",
+                file=out,
+            )
+        print(
+            f"# pruned mass {result['pruned_mass']:.3g}, heals {result['heals']}, {d['lm_calls']} LM calls "
+            f"({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['bytes_per_s'] or 0:.1f} B/s",
+            file=out,
+        )
     elif command == "next-byte":
         for item in result["top"]:
             label = "<EOS>" if item["byte"] is None else json.dumps(item["text"], ensure_ascii=False)

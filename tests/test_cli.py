@@ -26,8 +26,9 @@ def run(capsys, *argv):
 def run_cli(*argv, timeout=600):
     """``python -m genlm_bytes_potential ARGV`` in a fresh process, default model and backend."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "genlm_bytes_potential", *argv], capture_output=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "genlm_bytes_potential", *argv], capture_output=True, timeout=timeout, env=env, cwd=ROOT
+    )
 
 
 # ----------------------------------------------------------------------------- default backend
@@ -60,8 +61,24 @@ def test_score_impossible_byte_on_default_backend_verbose(tmp_path):
 # ----------------------------------------------------------------------------- mock backend
 def test_sample_regex_json_output(capsys, model_dir, tmp_path):
     record = tmp_path / "run.json"
-    code, out, err = run(capsys, "sample", "--backend", "mock", "--model", model_dir, "--regex", "[0-9]{3}",
-                         "--particles", "4", "--max-bytes", "4", "--json", "--record", str(record), "--no-progress")
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--regex",
+        "[0-9]{3}",
+        "--particles",
+        "4",
+        "--max-bytes",
+        "4",
+        "--json",
+        "--record",
+        str(record),
+        "--no-progress",
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["samples"] and all(len(s["text"]) == 3 and s["text"].isdigit() for s in result["samples"])
@@ -70,8 +87,22 @@ def test_sample_regex_json_output(capsys, model_dir, tmp_path):
 
 
 def test_sample_no_particle_completes_json_has_no_infinity(capsys, model_dir):
-    code, out, err = run(capsys, "sample", "--backend", "mock", "--model", model_dir, "--regex", "[0-9]{5}",
-                         "--particles", "2", "--max-bytes", "2", "--json", "--no-progress")
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--regex",
+        "[0-9]{5}",
+        "--particles",
+        "2",
+        "--max-bytes",
+        "2",
+        "--json",
+        "--no-progress",
+    )
     assert code == 0, err
     assert "Infinity" not in out and "NaN" not in out
     result = json.loads(out)
@@ -80,8 +111,23 @@ def test_sample_no_particle_completes_json_has_no_infinity(capsys, model_dir):
 
 @pytest.mark.parametrize("extra", [["--exact"], ["--prune-threshold", "0.01"], ["--sampler", "awrs"]])
 def test_sample_controls(capsys, model_dir, extra):
-    code, out, err = run(capsys, "sample", "--backend", "mock", "--model", model_dir, "--regex", "[ab]{2}",
-                         "--particles", "3", "--max-bytes", "3", "--json", "--no-progress", *extra)
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--regex",
+        "[ab]{2}",
+        "--particles",
+        "3",
+        "--max-bytes",
+        "3",
+        "--json",
+        "--no-progress",
+        *extra,
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["samples"] and all(s["text"] in {"aa", "ab", "ba", "bb"} for s in result["samples"])
@@ -90,16 +136,46 @@ def test_sample_controls(capsys, model_dir, extra):
 
 
 def test_sample_canonical_on_hf(capsys, tiny_llama_dir):
-    code, out, err = run(capsys, "sample", "--backend", "hf", "--model", str(tiny_llama_dir), "--regex", "[ab]{2}",
-                         "--particles", "2", "--max-bytes", "3", "--json", "--no-progress", "--canonical",
-                         "--dtype", "float32")
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "hf",
+        "--model",
+        str(tiny_llama_dir),
+        "--regex",
+        "[ab]{2}",
+        "--particles",
+        "2",
+        "--max-bytes",
+        "3",
+        "--json",
+        "--no-progress",
+        "--canonical",
+        "--dtype",
+        "float32",
+    )
     assert code == 0, err
     assert all(s["text"] in {"aa", "ab", "ba", "bb"} for s in json.loads(out)["samples"])
 
 
 def test_sample_lark_text_output_with_progress(capsys, model_dir):
-    code, out, err = run(capsys, "sample", "--backend", "mock", "--model", model_dir, "--lark", 'start: "a" | "b" "c"',
-                         "--particles", "3", "--max-bytes", "3", "--prompt", "Say a: ")
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--lark",
+        'start: "a" | "b" "c"',
+        "--particles",
+        "3",
+        "--max-bytes",
+        "3",
+        "--prompt",
+        "Say a: ",
+    )
     assert code == 0, err
     assert out.startswith("ESS") and "SMC" in err and "B/s" in err
     lines = out.splitlines()
@@ -130,14 +206,27 @@ def test_score_names_the_impossible_byte(capsys, smollm2_dir, tmp_path):
 
 
 def test_next_byte_and_generate(capsys, model_dir):
-    code, out, err = run(capsys, "next-byte", "--backend", "mock", "--model", model_dir, "--prompt", "Hello", "--top",
-                         "5", "--json")
+    code, out, err = run(
+        capsys, "next-byte", "--backend", "mock", "--model", model_dir, "--prompt", "Hello", "--top", "5", "--json"
+    )
     assert code == 0, err
     top = json.loads(out)["top"]
     assert len(top) == 5 and sum(t["prob"] for t in top) <= 1 + 1e-9
     assert top == sorted(top, key=lambda t: -t["prob"])
-    code, out, err = run(capsys, "generate", "--backend", "mock", "--model", model_dir, "--prompt", "Hi", "--max-bytes",
-                         "5", "--greedy", "--json")
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--prompt",
+        "Hi",
+        "--max-bytes",
+        "5",
+        "--greedy",
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["bytes"] == len(result["text"].encode()) <= 5 and result["diagnostics"]["lm_calls"] >= 1
@@ -145,16 +234,34 @@ def test_next_byte_and_generate(capsys, model_dir):
 
 def test_non_utf8_prompt(capsys, smollm2_dir, model_dir):
     bad = os.fsdecode(b"caf\xe9 ")  # what the shell passes for a Latin-1 argument
-    code, _, err = run(capsys, "sample", "--backend", "mock", "--model", str(smollm2_dir), "--regex", "a", "--chat",
-                       "--prompt", bad)
+    code, _, err = run(
+        capsys, "sample", "--backend", "mock", "--model", str(smollm2_dir), "--regex", "a", "--chat", "--prompt", bad
+    )
     assert code == 2 and "--prompt (with --chat) is not valid UTF-8: byte 0xe9 at position 3" in err
     assert "Traceback" not in err
     # without --chat the prompt's bytes are read as they are
-    code, out, err = run(capsys, "sample", "--backend", "mock", "--model", model_dir, "--regex", "a", "--prompt", bad,
-                         "--particles", "2", "--max-bytes", "2", "--json", "--no-progress")
+    code, out, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--regex",
+        "a",
+        "--prompt",
+        bad,
+        "--particles",
+        "2",
+        "--max-bytes",
+        "2",
+        "--json",
+        "--no-progress",
+    )
     assert code == 0, err and json.loads(out)["samples"]
-    code, _, err = run(capsys, "generate", "--backend", "mock", "--model", str(smollm2_dir), "--prompt",
-                       os.fsdecode(IMPOSSIBLE))
+    code, _, err = run(
+        capsys, "generate", "--backend", "mock", "--model", str(smollm2_dir), "--prompt", os.fsdecode(IMPOSSIBLE)
+    )
     assert code == 2 and "--prompt byte 0xff at position 2" in err
 
 
@@ -189,24 +296,51 @@ def test_paged_refusal_points_to_hf(capsys, tmp_path):
 
     tok = gpt2_tokenizer()
     GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tok))).save_pretrained(
-        tmp_path)
+        tmp_path
+    )
     tok.save_pretrained(tmp_path)
     code, _, err = run(capsys, "score", "--backend", "paged", "--model", str(tmp_path), __file__)
     assert code == 2 and "--backend hf" in err and "HFTokenLM" not in err
 
 
 def test_schema_late_keyword_warning(capsys, model_dir):
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 3},
-                                               "maxItems": {"type": "array", "items": {"type": "integer"}}}}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 3},
+            "maxItems": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
     assert late_schema_keywords(schema) == ["maxLength at /properties/name"]  # a property named maxItems is not one
-    code, _, err = run(capsys, "sample", "--backend", "mock", "--model", model_dir, "--json-schema", json.dumps(schema),
-                       "--particles", "1", "--max-bytes", "1", "--no-progress")
+    code, _, err = run(
+        capsys,
+        "sample",
+        "--backend",
+        "mock",
+        "--model",
+        model_dir,
+        "--json-schema",
+        json.dumps(schema),
+        "--particles",
+        "1",
+        "--max-bytes",
+        "1",
+        "--no-progress",
+    )
     assert code == 0, err
     assert "warning: the JSON schema's maxLength at /properties/name is checked only once a value is complete" in err
 
 
-@pytest.mark.parametrize("flag, value", [("--particles", "0"), ("--particles", "x"), ("--ess-threshold", "2"),
-                                         ("--max-bytes", "-1"), ("--prune-threshold", "1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--particles", "0"),
+        ("--particles", "x"),
+        ("--ess-threshold", "2"),
+        ("--max-bytes", "-1"),
+        ("--prune-threshold", "1"),
+    ],
+)
 def test_bad_numbers_exit_2(capsys, flag, value):
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--regex", "a", flag, value])
