@@ -242,21 +242,33 @@ def _results_stdout():
         os.close(saved)
 
 
-def _quiet_engines(verbose: bool) -> None:
-    """Engine logs: errors only unless ``verbose``, to stderr either way. Must run before
-    vLLM or transformers are imported (they read these at import)."""
-    level = "INFO" if verbose else "ERROR"
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", level)
+#: What ``_quiet_engines`` sets: vLLM's and transformers' log levels and streams.
+ENGINE_LOG_ENV = ("VLLM_LOGGING_LEVEL", "VLLM_LOGGING_STREAM", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+@contextlib.contextmanager
+def _quiet_engines(verbose: bool):
+    """Engine logs: errors only unless ``verbose``, to stderr either way (variables the user
+    set win). vLLM and transformers read these when imported, i.e. inside the command; the
+    environment is restored afterwards."""
+    saved = {k: os.environ.get(k) for k in ENGINE_LOG_ENV}
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
     if not verbose:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        import logging
-
-        for name in ("vllm", "transformers", "torch", "genlm"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        # A byte grammar shares few of the 256 bytes with the LM: expected, not a problem.
-        warnings.filterwarnings("ignore", message="Common vocabulary")
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                # A byte grammar shares few of the 256 bytes with the LM: expected, not a problem.
+                warnings.filterwarnings("ignore", message="Common vocabulary")
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -632,8 +644,7 @@ def _print_text(command: str, result: dict, out) -> None:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    _quiet_engines(args.verbose)
-    with _results_stdout() as out:
+    with _quiet_engines(args.verbose), _results_stdout() as out:
         try:
             result = asyncio.run(COMMANDS[args.command](args))
         except CLIError as exc:

@@ -172,7 +172,7 @@ def test_gpu_session_on_cpu(tmp_path):
     out = tmp_path / "w1.json"
     rows = gpu_session.main(["--device", "cpu", "--dtype", "float32", "--bytes", "24", "--K", "2",
                              "--reps", "1", "--rows", "ours", "anchor_t0", "anchor_on_our_lm",
-                             "--out", str(out)])
+                             "--out", str(out), "--no-write"])
     by = {r["name"]: r for r in rows}
     assert set(by) == {"ours", "anchor_t0", "anchor_on_our_lm"}
     assert all(r["bytes_per_s"] > 0 and math.isfinite(r["bits_per_byte"]) for r in rows)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from genlm_bytes_potential import models
-from genlm_bytes_potential.cli import late_schema_keywords, main
+from genlm_bytes_potential.cli import ENGINE_LOG_ENV, late_schema_keywords, main
 
 ROOT = Path(__file__).parent.parent
 IMPOSSIBLE = b"ab\xff\xfe cd\n"  # SmolLM2 has no token containing 0xff or 0xfe
@@ -25,7 +25,8 @@ def run(capsys, *argv):
 
 def run_cli(*argv, timeout=600):
     """``python -m genlm_bytes_potential ARGV`` in a fresh process, default model and backend."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {k: v for k, v in os.environ.items() if k not in ENGINE_LOG_ENV}  # as in a user's shell
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return subprocess.run(
         [sys.executable, "-m", "genlm_bytes_potential", *argv], capture_output=True, timeout=timeout, env=env, cwd=ROOT
     )
