@@ -55,17 +55,17 @@ def _gguf_path() -> Path:
 
 
 def _gguf_fingerprint(gguf: Path) -> dict:
-    """What identifies the converted model: the GGUF's size and a SHA-256 of its first and
-    last MiB (a GGUF's header and tensor index are at its start, so another file of the same
-    size differs there), and the conversion format. No path or mtime, so every virtualenv
-    (and a copy of the file anywhere) shares one converted folder per user."""
+    """What identifies the converted model: the GGUF's size, a SHA-256 of its first and last
+    MiB (the header and tensor index are at its start) and of 64 blocks spread over the tensor
+    data between, and the conversion format. No path, name or mtime, so every virtualenv (and a
+    copy of the file anywhere) shares one converted folder per user; a few ms, not a full hash."""
     size = gguf.stat().st_size
     digest = hashlib.sha256()
     with open(gguf, "rb") as f:
-        digest.update(f.read(_FINGERPRINT_BYTES))
-        f.seek(max(0, size - _FINGERPRINT_BYTES))
-        digest.update(f.read(_FINGERPRINT_BYTES))
-    return {"gguf": gguf.name, "size": size, "sha256_ends": digest.hexdigest(), "format": _FORMAT}
+        for offset in [0, *range(_FINGERPRINT_BYTES, size, max(1, size // 64)), size - _FINGERPRINT_BYTES]:
+            f.seek(max(0, offset))
+            digest.update(f.read(_FINGERPRINT_BYTES if offset in (0, size - _FINGERPRINT_BYTES) else 1 << 14))
+    return {"size": size, "sha256_sampled": digest.hexdigest(), "format": _FORMAT}
 
 
 def _is_complete(folder: Path, source: dict) -> bool:
