@@ -457,7 +457,7 @@ def render_current(runs: list[Run], plots: dict[str, Path], out: Path = BENCH_MD
         lines += [f"## {title}", ""]
         for r in group:
             lines += [
-                f"**{r.machine}** · {r.model} · {r.backend or '-'} · {r.date} · commit `{r.commit}` · "
+                f"**{r.machine}** · {r.model or '-'} · {r.backend or '-'} · {r.date} · commit `{r.commit}` · "
                 f"target: {r.target} · [{r.path.name}]({_rel(r.path, out.parent)})",
                 "",
                 f"`{r.command}`",
@@ -486,7 +486,7 @@ def render_history(runs: list[Run], out: Path = HISTORY_MD) -> str:
                     r.date,
                     r.workload,
                     r.machine,
-                    f"{r.model} / {r.backend or '-'}",
+                    f"{r.model or '-'} / {r.backend or '-'}",
                     r.headline,
                     f"`{r.commit}`",
                     f"[{r.path.name}]({_rel(r.path, out.parent)})",
