@@ -251,7 +251,13 @@ def _quiet_engines(verbose: bool):
     """Engine logs: errors only unless ``verbose``, to stderr either way (variables the user
     set win). vLLM and transformers read these when imported, i.e. inside the command; the
     environment is restored afterwards."""
+    import logging
+
     saved = {k: os.environ.get(k) for k in ENGINE_LOG_ENV}
+    vllm_logger = logging.getLogger("vllm")  # some vLLM modules log at import, before vLLM configures it
+    saved_level = vllm_logger.level
+    if not verbose:
+        vllm_logger.setLevel(logging.ERROR)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
@@ -264,6 +270,7 @@ def _quiet_engines(verbose: bool):
                 warnings.filterwarnings("ignore", message="Common vocabulary")
             yield
     finally:
+        vllm_logger.setLevel(saved_level)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -43,7 +43,7 @@ def test_sample_json_on_default_backend_parses(tmp_path):
     d = result["diagnostics"]
     assert d["lm_calls"] >= 1 and d["lm_calls_per_byte"] > 0 and d["bytes_per_s"] > 0
     assert all(s["pruned_mass"] >= 0 and s["heals"] == 0 for s in result["samples"])
-    assert b"INFO" not in proc.stderr  # engine logs are off unless --verbose
+    assert b"INFO" not in proc.stderr and b"Triton" not in proc.stderr  # engine logs are off unless --verbose
 
 
 def test_score_impossible_byte_on_default_backend_verbose(tmp_path):
@@ -57,6 +57,25 @@ def test_score_impossible_byte_on_default_backend_verbose(tmp_path):
     assert result["impossible_byte"]["value"] == 0xFF and result["impossible_byte"]["position"] == 2
     assert "no token of the vocabulary contains it" in result["impossible_byte"]["reason"]
     assert b"INFO" in proc.stderr and b"INFO" not in proc.stdout
+
+
+def test_help_imports_nothing_heavy():
+    """--help and argument errors import neither torch nor genlm-control nor vLLM (their time
+    is measured by benchmarks/cli_startup.py, not here)."""
+    code = (
+        "import sys\n"
+        "from genlm_bytes_potential.__main__ import main\n"
+        "for argv in (['--help'], ['sample', '--regex', 'a', '--particles', '0']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted(m for m in ('torch', 'vllm', 'genlm.control', 'transformers') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.stdout.decode().splitlines()[-1] == "[]", proc.stderr.decode()[-2000:]
+    assert b"usage:" in proc.stdout and b"Triton" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- mock backend
