@@ -352,11 +352,16 @@ def read_run(path: Path) -> Run:
     stamp = _stamp(path)
     if "rows" in d:  # gpu_session
         workload = "W1"
-        headline, table, series = _w1_rows(meta, d["rows"])
     else:
         workload = meta.get("workload") or path.name.split("-")[0].upper()
         workload = {"w1": "W1", "w2": "W2", "w3": "W3", "w4": "W4"}.get(workload.lower(), workload)
-        headline, table, series = READERS[workload](meta, d["results"])
+    try:
+        if "rows" in d:
+            headline, table, series = _w1_rows(meta, d["rows"])
+        else:
+            headline, table, series = READERS[workload](meta, d["results"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a layout no reader knows: shown, not fatal
+        headline, table, series = f"not read: {type(exc).__name__} {exc} (add a reader in benchmarks/report.py)", "", {}
     device = meta.get("device") or "cpu"
     if device.startswith("cuda"):  # common.machine_desc ends with ", GPU <name>"
         gpu = re.search(r"GPU (.+)$", meta.get("machine") or "")
@@ -409,7 +414,16 @@ def current(runs: list[Run]) -> list[Run]:
     for r in runs:  # oldest first
         kept = [k for k in kept if not (k.group == r.group and k.cells <= r.cells)] + [r]
     order = list(WORKLOADS)
-    return sorted(kept, key=lambda r: (order.index(r.workload), r.device != "cpu", r.device, r.model_kind, r.stamp))
+    return sorted(
+        kept,
+        key=lambda r: (
+            order.index(r.workload) if r.workload in order else len(order),
+            r.device != "cpu",
+            r.device,
+            r.model_kind,
+            r.stamp,
+        ),
+    )
 
 
 # ------------------------------------------------------------------ pages
@@ -450,7 +464,8 @@ def render_current(runs: list[Run], plots: dict[str, Path], out: Path = BENCH_MD
     ]
     if plots:
         lines += [" ".join(f"![{wl}]({_rel(p, out.parent)})" for wl, p in plots.items()), ""]
-    for wl, title in WORKLOADS.items():
+    for wl in dict.fromkeys([*WORKLOADS, *(r.workload for r in cur)]):
+        title = WORKLOADS.get(wl, wl)
         group = [r for r in cur if r.workload == wl]
         if not group:
             continue

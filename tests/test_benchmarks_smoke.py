@@ -51,6 +51,7 @@ def test_report_pages(tmp_path):
             for rep in (0, 1) for n, b in (("ours", 600.0), ("anchor", 20.0))]
     common.save_json(dict(meta, device="cuda", machine="16-core CPU, GPU NVIDIA H200", commit="gpu"), rows,
                      name="w1-cuda-20260104T000000.json", out_dir=tmp_path, key="rows")
+    common.save_json(dict(meta, workload="W9"), [{"x": 1}], name="w9-cpu-20260105T000000.json", out_dir=tmp_path)
     history = tmp_path / "HISTORY.md"
     history.write_text("old generated part\n" + report.NOTES_MARKER + "\n\nhand-written note\n")
     bench = tmp_path / "BENCHMARKS.md"
@@ -58,6 +59,7 @@ def test_report_pages(tmp_path):
     doc = bench.read_text()
     assert "`03`" in doc and "`01`" not in doc and "`02`" not in doc  # day 3 covers days 1 and 2
     assert "NVIDIA H200" in doc and "| **30.00×** |" in doc  # ours / anchor, equal in each repetition
+    assert "## W9" in doc and "not read: KeyError" in doc  # a layout without a reader is shown, not fatal
     hist = history.read_text()
     assert all(f"w1-cpu-2026010{d}T000000.json" in hist for d in (1, 2, 3))
     assert hist.endswith("hand-written note\n") and "old generated part" not in hist
