@@ -31,7 +31,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# Lint and format checks first (seconds), then the suite.
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The main job: byte-level SMC for a JSON object matching a schema, from an instruction

@@ -6,13 +6,13 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH_MD = ROOT / "BENCHMARKS.md"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -132,7 +132,7 @@ def add_common_args(p) -> None:
     p.add_argument("--machine", default=None, help="machine description to record")
     p.add_argument("--threads", type=int, default=None,
                    help="torch and numba threads (default: their defaults)")
-    p.add_argument("--no-write", action="store_true", help="print only; do not append/save")
+    p.add_argument("--no-write", action="store_true", help="print only; save no result (the pages are not regenerated)")
 
 
 def command_line(module: str, argv) -> str:
@@ -206,64 +206,19 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTION_TITLES = {
-    "W1": "## W1 — byte-level scoring (log-prob, bits/byte)",
-    "W2": "## W2 — byte-level SMC under a grammar",
-    "W3": "## W3 — trie masses",
-    "W4": "## W4 — LM-call floor",
-}
-
-
-def append_markdown(key: str, text: str, path: Path = BENCH_MD) -> None:
-    """Append ``text`` at the end of the section for workload ``key`` (W1..W4), creating
-    BENCHMARKS.md and the section as needed. Runs are only ever appended."""
-    title = SECTION_TITLES[key]
-    if path.exists():
-        doc = path.read_text()
-    else:
-        doc = (
-            "# Benchmarks\n\n"
-            "Ours (`genlm_bytes_potential`) against the anchor (genlm-control `ByteLLM` on "
-            "genlm-bytes `ByteBeamState` / `TokenByteTrie`), in the same process on the same "
-            "inputs. Times are medians of repetitions, min–max in parentheses; ratios are "
-            "anchor/ours for times (higher = ours faster) unless stated. Each run is appended "
-            "by its command (see benchmarks/README.md); nothing here is edited by hand except "
-            "the notes.\n\n"
-        )
-    if title not in doc:
-        # Keep sections in W1..W4 order.
-        order = sorted(SECTION_TITLES)
-        later = [SECTION_TITLES[k] for k in order if k > key and SECTION_TITLES[k] in doc]
-        if later:
-            pos = doc.index(later[0])
-            doc = doc[:pos] + title + "\n\n" + doc[pos:]
-        else:
-            doc = doc.rstrip("\n") + "\n\n" + title + "\n\n"
-    start = doc.index(title) + len(title)
-    nxt = [doc.index(t) for t in SECTION_TITLES.values() if t in doc and doc.index(t) > start]
-    end = min(nxt) if nxt else len(doc)
-    body = doc[start:end].rstrip("\n")
-    doc = doc[:start] + body + "\n\n" + text.rstrip("\n") + "\n\n" + doc[end:].lstrip("\n")
-    path.write_text(doc.rstrip("\n") + "\n")
-
-
-def save_json(meta: dict, results, name: str | None = None, out_dir: Path = RESULTS_DIR) -> Path:
+def save_json(meta: dict, results, name: str | None = None, out_dir: Path = RESULTS_DIR, *,
+              key: str = "results") -> Path:
+    """Save a run as ``{"meta": meta, key: results}`` in ``out_dir`` (named
+    ``workload-device-timestamp.json``); when ``out_dir`` is ``benchmarks/results``, regenerate
+    BENCHMARKS.md, benchmarks/HISTORY.md and the plots from all saved runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-    name = name or f"{meta['workload'].lower()}-{meta['device']}-{stamp}.json"
+    device = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
+    name = name or f"{meta['workload'].lower()}-{device}-{stamp}.json"
     path = out_dir / name
-    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=float))
+    path.write_text(json.dumps({"meta": meta, key: results}, indent=1, default=float))
+    if out_dir.resolve() == RESULTS_DIR:
+        from benchmarks.report import write_pages
+
+        write_pages()
     return path
-
-
-def append_to_section(section: str, text: str, path: Path = BENCH_MD) -> None:
-    """Append ``text`` at the end of the section headed ``section`` of BENCHMARKS.md
-    (re-read right before writing; created at the end if missing; other sections kept)."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if section not in doc:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n\n"
-    start = doc.index(section) + len(section)
-    nxt = doc.find("\n## ", start)
-    end = nxt + 1 if nxt >= 0 else len(doc)
-    doc = doc[:start] + doc[start:end].rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n\n" + doc[end:].lstrip("\n")
-    path.write_text(doc.rstrip("\n") + "\n")

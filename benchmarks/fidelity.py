@@ -21,7 +21,7 @@ import math
 import sys
 import time
 
-from benchmarks.common import append_to_section, DATA_DIR, command_line, header, md_table, save_json, set_threads
+from benchmarks.common import DATA_DIR, command_line, header, md_table, save_json, set_threads
 from benchmarks.common import add_common_args
 
 CODE = '''def byte_posterior(sequences) -> list[tuple[bytes, float]]:
@@ -41,8 +41,6 @@ NONASCII = (
     "東京の朝は静かで、駅のホームには人が少なかった。"
     "Москва — столица России. Ελληνικά: καλημέρα! Emoji: 🚀✨ — fin."
 )
-
-SECTION = "## Fidelity — beam width vs. a large-K reference (bits/byte)"
 
 
 def texts(n_bytes: int) -> dict[str, bytes]:
@@ -134,8 +132,8 @@ def main(argv=None):
     table = md_table(["K"] + names + ["mean abs. excess"], rows)
     text = md + "\n" + table
     print(text)
+    meta["command"] = command_line("benchmarks.fidelity", sys.argv[1:] if argv is None else argv)
     if not args.no_write:
-        append_to_section(SECTION, text)
         save_json(meta, results, name=None)
 
 

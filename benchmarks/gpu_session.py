@@ -1,6 +1,9 @@
 """W1 scoring on a CUDA GPU: ours vs genlm-control's ByteLLM, side by side in one process.
 
-    python -m benchmarks.gpu_session --bytes 400 --K 1 5 8 --out results.json
+    python -m benchmarks.gpu_session --bytes 400 --K 1 5 8
+
+The run is saved to ``benchmarks/results/w1-<device>-<time>.json`` (``--no-write``: not saved),
+which regenerates BENCHMARKS.md and benchmarks/HISTORY.md (``benchmarks.report``).
 
 The default SmolLM2-135M (bf16 on the GPU, as the anchor's reference run in
 shared/device/README.md) is loaded once. Rows (``--rows`` picks some):
@@ -24,10 +27,12 @@ import asyncio
 import functools
 import json
 import math
+import sys
 import time
 
 import torch
 
+from benchmarks.common import command_line, header, save_json
 from benchmarks.lms import heldout_text, reset
 from benchmarks.w1_score import score_anchor, score_ours
 
@@ -71,7 +76,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    p.add_argument("--out", default="gpu_w1.json")
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    p.add_argument("--no-write", action="store_true", help="do not save to benchmarks/results")
     args = p.parse_args(argv)
     lms, convert_s = load(getattr(torch, args.dtype), args.device)
     text = heldout_text(args.bytes)
@@ -98,11 +104,16 @@ def main(argv=None):
                          bits_per_byte=-r["logprob"] / math.log(2) / len(text))
                 rows.append(r)
                 print(f"K={K} {name:18s} {r['bytes_per_s']:8.1f} B/s  {r['bits_per_byte']:.4f} bits/B", flush=True)
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "dtype": args.dtype, "convert_seconds": convert_s,
-            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta, _ = header("W1", date=None, machine=None, model=f"SmolLM2-135M-Instruct ({args.dtype})",
+                     backend="paged (PagedTokenLM) vs genlm-backend AsyncTransformer", device=args.device)
+    meta.update(command=command_line("benchmarks.gpu_session", sys.argv[1:] if argv is None else argv),
+                torch=torch.__version__, dtype=args.dtype, convert_seconds=convert_s,
+                peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+    if not args.no_write:
+        print("saved", save_json(meta, rows, key="rows"))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(json.dumps(meta))
     return rows
 

@@ -24,9 +24,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import append_to_section, add_common_args, command_line, header, md_table, save_json, set_threads
-
-SECTION = "## Memory — RSS over a long SMC run"
+from benchmarks.common import add_common_args, command_line, header, md_table, save_json, set_threads
 
 
 def rss_mib() -> float:
@@ -130,8 +128,8 @@ def main(argv=None):
     meta, md = header("Memory", date=args.date, machine=args.machine, model=f"MockTokenLM ({args.vocab})", backend="mock", threads=threads, extra=extra)
     text = md + "\n" + md_table(["bytes generated", "s", "RSS MiB", "Δ MiB", "cached beams", "cache masses MiB"], rows)
     print(text)
+    meta["command"] = command_line("benchmarks.memory", sys.argv[1:] if argv is None else argv)
     if not args.no_write:
-        append_to_section(SECTION, text)
         save_json(meta, {k: v for k, v in r.items() if k != "particles_len"})
 
 

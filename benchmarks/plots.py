@@ -1,5 +1,9 @@
 """Plots from the saved results (``benchmarks/results/*.json``), PNGs next to BENCHMARKS.md.
 
+``python -m benchmarks.report`` draws the plots of the current results with :func:`plot_current`
+(``bench_w1.png``, ``bench_w2.png``, ``bench_w3.png``: one panel per current run). This module's
+command line plots one result file per workload in more detail:
+
     python -m benchmarks.plots              # latest result of each workload (CPU)
     python -m benchmarks.plots --device cuda
 
@@ -18,8 +22,9 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, ROOT
 
 
-def latest(workload: str, device: str = "cpu", results_dir: Path = RESULTS_DIR,
-           model_filter: str | None = None) -> dict | None:
+def latest(
+    workload: str, device: str = "cpu", results_dir: Path = RESULTS_DIR, model_filter: str | None = None
+) -> dict | None:
     """The newest saved result of a workload (by file name: the timestamp)."""
     files = sorted(results_dir.glob(f"{workload.lower()}-{device}-*.json"))
     for f in reversed(files):
@@ -39,8 +44,9 @@ def _plt():
 
 
 def _errbar(ax, xs, med, lo, hi, **kw):
-    ax.errorbar(xs, med, yerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]],
-                capsize=3, marker="o", **kw)
+    ax.errorbar(
+        xs, med, yerr=[[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]], capsize=3, marker="o", **kw
+    )
 
 
 def plot_w1(d: dict, out_dir: Path) -> list[Path]:
@@ -51,9 +57,14 @@ def plot_w1(d: dict, out_dir: Path) -> list[Path]:
     for side, label in (("ours", "ours (ByteLM)"), ("anchor", "anchor (ByteLLM)")):
         pts = [(r["K"], r[side]) for r in res if "bytes_per_s" in r[side]]
         if pts:
-            _errbar(ax, [k for k, _ in pts], [x["bytes_per_s"] for _, x in pts],
-                    [x["bytes_per_s_min"] for _, x in pts], [x["bytes_per_s_max"] for _, x in pts],
-                    label=label)
+            _errbar(
+                ax,
+                [k for k, _ in pts],
+                [x["bytes_per_s"] for _, x in pts],
+                [x["bytes_per_s_min"] for _, x in pts],
+                [x["bytes_per_s_max"] for _, x in pts],
+                label=label,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("beam width K")
     ax.set_ylabel("bytes / s")
@@ -89,11 +100,20 @@ def plot_w2(d: dict, out_dir: Path) -> list[Path]:
     for ax, task in zip(axes[0], tasks):
         rows = [r for r in res if r["task"] == task]
         for s, label in (("ours", "ours"), ("anchor", "ByteLLM"), ("token", "PromptedLLM (tokens)")):
-            pts = [(r["particles"], r[s]["bytes_per_s"]) for r in rows
-                   if isinstance(r.get(s), dict) and "bytes_per_s" in r[s]]
+            pts = [
+                (r["particles"], r[s]["bytes_per_s"])
+                for r in rows
+                if isinstance(r.get(s), dict) and "bytes_per_s" in r[s]
+            ]
             if pts:
-                _errbar(ax, [n for n, _ in pts], [b["median"] for _, b in pts],
-                        [b["min"] for _, b in pts], [b["max"] for _, b in pts], label=label)
+                _errbar(
+                    ax,
+                    [n for n, _ in pts],
+                    [b["median"] for _, b in pts],
+                    [b["min"] for _, b in pts],
+                    [b["max"] for _, b in pts],
+                    label=label,
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("particles")
@@ -111,14 +131,18 @@ def plot_w3(d: dict, out_dir: Path) -> list[Path]:
     plt = _plt()
     res = d["results"]
     vocabs = list(dict.fromkeys(r["vocab"] for r in res))
-    fig, axes = plt.subplots(1, len(vocabs), figsize=(3.6 * len(vocabs), 3.4), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(1, len(vocabs), figsize=(3.6 * len(vocabs), 3.4), squeeze=False, sharey=True)
     for ax, v in zip(axes[0], vocabs):
         rows = [r for r in res if r["vocab"] == v]
         for side, label in (("ours", "ours (f64)"), ("anchor", "genlm-bytes (f32)")):
-            _errbar(ax, [r["B"] for r in rows], [r[side]["median"] * 1e3 for r in rows],
-                    [r[side]["min"] * 1e3 for r in rows], [r[side]["max"] * 1e3 for r in rows],
-                    label=label)
+            _errbar(
+                ax,
+                [r["B"] for r in rows],
+                [r[side]["median"] * 1e3 for r in rows],
+                [r[side]["min"] * 1e3 for r in rows],
+                [r[side]["max"] * 1e3 for r in rows],
+                label=label,
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("batch B")
@@ -133,8 +157,45 @@ def plot_w3(d: dict, out_dir: Path) -> list[Path]:
     return [path]
 
 
-def make_all(device="cpu", results_dir: Path = RESULTS_DIR, out_dir: Path = ROOT,
-             w1_model: str | None = None, files: dict | None = None) -> list[Path]:
+def plot_current(runs, out_dir: Path = ROOT) -> dict[str, Path]:
+    """One PNG per workload with series (W1, W2, W3): a panel per run of ``runs`` (the current
+    ``benchmarks.report.Run`` of each device and model), each series with its min–max bars."""
+    plt = _plt()
+    out = {}
+    for wl in ("W1", "W2", "W3"):
+        group = [r for r in runs if r.workload == wl and any(r.series.values())]
+        if not group:
+            continue
+        ncols = min(3, len(group))
+        nrows = -(-len(group) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
+        for ax in axes.flat[len(group) :]:
+            ax.set_visible(False)
+        for ax, r in zip(axes.flat, group):
+            for label, pts in r.series.items():
+                if pts:
+                    xs, med, lo, hi = zip(*sorted(pts))
+                    _errbar(ax, xs, med, lo, hi, label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(r.xlabel)
+            ax.set_ylabel(r.ylabel)
+            ax.set_title(f"{wl}, {r.machine[:30]}, {r.model_kind}, {r.backend_kind}\n{r.date} `{r.commit}`", fontsize=8)
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        out[wl] = out_dir / f"bench_{wl.lower()}.png"
+        fig.savefig(out[wl], dpi=110)
+        plt.close(fig)
+    return out
+
+
+def make_all(
+    device="cpu",
+    results_dir: Path = RESULTS_DIR,
+    out_dir: Path = ROOT,
+    w1_model: str | None = None,
+    files: dict | None = None,
+) -> list[Path]:
     """Plot the latest result of each workload, or ``files[workload]`` (a JSON path)."""
     paths = []
     files = files or {}

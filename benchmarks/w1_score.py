@@ -26,7 +26,7 @@ import warnings
 
 from benchmarks.common import (
     add_common_args, command_line, set_threads,
-    Stat, append_markdown, header, md_table, ratio_stat, save_json, fmt_ratio,
+    Stat, header, md_table, ratio_stat, save_json, fmt_ratio,
 )
 from benchmarks.lms import heldout_text, make_lm, reset
 
@@ -188,7 +188,6 @@ def main(argv=None):
     md = render(meta, results, reps)
     print(md)
     if not a.no_write:
-        append_markdown("W1", md)
         print("saved", save_json(meta, results))
     return results
 

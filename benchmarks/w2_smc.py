@@ -33,7 +33,7 @@ import numpy as np
 
 from benchmarks.common import (
     add_common_args, command_line, set_threads,
-    Stat, append_markdown, fmt_ratio, header, md_table, ratio_stat, save_json,
+    Stat, fmt_ratio, header, md_table, ratio_stat, save_json,
 )
 from benchmarks.lms import make_lm, reset
 
@@ -303,7 +303,6 @@ def main(argv=None):
     md = render(meta, results)
     print(md)
     if not a.no_write:
-        append_markdown("W2", md)
         print("saved", save_json(meta, results))
     return results
 

@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.common import (
     add_common_args, command_line, set_threads,
-    Stat, append_markdown, fmt_ratio, fmt_time, header, interleaved, md_table, ratio_stat,
+    Stat, fmt_ratio, fmt_time, header, interleaved, md_table, ratio_stat,
     save_json,
 )
 
@@ -243,7 +243,6 @@ def main(argv=None):
     md = render(meta, results, labels, reps)
     print(md)
     if not a.no_write:
-        append_markdown("W3", md)
         print("saved", save_json(meta, results))
     return results
 

@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 
-from benchmarks.common import add_common_args, command_line, set_threads, Stat, append_markdown, header, md_table, ratio_stat, save_json
+from benchmarks.common import add_common_args, command_line, set_threads, Stat, header, md_table, ratio_stat, save_json
 from benchmarks.lms import heldout_text, make_lm, reset
 
 
@@ -127,7 +127,6 @@ def main(argv=None):
     md = render(meta, results)
     print(md)
     if not a.no_write:
-        append_markdown("W4", md)
         print("saved", save_json(meta, results))
     return results
 

@@ -1,6 +1,6 @@
 """JSON-schema-constrained generation at the byte level, from an instruction prompt.
 
-    python examples/json_schema.py --particles 8
+python examples/json_schema.py --particles 8
 """
 
 import argparse

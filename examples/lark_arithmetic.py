@@ -1,6 +1,6 @@
 """A Lark grammar (small arithmetic expressions) guiding byte-level SMC.
 
-    python examples/lark_arithmetic.py --particles 8
+python examples/lark_arithmetic.py --particles 8
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Regex-constrained byte-level SMC: every posterior sample matches the pattern.
 
-    python examples/regex_smc.py --pattern '[A-Z][a-z]+ [0-9]{4}' --particles 8
+python examples/regex_smc.py --pattern '[A-Z][a-z]+ [0-9]{4}' --particles 8
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Bits per byte of a text file under the byte beam, for several beam widths.
 
-    python examples/score_file.py README.md --K 1 4 8
+python examples/score_file.py README.md --K 1 4 8
 """
 
 import argparse

