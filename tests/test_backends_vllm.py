@@ -51,7 +51,8 @@ def assert_matches_reference(row, ref, dtype):
 def _engine(path, dtype, **opts):
     from genlm_bytes_potential.backends.vllm import VLLMTokenLM
 
-    return VLLMTokenLM(str(path), dtype=dtype, max_model_len=512, seed=0, **opts)
+    # eager: the tests check values, not speed (on a GPU it saves a minute of compilation)
+    return VLLMTokenLM(str(path), dtype=dtype, max_model_len=512, seed=0, enforce_eager=True, **opts)
 
 
 @pytest.fixture(scope="module")
