@@ -362,3 +362,29 @@ async def test_scoring_prefetches_into_the_row_cache(vllm_lm):
     (lp0, steps0), (lp6, steps6) = runs[0], runs[6]
     assert lp6 == pytest.approx(lp0, abs=1e-6 * len(text))
     assert steps6 < steps0 / 3, runs
+
+
+def test_engine_core_in_its_own_process_sends_rows_through_shared_memory(monkeypatch, tiny_llama_dir, tiny_llama):
+    """The path of tensor_parallel_size > 1 (the sampler in another process), here with
+    vLLM's engine core in its own process: rows come back through a /dev/shm file."""
+    pytest.importorskip("vllm")
+    import vllm.envs as envs
+
+    model, tok = tiny_llama
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    if hasattr(envs.__getattr__, "cache_clear"):  # vLLM caches its environment once an engine ran
+        envs.__getattr__.cache_clear()
+    try:
+        lm = _engine(tiny_llama_dir, "float32")
+    finally:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if hasattr(envs.__getattr__, "cache_clear"):
+            envs.__getattr__.cache_clear()
+    try:
+        assert not lm.in_process and lm._pool.path.startswith(("/dev/shm", "/tmp"))
+        out = lm.batch_next_token_logprobs_sync(CTXS)
+        assert out.device.type == "cpu"
+        for row, ctx in zip(out, CTXS):
+            assert_matches_reference(row, hf_reference(model, ctx, len(tok)), "float32")
+    finally:
+        lm.close()
