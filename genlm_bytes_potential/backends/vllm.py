@@ -298,7 +298,7 @@ class VLLMTokenLM(AsyncLM):
             contexts of the bytes ahead (``lookahead``) as extra requests of one engine
             step. Default: on a GPU (measured there: SmolLM2 scoring at K=5 took 0.34
             engine steps and 17 requests a byte); off on CPU, where every extra request
-            recomputes up to a 32-token block (scoring: 5.9 B/s without, 1.3 with it).
+            recomputes up to a 32-token block (fp32 scoring: 5.9 B/s without, 1.3 with it).
             Settable later (before building the potential).
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
