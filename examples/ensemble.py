@@ -2,7 +2,12 @@
 
 Token-level ensembles need a shared vocabulary; at the byte level any two models multiply.
 
-    python examples/ensemble.py --model-a PATH_A --model-b PATH_B
+    python examples/ensemble.py --model-a PATH_A --model-b PATH_B [--backend auto|vllm|paged|hf]
+
+Each model defaults to the default SmolLM2 (then the product is that model's byte
+distribution squared: sharper, and it shows two engines running side by side). Two vLLM
+engines share one process: on a GPU the second one takes half the memory still free
+(pass ``gpu_memory_utilization`` through ``load_lm`` to choose).
 """
 
 import argparse
@@ -28,7 +33,7 @@ async def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model-a"), p.add_argument("--model-b", required=True)
+    p.add_argument("--model-a"), p.add_argument("--model-b")
     p.add_argument("--backend", default="auto"), p.add_argument("--K", type=int, default=4)
     p.add_argument("--prompt", default="My favourite colour is "), p.add_argument("--pattern", default=r"[a-z]{3,8}\.")
     p.add_argument("--particles", type=int, default=6), p.add_argument("--max-bytes", type=int, default=10)

