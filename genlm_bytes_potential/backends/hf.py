@@ -206,11 +206,15 @@ class HFTokenLM(AsyncLM):
         out = [tuple(c) if type(c) in (list, tuple) else tuple(map(int, c)) for c in contexts]
         if not all(out):
             raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
-        flat = list(chain.from_iterable(out))
-        if flat and (min(flat) < 0 or max(flat) >= self.vocab_size):
-            bad = next(t for t in flat if not 0 <= t < self.vocab_size)
+        tokens = self._unchecked_tokens(out)
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            bad = next(t for t in tokens if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
         return out
+
+    def _unchecked_tokens(self, contexts: list[tuple[int, ...]]) -> list[int]:
+        """The token ids of ``contexts`` that ``_check`` tests against the vocabulary."""
+        return list(chain.from_iterable(contexts))
 
     def _lookup(self, ctx: tuple[int, ...]) -> torch.Tensor | None:
         """The cached log-probs of ``ctx`` (now the most recently used), or None."""
