@@ -118,7 +118,8 @@ class _PrefixCache:
 
 
 class HFTokenLM(AsyncLM):
-    """Token-level ``AsyncLM`` on a Hugging Face causal LM with prefix KV reuse.
+    """Token-level ``AsyncLM`` on a Hugging Face causal LM with prefix KV reuse; a
+    :class:`~genlm_bytes_potential.backends.protocol.CachingTokenLM`.
 
     Args:
         model: a ``transformers`` causal LM (put in eval mode here).
@@ -157,6 +158,9 @@ class HFTokenLM(AsyncLM):
         self.device = next(model.parameters()).device
         super().__init__(tokenizer)
         self.vocab_size = len(self.byte_vocab)
+        limit = getattr(cfg, "max_position_embeddings", None)
+        #: the most tokens of a context (the model's ``max_position_embeddings``; None: no limit)
+        self.max_context_length = int(limit) if isinstance(limit, int) and limit >= 1 else None
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -206,6 +210,9 @@ class HFTokenLM(AsyncLM):
         out = [tuple(c) if type(c) in (list, tuple) else tuple(map(int, c)) for c in contexts]
         if not all(out):
             raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
+        limit = self.max_context_length
+        if limit is not None and out and (longest := max(map(len, out))) > limit:
+            raise ValueError(f"context of {longest} tokens exceeds max_context_length={limit} (the model's positions)")
         tokens = self._unchecked_tokens(out)
         if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
             bad = next(t for t in tokens if not 0 <= t < self.vocab_size)
