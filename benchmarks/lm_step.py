@@ -39,11 +39,15 @@ def _stat_ms(seconds: list[float]) -> dict:
 
 
 class _ForwardClock:
-    """Seconds spent inside ``lm._run`` (the forward pass, when it runs on the host)."""
+    """Seconds spent inside ``lm._run`` (the forward pass, when it runs on the host),
+    while in a ``with`` block."""
 
     def __init__(self, lm):
+        self.lm = lm
         self.spent = 0.0
-        run = lm._run
+
+    def __enter__(self):
+        run = self.lm._run
 
         def timed(*args):
             t = time.perf_counter()
@@ -52,7 +56,11 @@ class _ForwardClock:
             finally:
                 self.spent += time.perf_counter() - t
 
-        lm._run = timed
+        self.lm._run = timed
+        return self
+
+    def __exit__(self, *exc):
+        del self.lm._run  # the class's method again
 
 
 def load(model: str, device: str, dtype: str):
@@ -64,9 +72,14 @@ def load(model: str, device: str, dtype: str):
 
 
 def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: int = 3) -> list[dict]:
+    """Per ``N`` in ``sizes`` and per API, the times of one step (see the module
+    docstring) over ``reps`` repetitions after ``warmup`` ones."""
+    fresh_needed = 2 * (warmup + reps) * sum(sizes)
+    if fresh_needed > lm.vocab_size - 1000:
+        raise ValueError(f"{fresh_needed} one-token contexts need more than the {lm.vocab_size - 1000} "
+                         f"token ids >= 1000 of the vocabulary; lower reps or sizes")
     cuda = lm.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    clock = _ForwardClock(lm)
     fresh = iter(range(1000, lm.vocab_size))  # next-token ids never asked for after the prefix
 
     def contexts(n):
@@ -83,7 +96,7 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
         "async": lambda ctxs: loop.run_until_complete(timed_async(ctxs)),
     }
     results = []
-    try:
+    with _ForwardClock(lm) as clock:
         for n in sizes:
             for api, call in calls.items():
                 total, host, hit = [], [], []
@@ -105,8 +118,7 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
                         hit.append(t3 - t2)
                 results.append({"N": n, "api": api, "total_ms": _stat_ms(total), "host_ms": _stat_ms(host),
                                 "hit_ms": _stat_ms(hit)})
-    finally:
-        loop.close()
+    loop.close()
     return results
 
 

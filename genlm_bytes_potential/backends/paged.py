@@ -403,7 +403,7 @@ class PagedTokenLM(HFTokenLM):
                     f"{cache.n_rows} rows; raise logprob_cache_bytes"
                 )
             get = cache.nodes.get
-            todo, hits, hit_nodes = [], [], []
+            todo, found, hits, hit_nodes = [], [], [], []
             for ctx in asked:
                 node = get(ctx)
                 if node is not None and node.row >= 0:
@@ -412,111 +412,135 @@ class PagedTokenLM(HFTokenLM):
                     hit_nodes.append(node)
                 else:
                     todo.append(ctx)
+                    found.append(node)
             if hits:  # cached ones first become the most recently used: their rows are kept
                 self.cache_hits += len(hits)
                 cache.take_rows(hits, hit_nodes)
             if todo:
-                for ctx, node in self._compute(todo, hits):
-                    asked[ctx] = node
+                asked.update(zip(*self._compute(todo, found, hits)))
             nodes = asked.values() if len(asked) == len(contexts) else map(asked.__getitem__, contexts)
             return self._gather([node.row for node in nodes])
 
-    def _compute(self, todo: list[tuple[int, ...]], keep=()) -> list[tuple[tuple[int, ...], _Node]]:
-        """Evaluate contexts in waves of forward passes (evicting none of ``keep``);
-        returns each context with its node. A row's new tokens get new trie nodes (a cached context without log-probs
-        recomputes its last token in its own slot); a row that reads a slot written in
-        this batch runs in the same wave as its writer or a later one."""
+    def _compute(self, todo: list[tuple[int, ...]], found: list, keep=()) -> tuple[list, list]:
+        """Evaluate contexts (``found``: each one's node, or None) in waves of forward
+        passes, evicting none of ``keep``; returns the contexts and their nodes.
+
+        A row's new tokens get new trie nodes; a cached context without log-probs
+        recomputes its last token in its own slot. Rows that extend a cached context by
+        one token (a beam's step) are planned first, as they come; the others after
+        them, shortest first (so a context of this call that they extend has its node). A
+        row that reads a slot written in this batch runs in the same wave as its writer
+        or a later one: all rows of a wave write a layer's slots before any reads them."""
         cache = self.cache
         get = cache.nodes.get
-        todo.sort(key=len)
-        plan = []  # (context, how, node): _REDO: its own node; _STEP: its parent's, if cached
-        need, in_call = 0, None
-        for ctx in todo:  # slots to free
-            node = get(ctx)
+        steps, later = [], []  # (context, first new position, prefix node, recompute); contexts
+        need = 0
+        for ctx, node in zip(todo, found):
             if node is not None:
-                plan.append((ctx, _REDO, node))
-                continue
-            parent = get(ctx[:-1]) if len(ctx) > 1 else None
-            if parent is not None or len(ctx) == 1:
-                plan.append((ctx, _STEP, parent))
-                need += 1
-                continue
-            in_call = set(todo) if in_call is None else in_call
-            if ctx[:-1] in in_call:  # extends a context of this call: one new slot
-                plan.append((ctx, _STEP, None))
+                steps.append((ctx, len(ctx) - 1, node, True))
+            elif len(ctx) == 1 or (node := get(ctx[:-1])) is not None:
+                steps.append((ctx, len(ctx) - 1, node, False))
                 need += 1
             else:
-                plan.append((ctx, _SEARCH, None))
-                need += len(ctx) - cache.deepest(ctx)[0]
+                later.append(ctx)
+        if later:
+            later.sort(key=len)
+            in_call = set(todo)
+            need += sum(1 if ctx[:-1] in in_call else len(ctx) - cache.deepest(ctx)[0] for ctx in later)
         if need > len(cache.free):  # evict, keeping the cached prefixes this batch reads
-            pinned = {ctx if how == _REDO else ctx[:-1] if how == _STEP else ctx[: cache.deepest(ctx)[0]]
-                      for ctx, how, _ in plan}
-            cache.reserve(need, pinned.union(keep))
+            pinned = set(keep)
+            pinned.update(ctx if redo else ctx[:-1] for ctx, _, _, redo in steps)
+            pinned.update(ctx[: cache.deepest(ctx)[0]] for ctx in later)
+            cache.reserve(need, pinned)
+        if not later and len(steps) <= min(self.max_batch_size, self.max_batch_tokens):
+            return self._step(steps)  # the usual call: one wave of one-token rows
+        # the rest are located when reached, after the nodes planned before them exist
+        plan = chain(steps, ((ctx, *cache.deepest(ctx), False) for ctx in later))
         created: list[tuple[int, ...]] = []  # new nodes, parents first
         marked: list[_Node] = []  # nodes whose slot a wave of this batch writes
-        waves: list[list] = []  # rows: (context, first new position, node)
-        sizes: list[tuple[int, int]] = []  # (rows, longest new) per wave
-        done = []
+        waves: list[tuple[list, list, list]] = []  # per wave: contexts, first new positions, nodes
+        rows: list[int] = []  # per wave: rows
+        longest: list[int] = []  # per wave: most new tokens of a row
         max_rows, max_tokens = self.max_batch_size, self.max_batch_tokens
-        for ctx, how, node in plan:
-            n = len(ctx)
-            if how == _REDO:
-                d, prefix = n - 1, node
-            elif how == _STEP:
-                d, prefix = n - 1, node if node is not None or n == 1 else get(ctx[:-1])
-            else:
-                d, prefix = cache.deepest(ctx)
-            k = n - d
-            w = max(prefix.wave, 0) if prefix is not None else 0  # not before its prefix's writer
-            while w < len(sizes):
-                rows, longest = sizes[w]
-                if rows < max_rows and (rows + 1) * max(longest, k) <= max_tokens:
-                    break
+        out_contexts, out_nodes, tokens = [], [], 0
+        for ctx, d, node, redo in plan:
+            k = len(ctx) - d
+            w = node.wave if node is not None and node.wave > 0 else 0  # not before its prefix's writer
+            while w < len(rows) and not (rows[w] < max_rows and (rows[w] + 1) * max(longest[w], k) <= max_tokens):
                 w += 1
-            if w == len(sizes):
-                waves.append([])
-                sizes.append((0, 0))
-            rows, longest = sizes[w]
-            sizes[w] = (rows + 1, max(longest, k))
-            if how == _REDO:
-                new_nodes = [node]
-            else:
-                new_nodes = []
-                for j in range(d + 1, n + 1):
-                    key = ctx if j == n else ctx[:j]
-                    prefix = cache.add(key, prefix)
+            if w == len(rows):
+                waves.append(([], [], []))
+                rows.append(0)
+                longest.append(0)
+            rows[w] += 1
+            longest[w] = max(longest[w], k)
+            if not redo:  # new nodes for the new tokens
+                for j in range(d + 1, len(ctx) + 1):
+                    key = ctx if j == len(ctx) else ctx[:j]
+                    node = cache.add(key, node)
+                    node.wave = w
                     created.append(key)
-                    new_nodes.append(prefix)
-                node = prefix
+                    marked.append(node)
                 if k > 1:  # one path array, its prefixes shared by the new nodes
                     path = node.path
-                    for j, m in enumerate(new_nodes[:-1]):
+                    for j, m in enumerate(marked[len(marked) - k : -1]):
                         m._path = path[: d + 1 + j]
-            for m in new_nodes:
-                m.wave = w
-            marked.extend(new_nodes)
-            waves[w].append((ctx, d, node))
-            done.append((ctx, node))
-            self.forward_tokens += k
+            else:
+                node.wave = w
+                marked.append(node)
+            contexts, starts, nodes = waves[w]
+            contexts.append(ctx)
+            starts.append(d)
+            nodes.append(node)
+            out_contexts.append(ctx)
+            out_nodes.append(node)
+            tokens += k
+        self.forward_tokens += tokens
         try:
-            for rows in waves:
-                self._forward_wave(rows)
+            for wave in waves:
+                self._forward_wave(wave)
         except BaseException:  # slots and rows never written must not pass for cached
-            for ctx, _, node in (row for rows in waves for row in rows):
+            for ctx, node in zip(out_contexts, out_nodes):
                 cache.release_row(ctx, node)
             cache.discard(reversed(created))
             raise
         finally:
             for node in marked:
                 node.wave = -1
-        return done
+        return out_contexts, out_nodes
 
-    def _forward_wave(self, rows) -> None:
-        contexts, starts, nodes = zip(*rows)
-        lens = np.fromiter(map(len, contexts), np.int64, len(rows))
+    def _step(self, steps: list[tuple]) -> tuple[list, list]:
+        """``_compute`` of rows of one new token that fit one forward pass (``steps``:
+        context, first new position, its parent's node or, to recompute, its own, and
+        whether to recompute): no wave planning, one new node per new context."""
+        cache, free, trie = self.cache, self.cache.free, self.cache.nodes
+        contexts, starts, prefixes, redo = zip(*steps)
+        nodes, created = [], []
+        for ctx, node, again in zip(contexts, prefixes, redo):
+            if not again:  # a new node after its parent (as cache.add)
+                parent, node = node, _Node(node, free.pop())
+                if parent is not None:
+                    parent.children += 1
+                trie[ctx] = node
+                created.append(ctx)
+            nodes.append(node)
+        self.forward_tokens += len(contexts)
+        try:
+            self._forward_wave((contexts, starts, nodes))
+        except BaseException:  # slots and rows never written must not pass for cached
+            for ctx, node in zip(contexts, nodes):
+                cache.release_row(ctx, node)
+            cache.discard(reversed(created))
+            raise
+        return contexts, nodes
+
+    def _forward_wave(self, wave: tuple[list, list, list]) -> None:
+        """One forward pass over ``wave``: its contexts, each one's first new position and node."""
+        contexts, starts, nodes = wave
+        lens = np.fromiter(map(len, contexts), np.int64, len(contexts))
         N = int((lens - np.array(starts)).max())
         graph = N == 1 and self.cuda_graphs
-        B, S = len(rows), int(lens.max())
+        B, S = len(contexts), int(lens.max())
         if graph:  # buckets: rows to a power of two, keys to a power of two >= 64
             B_pad, S_pad = 1 << (B - 1).bit_length(), max(64, 1 << (S - 1).bit_length())
         else:
