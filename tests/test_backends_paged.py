@@ -180,8 +180,8 @@ def test_slot_trie_evicts_lru_leaves_and_keeps_contexts_asked_for():
     for ctx in [(1,), (1, 2), (1, 2, 3), (1, 4), (5,)]:
         t.add(ctx, t.nodes.get(ctx[:-1]))
     t.take_row((1, 2), t.nodes[(1, 2)])
-    for ctx in [(1, 2, 3), (1, 4), (5,), (1, 2)]:  # oldest first
-        t.touch(ctx, t.nodes[ctx])
+    for tick, ctx in enumerate([(1, 2, 3), (1, 4), (5,), (1, 2)], 1):  # oldest first
+        t.nodes[ctx].tick = tick
     assert not t.free
     t.reserve(1, pinned={(5,)})  # the oldest leaf goes; its parent holds log-probs and stays
     assert set(t.nodes) == {(1,), (1, 2), (1, 4), (5,)} and len(t.free) == 1
@@ -197,7 +197,7 @@ def test_slot_trie_log_prob_rows_are_reused_least_recently_used_first():
     t = _SlotTrie(n_slots=8, n_rows=2)
     a, b, c = (t.add((k,), None) for k in (1, 2, 3))
     assert (t.take_row((1,), a), t.take_row((2,), b)) == (0, 1)
-    t.touch((1,), a)  # (2,) is now the least recently used
+    t.take_row((1,), a)  # (2,) is now the least recently used
     assert t.take_row((3,), c) == 1 and b.row == -1 and t.take_row((1,), a) == 0
     t.discard([(3,)])  # a removed context frees its row
     assert t.free_rows == [1] and set(t.with_logprobs) == {(1,)}

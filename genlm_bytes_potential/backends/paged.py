@@ -13,7 +13,10 @@ makes that step cheap:
 * all contexts of a call run as one batch (rows may even extend a token that another
   row of the same batch writes: all rows write a layer's slots before any reads them);
 * on CUDA, a batch of one-token steps replays a CUDA graph captured once per
-  (rows, key length) bucket: the whole 30-layer forward costs one launch.
+  (rows, key length) bucket: the whole 30-layer forward costs one launch;
+* the host's work per call is small: per new context a few dict operations and one node;
+  a batch of one-token steps is packed column by column (numpy) straight into
+  page-locked memory, one transfer (``benchmarks/lm_step.py`` measures it).
 
 The forward pass uses the model's own weights and rotary embedding and computes what the
 Hugging Face model computes, with fewer kernels (q/k/v and gate/up projections fused,
@@ -50,10 +53,10 @@ class _Node:
 
     __slots__ = ("parent", "slot", "_path", "children", "row", "wave", "tick")
 
-    def __init__(self, parent, slot: int, path: np.ndarray | None = None):
+    def __init__(self, parent, slot: int):
         self.parent = parent
         self.slot = slot
-        self._path = path
+        self._path: np.ndarray | None = None
         self.children = 0
         self.row = -1  # log-prob pool row; -1: none
         self.wave = -1  # forward pass of the current batch that writes this slot
@@ -112,10 +115,10 @@ class _SlotTrie:
                 hi = mid - 1
         return lo, nodes.get(ctx[:lo]) if lo else None
 
-    def add(self, ctx: tuple[int, ...], parent: _Node | None, path: np.ndarray | None = None) -> _Node:
+    def add(self, ctx: tuple[int, ...], parent: _Node | None) -> _Node:
         """A new node for ``ctx``, whose parent ``ctx[:-1]`` (``parent``) is in the trie
-        (or ``ctx`` has one token and ``parent`` is None); ``path``: its slots, if known."""
-        node = _Node(parent, self.free.pop(), path)
+        (or ``ctx`` has one token and ``parent`` is None)."""
+        node = _Node(parent, self.free.pop())
         if parent is not None:
             parent.children += 1
         self.nodes[ctx] = node
@@ -164,12 +167,6 @@ class _SlotTrie:
                 lru[ctx] = lru.pop(ctx)
             rows.append(node.row)
         return rows
-
-    def touch(self, ctx, node: _Node):
-        self.tick += 1
-        node.tick = self.tick
-        if node.row >= 0:
-            self.with_logprobs[ctx] = self.with_logprobs.pop(ctx, node)
 
     def reserve(self, need: int, pinned: set[tuple[int, ...]]) -> None:
         """Free slots until ``need`` are free (aiming for an eighth of the pool more),
