@@ -14,7 +14,15 @@ ranges over ``--reps`` repetitions (after warm-ups that capture the CUDA graphs)
 * ``host_ms``: the host's own work in the call: the call's wall time (not synchronized)
   less the time spent inside the model's forward on the host (``PagedTokenLM._run``:
   the whole forward on the CPU; on CUDA a graph replay only launches it);
-* ``hit_ms``: the same ``N`` contexts asked for again (answered from the cache).
+* ``hit_ms``: the same ``N`` contexts asked for again (answered from the cache);
+* ``plan_ms``: the call with the forward pass replaced by nothing and log-prob rows one
+  column wide (then the cache is cleared): the host's planning, packing and bookkeeping
+  alone, as on an infinitely fast device.
+
+On the CPU ``host_ms`` also holds the copy of the returned log-prob rows (``N x V``
+floats; one kernel on a GPU), and ``async`` times hold the hop to the worker thread that
+runs CPU forwards (none on CUDA): there ``plan_ms`` of ``sync`` is the measure of the
+host's own work.
 
 Prints one JSON object (``meta``, ``results``); ``--out FILE`` also writes it there.
 """
@@ -63,6 +71,26 @@ class _ForwardClock:
         del self.lm._run  # the class's method again
 
 
+class _NoForward:
+    """In a ``with`` block, ``lm``'s forward pass does nothing and its log-prob rows are
+    one column wide; on leaving, the cache (whose rows were never written) is cleared."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __enter__(self):
+        lm = self.lm
+        self.saved = lm.cuda_graphs, lm.logprob_rows
+        lm._run = lambda *args: None
+        lm.cuda_graphs, lm.logprob_rows = False, lm.logprob_rows[:, :1]
+
+    def __exit__(self, *exc):
+        lm = self.lm
+        del lm._run
+        lm.cuda_graphs, lm.logprob_rows = self.saved
+        lm.clear_cache()
+
+
 def load(model: str, device: str, dtype: str):
     from genlm_bytes_potential.backends.paged import PagedTokenLM
     from genlm_bytes_potential.models import default_model_dir
@@ -80,12 +108,9 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
                          f"token ids >= 1000 of the vocabulary; lower reps or sizes")
     cuda = lm.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    fresh = iter(range(1000, lm.vocab_size))  # next-token ids never asked for after the prefix
 
     def contexts(n):
         return [prefix + (next(fresh),) for _ in range(n)]
-
-    lm.batch_next_token_logprobs_sync([prefix])
 
     async def timed_async(ctxs):
         return await lm.batch_next_token_logprobs(ctxs)
@@ -96,6 +121,9 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
         "async": lambda ctxs: loop.run_until_complete(timed_async(ctxs)),
     }
     results = []
+    lm.clear_cache()
+    lm.batch_next_token_logprobs_sync([prefix])
+    fresh = iter(range(1000, lm.vocab_size))  # next-token ids never asked for after the prefix
     with _ForwardClock(lm) as clock:
         for n in sizes:
             for api, call in calls.items():
@@ -118,6 +146,18 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
                         hit.append(t3 - t2)
                 results.append({"N": n, "api": api, "total_ms": _stat_ms(total), "host_ms": _stat_ms(host),
                                 "hit_ms": _stat_ms(hit)})
+    lm.clear_cache()
+    lm.batch_next_token_logprobs_sync([prefix])
+    fresh = iter(range(1000, lm.vocab_size))
+    with _NoForward(lm):
+        for row in results:
+            call, plan = calls[row["api"]], []
+            for rep in range(warmup + reps):
+                ctxs = contexts(row["N"])
+                t0 = time.perf_counter()
+                call(ctxs)
+                plan.append(time.perf_counter() - t0)
+            row["plan_ms"] = _stat_ms(plan[warmup:])
     loop.close()
     return results
 

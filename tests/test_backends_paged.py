@@ -336,3 +336,21 @@ async def test_slot_paths_after_eviction_and_a_long_context(tiny_llama):
     last = [base + [4, 7, 8]]
     assert torch.allclose((await lm.batch_next_token_logprobs(last))[0], _ref(model, last[0], lm.vocab_size),
                           atol=2e-4, rtol=1e-5)
+
+
+def test_lm_step_benchmark_leaves_the_lm_as_it_was(tiny_llama):
+    """benchmarks/lm_step.py at toy scale: well-formed times, and the LM (whose forward it
+    stubs out for plan_ms) computes exact values afterwards."""
+    from benchmarks import lm_step
+
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    rows = lm.logprob_rows
+    results = lm_step.measure(lm, (1, 504, 3, 77), [1, 3], reps=2, warmup=1)
+    assert [(r["N"], r["api"]) for r in results] == [(1, "sync"), (1, "async"), (3, "sync"), (3, "async")]
+    for r in results:
+        for key in ("total_ms", "host_ms", "hit_ms", "plan_ms"):
+            assert 0 <= r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+    assert lm.logprob_rows is rows and "_run" not in vars(lm) and not lm.cache.nodes
+    ctx = [1, 504, 3, 77, 1001]
+    assert torch.allclose(lm.next_token_logprobs_sync(ctx), _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
