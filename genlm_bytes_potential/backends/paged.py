@@ -196,7 +196,8 @@ class _SlotTrie:
 
 
 class PagedTokenLM(HFTokenLM):
-    """Token-level ``AsyncLM`` with a slot-paged KV pool (and CUDA graphs on GPU).
+    """Token-level ``AsyncLM`` with a slot-paged KV pool (and CUDA graphs on GPU); a
+    :class:`~genlm_bytes_potential.backends.protocol.CachingTokenLM`.
 
     Args:
         model: a ``transformers`` causal LM of the supported family (see the module
