@@ -23,7 +23,6 @@ import asyncio
 import threading
 from collections import OrderedDict
 from itertools import chain
-from typing import Sequence
 
 import torch
 from genlm.backend.llm.base import AsyncLM
