@@ -1,5 +1,6 @@
 """Where a byte step's time goes on a CUDA GPU: trie masses and their transfer, one LM
-step of ``PagedTokenLM``, W1 scoring throughput, and a cProfile of one scoring run.
+step of ``PagedTokenLM`` (``benchmarks.lm_step``), W1 scoring throughput, and a cProfile of
+one scoring run.
 
     python -m benchmarks.gpu_profile --bytes 400 --K 5 8
 
@@ -18,6 +19,7 @@ import time
 
 import torch
 
+from benchmarks import lm_step
 from benchmarks.lms import heldout_text
 
 
@@ -108,13 +110,11 @@ def main():
         pinned = _median_ms(lambda: to_host(trie.masses(lp[:B], True)[0]))
         print(f"trie masses, B={B}: {compute:.2f} ms on the GPU; with the copy to the host: "
               f"pageable {pageable:.2f} ms, pinned {pinned:.2f} ms")
-    ctx = tuple([1] + tok.encode(text[:300].decode("utf-8", "ignore")))
-    lm.batch_next_token_logprobs_sync([ctx])
-    for B in (1, 8, 128):
-        step = iter(range(10**6))
-        ms = _median_ms(lambda: lm.batch_next_token_logprobs_sync(
-            [ctx + (1000 + 8 * next(step) + b,) for b in range(B)]))
-        print(f"LM one-token step, B={B}: {ms:.2f} ms")
+    prefix = tuple([tok.bos_token_id] + tok.encode(text[:300].decode("utf-8", "ignore"), add_special_tokens=False))
+    for r in lm_step.measure(lm, prefix, [1, 8, 32, 128], reps=30):  # see benchmarks/lm_step.py
+        print(f"LM one-token step, N={r['N']} ({r['api']}): {r['total_ms']['median']:.2f} ms, of which host "
+              f"{r['host_ms']['median']:.2f} ms; cached again: {r['hit_ms']['median']:.2f} ms")
+    lm.clear_cache()
     for K in args.K:
         blm = ByteLM(lm, K=K, eos_tokens=eos)
         asyncio.run(blm.score(text))

@@ -180,8 +180,8 @@ def test_slot_trie_evicts_lru_leaves_and_keeps_contexts_asked_for():
     for ctx in [(1,), (1, 2), (1, 2, 3), (1, 4), (5,)]:
         t.add(ctx, t.nodes.get(ctx[:-1]))
     t.take_row((1, 2), t.nodes[(1, 2)])
-    for ctx in [(1, 2, 3), (1, 4), (5,), (1, 2)]:  # oldest first
-        t.touch(ctx, t.nodes[ctx])
+    for tick, ctx in enumerate([(1, 2, 3), (1, 4), (5,), (1, 2)], 1):  # oldest first
+        t.nodes[ctx].tick = tick
     assert not t.free
     t.reserve(1, pinned={(5,)})  # the oldest leaf goes; its parent holds log-probs and stays
     assert set(t.nodes) == {(1,), (1, 2), (1, 4), (5,)} and len(t.free) == 1
@@ -197,7 +197,7 @@ def test_slot_trie_log_prob_rows_are_reused_least_recently_used_first():
     t = _SlotTrie(n_slots=8, n_rows=2)
     a, b, c = (t.add((k,), None) for k in (1, 2, 3))
     assert (t.take_row((1,), a), t.take_row((2,), b)) == (0, 1)
-    t.touch((1,), a)  # (2,) is now the least recently used
+    t.take_row((1,), a)  # (2,) is now the least recently used
     assert t.take_row((3,), c) == 1 and b.row == -1 and t.take_row((1,), a) == 0
     t.discard([(3,)])  # a removed context frees its row
     assert t.free_rows == [1] and set(t.with_logprobs) == {(1,)}
@@ -291,3 +291,66 @@ async def test_prefetched_mass_rows_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
     (lp0, calls0), (lp4, calls4) = runs
     assert lp4 == pytest.approx(lp0, abs=1e-4)
     assert calls4 < calls0 / 2  # most steps only gathered stored rows
+
+
+def _assert_slot_paths_consistent(lm):
+    """Every cached context's slot path is its parent's path and its own slot."""
+    for ctx, node in lm.cache.nodes.items():
+        assert len(node.path) == len(ctx) and node.path[-1] == node.slot
+        if node.parent is not None:
+            assert lm.cache.nodes[ctx[:-1]] is node.parent
+            np.testing.assert_array_equal(node.path[:-1], node.parent.path)
+
+
+async def test_one_token_steps_past_the_batch_size_run_in_several_passes(tiny_llama):
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, max_batch_size=4)
+    V = lm.vocab_size
+    ctx = [1, 504, 3, 77, 1000]
+    await lm.next_token_logprobs(ctx)
+    steps = [ctx + [t] for t in range(200, 210)]  # 10 one-token rows: 3 passes of <= 4
+    out = await lm.batch_next_token_logprobs(steps + [ctx[:2]])  # and a cached prefix, recomputed
+    assert lm.forward_calls == 1 + 3 and lm.forward_tokens == len(ctx) + 11
+    for row, c in zip(out, steps + [ctx[:2]]):
+        assert torch.allclose(row, _ref(model, c, V), atol=2e-4, rtol=1e-5)
+    # steps on the new contexts, then multi-token rows on them: slot paths stay consistent
+    more = [s + [9] for s in steps[:6]] + [steps[7] + [5, 6, 7], steps[8] + [3] * 9]
+    out = await lm.batch_next_token_logprobs(more)
+    for row, c in zip(out, more):
+        assert torch.allclose(row, _ref(model, c, V), atol=2e-4, rtol=1e-5)
+    _assert_slot_paths_consistent(lm)
+
+
+async def test_slot_paths_after_eviction_and_a_long_context(tiny_llama):
+    model, tok = tiny_llama
+    per_slot = 2 * 2 * 1 * 32 * 4
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=150 * per_slot, max_batch_tokens=100)
+    rng = np.random.default_rng(1)
+    for k in range(8):
+        base = [1] + rng.integers(2, 1000, size=20).tolist()
+        await lm.batch_next_token_logprobs([base])
+        await lm.batch_next_token_logprobs([base + [t] for t in range(5)])
+        await lm.batch_next_token_logprobs([base + [t, 7] for t in range(5)])
+        _assert_slot_paths_consistent(lm)
+    assert lm.cache.evictions > 0
+    last = [base + [4, 7, 8]]
+    assert torch.allclose((await lm.batch_next_token_logprobs(last))[0], _ref(model, last[0], lm.vocab_size),
+                          atol=2e-4, rtol=1e-5)
+
+
+def test_lm_step_benchmark_leaves_the_lm_as_it_was(tiny_llama):
+    """benchmarks/lm_step.py at toy scale: well-formed times, and the LM (whose forward it
+    stubs out for plan_ms) computes exact values afterwards."""
+    from benchmarks import lm_step
+
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    rows = lm.logprob_rows
+    results = lm_step.measure(lm, (1, 504, 3, 77), [1, 3], reps=2, warmup=1)
+    assert [(r["N"], r["api"]) for r in results] == [(1, "sync"), (1, "async"), (3, "sync"), (3, "async")]
+    for r in results:
+        for key in ("total_ms", "host_ms", "hit_ms", "plan_ms"):
+            assert 0 <= r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+    assert lm.logprob_rows is rows and "_run" not in vars(lm) and not lm.cache.nodes
+    ctx = [1, 504, 3, 77, 1001]
+    assert torch.allclose(lm.next_token_logprobs_sync(ctx), _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)

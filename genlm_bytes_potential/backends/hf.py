@@ -23,7 +23,6 @@ import asyncio
 import threading
 from collections import OrderedDict
 from itertools import chain
-from typing import Sequence
 
 import torch
 from genlm.backend.llm.base import AsyncLM
@@ -118,7 +117,8 @@ class _PrefixCache:
 
 
 class HFTokenLM(AsyncLM):
-    """Token-level ``AsyncLM`` on a Hugging Face causal LM with prefix KV reuse.
+    """Token-level ``AsyncLM`` on a Hugging Face causal LM with prefix KV reuse; a
+    :class:`~genlm_bytes_potential.backends.protocol.CachingTokenLM`.
 
     Args:
         model: a ``transformers`` causal LM (put in eval mode here).
@@ -157,6 +157,9 @@ class HFTokenLM(AsyncLM):
         self.device = next(model.parameters()).device
         super().__init__(tokenizer)
         self.vocab_size = len(self.byte_vocab)
+        limit = getattr(cfg, "max_position_embeddings", None)
+        #: the most tokens of a context (the model's ``max_position_embeddings``; None: no limit)
+        self.max_context_length = int(limit) if isinstance(limit, int) and limit >= 1 else None
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -206,11 +209,18 @@ class HFTokenLM(AsyncLM):
         out = [tuple(c) if type(c) in (list, tuple) else tuple(map(int, c)) for c in contexts]
         if not all(out):
             raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
-        flat = list(chain.from_iterable(out))
-        if flat and (min(flat) < 0 or max(flat) >= self.vocab_size):
-            bad = next(t for t in flat if not 0 <= t < self.vocab_size)
+        limit = self.max_context_length
+        if limit is not None and out and (longest := max(map(len, out))) > limit:
+            raise ValueError(f"context of {longest} tokens exceeds max_context_length={limit} (the model's positions)")
+        tokens = self._unchecked_tokens(out)
+        if tokens and (min(tokens) < 0 or max(tokens) >= self.vocab_size):
+            bad = next(t for t in tokens if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
         return out
+
+    def _unchecked_tokens(self, contexts: list[tuple[int, ...]]) -> list[int]:
+        """The token ids of ``contexts`` that ``_check`` tests against the vocabulary."""
+        return list(chain.from_iterable(contexts))
 
     def _lookup(self, ctx: tuple[int, ...]) -> torch.Tensor | None:
         """The cached log-probs of ``ctx`` (now the most recently used), or None."""

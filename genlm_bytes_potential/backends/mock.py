@@ -29,7 +29,9 @@ def _as_bytes(b) -> bytes:
 
 
 class MockTokenLM(AsyncLM):
-    """Deterministic random token LM.
+    """Deterministic random token LM; a
+    :class:`~genlm_bytes_potential.backends.protocol.CachingTokenLM` (``has_logprobs``:
+    the distribution is in its memo of the last 4096 contexts).
 
     Args:
         byte_vocab: the byte string of each token; token id = position. Duplicates
@@ -96,18 +98,15 @@ class MockTokenLM(AsyncLM):
     # ---- the distribution -------------------------------------------------
 
     def _check(self, context) -> tuple[int, ...]:
-        ctx = tuple(int(t) for t in context)
-        for t in ctx:
-            if not 0 <= t < self.vocab_size:
-                raise ValueError(f"token id {t} out of range [0, {self.vocab_size})")
+        kind = type(context)
+        ctx = context if kind is tuple else tuple(context) if kind is list else tuple(map(int, context))
+        if ctx and (min(ctx) < 0 or max(ctx) >= self.vocab_size):
+            bad = next(t for t in ctx if not 0 <= t < self.vocab_size)
+            raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
         return ctx
 
-    def logprobs_of(self, context: Sequence[int]) -> np.ndarray:
-        """Exact float64 next-token log-probabilities after ``context`` (a fresh copy).
-
-        Does not count as a call.
-        """
-        ctx = self._check(context)
+    def _row(self, ctx: tuple[int, ...]) -> np.ndarray:
+        """The cached log-probs after the checked context ``ctx`` (not a copy)."""
         hit = self._cache.get(ctx)
         if hit is None:
             h = hashlib.blake2b(digest_size=16)
@@ -121,7 +120,14 @@ class MockTokenLM(AsyncLM):
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(ctx)
-        return hit.copy()
+        return hit
+
+    def logprobs_of(self, context: Sequence[int]) -> np.ndarray:
+        """Exact float64 next-token log-probabilities after ``context`` (a fresh copy).
+
+        Does not count as a call.
+        """
+        return self._row(self._check(context)).copy()
 
     def _batch(self, contexts) -> torch.Tensor:
         ctxs = [self._check(c) for c in contexts]
@@ -129,7 +135,7 @@ class MockTokenLM(AsyncLM):
         self.requests.extend(ctxs)
         if not ctxs:
             return torch.empty((0, self.vocab_size), dtype=torch.float64)
-        return torch.from_numpy(np.stack([self.logprobs_of(c) for c in ctxs]))
+        return torch.from_numpy(np.stack([self._row(c) for c in ctxs]))
 
     @staticmethod
     def _no_lora(lora_name):
@@ -157,7 +163,7 @@ class MockTokenLM(AsyncLM):
     def has_logprobs(self, token_ids) -> bool:
         """Whether the distribution after ``token_ids`` is cached (a byte beam may
         prefetch into the cache)."""
-        return tuple(int(t) for t in token_ids) in self._cache
+        return tuple(token_ids) in self._cache
 
     def reset_counters(self):
         """Zero ``batch_calls`` and empty ``requests``."""

@@ -13,7 +13,10 @@ makes that step cheap:
 * all contexts of a call run as one batch (rows may even extend a token that another
   row of the same batch writes: all rows write a layer's slots before any reads them);
 * on CUDA, a batch of one-token steps replays a CUDA graph captured once per
-  (rows, key length) bucket: the whole 30-layer forward costs one launch.
+  (rows, key length) bucket: the whole 30-layer forward costs one launch;
+* the host's work per call is small: per new context a few dict operations and one node;
+  a batch of one-token steps is packed column by column (numpy) straight into
+  page-locked memory, one transfer (``benchmarks/lm_step.py`` measures it).
 
 The forward pass uses the model's own weights and rotary embedding and computes what the
 Hugging Face model computes, with fewer kernels (q/k/v and gate/up projections fused,
@@ -26,6 +29,8 @@ Qwen2, Qwen3); other models: :class:`~genlm_bytes_potential.backends.hf.HFTokenL
 """
 
 from __future__ import annotations
+
+from itertools import chain
 
 import numpy as np
 import torch
@@ -42,20 +47,34 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _Node:
-    """One token of a cached context: its KV slot, the slots of its whole path, and
-    (when the context was asked for) the row of the log-prob pool holding its
-    next-token log-probs."""
+    """One token of a cached context: its KV slot, its parent, and (when the context was
+    asked for) the row of the log-prob pool holding its next-token log-probs. ``path``,
+    the slots of the whole context in order, is built on first use from the parent's."""
 
-    __slots__ = ("parent", "slot", "path", "children", "row", "wave", "tick")
+    __slots__ = ("parent", "slot", "_path", "children", "row", "wave", "tick")
 
-    def __init__(self, parent, slot: int, path: np.ndarray):
+    def __init__(self, parent, slot: int):
         self.parent = parent
         self.slot = slot
-        self.path = path
+        self._path: np.ndarray | None = None
         self.children = 0
         self.row = -1  # log-prob pool row; -1: none
         self.wave = -1  # forward pass of the current batch that writes this slot
         self.tick = 0  # last use (for eviction)
+
+    @property
+    def path(self) -> np.ndarray:
+        if self._path is None:
+            slots, node = [], self
+            while node is not None and node._path is None:  # up to the nearest built path
+                slots.append(node.slot)
+                node = node.parent
+            head = _NO_SLOTS if node is None else node._path
+            self._path = np.concatenate((head, np.array(slots[::-1], np.int64)))
+        return self._path
+
+
+_NO_SLOTS = np.zeros(0, np.int64)
 
 
 class _SlotTrie:
@@ -99,14 +118,7 @@ class _SlotTrie:
     def add(self, ctx: tuple[int, ...], parent: _Node | None) -> _Node:
         """A new node for ``ctx``, whose parent ``ctx[:-1]`` (``parent``) is in the trie
         (or ``ctx`` has one token and ``parent`` is None)."""
-        slot = self.free.pop()
-        if parent is None:
-            path = np.array([slot], np.int64)
-        else:
-            path = np.empty(len(parent.path) + 1, np.int64)
-            path[:-1] = parent.path
-            path[-1] = slot
-        node = _Node(parent, slot, path)
+        node = _Node(parent, self.free.pop())
         if parent is not None:
             parent.children += 1
         self.nodes[ctx] = node
@@ -135,20 +147,26 @@ class _SlotTrie:
     def take_row(self, ctx, node: _Node) -> int:
         """The log-prob row of ``ctx`` (now the most recently used): its own, a free one,
         or the least recently used context's."""
-        if node.row < 0:
-            if self.free_rows:
-                node.row = self.free_rows.pop()
-            else:
-                old = self.with_logprobs.pop(next(iter(self.with_logprobs)))
-                node.row, old.row = old.row, -1
-        self.with_logprobs[ctx] = self.with_logprobs.pop(ctx, node)
-        return node.row
+        return self.take_rows([ctx], [node])[0]
 
-    def touch(self, ctx, node: _Node):
+    def take_rows(self, contexts, nodes) -> list[int]:
+        """``take_row`` of each context in turn (all now used last, at one tick)."""
+        lru, free = self.with_logprobs, self.free_rows
         self.tick += 1
-        node.tick = self.tick
-        if node.row >= 0:
-            self.with_logprobs[ctx] = self.with_logprobs.pop(ctx, node)
+        tick, rows = self.tick, []
+        for ctx, node in zip(contexts, nodes):
+            node.tick = tick
+            if node.row < 0:
+                if free:
+                    node.row = free.pop()
+                else:
+                    old = lru.pop(next(iter(lru)))
+                    node.row, old.row = old.row, -1
+                lru[ctx] = node
+            else:
+                lru[ctx] = lru.pop(ctx)
+            rows.append(node.row)
+        return rows
 
     def reserve(self, need: int, pinned: set[tuple[int, ...]]) -> None:
         """Free slots until ``need`` are free (aiming for an eighth of the pool more),
@@ -178,7 +196,8 @@ class _SlotTrie:
 
 
 class PagedTokenLM(HFTokenLM):
-    """Token-level ``AsyncLM`` with a slot-paged KV pool (and CUDA graphs on GPU).
+    """Token-level ``AsyncLM`` with a slot-paged KV pool (and CUDA graphs on GPU); a
+    :class:`~genlm_bytes_potential.backends.protocol.CachingTokenLM`.
 
     Args:
         model: a ``transformers`` causal LM of the supported family (see the module
@@ -249,7 +268,7 @@ class PagedTokenLM(HFTokenLM):
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # on CUDA a batch is planned and queued without waiting for the GPU (inputs go
         # through page-locked memory, results stay on the device): no worker thread
-        self._queues_on_gpu = self.device.type == "cuda"
+        self._queues_on_gpu = self._pinned = self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = None
         self.graph_replays = 0
@@ -311,14 +330,15 @@ class PagedTokenLM(HFTokenLM):
         h = inner.norm(h[torch.arange(B, device=h.device), last])
         self.logprob_rows.index_copy_(0, rows, self._normalize(self.model.lm_head(h).float()))
 
-    def _decode(self, packed: np.ndarray) -> None:
+    def _decode(self, packed: torch.Tensor) -> None:
         """One new token per row (``packed``: see ``_pack``, padded to a bucket), through
         the CUDA graph of this bucket: one host-to-device copy, one replay."""
-        g = self._graphs.get(packed.shape)
+        shape = tuple(packed.shape)
+        g = self._graphs.get(shape)
         if g is None:
-            g = self._graphs[packed.shape] = self._capture(packed.shape)
+            g = self._graphs[shape] = self._capture(shape)
         graph, buf = g
-        buf.copy_(to_device(packed, self.device))
+        buf.copy_(packed, non_blocking=True)
         graph.replay()
         self.graph_replays += 1
 
@@ -342,6 +362,14 @@ class PagedTokenLM(HFTokenLM):
 
     # ---- planning a batch ---------------------------------------------------
 
+    def _unchecked_tokens(self, contexts: list[tuple[int, ...]]) -> list[int]:
+        """Each context's last token, and all tokens of contexts whose prefix is not
+        cached (a cached context's tokens were checked when it was first asked for)."""
+        nodes = self.cache.nodes
+        tokens = [ctx[-1] for ctx in contexts]
+        tokens.extend(chain.from_iterable(ctx for ctx in contexts if ctx[:-1] not in nodes))
+        return tokens
+
     def has_logprobs(self, token_ids) -> bool:
         node = self.cache.nodes.get(tuple(token_ids))
         return node is not None and node.row >= 0
@@ -349,145 +377,220 @@ class PagedTokenLM(HFTokenLM):
     def _cached_logprobs(self, contexts: list[tuple[int, ...]]) -> torch.Tensor | None:
         """Rows of ``logprob_rows`` (one gather; the contexts become the most recently
         used), or None when one is missing."""
-        cache, rows = self.cache, []
+        get, nodes = self.cache.nodes.get, []
         for ctx in contexts:
-            node = cache.nodes.get(ctx)
+            node = get(ctx)
             if node is None or node.row < 0:
                 return None
-            cache.touch(ctx, node)
-            rows.append(node.row)
-        return self.logprob_rows[to_device(np.array(rows, np.int64), self.device)]
+            nodes.append(node)
+        return self._gather(self.cache.take_rows(contexts, nodes))
+
+    def _gather(self, rows: list[int]) -> torch.Tensor:
+        """``logprob_rows[rows]``, a new tensor on the model's device."""
+        return self.logprob_rows.index_select(0, to_device(np.array(rows, np.int64), self.device))
 
     @torch.inference_mode()
     def _evaluate(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:
         with self._lock:
             self.batch_calls += 1
             cache = self.cache
-            asked = dict.fromkeys(contexts)
+            asked = dict.fromkeys(contexts)  # context -> its node, once known
             if len(asked) > cache.n_rows:
                 raise ValueError(
                     f"one call asks for {len(asked)} distinct contexts but the log-prob pool holds "
                     f"{cache.n_rows} rows; raise logprob_cache_bytes"
                 )
-            todo = []
-            for ctx in asked:  # cached ones first become the most recently used: kept
-                node = cache.nodes.get(ctx)
+            get = cache.nodes.get
+            todo, found, hits, hit_nodes = [], [], [], []
+            for ctx in asked:
+                node = get(ctx)
                 if node is not None and node.row >= 0:
-                    self.cache_hits += 1
-                    cache.touch(ctx, node)
+                    asked[ctx] = node
+                    hits.append(ctx)
+                    hit_nodes.append(node)
                 else:
                     todo.append(ctx)
+                    found.append(node)
+            if hits:  # cached ones first become the most recently used: their rows are kept
+                self.cache_hits += len(hits)
+                cache.take_rows(hits, hit_nodes)
             if todo:
-                self._compute(sorted(todo, key=len))
-            return self._cached_logprobs(contexts)
+                asked.update(zip(*self._compute(todo, found, hits)))
+            nodes = asked.values() if len(asked) == len(contexts) else map(asked.__getitem__, contexts)
+            return self._gather([node.row for node in nodes])
 
-    def _compute(self, todo: list[tuple[int, ...]]) -> None:
-        """Evaluate contexts (sorted by length) in waves of forward passes. A row's
-        new tokens get new trie nodes; a row that reads a slot written in this batch
-        runs in the same wave as its writer or a later one."""
+    def _compute(self, todo: list[tuple[int, ...]], found: list, keep=()) -> tuple[list, list]:
+        """Evaluate contexts (``found``: each one's node, or None) in waves of forward
+        passes, evicting none of ``keep``; returns the contexts and their nodes.
+
+        A row's new tokens get new trie nodes; a cached context without log-probs
+        recomputes its last token in its own slot. Rows that extend a cached context by
+        one token (a beam's step) are planned first, as they come; the others after
+        them, shortest first (so a context of this call that they extend has its node). A
+        row that reads a slot written in this batch runs in the same wave as its writer
+        or a later one: all rows of a wave write a layer's slots before any reads them."""
         cache = self.cache
-        need, pinned, planned = 0, set(), set()
-        for ctx in todo:  # slots to free; cached prefixes that must stay
-            if len(ctx) > 1 and ctx[:-1] in planned and ctx not in cache.nodes:
-                need += 1  # extends a context of this call: one new slot
+        get = cache.nodes.get
+        steps, later = [], []  # (context, first new position, prefix node, recompute); contexts
+        need = 0
+        for ctx, node in zip(todo, found):
+            if node is not None:
+                steps.append((ctx, len(ctx) - 1, node, True))
+            elif len(ctx) == 1 or (node := get(ctx[:-1])) is not None:
+                steps.append((ctx, len(ctx) - 1, node, False))
+                need += 1
             else:
-                d, _ = cache.deepest(ctx)
-                need += len(ctx) - d
-                pinned.add(ctx[:d])
-            planned.add(ctx)
-        cache.reserve(need, pinned)
+                later.append(ctx)
+        if later:
+            later.sort(key=len)
+            in_call = set(todo)
+            need += sum(1 if ctx[:-1] in in_call else len(ctx) - cache.deepest(ctx)[0] for ctx in later)
+        if need > len(cache.free):  # evict, keeping the cached prefixes this batch reads
+            pinned = set(keep)
+            pinned.update(ctx if redo else ctx[:-1] for ctx, _, _, redo in steps)
+            pinned.update(ctx[: cache.deepest(ctx)[0]] for ctx in later)
+            cache.reserve(need, pinned)
+        if not later and len(steps) <= min(self.max_batch_size, self.max_batch_tokens):
+            return self._step(steps)  # the usual call: one wave of one-token rows
+        # the rest are located when reached, after the nodes planned before them exist
+        plan = chain(steps, ((ctx, *cache.deepest(ctx), False) for ctx in later))
         created: list[tuple[int, ...]] = []  # new nodes, parents first
         marked: list[_Node] = []  # nodes whose slot a wave of this batch writes
-        waves: list[list] = []  # rows: (ctx, first new position, node)
-        sizes: list[tuple[int, int]] = []  # (rows, longest new) per wave
-        for ctx in todo:
-            d, node = cache.deepest(ctx)
-            recompute = d == len(ctx)  # cached slots without log-probs: redo the last token
-            if recompute:
-                d -= 1
-            n = len(ctx) - d
-            w = max(node.wave, 0) if node is not None else 0  # not before its prefix's writer
-            while w < len(waves) and not self._fits(sizes[w], n):
+        waves: list[tuple[list, list, list]] = []  # per wave: contexts, first new positions, nodes
+        rows: list[int] = []  # per wave: rows
+        longest: list[int] = []  # per wave: most new tokens of a row
+        max_rows, max_tokens = self.max_batch_size, self.max_batch_tokens
+        out_contexts, out_nodes, tokens = [], [], 0
+        for ctx, d, node, redo in plan:
+            k = len(ctx) - d
+            w = node.wave if node is not None and node.wave > 0 else 0  # not before its prefix's writer
+            while w < len(rows) and not (rows[w] < max_rows and (rows[w] + 1) * max(longest[w], k) <= max_tokens):
                 w += 1
-            if w == len(waves):
-                waves.append([])
-                sizes.append((0, 0))
-            sizes[w] = (sizes[w][0] + 1, max(sizes[w][1], n))
-            new_nodes = [node] if recompute else []
-            for j in range(d + 1, len(ctx) + 1) if not recompute else ():
-                key = ctx if j == len(ctx) else ctx[:j]
-                node = cache.add(key, node)
-                created.append(key)
-                new_nodes.append(node)
-            for m in new_nodes:
-                m.wave = w
-            marked.extend(new_nodes)
-            waves[w].append((ctx, d, node))
-            self.forward_tokens += n
+            if w == len(rows):
+                waves.append(([], [], []))
+                rows.append(0)
+                longest.append(0)
+            rows[w] += 1
+            longest[w] = max(longest[w], k)
+            if not redo:  # new nodes for the new tokens
+                for j in range(d + 1, len(ctx) + 1):
+                    key = ctx if j == len(ctx) else ctx[:j]
+                    node = cache.add(key, node)
+                    node.wave = w
+                    created.append(key)
+                    marked.append(node)
+                if k > 1:  # one path array, its prefixes shared by the new nodes
+                    path = node.path
+                    for j, m in enumerate(marked[len(marked) - k : -1]):
+                        m._path = path[: d + 1 + j]
+            else:
+                node.wave = w
+                marked.append(node)
+            contexts, starts, nodes = waves[w]
+            contexts.append(ctx)
+            starts.append(d)
+            nodes.append(node)
+            out_contexts.append(ctx)
+            out_nodes.append(node)
+            tokens += k
+        self.forward_tokens += tokens
         try:
-            for rows in waves:
-                self._forward_wave(rows)
+            for wave in waves:
+                self._forward_wave(wave)
         except BaseException:  # slots and rows never written must not pass for cached
-            for ctx, _, node in (row for rows in waves for row in rows):
+            for ctx, node in zip(out_contexts, out_nodes):
                 cache.release_row(ctx, node)
             cache.discard(reversed(created))
             raise
         finally:
             for node in marked:
                 node.wave = -1
+        return out_contexts, out_nodes
 
-    def _fits(self, size: tuple[int, int], n: int) -> bool:
-        rows, longest = size
-        return rows < self.max_batch_size and (rows + 1) * max(longest, n) <= self.max_batch_tokens
+    def _step(self, steps: list[tuple]) -> tuple[list, list]:
+        """``_compute`` of rows of one new token that fit one forward pass (``steps``:
+        context, first new position, its parent's node or, to recompute, its own, and
+        whether to recompute): no wave planning, one new node per new context."""
+        cache, free, trie = self.cache, self.cache.free, self.cache.nodes
+        contexts, starts, prefixes, redo = zip(*steps)
+        nodes, created = [], []
+        for ctx, node, again in zip(contexts, prefixes, redo):
+            if not again:  # a new node after its parent (as cache.add)
+                parent, node = node, _Node(node, free.pop())
+                if parent is not None:
+                    parent.children += 1
+                trie[ctx] = node
+                created.append(ctx)
+            nodes.append(node)
+        self.forward_tokens += len(contexts)
+        try:
+            self._forward_wave((contexts, starts, nodes))
+        except BaseException:  # slots and rows never written must not pass for cached
+            for ctx, node in zip(contexts, nodes):
+                cache.release_row(ctx, node)
+            cache.discard(reversed(created))
+            raise
+        return contexts, nodes
 
-    def _forward_wave(self, rows) -> None:
-        cache = self.cache
-        B = len(rows)
-        N = max(len(ctx) - d for ctx, d, _ in rows)
-        S = max(len(ctx) for ctx, _, _ in rows)
-        graph = N == 1 and self.cuda_graphs and B <= self.max_batch_size
+    def _forward_wave(self, wave: tuple[list, list, list]) -> None:
+        """One forward pass over ``wave``: its contexts, each one's first new position and node."""
+        contexts, starts, nodes = wave
+        lens = np.fromiter(map(len, contexts), np.int64, len(contexts))
+        N = int((lens - np.array(starts)).max())
+        graph = N == 1 and self.cuda_graphs
+        B, S = len(contexts), int(lens.max())
         if graph:  # buckets: rows to a power of two, keys to a power of two >= 64
             B_pad, S_pad = 1 << (B - 1).bit_length(), max(64, 1 << (S - 1).bit_length())
         else:
             B_pad, S_pad = B, S
-        packed = self._pack(rows, N, B_pad, S_pad)
+        packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
         if graph:
             self._decode(packed)
         else:
-            self._run(*_unpack(to_device(packed, self.device), N))
+            self._run(*_unpack(packed.to(self.device, non_blocking=True), N))
         self.forward_calls += 1
 
-    def _pack(self, rows, N: int, B_pad: int, S_pad: int) -> np.ndarray:
-        """One int64 array ``[B_pad, 3N + 2 + S_pad]`` per forward pass (one transfer):
-        per row its new token ids, their positions, the slots they write, the index of
-        its last new token, its log-prob row (taken here), then its key slots; padding
-        rows read and write slot 0 and the scratch row."""
-        cache = self.cache
-        B = len(rows)
-        packed = np.zeros((B_pad, 3 * N + 2 + S_pad), np.int64)
+    def _pack(self, contexts, starts, nodes, lens: np.ndarray, N: int, B_pad: int, S_pad: int) -> torch.Tensor:
+        """One int64 tensor ``[B_pad, 3N + 2 + S_pad]`` per forward pass (on CUDA in
+        page-locked memory: one transfer): per row its new token ids, their positions,
+        the slots they write, the index of its last new token, its log-prob row (taken
+        here), then its key slots; padding rows read and write slot 0 and the scratch row."""
+        B = len(contexts)
+        host = torch.zeros((B_pad, 3 * N + 2 + S_pad), dtype=torch.long, pin_memory=self._pinned)
+        packed = host.numpy()
         packed[:, :N] = self.pad_token_id
-        packed[:, 3 * N + 1] = cache.n_rows
-        packed[:B, 3 * N + 1] = [cache.take_row(ctx, node) for ctx, _, node in rows]
+        packed[:, 3 * N + 1] = self.cache.n_rows
+        packed[:B, 3 * N + 1] = self.cache.take_rows(contexts, nodes)
+        keys = packed[:B, 3 * N + 2 :]
         if N == 1:  # one new token per row (the usual step): whole columns at once
-            packed[:B, 0] = [ctx[-1] for ctx, _, _ in rows]
-            packed[:B, 1] = [len(ctx) - 1 for ctx, _, _ in rows]
-            packed[:B, 2] = [node.slot for _, _, node in rows]
-        for b, (ctx, d, node) in enumerate(rows):
+            packed[:B, 0] = [ctx[-1] for ctx in contexts]
+            packed[:B, 1] = lens - 1
+            packed[:B, 2] = [node.slot for node in nodes]
+            # keys: the parent's path, then the row's own slot
+            parents = [_NO_SLOTS if node.parent is None else node.parent.path for node in nodes]
+            keys[np.arange(S_pad) < lens[:, None] - 1] = np.concatenate(parents)
+            keys[np.arange(B), lens - 1] = packed[:B, 2]
+            return host
+        for b, (ctx, d, node) in enumerate(zip(contexts, starts, nodes)):
+            n = len(ctx) - d
             path = node.path
-            if N > 1:
-                n = len(ctx) - d
-                packed[b, :n] = ctx[d:]
-                packed[b, N : N + n] = np.arange(d, len(ctx))
-                packed[b, 2 * N : 2 * N + n] = path[d:]
-                packed[b, 3 * N] = n - 1
-            packed[b, 3 * N + 2 : 3 * N + 2 + len(ctx)] = path
-        return packed
+            packed[b, :n] = ctx[d:]
+            packed[b, N : N + n] = np.arange(d, len(ctx))
+            packed[b, 2 * N : 2 * N + n] = path[d:]
+            packed[b, 3 * N] = n - 1
+            keys[b, : len(ctx)] = path
+        return host
 
     def clear_cache(self):
         """Drop every cached context (KV slots and log-probs); captured graphs stay."""
         with self._lock:
             self.cache.clear()
 
+
+#: how ``PagedTokenLM._compute`` plans a context: recompute its last token in its own
+#: slot (cached without log-probs); one new token after its parent; new tokens after the
+#: deepest cached prefix
+_REDO, _STEP, _SEARCH = range(3)
 
 def _unpack(packed: torch.Tensor, N: int):
     """``(ids, pos, write, keys, last, rows)`` views of a packed batch (see ``_pack``)."""
