@@ -44,6 +44,7 @@ def ratio_stat(num: Stat, den: Stat) -> dict:
     """``num.median / den.median``; the range is the min–max of the per-repetition ratios
     (repetitions are interleaved, so sample ``i`` of both ran back to back). With unequal
     sample counts the range is the extreme pairing."""
+
     def div(a, b):
         return a / b if b else (float("inf") if a else float("nan"))
 
@@ -99,13 +100,13 @@ def git_commit() -> str:
 
 def _git_commit_now() -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         sha = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except OSError:
@@ -130,8 +131,7 @@ def set_threads(n: int | None) -> dict:
 def add_common_args(p) -> None:
     p.add_argument("--date", default=None, help="date to record (default: today)")
     p.add_argument("--machine", default=None, help="machine description to record")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch and numba threads (default: their defaults)")
+    p.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: their defaults)")
     p.add_argument("--no-write", action="store_true", help="print only; save no result (the pages are not regenerated)")
 
 
@@ -167,8 +167,17 @@ def versions() -> dict:
     return out
 
 
-def header(workload: str, *, date: str | None, machine: str | None, model: str, backend: str,
-           device: str = "cpu", extra: str = "", threads: dict | None = None) -> tuple[dict, str]:
+def header(
+    workload: str,
+    *,
+    date: str | None,
+    machine: str | None,
+    model: str,
+    backend: str,
+    device: str = "cpu",
+    extra: str = "",
+    threads: dict | None = None,
+) -> tuple[dict, str]:
     meta = {
         "workload": workload,
         "date": date or _dt.date.today().isoformat(),
@@ -206,8 +215,9 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_json(meta: dict, results, name: str | None = None, out_dir: Path = RESULTS_DIR, *,
-              key: str = "results") -> Path:
+def save_json(
+    meta: dict, results, name: str | None = None, out_dir: Path = RESULTS_DIR, *, key: str = "results"
+) -> Path:
     """Save a run as ``{"meta": meta, key: results}`` in ``out_dir`` (named
     ``workload-device-timestamp.json``); when ``out_dir`` is ``benchmarks/results``, regenerate
     BENCHMARKS.md, benchmarks/HISTORY.md and the plots from all saved runs."""

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import sys
 import time
 
-from benchmarks.common import DATA_DIR, command_line, header, md_table, save_json, set_threads
-from benchmarks.common import add_common_args
+from benchmarks.common import DATA_DIR, add_common_args, command_line, header, md_table, save_json, set_threads
 
 CODE = '''def byte_posterior(sequences) -> list[tuple[bytes, float]]:
     """Completed byte strings of an SMC run with their posterior probabilities."""
@@ -89,7 +87,9 @@ def main(argv=None):
 
     lm = load_lm(args.model, backend=args.backend)
     data = {k: v for k, v in texts(args.bytes).items() if k in args.texts}
-    configs = [(args.ref, False)] + [(K, False) for K in sorted(args.K, reverse=True)] + [(K, True) for K in args.canonical_K]
+    configs = (
+        [(args.ref, False)] + [(K, False) for K in sorted(args.K, reverse=True)] + [(K, True) for K in args.canonical_K]
+    )
     results = []
     t0 = time.perf_counter()
     for name, text in data.items():
@@ -97,7 +97,10 @@ def main(argv=None):
             r = asyncio.run(score(lm, text, K, canonical))
             r.update(text=name, n_bytes=len(text), K=K, canonical=canonical)
             results.append(r)
-            print(f"{name:9s} K={K:<3d}{' canonical' if canonical else '          '} {r['bpb']:.6f} bits/byte  heals={r['heals']}  contexts={r['lm_contexts']}  {r['seconds']:.1f}s", flush=True)
+            print(
+                f"{name:9s} K={K:<3d}{' canonical' if canonical else '          '} {r['bpb']:.6f} bits/byte  heals={r['heals']}  contexts={r['lm_contexts']}  {r['seconds']:.1f}s",
+                flush=True,
+            )
     wall = time.perf_counter() - t0
 
     ref = {r["text"]: r["bpb"] for r in results if r["K"] == args.ref and not r["canonical"]}
@@ -111,7 +114,10 @@ def main(argv=None):
             heal = f", {r['heals']} heals" if r["heals"] else ""
             row.append(f"{r['bpb']:.5f} ({excess:+.1e}{heal})")
         mean = sum(
-            abs(next(x for x in results if x["text"] == n and x["K"] == K and x["canonical"] == canonical)["bpb"] - ref[n])
+            abs(
+                next(x for x in results if x["text"] == n and x["K"] == K and x["canonical"] == canonical)["bpb"]
+                - ref[n]
+            )
             for n in names
         ) / len(names)
         ok = (" ✅" if mean <= 1e-4 else " ❌") if (K, canonical) == (8, False) else ""
@@ -120,11 +126,16 @@ def main(argv=None):
 
     model_name = args.model or "SmolLM2-135M-Instruct (default, fp32 from Q4_1 GGUF)"
     meta, md = header(
-        "Fidelity", date=args.date, machine=args.machine, model=model_name, backend=args.backend,
+        "Fidelity",
+        date=args.date,
+        machine=args.machine,
+        model=model_name,
+        backend=args.backend,
         threads=threads,
         extra=(
             f"- command: `{command_line('benchmarks.fidelity', sys.argv[1:] if argv is None else argv)}`; wall {wall / 60:.1f} min\n"
-            f"- texts: " + ", ".join(f"{n} ({len(t)} bytes)" for n, t in data.items())
+            f"- texts: "
+            + ", ".join(f"{n} ({len(t)} bytes)" for n, t in data.items())
             + "; scored from BOS with `ByteLM(lm, K, canonical=...).score(text)` (healing on: a byte no candidate reads costs the healed estimate)\n"
             f"- cells: bits/byte (excess over K={args.ref} in bits/byte); target ≤ 1e-4 excess at K = 8"
         ),

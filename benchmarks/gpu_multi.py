@@ -30,9 +30,11 @@ import subprocess
 import sys
 import time
 
-CONFIGS = {"1gpu": {"gpus": 1, "tp": 1, "replicas": 1},
-           "tp2": {"gpus": 2, "tp": 2, "replicas": 1},
-           "dp2": {"gpus": 2, "tp": 1, "replicas": 2}}
+CONFIGS = {
+    "1gpu": {"gpus": 1, "tp": 1, "replicas": 1},
+    "tp2": {"gpus": 2, "tp": 2, "replicas": 1},
+    "dp2": {"gpus": 2, "tp": 1, "replicas": 2},
+}
 
 
 def build_model(model_dir: str, layers: int, hidden: int) -> None:
@@ -46,11 +48,19 @@ def build_model(model_dir: str, layers: int, hidden: int) -> None:
     if os.path.isfile(os.path.join(model_dir, "config.json")):
         return
     tok = AutoTokenizer.from_pretrained(default_model_dir())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 7 // 2,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 128,
-                      num_key_value_heads=min(8, hidden // 128),
-                      max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 7 // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=min(8, hidden // 128),
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -67,14 +77,17 @@ def child(a) -> None:
     from genlm_bytes_potential.models import load_lm
 
     t = time.perf_counter()
-    lm = load_lm(a.model_dir, backend="vllm", dtype="bfloat16", tensor_parallel_size=a.tp,
-                 gpu_memory_utilization=a.gpu_memory)
+    lm = load_lm(
+        a.model_dir, backend="vllm", dtype="bfloat16", tensor_parallel_size=a.tp, gpu_memory_utilization=a.gpu_memory
+    )
     start_s = time.perf_counter() - t
     eos = [bytes(lm.byte_vocab[lm.eos_token_id])]
     text = heldout_text(a.bytes)
     jobs = [(f"W1 K={K}", lambda K=K: score_ours(lm, text, K, eos), len(text)) for K in a.K]
-    jobs += [(f"W2 regex N={n}", lambda n=n: smc_once("ours", lm, "regex", n, 24, 4, eos, 0, mode="product"), None)
-             for n in a.particles]
+    jobs += [
+        (f"W2 regex N={n}", lambda n=n: smc_once("ours", lm, "regex", n, 24, 4, eos, 0, mode="product"), None)
+        for n in a.particles
+    ]
     for _, make, _ in jobs:  # warm-up
         asyncio.run(make())
     open(a.ready, "w").close()
@@ -86,8 +99,9 @@ def child(a) -> None:
             lm.clear_cache()
             r = asyncio.run(make())
             n = n_bytes if n_bytes is not None else r["bytes"]
-            rows.append({"job": label, "rep": rep, "seconds": r["seconds"], "bytes": n,
-                         "bytes_per_s": n / r["seconds"]})
+            rows.append(
+                {"job": label, "rep": rep, "seconds": r["seconds"], "bytes": n, "bytes_per_s": n / r["seconds"]}
+            )
             print(f"[{a.name}] {label:14s} {n / r['seconds']:8.1f} B/s", flush=True)
     with open(a.result, "w") as f:
         json.dump({"start_s": start_s, "rows": rows}, f)
@@ -116,10 +130,34 @@ def run_config(name: str, a) -> dict:
             if os.path.exists(f):
                 os.remove(f)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpus)
-        cmd = [sys.executable, "-m", "benchmarks.gpu_multi", "--child", "--name", f"{name}/{k}",
-               "--tp", str(cfg["tp"]), "--ready", ready, "--go", f"{tag}.go", "--result", result,
-               "--model-dir", a.model_dir, "--bytes", str(a.bytes), "--reps", str(a.reps),
-               "--gpu-memory", str(a.gpu_memory), "--K", *map(str, a.K), "--particles", *map(str, a.particles)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_multi",
+            "--child",
+            "--name",
+            f"{name}/{k}",
+            "--tp",
+            str(cfg["tp"]),
+            "--ready",
+            ready,
+            "--go",
+            f"{tag}.go",
+            "--result",
+            result,
+            "--model-dir",
+            a.model_dir,
+            "--bytes",
+            str(a.bytes),
+            "--reps",
+            str(a.reps),
+            "--gpu-memory",
+            str(a.gpu_memory),
+            "--K",
+            *map(str, a.K),
+            "--particles",
+            *map(str, a.particles),
+        ]
         procs.append(subprocess.Popen(cmd, env=env))
         files.append((ready, result))
     while not all(os.path.exists(r) for r, _ in files):
@@ -141,8 +179,14 @@ def run_config(name: str, a) -> dict:
             v = sorted(r["bytes_per_s"] for r in res["rows"] if r["job"] == job)
             per_replica.append(v[len(v) // 2])
         summary[job] = {"bytes_per_s": sum(per_replica), "per_replica": per_replica}
-    return {"config": name, "gpus": cfg["gpus"], "tp": cfg["tp"], "replicas": cfg["replicas"],
-            "start_s": [r["start_s"] for r in results], "jobs": summary}
+    return {
+        "config": name,
+        "gpus": cfg["gpus"],
+        "tp": cfg["tp"],
+        "replicas": cfg["replicas"],
+        "start_s": [r["start_s"] for r in results],
+        "jobs": summary,
+    }
 
 
 def main(argv=None):
@@ -180,8 +224,11 @@ def main(argv=None):
     for r in out:
         if base and "jobs" in r:
             ratios = {j: r["jobs"][j]["bytes_per_s"] / base["jobs"][j]["bytes_per_s"] for j in r["jobs"]}
-            print(f"{r['config']:5s} " + "  ".join(f"{j}: {r['jobs'][j]['bytes_per_s']:.1f} B/s "
-                                                  f"({ratios[j]:.2f}x 1gpu)" for j in r["jobs"]), flush=True)
+            print(
+                f"{r['config']:5s} "
+                + "  ".join(f"{j}: {r['jobs'][j]['bytes_per_s']:.1f} B/s ({ratios[j]:.2f}x 1gpu)" for j in r["jobs"]),
+                flush=True,
+            )
         elif "skipped" in r or "error" in r:
             print(f"{r['config']:5s} {r.get('skipped') or r.get('error')}", flush=True)
 

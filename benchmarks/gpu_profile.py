@@ -37,7 +37,8 @@ def _median_ms(fn, reps=30) -> float:
 def _split(blm, lm, text) -> dict[str, float]:
     """Wall-clock milliseconds of one scoring run, split by wrapping the main pieces
     (nested pieces are also counted in their callers)."""
-    from genlm_bytes_potential import beam as beam_mod, lm_state
+    from genlm_bytes_potential import beam as beam_mod
+    from genlm_bytes_potential import lm_state
 
     spent: dict[str, float] = {}
     undo = []
@@ -49,6 +50,7 @@ def _split(blm, lm, text) -> dict[str, float]:
             spent[label] = spent.get(label, 0.0) + (time.perf_counter() - t) * 1e3
 
         if is_async:
+
             async def timed(*a, **k):
                 t = time.perf_counter()
                 try:
@@ -56,21 +58,23 @@ def _split(blm, lm, text) -> dict[str, float]:
                 finally:
                     add(t)
         else:
+
             def timed(*a, **k):
                 t = time.perf_counter()
                 try:
                     return fn(*a, **k)
                 finally:
                     add(t)
+
         setattr(owner, name, timed)
         undo.append((owner, name, fn))
 
-    wrap(lm_state.TokenModel, "masses", "TokenModel.masses (LM call, trie, copy)", True)
+    wrap(lm_state.TokenModel, "_compute", "TokenModel._compute (LM call, trie batch into the store)", True)
     wrap(lm, "batch_next_token_logprobs", "  LM call (await)", True)
     wrap(lm, "_evaluate", "    evaluate (plan and queue the forward, gather rows)")
     wrap(lm, "_forward_wave", "      forward pass (pack, replay)")
     wrap(lm, "_cached_logprobs", "      log-prob gather")
-    wrap(lm_state, "to_host", "  mass rows to host")
+    wrap(lm_state, "to_host", "  store gathers to the host")
     wrap(beam_mod, "speculative_contexts", "speculation")
     wrap(beam_mod.Beam, "log_mass", "beam mass gathers")
     t = time.perf_counter()
@@ -89,8 +93,8 @@ def main():
 
     from genlm_bytes_potential.backends.paged import PagedTokenLM
     from genlm_bytes_potential.byte_lm import ByteLM
-    from genlm_bytes_potential.transfer import to_host
     from genlm_bytes_potential.models import default_model_dir
+    from genlm_bytes_potential.transfer import to_host
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bytes", type=int, default=400)
@@ -108,12 +112,16 @@ def main():
         compute = _median_ms(lambda: trie.masses(lp[:B], True))
         pageable = _median_ms(lambda: trie.masses(lp[:B], True)[0].cpu().numpy())
         pinned = _median_ms(lambda: to_host(trie.masses(lp[:B], True)[0]))
-        print(f"trie masses, B={B}: {compute:.2f} ms on the GPU; with the copy to the host: "
-              f"pageable {pageable:.2f} ms, pinned {pinned:.2f} ms")
+        print(
+            f"trie masses, B={B}: {compute:.2f} ms on the GPU; with the copy to the host: "
+            f"pageable {pageable:.2f} ms, pinned {pinned:.2f} ms"
+        )
     prefix = tuple([tok.bos_token_id] + tok.encode(text[:300].decode("utf-8", "ignore"), add_special_tokens=False))
     for r in lm_step.measure(lm, prefix, [1, 8, 32, 128], reps=30):  # see benchmarks/lm_step.py
-        print(f"LM one-token step, N={r['N']} ({r['api']}): {r['total_ms']['median']:.2f} ms, of which host "
-              f"{r['host_ms']['median']:.2f} ms; cached again: {r['hit_ms']['median']:.2f} ms")
+        print(
+            f"LM one-token step, N={r['N']} ({r['api']}): {r['total_ms']['median']:.2f} ms, of which host "
+            f"{r['host_ms']['median']:.2f} ms; cached again: {r['hit_ms']['median']:.2f} ms"
+        )
     lm.clear_cache()
     for K in args.K:
         blm = ByteLM(lm, K=K, eos_tokens=eos)
@@ -132,8 +140,10 @@ def main():
     prof.enable()
     asyncio.run(blm.score(text))
     prof.disable()
-    print(f"profiled K={args.K[-1]}: {blm.model.stats.batch_calls - calls} trie/LM batches, "
-          f"{lm.forward_calls - forwards} forward passes for {len(text)} bytes")
+    print(
+        f"profiled K={args.K[-1]}: {blm.model.stats.batch_calls - calls} trie/LM batches, "
+        f"{lm.forward_calls - forwards} forward passes for {len(text)} bytes"
+    )
     for order in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats(order).print_stats(35)

@@ -60,8 +60,14 @@ def load(dtype, device):
     return lms, convert_s
 
 
-ROWS = {"ours": score_ours, "ours_la0": functools.partial(score_ours, lookahead=0), "ours_hf": score_ours, "anchor": score_anchor, "anchor_t0": score_anchor,
-        "anchor_on_our_lm": score_anchor}
+ROWS = {
+    "ours": score_ours,
+    "ours_la0": functools.partial(score_ours, lookahead=0),
+    "ours_hf": score_ours,
+    "anchor": score_anchor,
+    "anchor_t0": score_anchor,
+    "anchor_on_our_lm": score_anchor,
+}
 
 
 def eos_of(lm):
@@ -100,15 +106,31 @@ def main(argv=None):
                 if cuda:
                     torch.cuda.synchronize()
                 r = asyncio.run(fn(lm, text, K, eos))
-                r.update(name=name, K=K, rep=rep, n_bytes=len(text), bytes_per_s=len(text) / r["seconds"],
-                         bits_per_byte=-r["logprob"] / math.log(2) / len(text))
+                r.update(
+                    name=name,
+                    K=K,
+                    rep=rep,
+                    n_bytes=len(text),
+                    bytes_per_s=len(text) / r["seconds"],
+                    bits_per_byte=-r["logprob"] / math.log(2) / len(text),
+                )
                 rows.append(r)
                 print(f"K={K} {name:18s} {r['bytes_per_s']:8.1f} B/s  {r['bits_per_byte']:.4f} bits/B", flush=True)
-    meta, _ = header("W1", date=None, machine=None, model=f"SmolLM2-135M-Instruct ({args.dtype})",
-                     backend="paged (PagedTokenLM) vs genlm-backend AsyncTransformer", device=args.device)
-    meta.update(command=command_line("benchmarks.gpu_session", sys.argv[1:] if argv is None else argv),
-                torch=torch.__version__, dtype=args.dtype, convert_seconds=convert_s,
-                peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None)
+    meta, _ = header(
+        "W1",
+        date=None,
+        machine=None,
+        model=f"SmolLM2-135M-Instruct ({args.dtype})",
+        backend="paged (PagedTokenLM) vs genlm-backend AsyncTransformer",
+        device=args.device,
+    )
+    meta.update(
+        command=command_line("benchmarks.gpu_session", sys.argv[1:] if argv is None else argv),
+        torch=torch.__version__,
+        dtype=args.dtype,
+        convert_seconds=convert_s,
+        peak_gpu_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    )
     if not args.no_write:
         print("saved", save_json(meta, rows, key="rows"))
     if args.out:

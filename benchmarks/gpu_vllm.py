@@ -41,10 +41,19 @@ def build_llama8b(tokenizer_dir: str, dtype) -> tuple[str, object]:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -91,8 +100,7 @@ def load_pair(name: str, dtype, device: str, vllm_memory: float):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     paged = PagedTokenLM(model, AutoTokenizer.from_pretrained(path))
     paged_start = time.perf_counter() - t
-    return {"vllm": vllm, "paged": paged}, {"build_s": built, "vllm_start_s": vllm_start,
-                                            "paged_start_s": paged_start}
+    return {"vllm": vllm, "paged": paged}, {"build_s": built, "vllm_start_s": vllm_start, "paged_start_s": paged_start}
 
 
 def _counters(lm) -> dict:
@@ -100,9 +108,14 @@ def _counters(lm) -> dict:
 
     if not hasattr(lm, "engine_steps"):
         return {}
-    return {"engine_s": lm.engine_time, "submit_s": getattr(lm, "submit_time", 0.0),
-            "capture_s": CaptureLogprobs.stats["seconds"], "steps": lm.engine_steps,
-            "requests": lm.stats["requests"], "cache_hits": lm.stats.get("cache_hits", 0)}
+    return {
+        "engine_s": lm.engine_time,
+        "submit_s": getattr(lm, "submit_time", 0.0),
+        "capture_s": CaptureLogprobs.stats["seconds"],
+        "steps": lm.engine_steps,
+        "requests": lm.stats["requests"],
+        "cache_hits": lm.stats.get("cache_hits", 0),
+    }
 
 
 def _timed(lm, work) -> dict:
@@ -118,9 +131,13 @@ def _timed(lm, work) -> dict:
         d = {k: after[k] - before[k] for k in before}
         r.update(d)
         ms = 1e3 / n
-        r["per_byte_ms"] = {"wall": r["seconds"] * ms, "engine_step": d["engine_s"] * ms,
-                            "capture_host": d["capture_s"] * ms, "submit": d["submit_s"] * ms,
-                            "rest": (r["seconds"] - d["engine_s"] - d["submit_s"]) * ms}
+        r["per_byte_ms"] = {
+            "wall": r["seconds"] * ms,
+            "engine_step": d["engine_s"] * ms,
+            "capture_host": d["capture_s"] * ms,
+            "submit": d["submit_s"] * ms,
+            "rest": (r["seconds"] - d["engine_s"] - d["submit_s"]) * ms,
+        }
     return r
 
 
@@ -129,6 +146,7 @@ def w1(lm, text, K, eos):
         r = await score_ours(lm, text, K, eos)
         r["n_bytes"] = len(text)
         return r
+
     return work
 
 
@@ -137,6 +155,7 @@ def w2(lm, n, eos, seed=0):
         r = await smc_once("ours", lm, "regex", n, 24, 4, eos, seed, mode="product")
         r["n_bytes"] = r["bytes"]
         return r
+
     return work
 
 
@@ -148,17 +167,30 @@ def main(argv=None):
     p.add_argument("--particles", type=int, nargs="+", default=[32, 128])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--vllm-memory", type=float, nargs="+", default=[0.15, 0.4],
-                   help="gpu_memory_utilization of each model's vLLM engine")
+    p.add_argument(
+        "--vllm-memory",
+        type=float,
+        nargs="+",
+        default=[0.15, 0.4],
+        help="gpu_memory_utilization of each model's vLLM engine",
+    )
     p.add_argument("--out", default="gpu_vllm.json")
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, a.dtype)
     text = heldout_text(a.bytes)
-    rows, meta = [], {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                      "torch": torch.__version__, "dtype": a.dtype, "models": {}}
+    rows, meta = (
+        [],
+        {
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "dtype": a.dtype,
+            "models": {},
+        },
+    )
     try:
         import vllm
+
         meta["vllm"] = vllm.__version__
     except ImportError:
         pass
@@ -175,7 +207,7 @@ def main(argv=None):
         eos = [bytes(vocab[lms["paged"].tokenizer.eos_token_id])]
         jobs = [(f"W1 K={K}", lambda lm, K=K: w1(lm, text, K, eos)) for K in a.K]
         jobs += [(f"W2 regex N={n}", lambda lm, n=n: w2(lm, n, eos)) for n in a.particles]
-        for label, make in jobs:  # warm-up: kernels, CUDA graphs of both backends
+        for _, make in jobs:  # warm-up: kernels, CUDA graphs of both backends
             for lm in lms.values():
                 asyncio.run(make(lm)())
         for label, make in jobs:
@@ -188,22 +220,32 @@ def main(argv=None):
                     extra = ""
                     if "per_byte_ms" in r:
                         pb = r["per_byte_ms"]
-                        extra = (f"  ms/B: wall {pb['wall']:.3f} step {pb['engine_step']:.3f} "
-                                 f"capture {pb['capture_host']:.3f} submit {pb['submit']:.3f} "
-                                 f"rest {pb['rest']:.3f}; steps {r['steps']} requests {r['requests']} "
-                                 f"cache hits {r['cache_hits']}")
+                        extra = (
+                            f"  ms/B: wall {pb['wall']:.3f} step {pb['engine_step']:.3f} "
+                            f"capture {pb['capture_host']:.3f} submit {pb['submit']:.3f} "
+                            f"rest {pb['rest']:.3f}; steps {r['steps']} requests {r['requests']} "
+                            f"cache hits {r['cache_hits']}"
+                        )
                     lp = r.get("logprob", r.get("log_ml"))
-                    print(f"{name:8s} {label:14s} {backend:5s} {r['bytes_per_s']:8.1f} B/s  "
-                          f"logp {lp:.3f}{extra}", flush=True)
+                    print(
+                        f"{name:8s} {label:14s} {backend:5s} {r['bytes_per_s']:8.1f} B/s  logp {lp:.3f}{extra}",
+                        flush=True,
+                    )
             save()
         for label, _ in jobs:
             med = {}
             for backend in ("vllm", "paged"):
-                v = sorted(r["bytes_per_s"] for r in rows
-                           if r["model"] == name and r["job"] == label and r["backend"] == backend)
+                v = sorted(
+                    r["bytes_per_s"]
+                    for r in rows
+                    if r["model"] == name and r["job"] == label and r["backend"] == backend
+                )
                 med[backend] = v[len(v) // 2]
-            print(f"SUMMARY {name:8s} {label:14s} vllm {med['vllm']:8.1f}  paged {med['paged']:8.1f}  "
-                  f"ratio {med['vllm'] / med['paged']:.2f}", flush=True)
+            print(
+                f"SUMMARY {name:8s} {label:14s} vllm {med['vllm']:8.1f}  paged {med['paged']:8.1f}  "
+                f"ratio {med['vllm'] / med['paged']:.2f}",
+                flush=True,
+            )
         lms["vllm"].close()
         del lms
     meta["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None

@@ -65,9 +65,15 @@ async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
             ctxs = [ctxs[i] for i in rng.integers(0, n, n)]
     timed = n * (steps - 8)
     in_lm = lm.summary()["lm_seconds_inside_calls"]
-    return {"particles": n, "steps": steps, "K": K, "us_per_particle_byte": 1e6 * spent / timed,
-            "cpu_us_per_particle_byte": 1e6 * cpu / timed, "lm_us_per_particle_byte": 1e6 * in_lm / timed,
-            "ours_us_per_particle_byte": 1e6 * (spent - in_lm) / timed}
+    return {
+        "particles": n,
+        "steps": steps,
+        "K": K,
+        "us_per_particle_byte": 1e6 * spent / timed,
+        "cpu_us_per_particle_byte": 1e6 * cpu / timed,
+        "lm_us_per_particle_byte": 1e6 * in_lm / timed,
+        "ours_us_per_particle_byte": 1e6 * (spent - in_lm) / timed,
+    }
 
 
 async def _score(pot, data: bytes) -> float:

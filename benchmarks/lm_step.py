@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine_desc, versions, git_commit
+from benchmarks.common import git_commit, machine_desc, versions
 from benchmarks.lms import _tiny_model_dir, heldout_text
 
 
@@ -104,8 +104,10 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
     docstring) over ``reps`` repetitions after ``warmup`` ones."""
     fresh_needed = 2 * (warmup + reps) * sum(sizes)
     if fresh_needed > lm.vocab_size - 1000:
-        raise ValueError(f"{fresh_needed} one-token contexts need more than the {lm.vocab_size - 1000} "
-                         f"token ids >= 1000 of the vocabulary; lower reps or sizes")
+        raise ValueError(
+            f"{fresh_needed} one-token contexts need more than the {lm.vocab_size - 1000} "
+            f"token ids >= 1000 of the vocabulary; lower reps or sizes"
+        )
     cuda = lm.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -144,15 +146,22 @@ def measure(lm, prefix: tuple[int, ...], sizes: list[int], reps: int, warmup: in
                         total.append(t2 - t0)
                         host.append(t1 - t0 - (clock.spent - forward0))
                         hit.append(t3 - t2)
-                results.append({"N": n, "api": api, "total_ms": _stat_ms(total), "host_ms": _stat_ms(host),
-                                "hit_ms": _stat_ms(hit)})
+                results.append(
+                    {
+                        "N": n,
+                        "api": api,
+                        "total_ms": _stat_ms(total),
+                        "host_ms": _stat_ms(host),
+                        "hit_ms": _stat_ms(hit),
+                    }
+                )
     lm.clear_cache()
     lm.batch_next_token_logprobs_sync([prefix])
     fresh = iter(range(1000, lm.vocab_size))
     with _NoForward(lm):
         for row in results:
             call, plan = calls[row["api"]], []
-            for rep in range(warmup + reps):
+            for _ in range(warmup + reps):
                 ctxs = contexts(row["N"])
                 t0 = time.perf_counter()
                 call(ctxs)
@@ -182,9 +191,17 @@ def main(argv=None):
     prefix = tuple([bos] + lm.tokenizer.encode(text, add_special_tokens=False))
     results = measure(lm, prefix, args.N, args.reps)
     meta = {
-        "workload": "lm_step", "model": path, "backend": repr(lm), "device": args.device, "dtype": dtype,
-        "prefix_tokens": len(prefix), "reps": args.reps, "machine": machine_desc(args.device),
-        "torch_threads": torch.get_num_threads(), "commit": git_commit(), "versions": versions(),
+        "workload": "lm_step",
+        "model": path,
+        "backend": repr(lm),
+        "device": args.device,
+        "dtype": dtype,
+        "prefix_tokens": len(prefix),
+        "reps": args.reps,
+        "machine": machine_desc(args.device),
+        "torch_threads": torch.get_num_threads(),
+        "commit": git_commit(),
+        "versions": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     out = json.dumps({"meta": meta, "results": results}, indent=1)

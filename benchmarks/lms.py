@@ -59,9 +59,7 @@ class RecordingLM:
     async def batch_next_token_logprobs(self, token_ids_list, lora_name=None):
         t0 = time.perf_counter()
         out = await self._lm.batch_next_token_logprobs(token_ids_list)
-        self.calls.append(
-            ("batch", [tuple(c) for c in token_ids_list], time.perf_counter() - t0)
-        )
+        self.calls.append(("batch", [tuple(c) for c in token_ids_list], time.perf_counter() - t0))
         return out
 
     async def next_token_logprobs(self, token_ids, lora_name=None):
@@ -129,9 +127,15 @@ def _tiny_model_dir() -> str:
     tok = _smollm2_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(cfg)
@@ -163,19 +167,28 @@ def _load_hf(path, backend="hf", **opts) -> tuple[object, str]:
     """Our HF backend (``backend``: ``"hf"`` or ``"paged"``; ``opts``: ``device``,
     ``dtype``) if importable, else genlm-backend's AsyncTransformer."""
     try:
+        import genlm_bytes_potential.backends.hf  # noqa: F401
         from genlm_bytes_potential.models import load_lm
 
-        import genlm_bytes_potential.backends.hf  # noqa: F401
-
         lm = load_lm(str(path), backend=backend, **opts)
-        return lm, f"{backend} (genlm_bytes_potential {type(lm).__name__}{', ' if opts else ''}" \
-                   f"{', '.join(f'{k}={v}' for k, v in opts.items())})"
+        return (
+            lm,
+            f"{backend} (genlm_bytes_potential {type(lm).__name__}{', ' if opts else ''}"
+            f"{', '.join(f'{k}={v}' for k, v in opts.items())})",
+        )
     except ImportError as e:
         return _genlm_backend_hf(path), f"hf (genlm-backend AsyncTransformer; ours absent: {e.name})"
 
 
-def make_lm(model: str = "smollm2", *, vocab: str = "model", seed: int = 0,
-            temperature: float = 0.5, backend: str = "hf", **opts) -> tuple[RecordingLM, dict]:
+def make_lm(
+    model: str = "smollm2",
+    *,
+    vocab: str = "model",
+    seed: int = 0,
+    temperature: float = 0.5,
+    backend: str = "hf",
+    **opts,
+) -> tuple[RecordingLM, dict]:
     """``(RecordingLM, info)``; info has ``model``, ``backend``, ``eos`` (byte strings).
     ``backend`` (``"hf"``/``"paged"``) and ``opts`` (``device``, ``dtype``) apply to the
     real models."""
@@ -192,8 +205,7 @@ def make_lm(model: str = "smollm2", *, vocab: str = "model", seed: int = 0,
             from benchmarks.vocabs import tiny_vocab
 
             v, eos = tiny_vocab()
-            lm = MockTokenLM(v, seed=seed, temperature=temperature, bos_token_id=len(v) - 1,
-                             eos_token_id=len(v) - 1)
+            lm = MockTokenLM(v, seed=seed, temperature=temperature, bos_token_id=len(v) - 1, eos_token_id=len(v) - 1)
             name = f"MockTokenLM over a {len(v)}-token synthetic vocabulary"
             tok = None
         else:
@@ -201,8 +213,13 @@ def make_lm(model: str = "smollm2", *, vocab: str = "model", seed: int = 0,
             from genlm.backend.tokenization import decode_vocab
 
             bv, _ = decode_vocab(tok)
-            lm = MockTokenLM([bytes(t) for t in bv], seed=seed, temperature=temperature,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+            lm = MockTokenLM(
+                [bytes(t) for t in bv],
+                seed=seed,
+                temperature=temperature,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
             name = "MockTokenLM over SmolLM2's vocabulary (49,152)"
         backend = f"mock (temperature {temperature})"
     else:

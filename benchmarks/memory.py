@@ -38,7 +38,9 @@ def make_lm(vocab: str, seed: int, temperature: float | None):
     if vocab == "small":
         rng = np.random.default_rng(seed)
         words = {bytes(rng.choice(list(b"abcdefgh "), rng.integers(1, 5))) for _ in range(300)}
-        return MockTokenLM(sorted({bytes([c]) for c in b"abcdefgh "} | words), seed=seed, temperature=temperature or 0.7)
+        return MockTokenLM(
+            sorted({bytes([c]) for c in b"abcdefgh "} | words), seed=seed, temperature=temperature or 0.7
+        )
     from genlm_bytes_potential.models import load_lm
 
     # peaked like a real LM (~7 extensions per step at K=8); flat mocks make ~5x more
@@ -73,14 +75,16 @@ async def run(args) -> dict:
             b = progress["bytes"]
             if b // args.every != last // args.every or last < 0:
                 last = b
-                curve.append((b, time.perf_counter() - t0, rss_mib(), len(pot.cache), pot.cache.nbytes / 2**20))
+                curve.append((b, time.perf_counter() - t0, rss_mib(), len(pot.cache), pot.model.store.nbytes / 2**20))
 
     sampler = asyncio.ensure_future(sample())
     smc = SMC(direct_token_sampler(pot))
     seqs = await smc(n_particles=args.particles, ess_threshold=0.5, max_tokens=args.bytes_per_particle)
     done = True
     await sampler
-    curve.append((progress["bytes"], time.perf_counter() - t0, rss_mib(), len(pot.cache), pot.cache.nbytes / 2**20))
+    curve.append(
+        (progress["bytes"], time.perf_counter() - t0, rss_mib(), len(pot.cache), pot.model.store.nbytes / 2**20)
+    )
     mock_cache = sum(v.nbytes for v in lm._cache.values()) / 2**20
     return {
         "curve": curve,
@@ -106,7 +110,9 @@ def main(argv=None):
     p.add_argument("--bytes-per-particle", type=int, default=2000)
     p.add_argument("--K", type=int, default=8)
     p.add_argument("--cache-size", type=int, default=4096)
-    p.add_argument("--cache-bytes", type=int, default=2048, help="beam cache cap in MiB (default: the potential's 2 GiB)")
+    p.add_argument(
+        "--cache-bytes", type=int, default=2048, help="beam cache cap in MiB (default: the potential's 2 GiB)"
+    )
     p.add_argument("--every", type=int, default=10_000, help="record RSS every this many bytes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=None, help="mock temperature (default 0.7 small, 0.2 smollm2)")
@@ -125,7 +131,15 @@ def main(argv=None):
         f"- {r['bytes']:,} bytes in {r['seconds']:.0f} s ({r['calls']:,} batch calls); RSS {base:,.0f} → {curve[-1][2]:,.0f} MiB "
         f"(max {max(c[2] for c in curve):,.0f}); the mock's own log-prob LRU holds {r['mock_cache_mib']:,.0f} MiB of that"
     )
-    meta, md = header("Memory", date=args.date, machine=args.machine, model=f"MockTokenLM ({args.vocab})", backend="mock", threads=threads, extra=extra)
+    meta, md = header(
+        "Memory",
+        date=args.date,
+        machine=args.machine,
+        model=f"MockTokenLM ({args.vocab})",
+        backend="mock",
+        threads=threads,
+        extra=extra,
+    )
     text = md + "\n" + md_table(["bytes generated", "s", "RSS MiB", "Δ MiB", "cached beams", "cache masses MiB"], rows)
     print(text)
     meta["command"] = command_line("benchmarks.memory", sys.argv[1:] if argv is None else argv)

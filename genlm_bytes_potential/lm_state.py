@@ -31,7 +31,7 @@ class LMState:
         self.tokens = tuple(tokens)
         self._hash = hash(self.tokens)
 
-    def extend(self, token: int) -> "LMState":
+    def extend(self, token: int) -> LMState:
         return LMState(self.tokens + (int(token),))
 
     def __hash__(self) -> int:
@@ -65,13 +65,13 @@ class MassRows:
     gen: np.ndarray
 
     @staticmethod
-    def empty() -> "MassRows":
+    def empty() -> MassRows:
         return MassRows(np.zeros(0, np.int64), np.zeros(0, np.int64))
 
-    def take(self, idx: np.ndarray) -> "MassRows":
+    def take(self, idx: np.ndarray) -> MassRows:
         return MassRows(self.slot[idx], self.gen[idx])
 
-    def concat(self, other: "MassRows") -> "MassRows":
+    def concat(self, other: MassRows) -> MassRows:
         return MassRows(np.concatenate([self.slot, other.slot]), np.concatenate([self.gen, other.gen]))
 
 
@@ -143,7 +143,9 @@ class MassStore:
         table's touched memory near the working set (first touches of fresh memory cost
         about as much as computing the row). The table lives on ``like``'s device."""
         need = len(keys)
-        free = [i for i, k in enumerate(self._key_of) if k is None][:need] if len(self._slots) < len(self._key_of) else []
+        free = (
+            [i for i, k in enumerate(self._key_of) if k is None][:need] if len(self._slots) < len(self._key_of) else []
+        )
         reused = self._least_recent(need - len(free), self.clock - self.IDLE)
         n_new = min(need - len(free) - len(reused), max(0, self.max_rows - len(self._key_of)))
         short = need - len(free) - len(reused) - n_new

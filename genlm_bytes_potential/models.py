@@ -95,9 +95,7 @@ def _convert(gguf: Path, dest: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     fix_byte_level_decoder(tok)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype="float32"
-    )
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # The weights are de-quantized fp32 already; drop the GGUF "quantizer" so
     # the model saves as a plain checkpoint.
     model.hf_quantizer = None
@@ -151,9 +149,7 @@ def _resolve_model(model) -> str:
                 "(config.json, weights and tokenizer files)"
             )
         if not os.path.isfile(os.path.join(expanded, "config.json")):
-            raise FileNotFoundError(
-                f"model folder {model!r} has no config.json; expected a Hugging Face model folder"
-            )
+            raise FileNotFoundError(f"model folder {model!r} has no config.json; expected a Hugging Face model folder")
         return expanded
     # Hub names are "name" or "org/name"; anything else is meant as a path.
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model

@@ -47,7 +47,7 @@ class _Node:
 
     __slots__ = ("children", "beam", "parent", "byte")
 
-    def __init__(self, parent: "_Node | None", byte: int | None):
+    def __init__(self, parent: _Node | None, byte: int | None):
         self.children: dict[int, _Node] = {}
         self.beam: Beam | None = None
         self.parent = parent
@@ -133,7 +133,9 @@ def _check_device(device) -> None:
         if n == 0 or (d.index is not None and d.index >= n):
             raise ValueError(f"device={device!r}, but this machine has {n} CUDA device(s); expected 'cpu' or None")
     elif d.type != "cpu":
-        raise ValueError(f"device={device!r}; expected 'cpu', 'cuda', 'cuda:N' or None (trie masses run on CPU or CUDA)")
+        raise ValueError(
+            f"device={device!r}; expected 'cpu', 'cuda', 'cuda:N' or None (trie masses run on CPU or CUDA)"
+        )
 
 
 def _check_eos_tokens(eos_tokens) -> None:
@@ -144,22 +146,39 @@ def _check_eos_tokens(eos_tokens) -> None:
     try:
         items = list(eos_tokens)
     except TypeError:
-        raise TypeError(f"eos_tokens={eos_tokens!r} has type {type(eos_tokens).__name__}; expected a list of byte strings") from None
+        raise TypeError(
+            f"eos_tokens={eos_tokens!r} has type {type(eos_tokens).__name__}; expected a list of byte strings"
+        ) from None
     for e in items:
         if not isinstance(e, (bytes, bytearray)):
-            raise TypeError(f"eos_tokens item {e!r} has type {type(e).__name__}; expected bytes (e.g. {str(e).encode()!r})")
+            raise TypeError(
+                f"eos_tokens item {e!r} has type {type(e).__name__}; expected bytes (e.g. {str(e).encode()!r})"
+            )
 
 
 # genlm-bytes' BeamParams fields -> ours (``heal`` applies to the prompt only)
-_GENLM_BYTES_FIELDS = {"K", "prune_threshold", "heal", "heal_max_backoff", "heal_max_splits", "eos_byte_strings", "eos_tokens"}
+_GENLM_BYTES_FIELDS = {
+    "K",
+    "prune_threshold",
+    "heal",
+    "heal_max_backoff",
+    "heal_max_splits",
+    "eos_byte_strings",
+    "eos_tokens",
+}
 
 
 def _beam_settings(beam_params) -> dict:
     """The beam settings of our ``BeamParams`` or of genlm-bytes' (``eos_byte_strings`` as
     ``eos_tokens``); fields of theirs we do not have must keep their defaults."""
     if isinstance(beam_params, BeamParams):
-        return dict(K=beam_params.K, prune_threshold=beam_params.prune_threshold, heal=beam_params.heal,
-                    heal_max_backoff=beam_params.heal_max_backoff, heal_max_splits=beam_params.heal_max_splits)
+        return dict(
+            K=beam_params.K,
+            prune_threshold=beam_params.prune_threshold,
+            heal=beam_params.heal,
+            heal_max_backoff=beam_params.heal_max_backoff,
+            heal_max_splits=beam_params.heal_max_splits,
+        )
     if not (dataclasses.is_dataclass(beam_params) and type(beam_params).__name__ == "BeamParams"):
         raise TypeError(
             f"beam_params={beam_params!r} has type {type(beam_params).__name__}; expected "
@@ -173,9 +192,14 @@ def _beam_settings(beam_params) -> dict:
                 f"(supported: {', '.join(sorted(_GENLM_BYTES_FIELDS - {'eos_tokens'}))}); leave it at {f.default!r}"
             )
     eos = values.get("eos_byte_strings") or values.get("eos_tokens") or ()
-    return dict(K=values["K"], prune_threshold=values.get("prune_threshold", 0.0), heal=values.get("heal", True),
-                heal_max_backoff=values.get("heal_max_backoff"), heal_max_splits=values.get("heal_max_splits"),
-                eos_tokens=sorted(bytes(e) for e in eos))
+    return dict(
+        K=values["K"],
+        prune_threshold=values.get("prune_threshold", 0.0),
+        heal=values.get("heal", True),
+        heal_max_backoff=values.get("heal_max_backoff"),
+        heal_max_splits=values.get("heal_max_splits"),
+        eos_tokens=sorted(bytes(e) for e in eos),
+    )
 
 
 class ByteBeamPotential(Potential):
@@ -262,13 +286,23 @@ class ByteBeamPotential(Potential):
     ):
         _check_lm(lm)
         if beam_params is not None:
-            given = dict(K=K, prune_threshold=prune_threshold, heal=heal, heal_max_backoff=heal_max_backoff,
-                         heal_max_splits=heal_max_splits, eos_tokens=eos_tokens)
-            defaults = dict(K=8, prune_threshold=0.0, heal=True, heal_max_backoff=None, heal_max_splits=None, eos_tokens=None)
+            given = dict(
+                K=K,
+                prune_threshold=prune_threshold,
+                heal=heal,
+                heal_max_backoff=heal_max_backoff,
+                heal_max_splits=heal_max_splits,
+                eos_tokens=eos_tokens,
+            )
+            defaults = dict(
+                K=8, prune_threshold=0.0, heal=True, heal_max_backoff=None, heal_max_splits=None, eos_tokens=None
+            )
             both = [k for k in given if given[k] is not defaults[k] and given[k] != defaults[k]]
             settings = _beam_settings(beam_params)
             if both:
-                raise TypeError(f"{', '.join(both)} given both as keyword and in beam_params; give each beam setting once")
+                raise TypeError(
+                    f"{', '.join(both)} given both as keyword and in beam_params; give each beam setting once"
+                )
             K, prune_threshold, heal = settings["K"], settings["prune_threshold"], settings["heal"]
             heal_max_backoff, heal_max_splits = settings["heal_max_backoff"], settings["heal_max_splits"]
             eos_tokens = settings.get("eos_tokens", eos_tokens)
@@ -285,15 +319,25 @@ class ByteBeamPotential(Potential):
         self.prompt_params = replace(
             self.params, heal=bool(heal), heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
         )
-        self.model = TokenModel(lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead,
-                                mass_bytes=cache_bytes)
+        self.model = TokenModel(
+            lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead, mass_bytes=cache_bytes
+        )
         self.cache = BeamCache(cache_size)
         self._warned_cache = False
         self._root_beam: Beam | None = None
         self._init_args = dict(
-            K=K, prune_threshold=prune_threshold, eos_tokens=eos_tokens, max_context_length=max_context_length,
-            cache_size=cache_size, cache_bytes=cache_bytes, heal=bool(heal), heal_max_backoff=heal_max_backoff,
-            heal_max_splits=heal_max_splits, device=device, canonical=canonical, lookahead=lookahead,
+            K=K,
+            prune_threshold=prune_threshold,
+            eos_tokens=eos_tokens,
+            max_context_length=max_context_length,
+            cache_size=cache_size,
+            cache_bytes=cache_bytes,
+            heal=bool(heal),
+            heal_max_backoff=heal_max_backoff,
+            heal_max_splits=heal_max_splits,
+            device=device,
+            canonical=canonical,
+            lookahead=lookahead,
         )
         self.prompt: bytes = b""
         self.prompt_tokens: tuple[int, ...] = ()
@@ -312,7 +356,7 @@ class ByteBeamPotential(Potential):
         engine_opts: dict | None = None,
         llm_opts: dict | None = None,
         **kwargs,
-    ) -> "ByteBeamPotential":
+    ) -> ByteBeamPotential:
         """Load a model by HF name or local folder (``None``: the embedded SmolLM2-135M)
         on ``backend`` (``"auto"`` or ``None``, ``"vllm"``, ``"paged"``, ``"hf"``,
         ``"mock"``; see :func:`~genlm_bytes_potential.models.load_lm`) and wrap it.
@@ -346,8 +390,7 @@ class ByteBeamPotential(Potential):
                 prompt = prompt.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise ValueError(
-                    f"prompt {prompt[:40]!r} is not encodable as UTF-8 ({e.reason} at position "
-                    f"{e.start}); pass bytes"
+                    f"prompt {prompt[:40]!r} is not encodable as UTF-8 ({e.reason} at position {e.start}); pass bytes"
                 ) from None
         if not isinstance(prompt, (bytes, bytearray)):
             raise TypeError(f"prompt has type {type(prompt).__name__}; expected bytes, str or a chat message list")
@@ -361,7 +404,9 @@ class ByteBeamPotential(Potential):
     def set_prompt_from_str(self, prompt: str) -> None:
         """The prompt is this text (``ByteLLM``'s and ``PromptedLLM``'s method)."""
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt has type {type(prompt).__name__}; expected str (use set_prompt for bytes or tokens)")
+            raise TypeError(
+                f"prompt has type {type(prompt).__name__}; expected str (use set_prompt for bytes or tokens)"
+            )
         self.set_prompt(prompt)
 
     @property
@@ -398,7 +443,9 @@ class ByteBeamPotential(Potential):
                 pass
         for i, x in enumerate(items):  # find and name the bad item
             if isinstance(x, EndOfSequence):
-                raise ValueError(f"context has EOS at position {i} of {len(items)}; EOS may only end a sequence (use complete())")
+                raise ValueError(
+                    f"context has EOS at position {i} of {len(items)}; EOS may only end a sequence (use complete())"
+                )
             if byte_value(x) is None:
                 expected = "expected a one-byte bytes token or an int 0..255"
                 if isinstance(x, (bytes, bytearray)) or (isinstance(x, Integral) and not isinstance(x, bool)):
@@ -409,12 +456,11 @@ class ByteBeamPotential(Potential):
     async def _root(self) -> Beam:
         """The beam after the prompt, for the empty context (kept outside the LRU)."""
         if self._root_beam is None:
-            beam = await initial_beam(
-                self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt
-            )
+            beam = await initial_beam(self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt)
             for i, b in enumerate(self.prompt):  # prefill, stopping at a byte it cannot read
-                (beam,) = await advance([beam], [b], with_eos=i == len(self.prompt) - 1,
-                                        ahead=[memoryview(self.prompt)[i + 1 :]])
+                (beam,) = await advance(
+                    [beam], [b], with_eos=i == len(self.prompt) - 1, ahead=[memoryview(self.prompt)[i + 1 :]]
+                )
                 if beam.is_empty:
                     raise ValueError(
                         f"prompt byte {b:#04x} at position {i} ({self.prompt[max(0, i - 30) : i + 1]!r}): "
@@ -448,8 +494,9 @@ class ByteBeamPotential(Potential):
             for key, (n, beam) in pending.items():
                 step.setdefault(key[: n + 1], beam)
                 ahead.setdefault(key[: n + 1], memoryview(key)[n + 1 :])
-            advanced = dict(zip(step, await advance(list(step.values()), [k[-1] for k in step],
-                                                    ahead=list(ahead.values()))))
+            advanced = dict(
+                zip(step, await advance(list(step.values()), [k[-1] for k in step], ahead=list(ahead.values())))
+            )
             for k, beam in advanced.items():
                 self.cache.put(k, beam)
             nxt = {}
@@ -499,7 +546,7 @@ class ByteBeamPotential(Potential):
         return self.make_lazy_weights(await next_byte_logprobs(await self.beams(contexts)))
 
     # ------------------------------------------------------------ lifecycle
-    def spawn(self) -> "ByteBeamPotential":
+    def spawn(self) -> ByteBeamPotential:
         """A fresh potential over the same LM, settings and prompt, with an empty cache."""
         return ByteBeamPotential(self.lm, **self._init_args)
 
@@ -509,7 +556,7 @@ class ByteBeamPotential(Potential):
         self.model.store.clear()
         self._root_beam = None
 
-    async def __aenter__(self) -> "ByteBeamPotential":
+    async def __aenter__(self) -> ByteBeamPotential:
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:

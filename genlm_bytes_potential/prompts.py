@@ -43,7 +43,9 @@ def token_ids(value, tokenizer=None, *, name: str = "prompt_tokens") -> list[int
             )
         return [int(t) for t in tokenizer.encode(value, add_special_tokens=False)]
     if isinstance(value, (bytes, bytearray)):
-        raise TypeError(f"{name} is {type(value).__name__} ({bytes(value[:40])!r}); expected token ids (pass bytes as prompt)")
+        raise TypeError(
+            f"{name} is {type(value).__name__} ({bytes(value[:40])!r}); expected token ids (pass bytes as prompt)"
+        )
     if hasattr(value, "ndim") and hasattr(value, "tolist"):  # torch tensor, numpy array
         if value.ndim == 2 and value.shape[0] == 1:
             value = value[0]
@@ -72,4 +74,6 @@ def chat_token_ids(tokenizer, messages: Messages, **template_kwargs) -> list[int
             "pass prompt_tokens (token ids) or a text prompt"
         )
     template_kwargs.setdefault("add_generation_prompt", True)
-    return token_ids(tokenizer.apply_chat_template(list(messages), **template_kwargs), tokenizer, name="chat template output")
+    return token_ids(
+        tokenizer.apply_chat_template(list(messages), **template_kwargs), tokenizer, name="chat template output"
+    )

@@ -132,7 +132,7 @@ class ByteTokenView(Potential):
     def is_terminal_only(self) -> bool:
         return self.inner.is_terminal_only()
 
-    def spawn(self) -> "ByteTokenView":
+    def spawn(self) -> ByteTokenView:
         return ByteTokenView(self.inner.spawn(), self.token, self.to_inner)
 
     async def cleanup(self) -> None:

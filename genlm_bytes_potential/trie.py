@@ -83,9 +83,7 @@ class TokenByteTrie:
             if e not in present:
                 raise ValueError(f"EOS token {e!r} is not the bytes of any token in the vocabulary")
         self.eos_tokens = frozenset(eos_tokens)
-        self.eos_token_ids = np.array(
-            [i for i, b in enumerate(vocab) if b in eos_tokens], dtype=np.int64
-        )
+        self.eos_token_ids = np.array([i for i, b in enumerate(vocab) if b in eos_tokens], dtype=np.int64)
         self._build(vocab)
 
     def _build(self, vocab: list[bytes]) -> None:
@@ -233,8 +231,14 @@ class TokenByteTrie:
         if out is None:
             out, out_rows = np.empty((lp.shape[0], self.n_nodes)), np.arange(lp.shape[0])
         _subtree_sums(
-            lp, shift, self._leaf_tokens_eos if with_eos else self._leaf_tokens,
-            self.leaf_nodes, self._eos_tokens_or_none(with_eos), self.eos_node, self.parent, out,
+            lp,
+            shift,
+            self._leaf_tokens_eos if with_eos else self._leaf_tokens,
+            self.leaf_nodes,
+            self._eos_tokens_or_none(with_eos),
+            self.eos_node,
+            self.parent,
+            out,
             np.asarray(out_rows, np.int64),
         )
         return out, shift

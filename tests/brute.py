@@ -20,7 +20,7 @@ def prefix_prob(lm, ctx, data: bytes, eos_tokens=frozenset()) -> float:
             if b.startswith(data):
                 total += p[t]
         elif data.startswith(b):
-            total += p[t] * prefix_prob(lm, ctx + (t,), data[len(b):], eos_tokens)
+            total += p[t] * prefix_prob(lm, ctx + (t,), data[len(b) :], eos_tokens)
     return total
 
 
@@ -32,7 +32,7 @@ def complete_prob(lm, ctx, data: bytes, eos_tokens) -> float:
     for t, tok in enumerate(lm.byte_vocab):
         b = bytes(tok)
         if b and b not in eos_tokens and data.startswith(b):
-            total += p[t] * complete_prob(lm, ctx + (t,), data[len(b):], eos_tokens)
+            total += p[t] * complete_prob(lm, ctx + (t,), data[len(b) :], eos_tokens)
     return total
 
 

@@ -87,9 +87,7 @@ def vllm_tiny(tiny_llama_dir):
         _pytest.skip("vllm is not installed")
     from genlm_bytes_potential.backends.vllm import VLLMTokenLM
 
-    lm = VLLMTokenLM(
-        str(tiny_llama_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0
-    )
+    lm = VLLMTokenLM(str(tiny_llama_dir), dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
     yield lm
     lm.close()
 

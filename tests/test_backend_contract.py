@@ -40,8 +40,7 @@ def lm(request, tiny_llama):
     if name == "paged":
         return PagedTokenLM(model, tok, kv_cache_bytes=2**24, logprob_cache_bytes=2**26)
     hf = HFTokenLM(model, tok, cache_bytes=0)
-    return MockTokenLM([bytes(t) for t in hf.byte_vocab], bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id)
+    return MockTokenLM([bytes(t) for t in hf.byte_vocab], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
 
 def contexts(seed: int, n: int = 6) -> list[list[int]]:

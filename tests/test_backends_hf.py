@@ -6,10 +6,9 @@ import pytest
 import torch
 from conftest import TINY_EXTRA_ROWS, build_tiny_llama
 from genlm.backend.llm.base import AsyncLM
+from tiny_models import BACKEND_CONTEXTS, hf_reference, loop_ticks_during
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
-
-from tiny_models import BACKEND_CONTEXTS, hf_reference, loop_ticks_during
 
 CTXS = BACKEND_CONTEXTS
 

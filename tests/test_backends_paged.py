@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 from genlm.backend.llm.base import AsyncLM
+from tiny_models import BACKEND_CONTEXTS
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.backends.paged import PagedTokenLM
-
-from tiny_models import BACKEND_CONTEXTS
 
 CTXS = BACKEND_CONTEXTS
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -79,8 +78,7 @@ async def test_eviction_keeps_results_exact(tiny_llama):
     model, tok = tiny_llama
     V = len(tok)
     per_slot = 2 * 2 * 1 * 32 * 4  # layers x (k, v) x kv heads x head dim x fp32
-    lm = PagedTokenLM(model, tok, kv_cache_bytes=200 * per_slot, max_batch_tokens=64,
-                       logprob_cache_bytes=4 * 4 * V)
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=200 * per_slot, max_batch_tokens=64, logprob_cache_bytes=4 * 4 * V)
     assert lm.cache.n_slots == 200
     rng = np.random.default_rng(0)
     seen = []
@@ -115,8 +113,16 @@ async def test_other_llama_style_families(family, smollm2_tokenizer):
     tok = smollm2_tokenizer
     V = len(tok)
     cfg_cls = Qwen2Config if family == "qwen2" else Qwen3Config
-    cfg = cfg_cls(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    cfg = cfg_cls(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():
@@ -326,7 +332,7 @@ async def test_slot_paths_after_eviction_and_a_long_context(tiny_llama):
     per_slot = 2 * 2 * 1 * 32 * 4
     lm = PagedTokenLM(model, tok, kv_cache_bytes=150 * per_slot, max_batch_tokens=100)
     rng = np.random.default_rng(1)
-    for k in range(8):
+    for _ in range(8):
         base = [1] + rng.integers(2, 1000, size=20).tolist()
         await lm.batch_next_token_logprobs([base])
         await lm.batch_next_token_logprobs([base + [t] for t in range(5)])
@@ -334,8 +340,9 @@ async def test_slot_paths_after_eviction_and_a_long_context(tiny_llama):
         _assert_slot_paths_consistent(lm)
     assert lm.cache.evictions > 0
     last = [base + [4, 7, 8]]
-    assert torch.allclose((await lm.batch_next_token_logprobs(last))[0], _ref(model, last[0], lm.vocab_size),
-                          atol=2e-4, rtol=1e-5)
+    assert torch.allclose(
+        (await lm.batch_next_token_logprobs(last))[0], _ref(model, last[0], lm.vocab_size), atol=2e-4, rtol=1e-5
+    )
 
 
 def test_lm_step_benchmark_leaves_the_lm_as_it_was(tiny_llama):

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 from genlm.backend.llm.base import AsyncLM
+from tiny_models import BACKEND_CONTEXTS, hf_reference, loop_ticks_during
 
 from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _RowPool
-
-from tiny_models import BACKEND_CONTEXTS, hf_reference, loop_ticks_during
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
@@ -107,13 +106,15 @@ def test_capture_v1_interface(kind):
     tagged = [SamplingParams(extra_args={_KEY: pool.spec(r)}) for r in rows]
     plain = SamplingParams()
     proc.update_state(
-        BatchUpdate(batch_size=4, removed=[], moved=[],
-                    added=[(0, tagged[0], [1], []), (1, plain, [1], []), (2, tagged[1], [1], []), (3, tagged[2], [1], [])])
+        BatchUpdate(
+            batch_size=4,
+            removed=[],
+            moved=[],
+            added=[(0, tagged[0], [1], []), (1, plain, [1], []), (2, tagged[1], [1], []), (3, tagged[2], [1], [])],
+        )
     )
     # request at index 3 leaves; the one at 2 moves to 1 and the plain one to 2
-    proc.update_state(
-        BatchUpdate(batch_size=3, removed=[3], added=[], moved=[(2, 1, MoveDirectionality.SWAP)])
-    )
+    proc.update_state(BatchUpdate(batch_size=3, removed=[3], added=[], moved=[(2, 1, MoveDirectionality.SWAP)]))
     pool.rows.zero_()
     logits = torch.randn(3, 12)  # two padded columns past V = 10
     out = proc.apply(logits.clone())
@@ -164,9 +165,9 @@ def test_model_runner_v2_is_dropped_where_it_cannot_take_our_processor(monkeypat
     custom-logits-processor interface), and any V2 runner without Triton, refuses ours."""
     pytest.importorskip("vllm")
     import genlm.backend.llm  # noqa: F401  (sets it, in any import order)
+    from vllm.triton_utils import HAS_TRITON
 
     from genlm_bytes_potential.backends import vllm as backend
-    from vllm.triton_utils import HAS_TRITON
 
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     backend._prepare_vllm_environment()

@@ -2,20 +2,21 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from brute import complete_prob, log, prefix_prob
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import EOS_BYTES, texts, vocabularies
 
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.beam import BeamParams, advance, initial_beam, next_byte_logprobs, prefill
 from genlm_bytes_potential.byte_lm import ByteDist, ByteLM
 from genlm_bytes_potential.lm_state import LMState, TokenModel
-from genlm_bytes_potential.trie import EOS
-
-from brute import complete_prob, log, prefix_prob
-from strategies import EOS_BYTES, texts, vocabularies
 
 
 def make_model(vocab, seed, temperature=1.0, **kw):
-    lm = MockTokenLM(vocab, seed=seed, temperature=temperature, eos_token_id=vocab.index(EOS_BYTES) if EOS_BYTES in vocab else None)
+    lm = MockTokenLM(
+        vocab, seed=seed, temperature=temperature, eos_token_id=vocab.index(EOS_BYTES) if EOS_BYTES in vocab else None
+    )
     return lm, TokenModel(lm, **kw)
 
 
@@ -44,7 +45,13 @@ async def test_unbounded_beam_is_the_exact_marginal(vocab, seed, data, temperatu
 
 
 @settings(max_examples=30, deadline=None)
-@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(6), K=st.integers(1, 3), threshold=st.sampled_from([0.0, 0.05, 0.3]))
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    data=texts(6),
+    K=st.integers(1, 3),
+    threshold=st.sampled_from([0.0, 0.05, 0.3]),
+)
 async def test_pruned_beam_normalizes_and_factorizes(vocab, seed, data, K, threshold):
     lm, model = make_model(vocab, seed)
     beam = await initial_beam(model, BeamParams(K=K, prune_threshold=threshold, heal=False))
@@ -86,8 +93,6 @@ async def test_prefill_reads_eos_tokens_as_text_generation_does_not():
     assert np.isfinite(pre.logp) and pre.with_eos
     assert np.exp(pre.next_logprobs()).sum() == pytest.approx(1, abs=1e-9)
     assert np.isfinite(pre.next_logprobs()[256])  # EOS possible after the prompt
-
-
 
 
 async def test_healing_recovers_where_k1_empties():
@@ -230,8 +235,9 @@ async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(voca
 
 
 @settings(max_examples=40, deadline=None)
-@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]),
-       heal=st.booleans())
+@given(
+    vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]), heal=st.booleans()
+)
 async def test_a_store_that_reuses_rows_gives_the_same_values(vocab, seed, data, K, heal):
     """Masses live in the model's store; with room for one row, rows are reused at every
     step and recomputed when read again: the same log-probs, heals and weights bit for bit,

@@ -43,14 +43,30 @@ def test_report_pages(tmp_path):
     s = {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     side = {"bytes_per_s": 20.0, "bytes_per_s_min": 10.0, "bytes_per_s_max": 30.0, "bits_per_byte": 1.5}
     w1 = [{"K": k, "n_bytes": 64, "ours": side, "anchor": side, "speedup": s} for k in (1, 4)]
-    meta = {"workload": "W1", "date": "2026-01-01", "machine": "m", "model": "SmolLM2", "backend": "hf",
-            "device": "cpu", "commit": "abc", "command": "python -m benchmarks.w1_score"}
+    meta = {
+        "workload": "W1",
+        "date": "2026-01-01",
+        "machine": "m",
+        "model": "SmolLM2",
+        "backend": "hf",
+        "device": "cpu",
+        "commit": "abc",
+        "command": "python -m benchmarks.w1_score",
+    }
     for stamp, res in (("20260101T000000", w1), ("20260102T000000", w1[:1]), ("20260103T000000", w1)):
         common.save_json(dict(meta, commit=stamp[6:8]), res, name=f"w1-cpu-{stamp}.json", out_dir=tmp_path)
-    rows = [{"name": n, "K": 5, "rep": rep, "n_bytes": 400, "bytes_per_s": b * (1 + rep), "bits_per_byte": 1.27}
-            for rep in (0, 1) for n, b in (("ours", 600.0), ("anchor", 20.0))]
-    common.save_json(dict(meta, device="cuda", machine="16-core CPU, GPU NVIDIA H200", commit="gpu"), rows,
-                     name="w1-cuda-20260104T000000.json", out_dir=tmp_path, key="rows")
+    rows = [
+        {"name": n, "K": 5, "rep": rep, "n_bytes": 400, "bytes_per_s": b * (1 + rep), "bits_per_byte": 1.27}
+        for rep in (0, 1)
+        for n, b in (("ours", 600.0), ("anchor", 20.0))
+    ]
+    common.save_json(
+        dict(meta, device="cuda", machine="16-core CPU, GPU NVIDIA H200", commit="gpu"),
+        rows,
+        name="w1-cuda-20260104T000000.json",
+        out_dir=tmp_path,
+        key="rows",
+    )
     common.save_json(dict(meta, workload="W9"), [{"x": 1}], name="w9-cpu-20260105T000000.json", out_dir=tmp_path)
     history = tmp_path / "HISTORY.md"
     history.write_text("old generated part\n" + report.NOTES_MARKER + "\n\nhand-written note\n")
@@ -72,8 +88,7 @@ def test_report_pages(tmp_path):
 
 def test_w3_trie_smoke(tmp_path):
     vocab, eos = tiny_vocab()
-    res = w3_trie.run({"tiny": (vocab, eos)}, batches=(1, 3), reps=1, build_reps=1,
-                      log=lambda *_: None)
+    res = w3_trie.run({"tiny": (vocab, eos)}, batches=(1, 3), reps=1, build_reps=1, log=lambda *_: None)
     assert [r["B"] for r in res] == [1, 3]
     for r in res:
         for k in ("ours", "anchor", "ours_log", "anchor_log", "build_ours", "build_anchor"):
@@ -94,8 +109,7 @@ def test_w1_score_smoke(mock_lm):
     lm, info = mock_lm
     text = heldout_text(24)
     assert 20 <= len(text) <= 24
-    res = w1_score.run(lm, info["eos"], text, Ks=(1, 3), reps=1, warm=False,
-                       log=lambda *_: None)
+    res = w1_score.run(lm, info["eos"], text, Ks=(1, 3), reps=1, warm=False, log=lambda *_: None)
     assert [r["K"] for r in res] == [1, 3]
     for r in res:
         for side in ("ours", "anchor"):
@@ -103,30 +117,54 @@ def test_w1_score_smoke(mock_lm):
             assert math.isfinite(r[side]["bits_per_byte"]) and r[side]["bits_per_byte"] > 0
             assert r[side]["lm_contexts"] >= 1
         assert r["speedup"]["median"] > 0
-    meta = {"date": "d", "machine": "m", "model": info["model"], "backend": info["backend"],
-            "command": "c", "text": "t"}
+    meta = {
+        "date": "d",
+        "machine": "m",
+        "model": info["model"],
+        "backend": info["backend"],
+        "command": "c",
+        "text": "t",
+    }
     assert "| 3 |" in w1_score.render(meta, res, reps=1)
 
 
 def test_w2_smc_smoke(mock_lm):
     lm, info = mock_lm
-    res = w2_smc.run(lm, info["eos"], tasks=("regex",), particles=(2,), max_bytes=3, K=2,
-                     log=lambda *_: None)
+    res = w2_smc.run(lm, info["eos"], tasks=("regex",), particles=(2,), max_bytes=3, K=2, log=lambda *_: None)
     (row,) = res
     assert row["task"] == "regex" and row["particles"] == 2
     for s in w2_smc.SYSTEMS:
         x = row[s]
         assert "bytes_per_s" in x, x  # every system ran
         assert _is_stat(x["bytes_per_s"]) and 0 <= x["ess"] <= 2 and 0 <= x["valid"] <= 2
-    meta = {"date": "d", "machine": "m", "model": "mock", "backend": "mock", "command": "c",
-            "mode": "critic", "K": 2, "max_bytes": 3, "reps": 1, "seed": 0}
+    meta = {
+        "date": "d",
+        "machine": "m",
+        "model": "mock",
+        "backend": "mock",
+        "command": "c",
+        "mode": "critic",
+        "K": 2,
+        "max_bytes": 3,
+        "reps": 1,
+        "seed": 0,
+    }
     assert "| regex | 2 |" in w2_smc.render(meta, res)
 
 
 def test_w4_floor_smoke(mock_lm):
     lm, info = mock_lm
-    res = w4_floor.run(lm, info["eos"], text=heldout_text(12), Ks=(2,),
-                       smc=(("regex", 2),), max_bytes=3, smc_K=2, reps=1, log=lambda *_: None)
+    res = w4_floor.run(
+        lm,
+        info["eos"],
+        text=heldout_text(12),
+        Ks=(2,),
+        smc=(("regex", 2),),
+        max_bytes=3,
+        smc_K=2,
+        reps=1,
+        log=lambda *_: None,
+    )
     assert len(res) == 2
     for r in res:
         assert r["ours_s"]["median"] > 0 and r["floor_s"]["median"] > 0
@@ -150,15 +188,20 @@ def test_plots_smoke(tmp_path):
 
     s = {"median": 1.0, "min": 0.5, "max": 2.0, "n": 2}
     w3 = [{"vocab": "v", "V": 10, "B": b, "ours": s, "anchor": s} for b in (1, 4)]
-    w1 = [{"K": k, "ours": {"bytes_per_s": 2.0, "bytes_per_s_min": 1.0, "bytes_per_s_max": 3.0,
-                            "bits_per_byte": 1.5},
-           "anchor": {"errors": ["x"]}} for k in (1, 2)]
-    w2 = [{"task": "regex", "particles": n, "ours": {"bytes_per_s": s}, "anchor": {"errors": []}}
-          for n in (2, 8)]
+    w1 = [
+        {
+            "K": k,
+            "ours": {"bytes_per_s": 2.0, "bytes_per_s_min": 1.0, "bytes_per_s_max": 3.0, "bits_per_byte": 1.5},
+            "anchor": {"errors": ["x"]},
+        }
+        for k in (1, 2)
+    ]
+    w2 = [{"task": "regex", "particles": n, "ours": {"bytes_per_s": s}, "anchor": {"errors": []}} for n in (2, 8)]
     meta = {"device": "cpu", "machine": "m", "model": "mock"}
     for wl, res in (("w1", w1), ("w2", w2), ("w3", w3)):
         (tmp_path / f"{wl}-cpu-20260101T000000.json").write_text(
-            json.dumps({"meta": dict(meta, workload=wl), "results": res}))
+            json.dumps({"meta": dict(meta, workload=wl), "results": res})
+        )
     paths = plots.make_all("cpu", results_dir=tmp_path, out_dir=tmp_path)
     assert len(paths) == 4
     for p in paths:
@@ -172,9 +215,27 @@ def test_gpu_session_on_cpu(tmp_path):
     from benchmarks import gpu_session
 
     out = tmp_path / "w1.json"
-    rows = gpu_session.main(["--device", "cpu", "--dtype", "float32", "--bytes", "24", "--K", "2",
-                             "--reps", "1", "--rows", "ours", "anchor_t0", "anchor_on_our_lm",
-                             "--out", str(out), "--no-write"])
+    rows = gpu_session.main(
+        [
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--bytes",
+            "24",
+            "--K",
+            "2",
+            "--reps",
+            "1",
+            "--rows",
+            "ours",
+            "anchor_t0",
+            "anchor_on_our_lm",
+            "--out",
+            str(out),
+            "--no-write",
+        ]
+    )
     by = {r["name"]: r for r in rows}
     assert set(by) == {"ours", "anchor_t0", "anchor_on_our_lm"}
     assert all(r["bytes_per_s"] > 0 and math.isfinite(r["bits_per_byte"]) for r in rows)

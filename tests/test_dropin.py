@@ -18,15 +18,13 @@ import torch
 from genlm.bytes import BeamParams
 from genlm.control import AWRS, SMC, BoolCFG, BoolFSA, JsonSchema, Potential, direct_token_sampler
 from genlm.control.potential.product import Product
+from tiny_models import tiny_gpt2_lm
 
 import genlm_bytes_potential
-from genlm_bytes_potential import ByteBeamPotential
+from genlm_bytes_potential import ByteBeamPotential, TokenByteTrie, as_byte_tokens
 from genlm_bytes_potential import ByteBeamPotential as ByteLLM  # the one line a ByteLLM user changes
-from genlm_bytes_potential import TokenByteTrie, as_byte_tokens
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.sampling import byte_posterior
-
-from tiny_models import tiny_gpt2_lm
 
 EOS = b"<e>"
 # every printable ASCII byte and newline, a few merges, an EOS token
@@ -139,8 +137,9 @@ def test_beam_params_errors_name_the_field(llm):
 
 
 def test_from_name_takes_bytellm_arguments(smollm2_dir):
-    pot = ByteLLM.from_name(smollm2_dir, BeamParams(K=2, eos_byte_strings={b"<|im_end|>"}), "mock",
-                            llm_opts={"seed": 3})
+    pot = ByteLLM.from_name(
+        smollm2_dir, BeamParams(K=2, eos_byte_strings={b"<|im_end|>"}), "mock", llm_opts={"seed": 3}
+    )
     assert pot.lm.seed == 3 and pot.params.K == 2 and pot.model.eos_tokens == [b"<|im_end|>"]
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         ByteLLM.from_name(smollm2_dir, backend="nope")
@@ -177,7 +176,12 @@ async def test_product_with_a_lark_grammar_samples_parsing_strings(pot):
 
 
 async def test_chained_product_with_a_json_schema_samples_valid_json(pot):
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     short = BoolFSA.from_regex(r'\{"n":[0-9]\}')
     seqs = await sample(pot * JsonSchema(schema) * short, 8, n=3)
     assert seqs.decoded_posterior

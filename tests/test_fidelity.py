@@ -11,16 +11,16 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from brute import complete_prob, log, prefix_prob
+from contract import assert_contract
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import EOS_BYTES
 
 from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.beam import BeamParams, advance, initial_beam
 from genlm_bytes_potential.lm_state import TokenModel
-
-from brute import complete_prob, log, prefix_prob
-from contract import assert_contract
-from strategies import EOS_BYTES
 
 # a, NUL, then UTF-8 pieces: é = C3 A9, € = E2 82 AC, and FF (never valid UTF-8)
 ALPHABET = [0x61, 0x00, 0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xFF]
@@ -31,8 +31,16 @@ def binary_vocabularies(draw, max_extra=8, max_len=3):
     """Every single byte of ALPHABET, whole characters (é, €), partial ones (E2 82,
     82 AC), random words, maybe a duplicate, and an EOS token."""
     words = [bytes([c]) for c in ALPHABET] + [b"\xc3\xa9", b"\xe2\x82\xac"]
-    words += draw(st.lists(st.sampled_from([b"\xe2\x82", b"\x82\xac", b"a\xc3", b"\xa9a", b"\x00\x00", b"\xffa"]), max_size=3, unique=True))
-    words += draw(st.lists(st.lists(st.sampled_from(ALPHABET), min_size=2, max_size=max_len).map(bytes), max_size=max_extra))
+    words += draw(
+        st.lists(
+            st.sampled_from([b"\xe2\x82", b"\x82\xac", b"a\xc3", b"\xa9a", b"\x00\x00", b"\xffa"]),
+            max_size=3,
+            unique=True,
+        )
+    )
+    words += draw(
+        st.lists(st.lists(st.sampled_from(ALPHABET), min_size=2, max_size=max_len).map(bytes), max_size=max_extra)
+    )
     if draw(st.booleans()):
         words.append(draw(st.sampled_from(words)))
     words = draw(st.permutations(words))
@@ -51,7 +59,12 @@ def model_of(vocab, seed, temperature=1.0):
 
 
 @settings(max_examples=40, deadline=None)
-@given(vocab=binary_vocabularies(), seed=st.integers(0, 10_000), data=binary_texts(5), temperature=st.sampled_from([0.5, 1.0, 2.0]))
+@given(
+    vocab=binary_vocabularies(),
+    seed=st.integers(0, 10_000),
+    data=binary_texts(5),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+)
 async def test_exact_mode_is_the_exact_marginal_on_arbitrary_bytes(vocab, seed, data, temperature):
     lm, model = model_of(vocab, seed, temperature)
     beam = await initial_beam(model, BeamParams(K=None, prune_threshold=0.0, heal=False))

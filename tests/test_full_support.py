@@ -5,15 +5,15 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from contract import assert_contract
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.beam import BeamParams, advance, initial_beam
 from genlm_bytes_potential.byte_lm import ByteLM
 from genlm_bytes_potential.lm_state import TokenModel
-
-from contract import assert_contract
 
 EOS = b"<e>"
 TEXTS = [
@@ -69,8 +69,9 @@ def trained_bpe_vocab(size=400) -> list[bytes]:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[], show_progress=False
+    )
     tok.train_from_iterator([(DATA_DIR / "heldout.txt").read_text()], trainer)
     decode = {c: b for b, c in _gpt2_byte_chars().items()}
     by_id = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])

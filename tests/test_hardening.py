@@ -14,14 +14,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from contract import assert_contract
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import EOS_BYTES, texts, vocabularies
 
 from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.lm_state import LMState, TokenModel, lm_context_limit
-
-from contract import assert_contract
-from strategies import EOS_BYTES, texts, vocabularies
 
 VOCAB = [b"a", b"b", b"c", b"ab", b"bc", b"abc", b"ca", EOS_BYTES]
 CONTEXTS = [b"", b"a", b"ab", b"abc", b"abca", b"cab", b"bcab", b"abcabc"]
@@ -87,9 +87,7 @@ def test_bad_parameters_raise_naming_the_value(kwargs, err, match):
 async def test_huge_parameters_allocate_nothing_huge():
     tracemalloc.start()
     try:
-        huge = ByteBeamPotential(
-            mock(), K=10**12, cache_size=10**18, cache_bytes=10**18, max_context_length=10**18
-        )
+        huge = ByteBeamPotential(mock(), K=10**12, cache_size=10**18, cache_bytes=10**18, max_context_length=10**18)
         got = await results(huge)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -225,7 +223,10 @@ async def test_lm_failure_is_named_leaves_no_task_and_the_potential_recovers(pro
     pot = ByteBeamPotential(lm, K=3, prompt=prompt, cache_size=16)
     await pot.batch_prefix([list(b"a")])
     lm.fail_on = {VOCAB.index(b"bc")}
-    with pytest.raises(RuntimeError, match=r"LM call failed: FailingLM.batch_next_token_logprobs on \d+ token contexts \(first context: \d+ tokens") as info:
+    with pytest.raises(
+        RuntimeError,
+        match=r"LM call failed: FailingLM.batch_next_token_logprobs on \d+ token contexts \(first context: \d+ tokens",
+    ) as info:
         await pot.batch_logw_next([list(c) for c in CONTEXTS])
     assert isinstance(info.value.__cause__, ValueError) and "exploded" in str(info.value)
     assert only_this_task()
@@ -288,7 +289,7 @@ async def test_wait_for_timeout_then_same_results_as_fresh():
     for timeout in (0.001, 0.005, 0.02):
         try:
             await asyncio.wait_for(results(pot), timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             pass
         assert only_this_task()
     lm.delay = 0.0
@@ -329,7 +330,11 @@ async def call(pot, op, ctx):
 async def test_concurrent_calls_equal_sequential_calls(vocab, seed, bases, data, cache_size):
     ops = ["prefix", "complete", "logw_next", "batch"]
     n = 120
-    picks = data.draw(st.lists(st.tuples(st.integers(0, len(bases) - 1), st.integers(0, 7), st.sampled_from(ops)), min_size=n, max_size=n))
+    picks = data.draw(
+        st.lists(
+            st.tuples(st.integers(0, len(bases) - 1), st.integers(0, 7), st.sampled_from(ops)), min_size=n, max_size=n
+        )
+    )
     calls = [(op, list(bases[i][:k])) for i, k, op in picks]
     order = data.draw(st.permutations(range(n)))
     seq = ByteBeamPotential(mock(vocab, seed), K=2, cache_size=cache_size)

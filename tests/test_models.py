@@ -134,7 +134,8 @@ def test_auto_backend(monkeypatch, tiny_llama_dir, model_dir, tmp_path):
     quantized = tmp_path / "quantized"
     quantized.mkdir()
     (quantized / "config.json").write_text(
-        '{"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}')
+        '{"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}'
+    )
     monkeypatch.setattr(models, "_cuda_available", lambda: True)
     assert models._auto_backend(str(tiny_llama_dir)) == "paged"
     for folder in (model_dir, str(quantized)):  # GPT-2; quantized weights

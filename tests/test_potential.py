@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from genlm.control import EOS as CONTROL_EOS
 from genlm.control import BoolCFG, BoolFSA, JsonSchema
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import EOS_BYTES, texts, vocabularies
 
 from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.potential import BeamCache
-
-from strategies import EOS_BYTES, texts, vocabularies
 
 
 def mock(vocab, seed=0, temperature=1.0):
@@ -156,9 +156,7 @@ async def test_int_view_agrees():
     view = pot.int_view()
     assert pot.vocab[97] == b"a" and view.vocab[97] == 97
     assert await view.prefix([97, 98]) == await pot.prefix([b"a", b"b"])
-    np.testing.assert_array_equal(
-        (await view.logw_next([97])).weights, (await pot.logw_next([b"a"])).weights
-    )
+    np.testing.assert_array_equal((await view.logw_next([97])).weights, (await pot.logw_next([b"a"])).weights)
     await view.assert_contract([[97], [97, 98]], rtol=1e-6)
 
 

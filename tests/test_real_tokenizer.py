@@ -5,11 +5,11 @@ import math
 
 import numpy as np
 import pytest
-from genlm_bytes_potential.beam import BeamParams, advance, initial_beam
-from genlm_bytes_potential.lm_state import TokenModel
-
 from brute import log, prefix_prob
 from tiny_models import tiny_gpt2_lm
+
+from genlm_bytes_potential.beam import BeamParams, advance, initial_beam
+from genlm_bytes_potential.lm_state import TokenModel
 
 
 class _Exact:

@@ -9,10 +9,9 @@ import pytest
 import torch
 from genlm.control import AWRS, SMC, BoolCFG, BoolFSA, JsonSchema, direct_token_sampler, eager_token_sampler
 from genlm.control.constant import EndOfSequence
+from tiny_models import tiny_gpt2_lm
 
 from genlm_bytes_potential import ByteBeamPotential, as_byte_tokens
-
-from tiny_models import tiny_gpt2_lm
 
 ARITH = r"""
 start: expr
@@ -64,7 +63,12 @@ async def test_awrs_smc_with_regex_critic(potential):
 async def test_json_schema_samples_validate(potential):
     import jsonschema
 
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     # The random tiny model would wander in JSON's optional whitespace and long numbers
     # forever: a regex keeps the run short (genlm-control's JSON potential is slow).
     short = BoolFSA.from_regex(r'\{"n":-?[0-9]{1,2}\}')
@@ -89,5 +93,9 @@ async def test_lark_cfg_samples_parse(potential):
 async def test_eager_sampler_over_byte_tokens(potential):
     fsa = BoolFSA.from_regex(r"[ab]{3}")
     seqs = await SMC(eager_token_sampler(potential, fsa))(n_particles=3, ess_threshold=0.5, max_tokens=4)
-    texts = [b"".join(c[:-1]) for c, w in zip(seqs.contexts, seqs.log_weights) if np.isfinite(w) and isinstance(c[-1], EndOfSequence)]
+    texts = [
+        b"".join(c[:-1])
+        for c, w in zip(seqs.contexts, seqs.log_weights)
+        if np.isfinite(w) and isinstance(c[-1], EndOfSequence)
+    ]
     assert texts and all(re.fullmatch(rb"[ab]{3}", t) for t in texts), texts

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.special import logsumexp
-from hypothesis import given, settings, strategies as st
+from strategies import EOS_BYTES, vocabularies
 
 from genlm_bytes_potential.trie import EOS, TokenByteTrie
-
-from strategies import EOS_BYTES, vocabularies
 
 
 def brute_log_masses(trie, vocab, lp, with_eos):
@@ -40,7 +40,9 @@ def structure_ok(trie, vocab):
 
 
 @settings(max_examples=60, deadline=None)
-@given(vocab=vocabularies(), seed=st.integers(0, 2**16), with_eos=st.booleans(), spread=st.sampled_from([1.0, 50.0, 300.0]))
+@given(
+    vocab=vocabularies(), seed=st.integers(0, 2**16), with_eos=st.booleans(), spread=st.sampled_from([1.0, 50.0, 300.0])
+)
 def test_log_masses_match_brute_force(vocab, seed, with_eos, spread):
     trie = TokenByteTrie(vocab, [EOS_BYTES])
     rng = np.random.default_rng(seed)

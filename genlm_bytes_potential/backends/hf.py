@@ -186,7 +186,7 @@ class HFTokenLM(AsyncLM):
         device: str | None = None,
         hf_opts: dict | None = None,
         **kwargs,
-    ) -> "HFTokenLM":
+    ) -> HFTokenLM:
         """Load ``name`` (hub name or local folder) with ``AutoModelForCausalLM``."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -285,9 +285,7 @@ class HFTokenLM(AsyncLM):
         chunk, longest = [], 0
         for ctx in sorted(contexts, key=len):
             n = max(longest, len(ctx))
-            if chunk and (
-                len(chunk) >= self.max_batch_size or (len(chunk) + 1) * n > self.max_batch_tokens
-            ):
+            if chunk and (len(chunk) >= self.max_batch_size or (len(chunk) + 1) * n > self.max_batch_tokens):
                 yield chunk
                 chunk, n = [], len(ctx)
             chunk.append(ctx)

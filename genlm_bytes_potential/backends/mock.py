@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -90,10 +90,7 @@ class MockTokenLM(AsyncLM):
         self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
 
     def __repr__(self):
-        return (
-            f"MockTokenLM(V={self.vocab_size}, seed={self.seed}, "
-            f"temperature={self.temperature})"
-        )
+        return f"MockTokenLM(V={self.vocab_size}, seed={self.seed}, temperature={self.temperature})"
 
     # ---- the distribution -------------------------------------------------
 

@@ -226,8 +226,9 @@ class PagedTokenLM(HFTokenLM):
         max_batch_tokens: int = 4096,
         cuda_graphs: bool = True,
     ):
-        super().__init__(model, tokenizer, cache_bytes=0, max_batch_size=max_batch_size,
-                         max_batch_tokens=max_batch_tokens)
+        super().__init__(
+            model, tokenizer, cache_bytes=0, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens
+        )
         cfg = model.config
         model_type = getattr(cfg, "model_type", None)
         sliding = getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True)
@@ -257,14 +258,16 @@ class PagedTokenLM(HFTokenLM):
             )
         self.kv_cache_bytes = int(kv_cache_bytes)
         #: keys then values of every slot: ``[layers, slots, 2 * kv_heads, head_dim]``
-        self.pool = torch.empty((len(self.layers), n_slots, 2 * self.kv_heads, self.head_dim),
-                                dtype=dtype, device=self.device)  # pages committed as slots fill
+        self.pool = torch.empty(
+            (len(self.layers), n_slots, 2 * self.kv_heads, self.head_dim), dtype=dtype, device=self.device
+        )  # pages committed as slots fill
         self.pool[:, 0].zero_()  # scratch slot, read (masked) by padding: must be finite
         self.cache = _SlotTrie(n_slots, max(1, int(logprob_cache_bytes) // (4 * self.vocab_size)))
         #: next-token log-probs of cached contexts, one row each (``_Node.row``); the last
         #: row is scratch, written by the padding rows of a CUDA-graph batch
-        self.logprob_rows = torch.empty((self.cache.n_rows + 1, self.vocab_size), dtype=torch.float32,
-                                        device=self.device)
+        self.logprob_rows = torch.empty(
+            (self.cache.n_rows + 1, self.vocab_size), dtype=torch.float32, device=self.device
+        )
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # on CUDA a batch is planned and queued without waiting for the GPU (inputs go
         # through page-locked memory, results stay on the device): no worker thread
@@ -592,10 +595,17 @@ class PagedTokenLM(HFTokenLM):
 #: deepest cached prefix
 _REDO, _STEP, _SEARCH = range(3)
 
+
 def _unpack(packed: torch.Tensor, N: int):
     """``(ids, pos, write, keys, last, rows)`` views of a packed batch (see ``_pack``)."""
-    return (packed[:, :N], packed[:, N : 2 * N], packed[:, 2 * N : 3 * N], packed[:, 3 * N + 2 :],
-            packed[:, 3 * N], packed[:, 3 * N + 1])
+    return (
+        packed[:, :N],
+        packed[:, N : 2 * N],
+        packed[:, 2 * N : 3 * N],
+        packed[:, 3 * N + 2 :],
+        packed[:, 3 * N],
+        packed[:, 3 * N + 1],
+    )
 
 
 def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -11,7 +11,8 @@ this module states, once, what it reads from the LM. Every backend of this packa
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

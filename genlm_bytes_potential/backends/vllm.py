@@ -73,11 +73,11 @@ except ImportError:  # pragma: no cover - older vLLM, or vllm not installed
 _BASES = tuple(b for b in (_V1LogitsProcessor, _V2LogitsProcessor) if b is not None) or (object,)
 
 #: row pools of this process, by id: a sampler running here writes into them directly
-_POOLS: "weakref.WeakValueDictionary[int, _RowPool]" = weakref.WeakValueDictionary()
+_POOLS: weakref.WeakValueDictionary[int, _RowPool] = weakref.WeakValueDictionary()
 #: serializes construction and steps of in-process engines (vLLM's forward context is global)
 _ENGINE_LOCK = threading.RLock()
 #: live in-process engines on a GPU (a second one gets a share of the free memory)
-_GPU_ENGINES: "weakref.WeakSet[VLLMTokenLM]" = weakref.WeakSet()
+_GPU_ENGINES: weakref.WeakSet[VLLMTokenLM] = weakref.WeakSet()
 
 
 class CaptureLogprobs(*_BASES):
@@ -250,9 +250,7 @@ class _RowPool:
             if row not in self.pins:
                 del self.done[ctx]
                 return row
-        raise RuntimeError(
-            f"all {self.n_rows} log-prob rows are pinned by calls in flight; raise logprob_cache_bytes"
-        )
+        raise RuntimeError(f"all {self.n_rows} log-prob rows are pinned by calls in flight; raise logprob_cache_bytes")
 
     def lookup(self, contexts) -> list[int] | None:
         """Rows of ``contexts`` (now the most recently used), or None if one is missing."""
@@ -318,8 +316,15 @@ class VLLMTokenLM(AsyncLM):
     building and adding requests).
     """
 
-    def __init__(self, model: str, *, tokenizer=None, logprob_cache_bytes: int = 2**30,
-                 prefetch: bool | None = None, **engine_opts):
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer=None,
+        logprob_cache_bytes: int = 2**30,
+        prefetch: bool | None = None,
+        **engine_opts,
+    ):
         _prepare_vllm_environment()
         from vllm import LLM
 
@@ -402,7 +407,7 @@ class VLLMTokenLM(AsyncLM):
         self._thread.start()
 
     @classmethod
-    def from_name(cls, model: str, **engine_opts) -> "VLLMTokenLM":
+    def from_name(cls, model: str, **engine_opts) -> VLLMTokenLM:
         return cls(model, **engine_opts)
 
     def __repr__(self):
