@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--backend",
             default="auto",
             choices=["auto", "vllm", "paged", "hf", "mock"],
-            help="LM backend (auto: vLLM when installed, else paged for Llama/Mistral/Qwen models, "
+            help="LM backend (auto: the fastest that runs the model, as measured: on a GPU paged for "
+            "Llama/Mistral/Qwen models, else vllm, else hf; on a CPU vllm when installed, else paged, "
             "else hf; paged: Llama-family models, CUDA graphs on GPU; mock: random LM over the "
             "tokenizer, for tests)",
         )
@@ -411,6 +412,7 @@ async def _sample(args) -> dict:
 
     from .potential import ByteBeamPotential
     from .sampling import byte_posterior
+    from .tokens import as_byte_tokens
 
     grammar = _grammar(args)
     params = _beam_params(args)
@@ -426,7 +428,7 @@ async def _sample(args) -> dict:
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     if args.sampler == "awrs":
-        sampler = AWRS(potential, grammar, seed=args.seed)
+        sampler = AWRS(potential, as_byte_tokens(grammar), seed=args.seed)
     else:
         sampler = direct_token_sampler(potential * grammar)
     bar = _progress(args, args.max_bytes, "SMC")
