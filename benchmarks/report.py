@@ -37,6 +37,7 @@ WORKLOADS = {
     "Fidelity": "Fidelity — beam width vs a large-K reference",
     "Memory": "Memory — RSS over a long SMC run",
     "CLI": "CLI start-up — `--help` and argument errors",
+    "lm_step": "LM step — N new one-token contexts on a cached prefix (PagedTokenLM)",
 }
 
 # The targets each workload is read against (ours vs the anchor unless stated).
@@ -50,6 +51,7 @@ TARGETS = {
     ("W4", "cpu"): "ours / LM floor near 1 (the beam's own cost)",
     ("Fidelity", "cpu"): "≤ 1e-4 bits/byte above K = 64 at K = 8",
     ("CLI", "cpu"): "< 2 s",
+    ("lm_step", "gpu"): "≤ 0.8 ms for N = 32",
 }
 
 
@@ -342,7 +344,28 @@ def _cli(meta, results):
     return head, md_table(["command", "wall time, median (min–max)"], rows), {}
 
 
-READERS = {"W1": _w1, "W2": _w2, "W3": _w3, "W4": _w4, "Fidelity": _fidelity, "Memory": _memory, "CLI": _cli}
+def _lm_step(meta, results):
+    rows = [
+        [r["N"], r["api"], _rng(r["total_ms"], 3), _rng(r["host_ms"], 3), _rng(r.get("plan_ms", {}), 3) if "plan_ms" in r else "–"]
+        for r in results
+    ]
+    sync = {r["N"]: r for r in results if r["api"] == "sync"}
+    head = "; ".join(
+        f"N={n}: {r['total_ms']['median']:.2f} ms (host {r['host_ms']['median']:.2f})" for n, r in sorted(sync.items())
+    )
+    return head, md_table(["N", "API", "total ms", "host ms", "plan ms (forward stubbed)"], rows), {}
+
+
+READERS = {
+    "W1": _w1,
+    "W2": _w2,
+    "W3": _w3,
+    "W4": _w4,
+    "Fidelity": _fidelity,
+    "Memory": _memory,
+    "CLI": _cli,
+    "lm_step": _lm_step,
+}
 AXES = {"W1": ("beam width K", "bytes / s"), "W2": ("particles", "bytes / s"), "W3": ("batch B", "ms per call")}
 
 
@@ -398,6 +421,7 @@ def _cells(workload: str, data: dict) -> frozenset:
         "W4": lambda r: r["workload"],
         "Fidelity": lambda r: (r["text"], r["K"], r["canonical"]),
         "CLI": lambda r: r["name"],
+        "lm_step": lambda r: (r["N"], r["api"]),
     }.get(workload)
     return frozenset(key(r) for r in res) if key and isinstance(res, list) else frozenset({"all"})
 
