@@ -346,7 +346,13 @@ def _cli(meta, results):
 
 def _lm_step(meta, results):
     rows = [
-        [r["N"], r["api"], _rng(r["total_ms"], 3), _rng(r["host_ms"], 3), _rng(r.get("plan_ms", {}), 3) if "plan_ms" in r else "–"]
+        [
+            r["N"],
+            r["api"],
+            _rng(r["total_ms"], 3),
+            _rng(r["host_ms"], 3),
+            _rng(r.get("plan_ms", {}), 3) if "plan_ms" in r else "–",
+        ]
         for r in results
     ]
     sync = {r["N"]: r for r in results if r["api"] == "sync"}
