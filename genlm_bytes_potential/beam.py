@@ -159,7 +159,9 @@ class BeamStats:
     Attributes:
         pruned_mass: probability share of the beam's weight dropped by pruning, summed
             over steps.
-        heals: steps that needed token healing.
+        heals: steps that needed token healing. With full support (module docstring)
+            only a byte that begins no token, or a step whose extensions canonical
+            filtering removed, needs it: on byte-complete vocabularies it stays 0.
         lm_calls: LM batch calls made by the steps that built this beam (a batch shared
             by several beams counts for each).
         lm_contexts: token contexts whose next-token distribution those calls computed.

