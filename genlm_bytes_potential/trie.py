@@ -158,7 +158,6 @@ class TokenByteTrie:
         # With EOS: EOS tokens' leaves carry nothing (marked -1); their mass is the EOS node's.
         self._leaf_tokens_eos = np.where(is_eos_leaf, -1, self._leaf_tokens)
         self._torch_cache: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._max_depth = int(depth.max())
 
     # ------------------------------------------------------------------ lookups
     def child(self, nodes: np.ndarray, label: int) -> np.ndarray:
