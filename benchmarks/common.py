@@ -223,7 +223,7 @@ def save_json(
     BENCHMARKS.md, benchmarks/HISTORY.md and the plots from all saved runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
-    device = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
+    device = re.sub(r"[^a-z0-9]+", "-", (meta.get("device") or "cpu").lower()).strip("-")
     name = name or f"{meta['workload'].lower()}-{device}-{stamp}.json"
     path = out_dir / name
     path.write_text(json.dumps({"meta": meta, key: results}, indent=1, default=float))
