@@ -458,12 +458,55 @@ async def advance(
     return out
 
 
+@dataclass(frozen=True)
+class _Read:
+    """Phase 1 of a step, flat over the candidates (of all beams) that read their byte:
+    beam, node after the byte, weight, rows in the step's mode, state; and every leaf
+    below those nodes: its candidate (``owner``), node and extension weight."""
+
+    bid: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    rows: MassRows
+    states: tuple[LMState, ...]
+    owner: np.ndarray
+    leaf: np.ndarray
+    ext_weights: np.ndarray
+
+
 async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Kept | None:
     """Phases 1-2 of a step, flat over all beams: read each beam's byte, prune (threshold,
-    K heaviest, and the full-support rule), and choose the extensions."""
+    K heaviest, and the full-support rule), and choose the extensions. None when rows
+    went stale while the step awaited the LM (the caller retries)."""
+    read = await _read(beams, next_bytes, modes)
+    if read is None:
+        return None
+    log_thr = np.array([beam.params.log_threshold for beam in beams])
+    keep, log_read, log_total, pruned = _prune(beams, read, log_thr)
+    kbid = read.bid[keep]
+    kstates = tuple(read.states[i] for i in keep.tolist())
+    e_bid, e_w, ext_states, made = _extensions(beams[0].model, read, keep, kstates, log_total, log_thr)
+    return _Kept(
+        bid=kbid,
+        nodes=read.nodes[keep],
+        weights=read.weights[keep],
+        rows=read.rows.take(keep),
+        states=kstates,
+        log_read=log_read,
+        log_total=log_total,
+        pruned=pruned,
+        ext_bid=e_bid[made],
+        ext_weights=e_w[made],
+        ext_states=ext_states,
+        log_skipped=_grouped_logsumexp(e_bid[~made], e_w[~made], len(beams)),
+    )
+
+
+async def _read(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Read | None:
+    """Each candidate reads its beam's byte (``w += log M(n·b) - log M(n)``); the leaves
+    at the new nodes get their extension weights. One gather for all of it."""
     model, trie = beams[0].model, beams[0].model.trie
     flat = _Flat.of(beams)
-    nb = len(beams)
     child = trie.child(flat.nodes, np.array(next_bytes, np.int64)[flat.bid])
     ok = np.flatnonzero(child >= 0)
     bid, node, child = flat.bid[ok], flat.nodes[ok], child[ok]
@@ -480,13 +523,17 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
     n = len(ok)
     m_child, m_node, m_leaf = m[:n], m[n : 2 * n], m[2 * n :]
     w = flat.weights[ok] + m_child - m_node
-    ew = w[owner] + m_leaf - m_child[owner]
-    can_extend = np.zeros(n, bool)
-    can_extend[owner[np.isfinite(ew)]] = True
+    return _Read(bid, child, w, target, states, owner, leaf, w[owner] + m_leaf - m_child[owner])
 
-    params = [beam.params for beam in beams]
-    log_thr = np.array([p.log_threshold for p in params])
-    K = np.array([p.K if p.K is not None else n + 1 for p in params])
+
+def _prune(beams: list[Beam], read: _Read, log_thr: np.ndarray):
+    """Per beam: the threshold, the K heaviest, and (full support) the heaviest candidate
+    that can end a token when no kept one can. Returns the kept indices (grouped by beam)
+    and, per beam, the log weight before and after pruning and the pruned share."""
+    bid, w, nb = read.bid, read.weights, len(beams)
+    can_extend = np.zeros(len(w), bool)
+    can_extend[read.owner[np.isfinite(read.ext_weights)]] = True
+    K = np.array([beam.params.K if beam.params.K is not None else len(w) + 1 for beam in beams])
     finite = np.isfinite(w)
     log_read = _grouped_logsumexp(bid[finite], w[finite], nb)
     with np.errstate(invalid="ignore"):
@@ -494,53 +541,42 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
     order = passes[np.lexsort((-w[passes], bid[passes]))]
     first = np.searchsorted(bid[order], bid[order])
     keep = order[np.arange(len(order)) - first < K[bid[order]]]
-    # Full support: the heaviest candidate that can end a token, if no kept one can.
     has_ext = np.zeros(nb, bool)
     has_ext[bid[keep[can_extend[keep]]]] = True
     rescue = _heaviest_per_group(np.flatnonzero(finite & can_extend), w, bid)
-    rescue = rescue[~has_ext[bid[rescue]]]
-    keep = np.concatenate([keep, rescue])
+    keep = np.concatenate([keep, rescue[~has_ext[bid[rescue]]]])
     keep = keep[np.argsort(bid[keep], kind="stable")]
-    kbid, kw, kchild = bid[keep], w[keep], child[keep]
-    log_total = _grouped_logsumexp(kbid, kw, nb)
+    log_total = _grouped_logsumexp(bid[keep], w[keep], nb)
     with np.errstate(invalid="ignore"):
         pruned = np.where(np.isfinite(log_read), -np.expm1(log_total - log_read), 0.0)
+    return keep, log_read, log_total, pruned
 
-    # Extensions of the kept candidates: the threshold, and always the heaviest finite one.
-    pos = np.full(n, -1)
+
+def _extensions(model, read: _Read, keep, kstates, log_total, log_thr):
+    """The kept candidates' finite extensions, grouped by beam, and which are made: those
+    past the threshold, and always each beam's heaviest (canonical mode then drops the
+    non-canonical ones). Returns (beam, weight) of every extension, the new states of the
+    made ones, and the made mask."""
+    kbid = read.bid[keep]
+    pos = np.full(len(read.bid), -1)
     pos[keep] = np.arange(len(keep))
-    sel = np.flatnonzero((pos[owner] >= 0) & np.isfinite(ew))
-    e_owner, e_leaf, e_w = pos[owner[sel]], leaf[sel], ew[sel]
-    order = np.argsort(kbid[e_owner], kind="stable")  # grouped by beam
+    sel = np.flatnonzero((pos[read.owner] >= 0) & np.isfinite(read.ext_weights))
+    e_owner, e_leaf, e_w = pos[read.owner[sel]], read.leaf[sel], read.ext_weights[sel]
+    order = np.argsort(kbid[e_owner], kind="stable")
     e_owner, e_leaf, e_w = e_owner[order], e_leaf[order], e_w[order]
     e_bid = kbid[e_owner]
     made = e_w - log_total[e_bid] > log_thr[e_bid]
-    none_made = np.ones(nb, bool)
+    none_made = np.ones(len(log_total), bool)
     none_made[e_bid[made]] = False
     best = _heaviest_per_group(np.arange(len(e_w)), e_w, e_bid)
     made[best[none_made[e_bid[best]]]] = True
-    kstates = tuple(states[i] for i in keep.tolist())
-    tokens = trie.leaf_token[e_leaf]
-    ext_states = [kstates[o].extend(t) for o, t in zip(e_owner[made].tolist(), tokens[made].tolist())]
-    if model.canonical and ext_states:  # commit only canonical token sequences
-        canon = np.array([model.is_canonical(s.tokens) for s in ext_states], bool)
-        idx = np.flatnonzero(made)
-        made[idx[~canon]] = False
-        ext_states = [s for s, c in zip(ext_states, canon) if c]
-    return _Kept(
-        bid=kbid,
-        nodes=kchild,
-        weights=kw,
-        rows=target.take(keep),
-        states=kstates,
-        log_read=log_read,
-        log_total=log_total,
-        pruned=pruned,
-        ext_bid=e_bid[made],
-        ext_weights=e_w[made],
-        ext_states=ext_states,
-        log_skipped=_grouped_logsumexp(e_bid[~made], e_w[~made], nb),
-    )
+    tokens = model.trie.leaf_token[e_leaf]
+    states = [kstates[o].extend(t) for o, t in zip(e_owner[made].tolist(), tokens[made].tolist())]
+    if model.canonical and states:  # commit only canonical token sequences
+        canon = np.array([model.is_canonical(s.tokens) for s in states], bool)
+        made[np.flatnonzero(made)[~canon]] = False
+        states = [s for s, c in zip(states, canon) if c]
+    return e_bid, e_w, states, made
 
 
 def _heaviest_per_group(idx: np.ndarray, w: np.ndarray, group: np.ndarray) -> np.ndarray:
