@@ -23,6 +23,11 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
+def run_mock(capsys, model_dir, command, *argv):
+    """``run`` of ``command`` on the mock backend over the tokenizer in ``model_dir``."""
+    return run(capsys, command, "--backend", "mock", "--model", model_dir, *argv)
+
+
 def run_cli(*argv, timeout=600):
     """``python -m genlm_bytes_potential ARGV`` in a fresh process, default model and backend."""
     env = {k: v for k, v in os.environ.items() if k not in ENGINE_LOG_ENV}  # as in a user's shell
@@ -81,13 +86,10 @@ def test_help_imports_nothing_heavy():
 # ----------------------------------------------------------------------------- mock backend
 def test_sample_regex_json_output(capsys, model_dir, tmp_path):
     record = tmp_path / "run.json"
-    code, out, err = run(
+    code, out, err = run_mock(
         capsys,
-        "sample",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "sample",
         "--regex",
         "[0-9]{3}",
         "--particles",
@@ -107,13 +109,10 @@ def test_sample_regex_json_output(capsys, model_dir, tmp_path):
 
 
 def test_sample_no_particle_completes_json_has_no_infinity(capsys, model_dir):
-    code, out, err = run(
+    code, out, err = run_mock(
         capsys,
-        "sample",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "sample",
         "--regex",
         "[0-9]{5}",
         "--particles",
@@ -131,13 +130,10 @@ def test_sample_no_particle_completes_json_has_no_infinity(capsys, model_dir):
 
 @pytest.mark.parametrize("extra", [["--exact"], ["--prune-threshold", "0.01"], ["--sampler", "awrs"]])
 def test_sample_controls(capsys, model_dir, extra):
-    code, out, err = run(
+    code, out, err = run_mock(
         capsys,
-        "sample",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "sample",
         "--regex",
         "[ab]{2}",
         "--particles",
@@ -180,13 +176,10 @@ def test_sample_canonical_on_hf(capsys, tiny_llama_dir):
 
 
 def test_sample_lark_text_output_with_progress(capsys, model_dir):
-    code, out, err = run(
+    code, out, err = run_mock(
         capsys,
-        "sample",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "sample",
         "--lark",
         'start: "a" | "b" "c"',
         "--particles",
@@ -233,13 +226,10 @@ def test_next_byte_and_generate(capsys, model_dir):
     top = json.loads(out)["top"]
     assert len(top) == 5 and sum(t["prob"] for t in top) <= 1 + 1e-9
     assert top == sorted(top, key=lambda t: -t["prob"])
-    code, out, err = run(
+    code, out, err = run_mock(
         capsys,
-        "generate",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "generate",
         "--prompt",
         "Hi",
         "--max-bytes",
@@ -260,13 +250,10 @@ def test_non_utf8_prompt(capsys, smollm2_dir, model_dir):
     assert code == 2 and "--prompt (with --chat) is not valid UTF-8: byte 0xe9 at position 3" in err
     assert "Traceback" not in err
     # without --chat the prompt's bytes are read as they are
-    code, out, err = run(
+    code, out, err = run_mock(
         capsys,
-        "sample",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "sample",
         "--regex",
         "a",
         "--prompt",
@@ -332,13 +319,10 @@ def test_schema_late_keyword_warning(capsys, model_dir):
         },
     }
     assert late_schema_keywords(schema) == ["maxLength at /properties/name"]  # a property named maxItems is not one
-    code, _, err = run(
+    code, _, err = run_mock(
         capsys,
-        "sample",
-        "--backend",
-        "mock",
-        "--model",
         model_dir,
+        "sample",
         "--json-schema",
         json.dumps(schema),
         "--particles",
