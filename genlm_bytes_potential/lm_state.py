@@ -334,7 +334,7 @@ class TokenModel:
     def _cached(self, state: LMState) -> bool:
         """Whether the (caching) LM holds ``state``'s log-probs."""
         tokens, n = state.tokens, self.window
-        return self.lm.has_logprobs(tokens if n is None or len(tokens) <= n else self.model_input(state))
+        return self.lm.has_logprobs(self.model_input(state))
 
     def is_canonical(self, tokens: tuple[int, ...]) -> bool:
         """Whether the last committed token of ``tokens`` passes the canonicity check
@@ -384,14 +384,16 @@ class TokenModel:
             prompt = (start,) + prompt
         return LMState(prompt)
 
-    def model_input(self, state: LMState) -> list[int]:
-        """The tokens the LM sees for ``state`` (see the truncation rule above)."""
+    def model_input(self, state: LMState) -> tuple[int, ...]:
+        """The tokens the LM sees for ``state`` (see the truncation rule above): the
+        state's own tuple when it fits (no copy: contexts are long, and backends keep
+        tuples as they are)."""
         tokens, n = state.tokens, self.window
         if n is not None and len(tokens) > n:
             if n >= 2 and self.start_token_id is not None and tokens[0] == self.start_token_id:
-                return [tokens[0], *tokens[len(tokens) - n + 1 :]]
-            return list(tokens[-n:])
-        return list(tokens)
+                return (tokens[0], *tokens[len(tokens) - n + 1 :])
+            return tokens[-n:]
+        return tokens
 
     async def rows(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = ()) -> MassRows:
         """Stored mass rows of the states' next-token distributions: rows already stored are
@@ -481,13 +483,13 @@ class TokenModel:
         with np.errstate(divide="ignore"):
             return np.log(self.store.gather(rows.slot, node))
 
-    def _describe(self, tokens: list[int]) -> str:
-        tail = tokens[-8:]
+    def _describe(self, tokens: tuple[int, ...]) -> str:
+        tail = list(tokens[-8:])
         vocab = self.lm.byte_vocab
         text = b"".join(bytes(vocab[t]) for t in tail if 0 <= t < len(vocab))
         return f"first context: {len(tokens)} tokens, ending {tail} = {text!r}"
 
-    def _check_shape(self, logprobs: torch.Tensor, inputs: list[list[int]]) -> None:
+    def _check_shape(self, logprobs: torch.Tensor, inputs: list[tuple[int, ...]]) -> None:
         """The LM's answer must be ``[len(inputs), V]``."""
         want = (len(inputs), self.trie.vocab_size)
         if tuple(logprobs.shape) != want:

@@ -165,10 +165,10 @@ async def test_bad_bytes_raise_and_zero_probability_is_minus_inf():
 async def test_max_context_length_truncates_the_lm_view_only():
     lm, model = make_model([b"a", b"b", EOS_BYTES], 0, max_context_length=2)
     state = LMState((1, 0, 1, 0))
-    assert model.model_input(state) == [1, 0]
+    assert model.model_input(state) == (1, 0)
     assert state.tokens == (1, 0, 1, 0)
     # a context starting with the start token (here EOS, id 2) keeps it
-    assert model.model_input(LMState((2, 0, 1, 0))) == [2, 0]
+    assert model.model_input(LMState((2, 0, 1, 0))) == (2, 0)
     with pytest.raises(ValueError, match="max_context_length=0"):
         TokenModel(lm, max_context_length=0)
 

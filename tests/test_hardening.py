@@ -184,10 +184,10 @@ async def test_prompt_and_contexts_longer_than_the_lm_window_are_truncated(bos):
 def test_truncation_rule():
     lm = MockTokenLM([b"<s>", b"a", b"b"], bos_token_id=0)
     model = TokenModel(lm, max_context_length=3)
-    assert model.model_input(LMState((0, 1, 2, 1, 2))) == [0, 1, 2]
-    assert model.model_input(LMState((1, 2, 1, 2))) == [2, 1, 2]  # no start token: the last 3
-    assert model.model_input(LMState((0, 1))) == [0, 1]
-    assert TokenModel(lm, max_context_length=1).model_input(LMState((0, 1, 2))) == [2]
+    assert model.model_input(LMState((0, 1, 2, 1, 2))) == (0, 1, 2)
+    assert model.model_input(LMState((1, 2, 1, 2))) == (2, 1, 2)  # no start token: the last 3
+    assert model.model_input(LMState((0, 1))) == (0, 1)
+    assert TokenModel(lm, max_context_length=1).model_input(LMState((0, 1, 2))) == (2,)
 
 
 # ---------------------------------------------------------------- failing LMs
