@@ -3,9 +3,12 @@ step of ``PagedTokenLM`` (``benchmarks.lm_step``), W1 scoring throughput, and a 
 one scoring run.
 
     python -m benchmarks.gpu_profile --bytes 400 --K 5 8
+    python -m benchmarks.gpu_profile --bytes 2113 --K 8 --sweep 4:64 6:128 10:256
 
 Prints medians of 30 repetitions for the micro-measurements (ms) and bytes/s for W1
-(after a warm-up pass over the same text, so CUDA graphs are captured).
+(after a warm-up pass over the same text, so CUDA graphs are captured). ``--sweep
+LOOKAHEAD:MAX_PREFETCH ...`` instead times W1 at the last K for each prefetch setting
+(bytes read ahead, most contexts per LM call): LM calls, contexts and bytes/s per setting.
 """
 
 from __future__ import annotations
@@ -88,6 +91,28 @@ def _split(blm, lm, text) -> dict[str, float]:
     return spent
 
 
+def _sweep(lm, eos, text: bytes, K: int, settings: list[str]) -> None:
+    """W1 at ``K`` per prefetch setting (a warm-up pass, then one timed pass from an empty cache)."""
+    from genlm_bytes_potential.byte_lm import ByteLM
+
+    for setting in settings:
+        lookahead, max_prefetch = (int(x) for x in setting.split(":"))
+        blm = ByteLM(lm, K=K, eos_tokens=eos, lookahead=lookahead)
+        blm.model.max_prefetch = max_prefetch
+        asyncio.run(blm.score(text))
+        lm.clear_cache()
+        calls, contexts, forwards = blm.model.stats.batch_calls, blm.model.stats.contexts, lm.forward_calls
+        t = time.perf_counter()
+        score = asyncio.run(blm.score(text))
+        dt = time.perf_counter() - t
+        print(
+            f"W1 K={K} lookahead={lookahead} max_prefetch={max_prefetch}: {len(text) / dt:.1f} B/s, "
+            f"{blm.model.stats.batch_calls - calls} LM calls, {blm.model.stats.contexts - contexts} contexts, "
+            f"{lm.forward_calls - forwards} forward passes, {score.bits_per_byte:.4f} bits/byte"
+        )
+        lm.clear_cache()
+
+
 def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,6 +124,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bytes", type=int, default=400)
     p.add_argument("--K", type=int, nargs="+", default=[5, 8])
+    p.add_argument("--sweep", nargs="+", default=None, metavar="LOOKAHEAD:MAX_PREFETCH")
     args = p.parse_args()
     path = default_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
@@ -106,6 +132,8 @@ def main():
     lm = PagedTokenLM(model, tok)
     eos = [bytes(lm.byte_vocab[tok.eos_token_id])]
     text = heldout_text(args.bytes)
+    if args.sweep:
+        return _sweep(lm, eos, text, args.K[-1], args.sweep)
     trie = ByteLM(lm, eos_tokens=eos).model.trie
     lp = torch.log_softmax(torch.randn(128, lm.vocab_size, device="cuda"), -1)
     for B in (1, 8, 128):
