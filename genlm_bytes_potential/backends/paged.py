@@ -284,9 +284,15 @@ class PagedTokenLM(HFTokenLM):
         )
         if compile is None:
             compile = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        if self.model.lm_head.out_features < self.vocab_size:
+            compile = False  # (log-probs of tokens past the head: HFTokenLM._normalize)
         self.compile = bool(compile)
-        self._compiled_layer = (
-            torch.compile(_layer, fullgraph=True, options={"triton.cudagraphs": False}) if self.compile else None
+        #: the decoder layer and the log-prob head as compiled programs (our own CUDA
+        #: graphs capture them: inductor's are off), or None
+        self._compiled = (
+            tuple(torch.compile(f, fullgraph=True, options={"triton.cudagraphs": False}) for f in (_layer, _head))
+            if self.compile
+            else None
         )
         per_slot = len(self.layers) * 2 * self.kv_heads * self.head_dim * dtype.itemsize
         n_slots = int(kv_cache_bytes) // per_slot
@@ -382,49 +388,48 @@ class PagedTokenLM(HFTokenLM):
         ``ids``/``pos``/``write``: ``[B, N]`` new tokens, their positions and the slots
         they write; ``keys``: ``[B, S]`` each row's slots in context order (padding
         masked by position); ``rows``: ``[B]``. Rows of at most ``GRAPH_TOKENS`` new
-        tokens run through the compiled layer when ``compile`` is on."""
+        tokens run through the compiled layer and head when ``compile`` is on."""
         inner = self.model.model
         B, N = ids.shape
         S = keys.shape[1]
         h = inner.embed_tokens(ids)
         cos, sin = self._rotary(h, pos, S)
         args = (pos, cos, sin, write.reshape(-1), keys)
-        if self._compiled_layer is not None and N <= GRAPH_TOKENS:
-            h = self._compiled_layers(h, args)
-        else:
-            h = self._layers(h, args, _layer, self._eager_attention(pos, S, h.dtype))
+        if self._compiled is not None and N <= GRAPH_TOKENS:
+            try:
+                return self._run_compiled(h, args, last, rows)
+            except torch._dynamo.exc.TorchDynamoException as e:  # (a partly run forward is rerun)
+                self._compile_failed(e)
+        attend = partial(_sdpa_attention, _attention_mask(pos, S, h.dtype, self.n_heads // self.kv_heads))
+        for w, pool in zip(self._weights, self.pool):
+            h = _layer(h, pool, *args, w, self._consts, attend)
         h = inner.norm(h[torch.arange(B, device=h.device), last])
         self.logprob_rows.index_copy_(0, rows, self._normalize(self.model.lm_head(h).float()))
 
-    def _eager_attention(self, pos, S: int, dtype):
-        """``_sdpa_attention`` with this forward's mask (built once for all layers)."""
-        return partial(_sdpa_attention, _attention_mask(pos, S, dtype, self.n_heads // self.kv_heads))
-
-    def _layers(self, h, args, layer, attend):
-        for w, pool in zip(self._weights, self.pool):
-            h = layer(h, pool, *args, w, self._consts, attend)
-        return h
-
-    def _compiled_layers(self, h, args):
-        """``_layers`` through the compiled layer; if compiling fails, a warning and the
-        eager layer from now on (a partly run forward is rerun: it rewrites the same slots)."""
+    def _run_compiled(self, h, args, last, rows) -> None:
+        """``_run``'s layers and head through their compiled programs."""
+        layer, head = self._compiled
         pos, cos, sin, write, keys = args
         for t, dims in ((h, (0, 1)), (pos, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (write, (0,)), (keys, (0, 1))):
             for d in dims:  # one compile for all rows and key lengths (sizes 1 apart)
                 torch._dynamo.maybe_mark_dynamic(t, d)
-        try:
-            return self._layers(h, args, self._compiled_layer, _gathered_attention)
-        except torch._dynamo.exc.TorchDynamoException as e:
-            inner = getattr(e, "inner_exception", None) or e  # the compiler's own error
-            why = next((line for line in str(inner).splitlines() if line.strip()), "")
-            warnings.warn(
-                f"PagedTokenLM: torch.compile of the decoder layer failed ({type(e).__name__}: "
-                f"{type(inner).__name__}: {why}); running the eager layer",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.compile, self._compiled_layer = False, None
-            return self._layers(h, args, _layer, self._eager_attention(pos, keys.shape[1], h.dtype))
+        for w, pool in zip(self._weights, self.pool):
+            h = layer(h, pool, *args, w, self._consts, _gathered_attention)
+        norm, lm_head = self.model.model.norm, self.model.lm_head
+        w_norm, w_lm, b_lm = (None if t is None else t.detach() for t in (norm.weight, lm_head.weight, lm_head.bias))
+        head(h, last, rows, self.logprob_rows, w_norm, norm.variance_epsilon, w_lm, b_lm, self.vocab_size)
+
+    def _compile_failed(self, e: Exception) -> None:
+        """Warn why compiling failed; the eager forward from now on."""
+        inner = getattr(e, "inner_exception", None) or e  # the compiler's own error
+        why = next((line for line in str(inner).splitlines() if line.strip()), "")
+        warnings.warn(
+            f"PagedTokenLM: torch.compile of the decoder layer failed ({type(e).__name__}: "
+            f"{type(inner).__name__}: {why}); running the eager layer",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.compile, self._compiled = False, None
 
     def _decode(self, packed: torch.Tensor, N: int) -> None:
         """Rows of ``N`` new tokens (``packed``: see ``_pack``, padded to a bucket),
@@ -769,6 +774,13 @@ def _layer(h, pool, pos, cos, sin, write, keys, w: _LayerWeights, c: _LayerConst
     h = _residual_linear(h, o, w.o, w.o_bias)
     gate, up = F.linear(F.rms_norm(h, (E,), w.post_norm, c.eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     return _residual_linear(h, c.act(gate) * up, w.down, w.down_bias)
+
+
+def _head(h, last, rows, out, norm_weight, eps: float, weight, bias, V: int) -> None:
+    """``out[rows] = log_softmax(lm_head(rms_norm(h[b, last[b]])))`` over the first ``V``
+    logits, in float32 (the model's head has at least ``V`` rows)."""
+    x = F.rms_norm(h[torch.arange(h.shape[0], device=h.device), last], (h.shape[-1],), norm_weight, eps)
+    out.index_copy_(0, rows, torch.log_softmax(F.linear(x, weight, bias)[:, :V].float(), dim=-1))
 
 
 def _attention_mask(pos: torch.Tensor, S: int, dtype, g: int) -> torch.Tensor:
