@@ -105,9 +105,10 @@ async def test_pool_too_small_for_a_batch(tiny_llama):
         await lm.batch_next_token_logprobs([[1] + [5] * 40, [1] + [6] * 40])
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-async def test_other_llama_style_families(family, smollm2_tokenizer):
-    """Qwen2 (q/k/v biases) and Qwen3 (q/k RMS norms) run through the same forward."""
+@pytest.mark.parametrize("family, compile", [("qwen2", False), ("qwen3", False), ("qwen3", True)])
+async def test_other_llama_style_families(family, compile, smollm2_tokenizer):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k RMS norms) run through the same forward
+    (one-token steps also through the compiled layer)."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
     tok = smollm2_tokenizer
@@ -128,9 +129,10 @@ async def test_other_llama_style_families(family, smollm2_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=compile)
     out = await lm.batch_next_token_logprobs(CTXS)
     ext = await lm.batch_next_token_logprobs([c + [9] for c in CTXS])
+    assert lm.compile == compile
     for row, ctx in zip(torch.cat([out, ext]), CTXS + [c + [9] for c in CTXS]):
         assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
 

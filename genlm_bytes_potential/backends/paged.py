@@ -16,18 +16,19 @@ makes that step cheap:
   CUDA graph captured once per (new tokens, rows, key length) bucket: the whole
   30-layer forward costs one launch;
 * on CUDA (with Triton) the decoder layer of those graphs is one ``torch.compile``
-  program (inductor, no cudagraphs of its own), compiled once per shape class and
-  shared by all layers (weights are arguments): RMSNorm, rotary embedding, the pool
-  write, the key gather, the masked softmax and the gated activation fuse into a few
-  Triton kernels beside the cuBLAS matmuls;
+  program (inductor, no cudagraphs of its own), compiled once per shape class (one or
+  several rows, one or several new tokens) and shared by all layers (weights are
+  arguments): RMSNorm, rotary embedding, the pool write, the key gather, the masked
+  softmax and the gated activation fuse into a few Triton kernels beside the cuBLAS
+  matmuls; the log-prob head (final norm, lm_head, log_softmax, row write) likewise;
 * the host's work per call is small: per new context a few dict operations and one node;
   a batch of one-token steps is packed column by column (numpy) straight into
   page-locked memory, one transfer (``benchmarks/lm_step.py`` measures it).
 
 The forward pass uses the model's own weights and rotary embedding and computes what the
 Hugging Face model computes, with fewer kernels (q/k/v and gate/up projections fused,
-residual adds folded into the matmuls, fused RMSNorm, rotary tables by position); the attention reads keys from the
-pool: for query position ``p`` of a row with key slots
+residual adds folded into the matmuls, fused RMSNorm, rotary tables by position); the
+attention reads keys from the pool: for query position ``p`` of a row with key slots
 ``s_0..s_{S-1}`` (the context's tokens in order), softmax over keys ``j <= p``.
 
 Supported: ``SUPPORTED_MODEL_TYPES`` (Llama and SmolLM, Mistral without sliding window,
@@ -411,10 +412,13 @@ class PagedTokenLM(HFTokenLM):
         layer, head = self._compiled
         pos, cos, sin, write, keys = args
         for t, dims in ((h, (0, 1)), (pos, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (write, (0,)), (keys, (0, 1))):
-            for d in dims:  # one compile for all rows and key lengths (sizes 1 apart)
+            for d in dims:  # one compile for all rows, new tokens and key lengths (sizes 1 apart)
                 torch._dynamo.maybe_mark_dynamic(t, d)
         for w, pool in zip(self._weights, self.pool):
+            torch._dynamo.maybe_mark_dynamic(pool, 0)  # and all pool sizes
             h = layer(h, pool, *args, w, self._consts, _gathered_attention)
+        torch._dynamo.maybe_mark_dynamic(last, 0)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
         norm, lm_head = self.model.model.norm, self.model.lm_head
         w_norm, w_lm, b_lm = (None if t is None else t.detach() for t in (norm.weight, lm_head.weight, lm_head.bias))
         head(h, last, rows, self.logprob_rows, w_norm, norm.variance_epsilon, w_lm, b_lm, self.vocab_size)
