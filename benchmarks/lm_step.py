@@ -23,8 +23,9 @@ batch_next_token_logprobs`` as ``TokenModel`` calls it), medians and ranges over
   alone, as on an infinitely fast device.
 
 Per variant, ``meta.variants`` holds ``first_call_s`` (the first call of each ``N``:
-graph capture and, compiled, compilation) and ``dynamo_graphs`` (graphs compiled by
-``torch.compile`` for it). ``--profile`` adds, per variant, the kernels of one ``N =
+graph capture and, compiled, compilation), ``dynamo_graphs`` (graphs compiled by
+``torch.compile`` for it) and ``max_abs_diff_vs_hf``: its log-probs of 16 contexts on the
+prefix (8 of one new token, 8 of three) against the Hugging Face model's own forward. ``--profile`` adds, per variant, the kernels of one ``N =
 32`` step (``--profile-N``) under ``torch.profiler``: their count and total device time,
 for the graph replay and for the same forward launched kernel by kernel, and a table
 (stderr) of the launched one by kernel.
@@ -135,6 +136,21 @@ def first_calls(lm, prefix: tuple[int, ...], sizes: list[int]) -> dict:
     return {"first_call_s": seconds, "dynamo_graphs": counters["stats"]["unique_graphs"] - graphs}
 
 
+def check_contexts(prefix: tuple[int, ...], vocab_size: int) -> list[tuple[int, ...]]:
+    """16 contexts on the prefix: 8 of one new token, 8 of three (waves of one and of
+    several new tokens)."""
+    tokens = range(vocab_size // 2, vocab_size // 2 + 16)
+    return [prefix + (t,) for t in tokens[:8]] + [prefix + (t, t + 1, t + 2) for t in tokens[8:]]
+
+
+def reference_logprobs(model, contexts, V: int) -> torch.Tensor:
+    """Next-token log-probs of each context by the Hugging Face model's own forward
+    (no cache), float32 on the CPU."""
+    with torch.no_grad():
+        rows = [model(torch.tensor([c], device=model.device)).logits[0, -1, :V].float() for c in contexts]
+    return torch.log_softmax(torch.stack(rows), dim=-1).cpu()
+
+
 def profile_step(lm, prefix: tuple[int, ...], n: int) -> tuple[dict, str]:
     """Kernels (on the CPU: operators) of one step of ``n`` new contexts, as it runs
     (a CUDA graph replay on CUDA) and launched one by one (graphs off): count and total
@@ -164,7 +180,7 @@ def profile_step(lm, prefix: tuple[int, ...], n: int) -> tuple[dict, str]:
         if cuda:
             events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             kernels = [e for e in events if not e.name.startswith(("Memcpy", "Memset"))]
-            sort = "self_cuda_time_total"
+            sort = "self_device_time_total"
         else:  # operators at the top level of the call
             kernels = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
             sort = "self_cpu_time_total"
@@ -277,12 +293,21 @@ def main(argv=None):
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     model, tok, path = load(args.model, args.device, dtype)
     text = heldout_text(args.prefix_bytes).decode("utf-8", "ignore")
-    results, variants = [], {}
+    results, variants, ref = [], {}, None
     for variant in args.variants:
         lm = PagedTokenLM(model, tok, compile=VARIANTS[variant])
         bos = lm.bos_token_id if lm.bos_token_id is not None else lm.eos_token_id
         prefix = tuple([bos] + tok.encode(text, add_special_tokens=False))
         info = variants[variant] = first_calls(lm, prefix, args.N)
+        if ref is None:
+            checks = check_contexts(prefix, lm.vocab_size)
+            ref = reference_logprobs(model, checks, lm.vocab_size)
+        got = lm.batch_next_token_logprobs_sync(checks).cpu()
+        info["max_abs_diff_vs_hf"] = {
+            "one_token": round((got[:8] - ref[:8]).abs().max().item(), 5),
+            "three_tokens": round((got[8:] - ref[8:]).abs().max().item(), 5),
+        }
+        lm.clear_cache()
         for row in measure(lm, prefix, args.N, args.reps):
             results.append({"variant": variant, **row})
         info["compile"] = lm.compile  # False after a fall-back
@@ -331,7 +356,11 @@ def summary(results: list[dict], variants: dict) -> str:
         lines.append(f"{n:<6}{api:<7}{cells}")
     for v, info in variants.items():
         first = ", ".join(f"N={n}: {s:.2f} s" for n, s in info["first_call_s"].items())
-        line = f"{v}: compile={info['compile']}, dynamo graphs {info['dynamo_graphs']}, first calls {first}"
+        diff = info["max_abs_diff_vs_hf"]
+        line = (
+            f"{v}: compile={info['compile']}, dynamo graphs {info['dynamo_graphs']}, first calls {first}; "
+            f"max |log-prob - HF| {diff['one_token']:.2g} (1 new token), {diff['three_tokens']:.2g} (3)"
+        )
         for mode, k in info.get("profile", {}).items():
             line += f"; {mode}: {k['kernels']} kernels, {k['device_us']:.0f} us"
         lines.append(line)
