@@ -399,7 +399,9 @@ class PagedTokenLM(HFTokenLM):
         if self._compiled is not None and N <= GRAPH_TOKENS:
             try:
                 return self._run_compiled(h, args, last, rows)
-            except torch._dynamo.exc.TorchDynamoException as e:  # (a partly run forward is rerun)
+            except Exception as e:  # (a partly run forward is rerun)
+                if not _is_compile_error(e):
+                    raise
                 self._compile_failed(e)
         attend = partial(_sdpa_attention, _attention_mask(pos, S, h.dtype, self.n_heads // self.kv_heads))
         for w, pool in zip(self._weights, self.pool):
@@ -644,9 +646,10 @@ class PagedTokenLM(HFTokenLM):
         N = int((lens - np.array(starts)).max())
         graph = N <= GRAPH_TOKENS and self.cuda_graphs
         B, S = len(contexts), int(lens.max())
-        if graph:  # buckets: new tokens and rows to a power of two, keys to one >= 64
+        if graph:  # buckets: new tokens to a power of two, rows to one >= 2 (one compiled
+            # shape class for all), keys to one >= 64
             N = 1 << (N - 1).bit_length()
-            B_pad, S_pad = 1 << (B - 1).bit_length(), max(64, 1 << (S - 1).bit_length())
+            B_pad, S_pad = max(2, 1 << (B - 1).bit_length()), max(64, 1 << (S - 1).bit_length())
         else:
             B_pad, S_pad = B, S
         packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
@@ -778,6 +781,13 @@ def _layer(h, pool, pos, cos, sin, write, keys, w: _LayerWeights, c: _LayerConst
     h = _residual_linear(h, o, w.o, w.o_bias)
     gate, up = F.linear(F.rms_norm(h, (E,), w.post_norm, c.eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     return _residual_linear(h, c.act(gate) * up, w.down, w.down_bias)
+
+
+def _is_compile_error(e: Exception) -> bool:
+    """Whether ``e`` is torch.compile's (dynamo, the backend, its recompile limit)."""
+    exc = torch._dynamo.exc
+    kinds = ("TorchDynamoException", "FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    return isinstance(e, tuple(getattr(exc, k) for k in kinds if hasattr(exc, k)))
 
 
 def _head(h, last, rows, out, norm_weight, eps: float, weight, bias, V: int) -> None:
