@@ -189,7 +189,7 @@ def profile_step(lm, prefix: tuple[int, ...], n: int) -> tuple[dict, str]:
             "device_us": round(sum(e.time_range.elapsed_us() for e in kernels), 1),
         }
         if mode == "launched":
-            table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+            table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
     lm.clear_cache()
     return out, table
 
