@@ -361,6 +361,10 @@ def test_lm_step_benchmark_leaves_the_lm_as_it_was(tiny_llama):
         for key in ("total_ms", "host_ms", "hit_ms", "plan_ms"):
             assert 0 <= r[key]["min"] <= r[key]["median"] <= r[key]["max"]
     assert lm.logprob_rows is rows and "_run" not in vars(lm) and not lm.cache.nodes
+    first = lm_step.first_calls(lm, (1, 504, 3, 77), [1, 3])
+    assert set(first["first_call_s"]) == {1, 3} and first["dynamo_graphs"] == 0  # eager: nothing compiled
+    counts, table = lm_step.profile_step(lm, (1, 504, 3, 77), 3)
+    assert counts["launched"]["kernels"] > 0 and "aten::" in table
     ctx = [1, 504, 3, 77, 1001]
     assert torch.allclose(lm.next_token_logprobs_sync(ctx), _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
 
