@@ -28,7 +28,8 @@ graph capture and, compiled, compilation), ``dynamo_graphs`` (graphs compiled by
 prefix (8 of one new token, 8 of three) against the Hugging Face model's own forward. ``--profile`` adds, per variant, the kernels of one ``N =
 32`` step (``--profile-N``) under ``torch.profiler``: their count and total device time,
 for the graph replay and for the same forward launched kernel by kernel, and a table
-(stderr) of the launched one by kernel.
+(stderr) of the launched one by kernel. ``--variants ... autotuned`` adds the compiled
+layer with inductor's ``max-autotune-no-cudagraphs`` mode (Triton matmul templates).
 
 On the CPU ``host_ms`` also holds the copy of the returned log-prob rows (``N x V``
 floats; one kernel on a GPU), and ``async`` times hold the hop to the worker thread that
@@ -339,8 +340,9 @@ def main(argv=None):
             f.write(out + "\n")
 
 
-#: ``--variants``: the ``compile`` argument of ``PagedTokenLM`` for each
-VARIANTS = {"eager": False, "compiled": True}
+#: ``--variants``: the ``compile`` argument of ``PagedTokenLM`` for each (``autotuned``:
+#: matmuls tuned as Triton templates too; minutes of compiling, not in the default)
+VARIANTS = {"eager": False, "compiled": True, "autotuned": "max-autotune-no-cudagraphs"}
 
 
 def summary(results: list[dict], variants: dict) -> str:

@@ -426,6 +426,14 @@ async def test_compile_failure_falls_back_to_the_eager_layer(tiny_llama):
     assert torch.allclose(out, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
 
 
+def test_compile_modes_with_cudagraphs_of_their_own_are_refused(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match="compile='reduce-overhead': expected .*max-autotune-no-cudagraphs"):
+        PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile="reduce-overhead")
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile="default")
+    assert lm.compile and lm._compiled is not None
+
+
 async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
     """Rows of up to GRAPH_TOKENS new tokens packed as CUDA graphs replay them (rows, new
     tokens and keys padded to buckets; padding writes the scratch slot and row), run

@@ -51,11 +51,16 @@ import torch.nn.functional as F
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.transfer import to_device
 
-__all__ = ["GRAPH_TOKENS", "PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["COMPILE_MODES", "GRAPH_TOKENS", "PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
 
 #: Hugging Face ``model_type`` values whose decoder layers the paged forward reproduces:
 #: RMSNorm, rotary q/k (optional per-head q/k RMSNorm), grouped-query attention, gated MLP.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+#: ``torch.compile`` modes that ``PagedTokenLM(compile=...)`` takes: those without
+#: cudagraphs of their own (``max-autotune-no-cudagraphs`` also tunes the matmuls as
+#: Triton templates, with their epilogues fused: minutes of compiling)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 #: most new tokens per row of a forward pass replayed from a CUDA graph (padded to 1, 2
 #: or 4) and run through the compiled layer: a beam's steps, prefetches and short rows
@@ -228,9 +233,10 @@ class PagedTokenLM(HFTokenLM):
         cuda_graphs: replay captured graphs for batches of at most ``GRAPH_TOKENS``
             new tokens per row (CUDA only).
         compile: run the decoder layer of those batches (graphs or not) as one
-            ``torch.compile`` program; None: on CUDA when Triton is importable. If
-            compiling fails, a warning says why and the eager layer is used (``compile``
-            becomes False).
+            ``torch.compile`` program; None: on CUDA when Triton is importable; a string:
+            on, with that ``torch.compile`` mode (one of ``COMPILE_MODES``: none with
+            cudagraphs of its own). If compiling fails, a warning says why and the eager
+            layer is used (``compile`` becomes False).
 
     Log-probs are returned on the model's device (float32). Counters as
     :class:`HFTokenLM`, plus ``graph_replays`` and ``cache.evictions``.
@@ -246,7 +252,7 @@ class PagedTokenLM(HFTokenLM):
         max_batch_size: int = 128,
         max_batch_tokens: int = 4096,
         cuda_graphs: bool = True,
-        compile: bool | None = None,
+        compile: bool | str | None = None,
     ):
         super().__init__(
             model, tokenizer, cache_bytes=0, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens
@@ -283,6 +289,8 @@ class PagedTokenLM(HFTokenLM):
             # one function object for every layer (each layer has its own module)
             act=F.silu if cfg.hidden_act in ("silu", "swish") else act,
         )
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: expected a bool, None or one of {', '.join(COMPILE_MODES)}")
         if compile is None:
             compile = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
         if self.model.lm_head.out_features < self.vocab_size:
@@ -290,11 +298,10 @@ class PagedTokenLM(HFTokenLM):
         self.compile = bool(compile)
         #: the decoder layer and the log-prob head as compiled programs (our own CUDA
         #: graphs capture them: inductor's are off), or None
-        self._compiled = (
-            tuple(torch.compile(f, fullgraph=True, options={"triton.cudagraphs": False}) for f in (_layer, _head))
-            if self.compile
-            else None
-        )
+        self._compiled = None
+        if self.compile:
+            how = {"mode": compile} if isinstance(compile, str) else {"options": {"triton.cudagraphs": False}}
+            self._compiled = tuple(torch.compile(f, fullgraph=True, **how) for f in (_layer, _head))
         per_slot = len(self.layers) * 2 * self.kv_heads * self.head_dim * dtype.itemsize
         n_slots = int(kv_cache_bytes) // per_slot
         if n_slots < 2 + max_batch_tokens:
