@@ -34,7 +34,8 @@ layer with inductor's ``max-autotune-no-cudagraphs`` mode (Triton matmul templat
 On the CPU ``host_ms`` also holds the copy of the returned log-prob rows (``N x V``
 floats; one kernel on a GPU), and ``async`` times hold the hop to the worker thread that
 runs CPU forwards (none on CUDA): there ``plan_ms`` of ``sync`` is the measure of the
-host's own work; the profile counts operators instead of kernels.
+host's own work; the profile counts top-level operators instead of kernels (a compiled
+program's own C++ kernels are not among them: only the GPU profile compares variants).
 
 Prints a summary table (stderr) and one JSON object (stdout: ``meta``, ``results``, a
 row per variant, ``N`` and API); ``--out FILE`` also writes it there.
