@@ -287,7 +287,7 @@ class PagedTokenLM(HFTokenLM):
             qk_eps=q_norm.variance_epsilon if q_norm is not None else 0.0,
             scale=attn.scaling,
             # one function object for every layer (each layer has its own module)
-            act=F.silu if cfg.hidden_act in ("silu", "swish") else act,
+            act=F.silu if getattr(cfg, "hidden_act", None) in ("silu", "swish") else act,
         )
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: expected a bool, None or one of {', '.join(COMPILE_MODES)}")
