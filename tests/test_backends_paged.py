@@ -105,9 +105,10 @@ async def test_pool_too_small_for_a_batch(tiny_llama):
         await lm.batch_next_token_logprobs([[1] + [5] * 40, [1] + [6] * 40])
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-async def test_other_llama_style_families(family, smollm2_tokenizer):
-    """Qwen2 (q/k/v biases) and Qwen3 (q/k RMS norms) run through the same forward."""
+@pytest.mark.parametrize("family, compile", [("qwen2", False), ("qwen3", False), ("qwen3", True)])
+async def test_other_llama_style_families(family, compile, smollm2_tokenizer):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k RMS norms) run through the same forward
+    (one-token steps also through the compiled layer)."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
 
     tok = smollm2_tokenizer
@@ -128,9 +129,10 @@ async def test_other_llama_style_families(family, smollm2_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=compile)
     out = await lm.batch_next_token_logprobs(CTXS)
     ext = await lm.batch_next_token_logprobs([c + [9] for c in CTXS])
+    assert lm.compile == compile
     for row, ctx in zip(torch.cat([out, ext]), CTXS + [c + [9] for c in CTXS]):
         assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
 
@@ -359,5 +361,117 @@ def test_lm_step_benchmark_leaves_the_lm_as_it_was(tiny_llama):
         for key in ("total_ms", "host_ms", "hit_ms", "plan_ms"):
             assert 0 <= r[key]["min"] <= r[key]["median"] <= r[key]["max"]
     assert lm.logprob_rows is rows and "_run" not in vars(lm) and not lm.cache.nodes
+    first = lm_step.first_calls(lm, (1, 504, 3, 77), [1, 3])
+    assert set(first["first_call_s"]) == {1, 3} and first["dynamo_graphs"] == 0  # eager: nothing compiled
+    counts, table = lm_step.profile_step(lm, (1, 504, 3, 77), 3)
+    assert counts["launched"]["kernels"] > 0 and "aten::" in table
     ctx = [1, 504, 3, 77, 1001]
     assert torch.allclose(lm.next_token_logprobs_sync(ctx), _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
+
+
+# ---- the compiled decoder layer and the padded buckets of CUDA graphs -----------
+
+#: one-token steps, rows of 2-4 new tokens sharing prefixes (compiled layer), longer rows
+#: (eager layer), a recomputed cached prefix and a single row (its own shape class)
+_STEP_BATCHES = [
+    [list(range(100, 160))],
+    [list(range(100, 160)) + [t] for t in (5, 7, 9)],
+    [list(range(100, 160)) + s for s in ([5, 6], [5, 6, 8], [11], [11, 12], [7, 3, 4, 2])],
+    [list(range(100, 130)), list(range(100, 160)) + [13, 1, 2, 3, 4, 5]],
+    [list(range(100, 160)) + [9, 1, 2]],
+]
+
+
+async def _run_batches(lm, batches):
+    return [await lm.batch_next_token_logprobs(b) for b in batches]
+
+
+async def test_compiled_layer_equals_the_eager_layer(tiny_llama):
+    from torch._dynamo.utils import counters
+
+    model, tok = tiny_llama
+    V = len(tok)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=True)
+    eager = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=False)
+    assert compiled.compile and not eager.compile
+    got, want = await _run_batches(compiled, _STEP_BATCHES), await _run_batches(eager, _STEP_BATCHES)
+    assert compiled.compile  # no fall-back
+    for batch, g, w in zip(_STEP_BATCHES, got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+        for row, ctx in zip(g, batch):
+            assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5)
+    # the same slots hold the same keys and values
+    assert compiled.cache.nodes.keys() == eager.cache.nodes.keys()
+    slots = torch.tensor([n.slot for n in compiled.cache.nodes.values()])
+    torch.testing.assert_close(compiled.pool[:, slots], eager.pool[:, slots], atol=1e-4, rtol=1e-4)
+    # layer and head: one compile per shape class (several rows / one row / several new
+    # tokens), the layer's shared by all layers
+    assert 2 <= counters["stats"]["unique_graphs"] - graphs <= 2 * 3
+
+
+async def test_compile_failure_falls_back_to_the_eager_layer(tiny_llama):
+    from genlm_bytes_potential.backends import paged
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=True)
+    lm._compiled = (torch.compile(paged._layer, backend=no_compiler, fullgraph=True), lm._compiled[1])
+    ctx = CTXS[0] + [5]
+    with pytest.warns(RuntimeWarning, match="torch.compile of the decoder layer failed .*no compiler here"):
+        out = await lm.next_token_logprobs(ctx)
+    assert not lm.compile and lm._compiled is None
+    assert torch.allclose(out, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
+
+
+def test_compile_modes_with_cudagraphs_of_their_own_are_refused(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(ValueError, match="compile='reduce-overhead': expected .*max-autotune-no-cudagraphs"):
+        PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile="reduce-overhead")
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile="default")
+    assert lm.compile and lm._compiled is not None
+
+
+async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
+    """Rows of up to GRAPH_TOKENS new tokens packed as CUDA graphs replay them (rows, new
+    tokens and keys padded to buckets; padding writes the scratch slot and row), run
+    here by the eager forward."""
+    from genlm_bytes_potential.backends import paged
+
+    model, tok = tiny_llama
+    lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=False)
+    shapes = []
+
+    def replay(packed, N):
+        shapes.append((N, *packed.shape))
+        lm._run(*paged._unpack(packed, N))
+
+    monkeypatch.setattr(lm, "cuda_graphs", True)
+    monkeypatch.setattr(lm, "_decode", replay)
+    out = await _run_batches(lm, _STEP_BATCHES)
+    for batch, rows in zip(_STEP_BATCHES, out):
+        for row, ctx in zip(rows, batch):
+            assert torch.allclose(row, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
+    # 3 rows of 1 new token: 4 x 1; 5 rows of <= 4: 8 x 4; (6 new tokens: no graph); 1 row
+    # of 2: 2 x 2 (rows padded to >= 2)
+    assert shapes == [(1, 4, 3 + 2 + 64), (4, 8, 12 + 2 + 64), (2, 2, 6 + 2 + 64)]
+    assert torch.isfinite(lm.pool[:, 0]).all()  # the scratch slot padding wrote
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Triton need a GPU")
+async def test_cuda_graphs_with_the_compiled_layer_match_eager_in_bf16(tiny_llama):
+    """bf16 on the GPU: graphs + compiled layer are as close to the float32 values as
+    the eager forward without graphs."""
+    model, tok = tiny_llama
+    V = len(tok)
+    model16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    fast = PagedTokenLM(model16, tok, kv_cache_bytes=2**24)
+    assert fast.compile and fast.cuda_graphs
+    slow = PagedTokenLM(model16, tok, kv_cache_bytes=2**24, compile=False, cuda_graphs=False)
+    got, want = await _run_batches(fast, _STEP_BATCHES), await _run_batches(slow, _STEP_BATCHES)
+    assert fast.compile and fast.graph_replays == 3  # not the prefix's and the 6-token row's waves
+    ref = torch.stack([_ref(model, ctx, V) for batch in _STEP_BATCHES for ctx in batch])
+    err_fast, err_slow = ((torch.cat(out).cpu() - ref).abs().max() for out in (got, want))
+    assert err_fast <= 2 * err_slow + 1e-2, (err_fast, err_slow)

@@ -12,16 +12,23 @@ makes that step cheap:
   copied or concatenated per context, and contexts sharing a prefix share its slots;
 * all contexts of a call run as one batch (rows may even extend a token that another
   row of the same batch writes: all rows write a layer's slots before any reads them);
-* on CUDA, a batch of one-token steps replays a CUDA graph captured once per
-  (rows, key length) bucket: the whole 30-layer forward costs one launch;
+* on CUDA, a batch of steps of at most ``GRAPH_TOKENS`` new tokens per row replays a
+  CUDA graph captured once per (new tokens, rows, key length) bucket: the whole
+  30-layer forward costs one launch;
+* on CUDA (with Triton) the decoder layer of those graphs is one ``torch.compile``
+  program (inductor, no cudagraphs of its own), compiled once per shape class (one or
+  several rows, one or several new tokens) and shared by all layers (weights are
+  arguments): RMSNorm, rotary embedding, the pool write, the key gather, the masked
+  softmax and the gated activation fuse into a few Triton kernels beside the cuBLAS
+  matmuls; the log-prob head (final norm, lm_head, log_softmax, row write) likewise;
 * the host's work per call is small: per new context a few dict operations and one node;
   a batch of one-token steps is packed column by column (numpy) straight into
   page-locked memory, one transfer (``benchmarks/lm_step.py`` measures it).
 
 The forward pass uses the model's own weights and rotary embedding and computes what the
 Hugging Face model computes, with fewer kernels (q/k/v and gate/up projections fused,
-residual adds folded into the matmuls, fused RMSNorm); the attention reads keys from the
-pool: for query position ``p`` of a row with key slots
+residual adds folded into the matmuls, fused RMSNorm, rotary tables by position); the
+attention reads keys from the pool: for query position ``p`` of a row with key slots
 ``s_0..s_{S-1}`` (the context's tokens in order), softmax over keys ``j <= p``.
 
 Supported: ``SUPPORTED_MODEL_TYPES`` (Llama and SmolLM, Mistral without sliding window,
@@ -30,7 +37,12 @@ Qwen2, Qwen3); other models: :class:`~genlm_bytes_potential.backends.hf.HFTokenL
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
+from collections.abc import Callable
+from functools import partial
 from itertools import chain
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,11 +51,20 @@ import torch.nn.functional as F
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.transfer import to_device
 
-__all__ = ["PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["COMPILE_MODES", "GRAPH_TOKENS", "PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
 
 #: Hugging Face ``model_type`` values whose decoder layers the paged forward reproduces:
 #: RMSNorm, rotary q/k (optional per-head q/k RMSNorm), grouped-query attention, gated MLP.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+#: ``torch.compile`` modes that ``PagedTokenLM(compile=...)`` takes: those without
+#: cudagraphs of their own (``max-autotune-no-cudagraphs`` also tunes the matmuls as
+#: Triton templates, with their epilogues fused: minutes of compiling)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+#: most new tokens per row of a forward pass replayed from a CUDA graph (padded to 1, 2
+#: or 4) and run through the compiled layer: a beam's steps, prefetches and short rows
+GRAPH_TOKENS = 4
 
 
 class _Node:
@@ -209,7 +230,13 @@ class PagedTokenLM(HFTokenLM):
             at once; one call may ask for as many distinct contexts as it holds rows.
         max_batch_size: most rows per forward pass.
         max_batch_tokens: most padded new-token positions (rows x longest) per pass.
-        cuda_graphs: replay captured graphs for one-token batches (CUDA only).
+        cuda_graphs: replay captured graphs for batches of at most ``GRAPH_TOKENS``
+            new tokens per row (CUDA only).
+        compile: run the decoder layer of those batches (graphs or not) as one
+            ``torch.compile`` program; None: on CUDA when Triton is importable; a string:
+            on, with that ``torch.compile`` mode (one of ``COMPILE_MODES``: none with
+            cudagraphs of its own). If compiling fails, a warning says why and the eager
+            layer is used (``compile`` becomes False).
 
     Log-probs are returned on the model's device (float32). Counters as
     :class:`HFTokenLM`, plus ``graph_replays`` and ``cache.evictions``.
@@ -225,6 +252,7 @@ class PagedTokenLM(HFTokenLM):
         max_batch_size: int = 128,
         max_batch_tokens: int = 4096,
         cuda_graphs: bool = True,
+        compile: bool | str | None = None,
     ):
         super().__init__(
             model, tokenizer, cache_bytes=0, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens
@@ -248,7 +276,32 @@ class PagedTokenLM(HFTokenLM):
         # rotate_half(x) = roll(x, D/2) * sign, sign = (-1, ..., -1, +1, ..., +1)
         dtype = next(model.parameters()).dtype
         self._rope_sign = torch.cat((-torch.ones(half), torch.ones(half))).to(self.device, dtype)
+        self._rope_cos, self._rope_sin = self._rope_tables(cfg, dtype)
         self._fuse_weights()
+        q_norm = getattr(attn, "q_norm", None)
+        act = self.layers[0].mlp.act_fn
+        self._consts = _LayerConsts(
+            heads=self.n_heads,
+            kv_heads=self.kv_heads,
+            eps=self.layers[0].input_layernorm.variance_epsilon,
+            qk_eps=q_norm.variance_epsilon if q_norm is not None else 0.0,
+            scale=attn.scaling,
+            # one function object for every layer (each layer has its own module)
+            act=F.silu if getattr(cfg, "hidden_act", None) in ("silu", "swish") else act,
+        )
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: expected a bool, None or one of {', '.join(COMPILE_MODES)}")
+        if compile is None:
+            compile = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        if self.model.lm_head.out_features < self.vocab_size:
+            compile = False  # (log-probs of tokens past the head: HFTokenLM._normalize)
+        self.compile = bool(compile)
+        #: the decoder layer and the log-prob head as compiled programs (our own CUDA
+        #: graphs capture them: inductor's are off), or None
+        self._compiled = None
+        if self.compile:
+            how = {"mode": compile} if isinstance(compile, str) else {"options": {"triton.cudagraphs": False}}
+            self._compiled = tuple(torch.compile(f, fullgraph=True, **how) for f in (_layer, _head))
         per_slot = len(self.layers) * 2 * self.kv_heads * self.head_dim * dtype.itemsize
         n_slots = int(kv_cache_bytes) // per_slot
         if n_slots < 2 + max_batch_tokens:
@@ -272,7 +325,7 @@ class PagedTokenLM(HFTokenLM):
         # on CUDA a batch is planned and queued without waiting for the GPU (inputs go
         # through page-locked memory, results stay on the device): no worker thread
         self._queues_on_gpu = self._pinned = self.device.type == "cuda"
-        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graphs: dict[tuple[int, int, int], tuple] = {}
         self._graph_pool = None
         self.graph_replays = 0
 
@@ -283,84 +336,142 @@ class PagedTokenLM(HFTokenLM):
 
     def _fuse_weights(self) -> None:
         """Per layer, q/k/v projections as one matrix and gate/up as one (fewer kernels
-        per token). The modules' own weights are re-pointed at slices of the fused
-        matrices: values unchanged, no second copy in memory."""
-        self._fused = []
+        per token), and the layer's weights as plain tensors (``_LayerWeights``). The
+        modules' own weights are re-pointed at slices of the fused matrices: values
+        unchanged, no second copy in memory."""
+        self._weights = []
         for layer in self.layers:
             a, mlp = layer.self_attn, layer.mlp
-            qkv = _fuse(a.q_proj, a.k_proj, a.v_proj)
-            gate_up = _fuse(mlp.gate_proj, mlp.up_proj)
-            self._fused.append((qkv, gate_up))
+            qkv, qkv_bias = _fuse(a.q_proj, a.k_proj, a.v_proj)
+            gate_up, gate_up_bias = _fuse(mlp.gate_proj, mlp.up_proj)
+            q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+            self._weights.append(
+                _LayerWeights(
+                    *(
+                        None if t is None else t.detach()
+                        for t in (
+                            layer.input_layernorm.weight,
+                            qkv,
+                            qkv_bias,
+                            None if q_norm is None else q_norm.weight,
+                            None if k_norm is None else k_norm.weight,
+                            a.o_proj.weight,
+                            a.o_proj.bias,
+                            layer.post_attention_layernorm.weight,
+                            gate_up,
+                            gate_up_bias,
+                            mlp.down_proj.weight,
+                            mlp.down_proj.bias,
+                        )
+                    )
+                )
+            )
+
+    def _rope_tables(self, cfg, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``cos`` and ``sin * sign`` of the model's rotary embedding for positions
+        ``0 .. max_position_embeddings - 1`` (``[P, head_dim]``), computed once by the
+        model's own rotary module (elementwise in position: the same values as per call);
+        None for rotary types that depend on the batch's length (dynamic, longrope)."""
+        rotary = self.model.model.rotary_emb
+        rope_type = str(getattr(rotary, "rope_type", "default"))
+        if "dynamic" in rope_type or "longrope" in rope_type:
+            return None, None
+        n = int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        probe = torch.empty(0, dtype=dtype, device=self.device)
+        with torch.no_grad():
+            cos, sin = rotary(probe, torch.arange(n, device=self.device)[None])
+        return cos[0].contiguous(), (sin[0] * self._rope_sign).contiguous()
+
+    def _rotary(self, h: torch.Tensor, pos: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and ``sin * sign`` at positions ``pos`` (``[B, N]`` -> ``[B, N, 1, D]``):
+        rows of the tables when the ``S`` keys' positions are in them, else the model's
+        rotary module."""
+        if self._rope_cos is not None and S <= self._rope_cos.shape[0]:
+            return self._rope_cos[pos].unsqueeze(2), self._rope_sin[pos].unsqueeze(2)
+        cos, sin = self.model.model.rotary_emb(h, pos)
+        return cos.unsqueeze(2), (sin * self._rope_sign).unsqueeze(2)
 
     def _run(self, ids, pos, write, keys, last, rows):
         """Writes the log-probs at row positions ``last`` to ``logprob_rows[rows]``.
         ``ids``/``pos``/``write``: ``[B, N]`` new tokens, their positions and the slots
         they write; ``keys``: ``[B, S]`` each row's slots in context order (padding
-        masked by position); ``rows``: ``[B]``.
-
-        Grouped-query attention without repeating keys: the ``g = heads / kv_heads``
-        query heads of one KV head are stacked as ``g * N`` query rows of it."""
+        masked by position); ``rows``: ``[B]``. Rows of at most ``GRAPH_TOKENS`` new
+        tokens run through the compiled layer and head when ``compile`` is on."""
         inner = self.model.model
         B, N = ids.shape
         S = keys.shape[1]
-        H, G, D = self.n_heads, self.kv_heads, self.head_dim
-        g = H // G
         h = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(h, pos)
-        cos, sin = cos.unsqueeze(2), (sin * self._rope_sign).unsqueeze(2)  # [B, N, 1, D]
-        visible = torch.arange(S, device=ids.device)[None, None, :] <= pos[:, :, None]
-        mask = torch.zeros((B, 1, N, S), dtype=h.dtype, device=h.device).masked_fill_(~visible[:, None], float("-inf"))
-        mask = mask.repeat(1, 1, g, 1)  # [B, 1, g*N, S]
-        write = write.reshape(-1)
-        for i, layer in enumerate(self.layers):
-            a, mlp = layer.self_attn, layer.mlp
-            (w_qkv, b_qkv), (w_gu, b_gu) = self._fused[i]
-            qkv = F.linear(_rms_norm(layer.input_layernorm, h), w_qkv, b_qkv).view(B, N, H + 2 * G, D)
-            qk, v = qkv[:, :, : H + G], qkv[:, :, H + G :]  # [B, N, heads, D]
-            if getattr(a, "q_norm", None) is not None:
-                qk = torch.cat((a.q_norm(qk[:, :, :H]), a.k_norm(qk[:, :, H:])), dim=2)
-            qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # rotary embedding
-            q = qk[:, :, :H]
-            self.pool[i][write] = torch.cat((qk[:, :, H:], v), dim=2).view(B * N, 2 * G, D)
-            kv = self.pool[i][keys].transpose(1, 2)  # [B, 2G, S, D]
-            kk, vv = kv[:, :G], kv[:, G:]
-            q = q.reshape(B, N, G, g, D).permute(0, 2, 3, 1, 4).reshape(B, G, g * N, D)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=a.scaling)
-            o = o.reshape(B, G, g, N, D).permute(0, 3, 1, 2, 4).reshape(B * N, H * D)
-            h = _linear_residual(h, o, a.o_proj)
-            gate, up = F.linear(_rms_norm(layer.post_attention_layernorm, h), w_gu, b_gu).chunk(2, dim=-1)
-            h = _linear_residual(h, mlp.act_fn(gate) * up, mlp.down_proj)
+        cos, sin = self._rotary(h, pos, S)
+        args = (pos, cos, sin, write.reshape(-1), keys)
+        if self._compiled is not None and N <= GRAPH_TOKENS:
+            try:
+                return self._run_compiled(h, args, last, rows)
+            except Exception as e:  # (a partly run forward is rerun)
+                if not _is_compile_error(e):
+                    raise
+                self._compile_failed(e)
+        attend = partial(_sdpa_attention, _attention_mask(pos, S, h.dtype, self.n_heads // self.kv_heads))
+        for w, pool in zip(self._weights, self.pool):
+            h = _layer(h, pool, *args, w, self._consts, attend)
         h = inner.norm(h[torch.arange(B, device=h.device), last])
         self.logprob_rows.index_copy_(0, rows, self._normalize(self.model.lm_head(h).float()))
 
-    def _decode(self, packed: torch.Tensor) -> None:
-        """One new token per row (``packed``: see ``_pack``, padded to a bucket), through
-        the CUDA graph of this bucket: one host-to-device copy, one replay."""
-        shape = tuple(packed.shape)
-        g = self._graphs.get(shape)
+    def _run_compiled(self, h, args, last, rows) -> None:
+        """``_run``'s layers and head through their compiled programs."""
+        layer, head = self._compiled
+        pos, cos, sin, write, keys = args
+        for t, dims in ((h, (0, 1)), (pos, (0, 1)), (cos, (0, 1)), (sin, (0, 1)), (write, (0,)), (keys, (0, 1))):
+            for d in dims:  # one compile for all rows, new tokens and key lengths (sizes 1 apart)
+                torch._dynamo.maybe_mark_dynamic(t, d)
+        for w, pool in zip(self._weights, self.pool):
+            torch._dynamo.maybe_mark_dynamic(pool, 0)  # and all pool sizes
+            h = layer(h, pool, *args, w, self._consts, _gathered_attention)
+        torch._dynamo.maybe_mark_dynamic(last, 0)
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        norm, lm_head = self.model.model.norm, self.model.lm_head
+        w_norm, w_lm, b_lm = (None if t is None else t.detach() for t in (norm.weight, lm_head.weight, lm_head.bias))
+        head(h, last, rows, self.logprob_rows, w_norm, norm.variance_epsilon, w_lm, b_lm, self.vocab_size)
+
+    def _compile_failed(self, e: Exception) -> None:
+        """Warn why compiling failed; the eager forward from now on."""
+        inner = getattr(e, "inner_exception", None) or e  # the compiler's own error
+        why = next((line for line in str(inner).splitlines() if line.strip()), "")
+        warnings.warn(
+            f"PagedTokenLM: torch.compile of the decoder layer failed ({type(e).__name__}: "
+            f"{type(inner).__name__}: {why}); running the eager layer",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.compile, self._compiled = False, None
+
+    def _decode(self, packed: torch.Tensor, N: int) -> None:
+        """Rows of ``N`` new tokens (``packed``: see ``_pack``, padded to a bucket),
+        through the CUDA graph of this bucket: one host-to-device copy, one replay."""
+        key = (N, *packed.shape)
+        g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[shape] = self._capture(shape)
+            g = self._graphs[key] = self._capture(N, tuple(packed.shape))
         graph, buf = g
         buf.copy_(packed, non_blocking=True)
         graph.replay()
         self.graph_replays += 1
 
-    def _capture(self, shape: tuple[int, int]):
+    def _capture(self, N: int, shape: tuple[int, int]):
         dev = self.device
         buf = torch.zeros(shape, dtype=torch.long, device=dev)
-        buf[:, 0] = self.pad_token_id
-        buf[:, 4] = self.cache.n_rows  # scratch row (warm-up runs write it)
+        buf[:, :N] = self.pad_token_id
+        buf[:, 3 * N + 1] = self.cache.n_rows  # scratch row (warm-up runs write it)
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run(*_unpack(buf, 1))
+            for _ in range(2):  # (compiles the layer for a new shape class)
+                self._run(*_unpack(buf, N))
         torch.cuda.current_stream(dev).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._run(*_unpack(buf, 1))
+            self._run(*_unpack(buf, N))
         return graph, buf  # the graph reads buf: keep it
 
     # ---- planning a batch ---------------------------------------------------
@@ -540,15 +651,17 @@ class PagedTokenLM(HFTokenLM):
         contexts, starts, nodes = wave
         lens = np.fromiter(map(len, contexts), np.int64, len(contexts))
         N = int((lens - np.array(starts)).max())
-        graph = N == 1 and self.cuda_graphs
+        graph = N <= GRAPH_TOKENS and self.cuda_graphs
         B, S = len(contexts), int(lens.max())
-        if graph:  # buckets: rows to a power of two, keys to a power of two >= 64
-            B_pad, S_pad = 1 << (B - 1).bit_length(), max(64, 1 << (S - 1).bit_length())
+        if graph:  # buckets: new tokens to a power of two, rows to one >= 2 (one compiled
+            # shape class for all), keys to one >= 64
+            N = 1 << (N - 1).bit_length()
+            B_pad, S_pad = max(2, 1 << (B - 1).bit_length()), max(64, 1 << (S - 1).bit_length())
         else:
             B_pad, S_pad = B, S
         packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
         if graph:
-            self._decode(packed)
+            self._decode(packed, N)
         else:
             self._run(*_unpack(packed.to(self.device, non_blocking=True), N))
         self.forward_calls += 1
@@ -626,14 +739,113 @@ def _fuse(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """A Llama-style RMSNorm module as one fused call."""
-    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+class _LayerWeights(NamedTuple):
+    """One decoder layer's weights as plain tensors (q/k/v and gate/up fused; biases
+    and the per-head q/k norms None where the model has none)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
 
 
-def _linear_residual(h: torch.Tensor, x: torch.Tensor, linear) -> torch.Tensor:
-    """``h + linear(x)`` as one matmul with accumulate (``h``: ``[B, N, hidden]``)."""
+class _LayerConsts(NamedTuple):
+    """What every decoder layer of a model shares: head counts, RMSNorm epsilons,
+    the attention scale and the MLP's activation."""
+
+    heads: int
+    kv_heads: int
+    eps: float
+    qk_eps: float
+    scale: float
+    act: Callable
+
+
+def _layer(h, pool, pos, cos, sin, write, keys, w: _LayerWeights, c: _LayerConsts, attend) -> torch.Tensor:
+    """One decoder layer: ``h`` ``[B, N, hidden]`` -> the same; writes the new tokens'
+    keys and values to ``pool`` (the layer's ``[slots, 2 * kv_heads, head_dim]``) at
+    slots ``write`` (``[B * N]``) before ``attend(q, pool[keys], pos, scale)`` reads
+    them. ``cos``/``sin``: ``[B, N, 1, D]`` (``sin`` times rotate_half's sign). Run as it
+    is (``attend``: ``_sdpa_attention``) or compiled (``_gathered_attention``)."""
+    B, N, E = h.shape
+    H, G, D = c.heads, c.kv_heads, pool.shape[-1]
+    qkv = F.linear(F.rms_norm(h, (E,), w.input_norm, c.eps), w.qkv, w.qkv_bias).view(B, N, H + 2 * G, D)
+    qk, v = qkv[:, :, : H + G], qkv[:, :, H + G :]  # [B, N, heads, D]
+    if w.q_norm is not None:
+        q, k = qk[:, :, :H], qk[:, :, H:]
+        qk = torch.cat((F.rms_norm(q, (D,), w.q_norm, c.qk_eps), F.rms_norm(k, (D,), w.k_norm, c.qk_eps)), dim=2)
+    qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # rotary embedding
+    pool.index_put_((write,), torch.cat((qk[:, :, H:], v), dim=2).view(B * N, 2 * G, D))
+    o = attend(qk[:, :, :H], pool[keys], pos, c.scale)
+    h = _residual_linear(h, o, w.o, w.o_bias)
+    gate, up = F.linear(F.rms_norm(h, (E,), w.post_norm, c.eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return _residual_linear(h, c.act(gate) * up, w.down, w.down_bias)
+
+
+def _is_compile_error(e: Exception) -> bool:
+    """Whether ``e`` is torch.compile's (dynamo, the backend, its recompile limit)."""
+    exc = torch._dynamo.exc
+    kinds = ("TorchDynamoException", "FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    return isinstance(e, tuple(getattr(exc, k) for k in kinds if hasattr(exc, k)))
+
+
+def _head(h, last, rows, out, norm_weight, eps: float, weight, bias, V: int) -> None:
+    """``out[rows] = log_softmax(lm_head(rms_norm(h[b, last[b]])))`` over the first ``V``
+    logits, in float32 (the model's head has at least ``V`` rows)."""
+    x = F.rms_norm(h[torch.arange(h.shape[0], device=h.device), last], (h.shape[-1],), norm_weight, eps)
+    out.index_copy_(0, rows, torch.log_softmax(F.linear(x, weight, bias)[:, :V].float(), dim=-1))
+
+
+def _attention_mask(pos: torch.Tensor, S: int, dtype, g: int) -> torch.Tensor:
+    """Additive mask ``[B, 1, g * N, S]`` of ``g`` stacked query heads: 0 where key
+    ``j <= pos``, else -inf."""
+    visible = torch.arange(S, device=pos.device) <= pos[:, :, None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None].repeat(1, 1, g, 1)
+
+
+def _sdpa_attention(mask, q, kv, pos, scale) -> torch.Tensor:
+    """Attention of queries ``q`` ``[B, N, H, D]`` over keys and values ``kv`` ``[B, S,
+    2G, D]`` under ``mask`` (``_attention_mask``) -> ``[B * N, H * D]``, by SDPA
+    (any N). Grouped-query attention without repeating keys: the ``g = H / G`` query
+    heads of one KV head are stacked as ``g * N`` query rows of it."""
+    B, N, H, D = q.shape
+    G = kv.shape[2] // 2
+    g = H // G
+    kv = kv.transpose(1, 2)  # [B, 2G, S, D]
+    q = q.reshape(B, N, G, g, D).permute(0, 2, 3, 1, 4).reshape(B, G, g * N, D)
+    o = F.scaled_dot_product_attention(q, kv[:, :G], kv[:, G:], attn_mask=mask, scale=scale)
+    return o.reshape(B, G, g, N, D).permute(0, 3, 1, 2, 4).reshape(B * N, H * D)
+
+
+def _gathered_attention(q, kv, pos, scale) -> torch.Tensor:
+    """``_sdpa_attention`` for few query positions as broadcast products and sums in
+    float32: ``o = sum_s softmax_s(scale * q.k_s, s <= pos) v_s``. Compiled, the key
+    gather, the mask and the softmax fuse into the reductions (a few kernels, no
+    gathered copy of the keys)."""
+    B, N, H, D = q.shape
+    S, G = kv.shape[1], kv.shape[2] // 2
+    k = kv[:, :, :G].transpose(1, 2)[:, None, :, None].float()  # [B, 1, G, 1, S, D]
+    v = kv[:, :, G:].transpose(1, 2)[:, None, :, None].float()
+    scores = (q.reshape(B, N, G, H // G, 1, D).float() * k).sum(-1) * scale  # [B, N, G, g, S]
+    visible = torch.arange(S, device=pos.device) <= pos[:, :, None]  # [B, N, S]
+    p = scores.masked_fill(~visible[:, :, None, None], float("-inf")).softmax(-1)
+    return (p[..., None] * v).sum(-2).to(q.dtype).reshape(B * N, H * D)
+
+
+def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """``h + linear(x)`` (``h``: ``[B, N, hidden]``), without a bias as one matmul with
+    accumulate."""
     shape = h.shape
-    if linear.bias is not None:
-        return h + linear(x).view(shape)
-    return torch.addmm(h.reshape(-1, shape[-1]), x.reshape(-1, x.shape[-1]), linear.weight.t()).view(shape)
+    x = x.reshape(-1, x.shape[-1])
+    if bias is not None:
+        return h + F.linear(x, weight, bias).view(shape)
+    return torch.addmm(h.reshape(-1, shape[-1]), x, weight.t()).view(shape)
