@@ -345,8 +345,10 @@ def _cli(meta, results):
 
 
 def _lm_step(meta, results):
+    """One row per (variant of the forward, N, API); runs before variants existed have none."""
     rows = [
         [
+            r.get("variant", "–"),
             r["N"],
             r["api"],
             _rng(r["total_ms"], 3),
@@ -355,11 +357,13 @@ def _lm_step(meta, results):
         ]
         for r in results
     ]
-    sync = {r["N"]: r for r in results if r["api"] == "sync"}
+    sync = [r for r in results if r["api"] == "sync"]
     head = "; ".join(
-        f"N={n}: {r['total_ms']['median']:.2f} ms (host {r['host_ms']['median']:.2f})" for n, r in sorted(sync.items())
+        f"{r['variant'] + ' ' if 'variant' in r else ''}N={r['N']}: {r['total_ms']['median']:.2f} ms "
+        f"(host {r['host_ms']['median']:.2f})"
+        for r in sync
     )
-    return head, md_table(["N", "API", "total ms", "host ms", "plan ms (forward stubbed)"], rows), {}
+    return head, md_table(["variant", "N", "API", "total ms", "host ms", "plan ms (forward stubbed)"], rows), {}
 
 
 READERS = {
@@ -427,7 +431,7 @@ def _cells(workload: str, data: dict) -> frozenset:
         "W4": lambda r: r["workload"],
         "Fidelity": lambda r: (r["text"], r["K"], r["canonical"]),
         "CLI": lambda r: r["name"],
-        "lm_step": lambda r: (r["N"], r["api"]),
+        "lm_step": lambda r: (r.get("variant"), r["N"], r["api"]),
     }.get(workload)
     return frozenset(key(r) for r in res) if key and isinstance(res, list) else frozenset({"all"})
 
