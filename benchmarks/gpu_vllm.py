@@ -138,6 +138,8 @@ def _counters(lm) -> dict:
         "steps": lm.engine_steps,
         "requests": lm.stats["requests"],
         "cache_hits": lm.stats.get("cache_hits", 0),
+        "prompt_tokens": lm.stats["prompt_tokens"],
+        "cached_tokens": lm.stats["cached_tokens"],
     }
 
 
@@ -166,6 +168,8 @@ def _timed(lm, work, direct: bool | None = None) -> dict:
         }
         r["submit_us_per_request"] = 1e6 * d["submit_s"] / max(1, d["requests"])
         r["step_ms"] = 1e3 * d["engine_s"] / max(1, d["steps"])
+        #: tokens the engine computed per request (the rest came from its prefix cache)
+        r["computed_per_request"] = (d["prompt_tokens"] - d["cached_tokens"]) / max(1, d["requests"])
     return r
 
 
@@ -236,7 +240,8 @@ def _line(name: str, label: str, backend: str, r: dict) -> str:
         extra = (
             f"  ms/B: wall {pb['wall']:.3f} step {pb['engine_step']:.3f} capture {pb['capture_host']:.3f} "
             f"submit {pb['submit']:.3f} rest {pb['rest']:.3f}; steps {r['steps']} ({r['step_ms']:.2f} ms) "
-            f"requests {r['requests']} ({r['submit_us_per_request']:.0f} us to submit) cache hits {r['cache_hits']}"
+            f"requests {r['requests']} ({r['submit_us_per_request']:.0f} us to submit, "
+            f"{r['computed_per_request']:.1f} tokens computed) cache hits {r['cache_hits']}"
         )
     lp = r.get("logprob", r.get("log_ml"))
     return f"{name:8s} {label:14s} {backend:11s} {r['bytes_per_s']:8.1f} B/s  logp {lp:.3f}{extra}"
