@@ -242,6 +242,40 @@ async def test_direct_requests_equal_the_public_path(vllm_lm):
     assert d_stats["cached_tokens"] >= 3 * block  # the extensions of `base` hit its full block
 
 
+async def test_a_failed_submission_aborts_what_it_added(vllm_lm, monkeypatch):
+    """A group whose second request fails to go in: the first is aborted in the engine,
+    the caller gets the error, the rows return to the pool, the engine keeps serving."""
+    lm = vllm_lm
+    direct = lm._direct
+    add = direct.add
+    calls = []
+
+    def failing_add(request_id, ids, spec):
+        calls.append(request_id)
+        if len(calls) == 2:
+            raise RuntimeError("engine core refused it")
+        add(request_id, ids, spec)
+
+    ctxs = [[9, 8, 7, k] for k in range(3)]
+    free = len(lm._pool.free)
+    monkeypatch.setattr(direct, "add", failing_add)
+    with pytest.raises(RuntimeError, match="refused"):
+        await lm.batch_next_token_logprobs(ctxs)
+    monkeypatch.undo()
+    assert not lm._rids and not lm._flight and not lm._pool.pins
+    assert len(lm._pool.free) == free and not any(tuple(c) in lm._pool.done for c in ctxs)
+    # other contexts get the freed rows; no request is left in the engine to finish
+    finished = []
+    finish = lm._finish
+    monkeypatch.setattr(lm, "_finish", lambda rid, cached: finished.append(rid in lm._rids) or finish(rid, cached))
+    others = [[9, 8, 6, k] for k in range(3)]
+    requests = lm.stats["requests"]
+    out = await lm.batch_next_token_logprobs(others)
+    assert lm.stats["requests"] == requests + 3 and finished == [True] * 3
+    lm.clear_cache()
+    assert torch.equal(out, await lm.batch_next_token_logprobs(others))
+
+
 def _fake_engine(**overrides):
     """The parts of ``LLMEngine`` that ``_DirectRequests.build`` reads, as on vLLM 0.26/0.32."""
     from vllm import SamplingParams
