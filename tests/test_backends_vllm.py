@@ -276,6 +276,22 @@ async def test_a_failed_submission_aborts_what_it_added(vllm_lm, monkeypatch):
     assert torch.equal(out, await lm.batch_next_token_logprobs(others))
 
 
+def test_the_construction_probe_catches_a_direct_path_that_differs(vllm_lm, monkeypatch):
+    """The probe run at construction (context (0,) through both paths) passes on this
+    vLLM, and fails, with the reason, when the direct path's request fails to go in or
+    writes its row elsewhere."""
+    lm = vllm_lm
+    direct = lm._direct_built
+    assert lm._probe_direct() == ""
+    add = direct.add
+    monkeypatch.setattr(direct, "add", lambda rid, ids, spec: add(rid, (1,) + ids, spec))  # another context
+    assert "differ between the paths" in lm._probe_direct()
+    monkeypatch.setattr(direct, "add", lambda *a: (_ for _ in ()).throw(TypeError("new field")))
+    assert "TypeError: new field" in lm._probe_direct()
+    monkeypatch.undo()
+    assert lm._probe_direct() == "" and not lm._rids and lm._pool.pins == {}
+
+
 def _fake_engine(**overrides):
     """The parts of ``LLMEngine`` that ``_DirectRequests.build`` reads, as on vLLM 0.26/0.32."""
     from vllm import SamplingParams

