@@ -21,7 +21,9 @@ rows each run also reports, per byte: wall time; time inside the engine step (fo
 sampler and our capture; engine thread); host time of the capture
 (``CaptureLogprobs.apply``); time building and adding requests; and the rest (our Python
 on the event loop: beam, trie masses, potential; and waiting for the engine thread), plus
-engine steps, requests, µs per request to submit and ms per engine step.
+engine steps, requests, µs per request to submit, tokens the engine computed per request
+(the rest from its prefix cache) and ms per engine step. ``--profile DIR`` adds one
+cProfile'd run of the ``vllm`` backend per workload (engine thread and event loop).
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ def main(argv=None):
     p.add_argument(
         "--profile",
         metavar="DIR",
-        help="after the timed runs, one cProfile'd run per job and vLLM path (both threads), to DIR",
+        help="after the timed runs, one cProfile'd run of the vllm backend per job (both threads), to DIR",
     )
     a = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -344,10 +346,8 @@ def main(argv=None):
         if a.profile:
             os.makedirs(a.profile, exist_ok=True)
             for label, make in jobs:
-                for backend in (b for b in runs if b != "paged"):
-                    lm, direct = runs[backend]
-                    slug = f"{name}-{label}-{backend}".replace(" ", "_").replace("=", "")
-                    _profiled(lm, make(lm), direct, os.path.join(a.profile, f"profile-{slug}.txt"))
+                slug = f"{name}-{label}".replace(" ", "_").replace("=", "")
+                _profiled(lms["vllm"], make(lms["vllm"]), True, os.path.join(a.profile, f"profile-{slug}.txt"))
         lms["vllm"].direct_requests = True
         for label, _ in jobs:
             print(_summary(rows, name, label, list(runs)), flush=True)

@@ -236,8 +236,11 @@ async def test_direct_requests_equal_the_public_path(vllm_lm):
     finally:
         lm.direct_requests = True
     (direct, d_stats), (public, p_stats) = runs[True][0], runs[False][0]
-    assert torch.equal(direct, public)
-    assert torch.equal(runs[True][1][0], direct)  # and back: the engine is left as it was
+    # the same batches through the same kernels: equal (on a GPU within 1e-3, should a
+    # kernel there not be bitwise reproducible)
+    same = (lambda a, b: torch.equal(a, b)) if not ON_GPU else (lambda a, b: (a - b).abs().max() <= 1e-3)
+    assert same(direct, public)
+    assert same(runs[True][1][0], direct)  # and back: the engine is left as it was
     assert d_stats == p_stats and d_stats["requests"] == len(ctxs)
     assert d_stats["cached_tokens"] >= 3 * block  # the extensions of `base` hit its full block
 
