@@ -332,7 +332,8 @@ def test_direct_requests_fall_back_to_the_public_path_when_vllm_differs():
     engine.engine_core.add_request = sent.append
     direct.add("r1", (3, 4), (1, None, 2, 10))
     (req,) = sent
-    assert (req.request_id, req.prompt_token_ids, req.sampling_params.extra_args) == ("r1", [3, 4], {_KEY: (1, None, 2, 10)})
+    assert (req.request_id, req.prompt_token_ids) == ("r1", [3, 4])
+    assert req.sampling_params.extra_args == {_KEY: (1, None, 2, 10)}
     assert req.sampling_params is not direct._params and direct._params.extra_args is None
     engine.engine_core.get_output = lambda: EngineCoreOutputs(
         outputs=[EngineCoreOutput("r1", [9], finish_reason=1), EngineCoreOutput("r2", [9])]
@@ -350,9 +351,7 @@ def test_direct_requests_fall_back_to_the_public_path_when_vllm_differs():
 
         return _fake_engine(input_processor=SimpleNamespace(process_inputs=process_inputs))[0]
 
-    data_parallel = _fake_engine(
-        vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=2))
-    )[0]
+    data_parallel = _fake_engine(vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=2)))[0]
     cases = {
         "lacks": no_get_output(),
         "input processor's API differs": raising_processor(),

@@ -371,7 +371,7 @@ class _DirectRequests:
         if not isinstance(template, EngineCoreRequest) or p is None:
             return None, f"the input processor returned {type(template).__name__}, not a sampling request"
         if (p.n, p.max_tokens, p.extra_args, getattr(p, "detokenize", False)) != (1, 1, None, False):
-            return None, f"processed params differ from ours: n={p.n} max_tokens={p.max_tokens} extra_args={p.extra_args}"
+            return None, f"processed params differ: n={p.n} max_tokens={p.max_tokens} extra_args={p.extra_args}"
         if getattr(template, "prompt_embeds", None) is not None or getattr(template, "mm_features", None):
             return None, "the probe request carries embeddings or multimodal features"
         return cls(core, template, msgspec.structs.replace), ""
