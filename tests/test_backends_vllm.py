@@ -178,6 +178,35 @@ def test_row_pool_reuses_least_recently_used_unpinned_rows():
         pool.alloc()
 
 
+@pytest.mark.parametrize("pairs", ["runs", "scattered"])
+def test_write_log_softmax_in_runs_or_scattered(pairs):
+    """Rows consecutive in the batch and in the pool are written in place, scattered
+    ones through one gather and scatter: the same values either way."""
+    from genlm_bytes_potential.backends.vllm import _MAX_RUNS, _write_log_softmax
+
+    logits = torch.randn(24, 12, dtype=torch.bfloat16)  # two padded columns past V = 10
+    if pairs == "runs":  # three runs, given out of order
+        src, dst = [5, 6, 0, 1, 2, 20], [7, 8, 0, 1, 2, 30]
+    else:
+        src = list(range(2 * _MAX_RUNS + 2))
+        dst = [3 * i for i in src][::-1]
+    target = torch.zeros(60, 10)
+    _write_log_softmax(logits, src, target, dst)
+    want = torch.log_softmax(logits[:, :10].float(), -1)
+    assert torch.equal(target[dst], want[src])
+    untouched = sorted(set(range(60)) - set(dst))
+    assert not target[untouched].any()
+
+
+def test_row_pool_gives_rows_in_ascending_order_after_a_clear():
+    pool = _RowPool(4, 6, "cpu", shared=False)
+    for ctx in [(1,), (2,), (3,), (4,)]:
+        pool.done[ctx] = pool.alloc()
+    pool.lookup([(2,)])  # recency order differs from row order
+    pool.clear()
+    assert [pool.alloc() for _ in range(6)] == [0, 1, 2, 3, 4, 5]
+
+
 def test_model_runner_v2_is_dropped_where_it_cannot_take_our_processor(monkeypatch):
     """genlm-backend sets VLLM_USE_V2_MODEL_RUNNER=1 on import; vLLM 0.26's V2 runner (no
     custom-logits-processor interface), and any V2 runner without Triton, refuses ours."""

@@ -266,7 +266,7 @@ class _RowPool:
             self.rows = torch.empty((n_rows, V), dtype=torch.float32, device=device)
             _POOLS[self.id] = self
         self.done: OrderedDict[tuple[int, ...], int] = OrderedDict()
-        self.free = list(range(n_rows - 1, -1, -1))
+        self.free = list(range(n_rows - 1, -1, -1))  # popped from the end: 0, 1, 2, ...
         self.pins: dict[int, int] = {}  # row -> calls that will read it
 
     def spec(self, row: int) -> tuple:
@@ -297,7 +297,9 @@ class _RowPool:
         return self.rows[_indices(rows, self.rows.device)]
 
     def clear(self):
-        self.free.extend(self.done.values())
+        # popped from the end: rows come back in ascending order, so that a step's new
+        # requests get consecutive rows (written by one log_softmax, _write_log_softmax)
+        self.free.extend(sorted(self.done.values(), reverse=True))
         self.done.clear()
 
 
@@ -639,7 +641,7 @@ class VLLMTokenLM(AsyncLM):
                 return f"the probe's log-probs differ between the paths by {diff:.3g}"
             return ""
         finally:
-            pool.free.extend(rows)
+            pool.free.extend(reversed(rows))
 
     def _prompt(self, ids):
         """The engine's prompt for token ids (vLLM >= 0.32 renders it first)."""
