@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -210,35 +211,41 @@ def _timed(lm, work, direct: bool | None = None) -> dict:
 def _profiled(lm, work, direct: bool, path: str) -> None:
     """One more run of ``work`` under cProfile, in both threads: the event loop (beam,
     potential, our calls) and the vLLM engine thread (adding requests, engine steps);
-    the top functions by own time and by cumulative time go to ``path``."""
+    the top functions by own time and by cumulative time go to ``path``. From Python 3.12
+    a profiler sees every thread (``sys.monitoring``, one profiler per process): one
+    profile for both; before, one per thread."""
     import cProfile
     import io
     import pstats
 
     lm.direct_requests = direct
     lm.clear_cache()
-    engine_prof, loop_prof = cProfile.Profile(), cProfile.Profile()
+    loop_prof = cProfile.Profile()
+    profiles = {"both threads" if sys.version_info >= (3, 12) else "event loop": loop_prof}
+    if sys.version_info < (3, 12):
+        engine_prof = profiles["engine thread"] = cProfile.Profile()
 
-    def profiled(f):
-        def g(*args):
-            engine_prof.enable()
-            try:
-                return f(*args)
-            finally:
-                engine_prof.disable()
+        def profiled(f):
+            def g(*args):
+                engine_prof.enable()
+                try:
+                    return f(*args)
+                finally:
+                    engine_prof.disable()
 
-        return g
+            return g
 
-    lm._add_group, lm._step = profiled(lm._add_group), profiled(lm._step)  # looked up per call
+        lm._add_group, lm._step = profiled(lm._add_group), profiled(lm._step)  # looked up per call
     try:
         loop_prof.enable()
         r = asyncio.run(work())
         loop_prof.disable()
     finally:
-        del lm._add_group, lm._step
+        if sys.version_info < (3, 12):
+            del lm._add_group, lm._step
     out = io.StringIO()
     out.write(f"{r['n_bytes']} bytes in {r['seconds']:.2f} s under the profiler\n")
-    for label, prof in (("engine thread", engine_prof), ("event loop", loop_prof)):
+    for label, prof in profiles.items():
         for key in ("tottime", "cumulative"):
             out.write(f"\n==== {label}, by {key} ====\n")
             pstats.Stats(prof, stream=out).sort_stats(key).print_stats(40)

