@@ -203,7 +203,7 @@ class MassStore:
         as used now."""
         self.last_used[slot] = self.clock
         if isinstance(self.table, np.ndarray):
-            return self.table[slot, node]
+            return self.table.reshape(-1).take(slot * self.n_nodes + node)
         idx = to_device(slot * self.n_nodes + node, self.table.device)
         return to_host(self.table.view(-1)[idx])
 
@@ -475,11 +475,11 @@ class TokenModel:
             fresh = await self.rows([states[i] for i in stale.tolist()], with_eos)
             rows.slot[stale], rows.gen[stale] = fresh.slot, fresh.gen
 
-    def log_mass(self, rows: MassRows, node: np.ndarray) -> np.ndarray:
-        """``log M(node[i])`` under row ``i`` of ``rows`` (scaled: only ratios within a row
-        are meaningful); -inf where the mass is 0."""
+    def log_mass(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
+        """``log M(node[i])`` under the stored row ``slot[i]`` (scaled: only ratios within a
+        row are meaningful); -inf where the mass is 0."""
         with np.errstate(divide="ignore"):
-            return np.log(self.store.gather(rows.slot, node))
+            return np.log(self.store.gather(slot, node))
 
     def _describe(self, tokens: list[int]) -> str:
         tail = tokens[-8:]
