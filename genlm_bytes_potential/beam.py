@@ -798,7 +798,7 @@ def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> list[LMStat
     """Contexts to compute in this step's LM call for the steps ahead (phase 3), when the
     step calls the LM anyway."""
     model = beams[0].model
-    if ahead is None or not model.lookahead or not requests:
+    if ahead is None or not model.lookahead or not requests or not any(len(a) for a in ahead):
         return []
     mode = modes[int(req_bid[0])]
     if not model.would_call([s for s, b in zip(requests, req_bid.tolist()) if modes[b] == mode], mode):

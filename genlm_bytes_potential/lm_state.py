@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -94,6 +95,7 @@ class MassStore:
         self.table = None  # [capacity, n_nodes] float64: numpy, or torch on the rows' device
         self.gen = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
+        self.in_use = np.zeros(0, bool)  # per slot: holds a key's row
         self.clock = 1
         self._slots: dict[tuple[bool, LMState], int] = {}
         self._key_of: list = []  # per slot in use: its key, None when free
@@ -112,6 +114,7 @@ class MassStore:
     def clear(self) -> None:
         self._slots.clear()
         self._key_of = []
+        self.in_use[:] = False
         self.gen += 1  # rows held by readers are all stale
 
     def discard(self, keys: list) -> None:
@@ -121,6 +124,7 @@ class MassStore:
             if s is not None:
                 self.gen[s] += 1
                 self._key_of[s] = None
+                self.in_use[s] = False
 
     def find(self, keys: list) -> np.ndarray:
         """Slot of each key (-1 where absent); found rows count as used now."""
@@ -142,42 +146,23 @@ class MassStore:
         new rows past ``max_rows``. Reusing idle rows before taking new ones keeps the
         table's touched memory near the working set (first touches of fresh memory cost
         about as much as computing the row). The table lives on ``like``'s device."""
-        need = len(keys)
-        free = (
-            [i for i, k in enumerate(self._key_of) if k is None][:need] if len(self._slots) < len(self._key_of) else []
+        picked, n_new = _pick_slots(
+            self.in_use, self.last_used, len(self._key_of), len(keys), self.clock - self.IDLE, self.clock, self.max_rows
         )
-        reused = self._least_recent(need - len(free), self.clock - self.IDLE)
-        n_new = min(need - len(free) - len(reused), max(0, self.max_rows - len(self._key_of)))
-        short = need - len(free) - len(reused) - n_new
-        if short > 0:
-            more = self._least_recent(short, self.clock, exclude=reused)
-            reused = np.concatenate([reused, more])
-            n_new += short - len(more)
-        for s in reused.tolist():
+        for s in picked.tolist():
             self._slots.pop(self._key_of[s], None)
         start = len(self._key_of)
         if n_new:
             self._grow(start + n_new, like)
-        slots = np.concatenate([np.array(free, np.int64), reused, np.arange(start, start + n_new)])
+        slots = np.concatenate([picked, np.arange(start, start + n_new)]) if n_new else picked
         self.gen[slots] += 1
+        self.in_use[slots] = True
         self.clock += 1
         self.touch(slots)
         for key, s in zip(keys, slots.tolist()):
             self._slots[key] = s
             self._key_of[s] = key
         return slots
-
-    def _least_recent(self, n: int, before: int, exclude: np.ndarray | None = None) -> np.ndarray:
-        """Up to ``n`` slots in use last used before clock ``before``, oldest first."""
-        if n <= 0 or not self._slots:
-            return np.zeros(0, np.int64)
-        used = np.fromiter(self._slots.values(), np.int64, len(self._slots))
-        old = used[self.last_used[used] < before]
-        if exclude is not None and len(exclude):
-            old = np.setdiff1d(old, exclude)
-        if len(old) > n:
-            old = old[np.argpartition(self.last_used[old], n - 1)[:n]]
-        return old
 
     def _grow(self, rows: int, like) -> None:
         """At least ``rows`` slots in use. The table starts at ``_FIRST_TABLE_BYTES`` (or
@@ -196,6 +181,7 @@ class MassStore:
             self.table = table
             self.gen = np.concatenate([self.gen, np.zeros(new_cap - cap, np.int64)])
             self.last_used = np.concatenate([self.last_used, np.zeros(new_cap - cap, np.int64)])
+            self.in_use = np.concatenate([self.in_use, np.zeros(new_cap - cap, bool)])
         self._key_of.extend([None] * (rows - len(self._key_of)))
 
     def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
@@ -211,6 +197,35 @@ class MassStore:
         """One whole row on the host."""
         row = self.table[slot]
         return row if isinstance(row, np.ndarray) else to_host(row)
+
+
+@numba.njit(cache=True, nogil=True)
+def _pick_slots(in_use, last_used, n_slots, need, idle_before, now, max_rows):
+    """``MassStore.allocate``'s choice of ``need`` rows among the ``n_slots`` existing
+    ones: free slots; then rows last used before ``idle_before``, least recently used
+    first; then new rows while fewer than ``max_rows`` exist; then rows last used before
+    ``now``, least recently used first; then new rows past ``max_rows``. Returns the
+    existing slots picked, in that order, and the number of new rows."""
+    picked = np.empty(need, np.int64)
+    k = 0
+    for s in range(n_slots):
+        if k < need and not in_use[s]:
+            picked[k] = s
+            k += 1
+    used, last = in_use[:n_slots], last_used[:n_slots]
+    if k < need:
+        idle = np.flatnonzero(used & (last < idle_before))
+        idle = idle[np.argsort(last[idle], kind="mergesort")][: need - k]
+        picked[k : k + len(idle)] = idle
+        k += len(idle)
+    n_new = min(need - k, max(0, max_rows - n_slots))
+    if k + n_new < need:  # every idle row is taken: rows not used since the last allocation
+        old = np.flatnonzero(used & (last < now) & (last >= idle_before))
+        old = old[np.argsort(last[old], kind="mergesort")][: need - k - n_new]
+        picked[k : k + len(old)] = old
+        k += len(old)
+        n_new = need - k
+    return picked[:k], n_new
 
 
 def lm_context_limit(lm: Any) -> int | None:
@@ -445,15 +460,19 @@ class TokenModel:
         self._check_shape(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
-        if logprobs.device.type == "cpu":
-            keys, logprobs = keys[:n_asked], logprobs[:n_asked]
+        if logprobs.device.type == "cpu":  # host rows: numpy from here on
+            if logprobs.dtype not in (torch.float32, torch.float64):
+                logprobs = logprobs.to(torch.float64)
+            keys, logprobs = keys[:n_asked], logprobs.numpy()[:n_asked]
         store = self.store
         known = store.find(keys)  # rows a concurrent call stored while this one awaited the LM
         out = {k: int(s) for k, s in zip(keys, known.tolist()) if s >= 0}
         if out:
             new = np.flatnonzero(known < 0)
-            keys, logprobs = [keys[i] for i in new.tolist()], logprobs[torch.as_tensor(new, device=logprobs.device)]
-            inputs = [inputs[i] for i in new.tolist()]
+            keys, inputs = [keys[i] for i in new.tolist()], [inputs[i] for i in new.tolist()]
+            logprobs = logprobs[
+                new if isinstance(logprobs, np.ndarray) else torch.as_tensor(new, device=logprobs.device)
+            ]
         if keys:
             slots = store.allocate(keys, logprobs)
             try:

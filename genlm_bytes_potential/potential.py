@@ -93,12 +93,22 @@ class BeamCache:
         return best
 
     def put(self, key: bytes, beam: Beam) -> None:
+        parent = self._by_key.get(key[:-1]) if key else None
+        if parent is not None:  # the usual case (the context's parent is cached): no walk
+            node = parent.children.get(key[-1])
+            if node is None:
+                node = parent.children[key[-1]] = _Node(parent, key[-1])
+            self._store(key, node, beam)
+            return
         node = self.root
         for b in key:
             child = node.children.get(b)
             if child is None:
                 child = node.children[b] = _Node(node, b)
             node = child
+        self._store(key, node, beam)
+
+    def _store(self, key: bytes, node: _Node, beam: Beam) -> None:
         node.beam = beam
         self._by_key[key] = node
         self._by_key.move_to_end(key)

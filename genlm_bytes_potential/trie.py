@@ -226,7 +226,7 @@ class TokenByteTrie:
             lp = lp.astype(np.float64)
         lp = np.ascontiguousarray(lp)
         self._check_shape(lp.shape)
-        shift = _row_shift(lp.max(axis=1).astype(np.float64))
+        shift = np.empty(lp.shape[0])
         if out is None:
             out, out_rows = np.empty((lp.shape[0], self.n_nodes)), np.arange(lp.shape[0])
         _subtree_sums(
@@ -324,20 +324,22 @@ class TokenByteTrie:
         return w.T.contiguous(), shift
 
 
-def _row_shift(row_max: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(row_max), row_max, 0.0)
-
-
 def _subtree_sums_py(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows):
-    """out[out_rows[b], n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n;
-    EOS tokens (when given) count at the EOS node instead of their leaves. One
+    """out[out_rows[b], n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n,
+    with shift[b] (written here) the row's largest log-prob (0 when not finite); EOS
+    tokens (when given) count at the EOS node instead of their leaves. One
     reverse-preorder pass per row: every node adds its total into its parent."""
     B = lp.shape[0]
     n_nodes = out.shape[1]
     for b in numba.prange(B):
         row = out[out_rows[b]]
         row[:] = 0.0
-        s = shift[b]
+        s = -np.inf
+        for t in range(lp.shape[1]):
+            if lp[b, t] > s or lp[b, t] != lp[b, t]:
+                s = lp[b, t]
+        s = s if np.isfinite(s) else 0.0
+        shift[b] = s
         for j in range(leaf_nodes.shape[0]):
             t = leaf_tokens[j]
             if t >= 0:
