@@ -272,14 +272,14 @@ async def next_byte_logprobs(beams: list[Beam]) -> np.ndarray:
 def _next_logprobs(beams: list[Beam]) -> np.ndarray:
     """Next-byte log-probs ``[len(beams), 257]`` of beams over one model, in one pass.
 
-    ``W(x·a)`` sums, over candidates ``c``, ``w_c + log M_c(child_a) - log M_c(node_c)``;
-    each (beam, outcome) group is reduced by a logsumexp shifted by its own maximum."""
+    ``W(x·a)`` sums, over candidates ``c``, ``exp(w_c) M_c(child_a) / M_c(node_c)`` (see
+    ``_outcome_logprobs``)."""
     model, trie = beams[0].model, beams[0].model.trie
     flat = _Flat(beams)
     owner, pos, g_slot, g_node = _children_plan(flat.nodes, flat.rows.slot, trie.child_ptr, trie.child_node)
-    m = model.log_mass(g_slot, g_node)
+    mass = model.store.gather(g_slot, g_node)
     norm = np.array([b.log_norm for b in beams])
-    return _outcome_logsumexp(owner, trie.child_label[pos], m, flat.weights, flat.bid, norm)
+    return _outcome_logprobs(owner, trie.child_label[pos], mass, flat.weights, flat.bid, norm)
 
 
 @_njit
@@ -334,20 +334,66 @@ def _children_plan(nodes, slot, child_ptr, child_node):
     return owner, pos, g_slot, g_node
 
 
+# A (beam, outcome) sum below this, in units of the beam's largest term, is redone in log
+# space: terms lost to underflow could then matter.
+_LINEAR_MIN = 1e-280
+
+
 @_njit
-def _outcome_logsumexp(owner, label, m, weights, bid, norm):
-    """``log q(a | x)`` per beam and outcome from the gathered log-masses ``m`` (children,
-    then the candidates' nodes): values ``w_c + log M_c(child) - log M_c(node_c)`` reduced
-    by ``_grouped_logsumexp`` per (beam, outcome), less the beam's normalizer."""
-    n_child = len(owner)
-    vals = np.empty(n_child)
+def _outcome_logprobs(owner, label, mass, weights, bid, norm):
+    """``log q(a | x)`` per beam and outcome, ``[len(norm), 257]``, from the gathered scaled
+    masses (the children's, then the candidates' own nodes').
+
+    ``W(x·a) = sum_c exp(w_c) M_c(child_a) / M_c(node_c)``, summed in linear space per beam:
+    with ``s_c = w_c - log M_c(node_c)`` and ``S`` the beam's largest ``s_c``, ``log W(x·a)
+    = S + log sum_c exp(s_c - S) M_c(child_a)`` (one exp per candidate, one log per
+    outcome, every term at most the largest mass). A sum below ``_LINEAR_MIN`` (where
+    underflow could lose terms) is recomputed in log space, shifted by its own maximum.
+    Less the beam's normalizer."""
+    n_child, n, nb = len(owner), len(weights), len(norm)
+    s = np.empty(n)
+    top = np.full(nb, -np.inf)
+    for c in range(n):
+        s[c] = weights[c] - np.log(mass[n_child + c])
+        if s[c] > top[bid[c]]:
+            top[bid[c]] = s[c]
+    scale = np.zeros(n)
+    for c in range(n):
+        if np.isfinite(top[bid[c]]):
+            scale[c] = np.exp(s[c] - top[bid[c]])
+    n_groups = nb * N_OUTCOMES
+    acc = np.zeros(n_groups)
+    count = np.zeros(n_groups, np.int64)
     key = np.empty(n_child, np.int64)
     for k in range(n_child):
         c = owner[k]
-        vals[k] = weights[c] + m[k] - m[n_child + c]
-        key[k] = bid[c] * N_OUTCOMES + (256 if label[k] == EOS else label[k])
-    out = _grouped_logsumexp(key, vals, len(norm) * N_OUTCOMES).reshape(len(norm), N_OUTCOMES)
-    for b in range(len(norm)):
+        g = bid[c] * N_OUTCOMES + (256 if label[k] == EOS else label[k])
+        key[k] = g
+        acc[g] += scale[c] * mass[k]
+        count[g] += 1
+    out = np.full(n_groups, -np.inf)
+    redo = np.zeros(n_groups, np.bool_)
+    n_redo = 0
+    for g in range(n_groups):
+        if count[g]:
+            b = g // N_OUTCOMES
+            if acc[g] >= _LINEAR_MIN and acc[g] < np.inf and np.isfinite(top[b]):
+                out[g] = np.log(acc[g]) + top[b]
+            else:
+                redo[g] = True
+                n_redo += 1
+    if n_redo:
+        sel = np.flatnonzero(redo[key])
+        vals = np.empty(len(sel))
+        for i in range(len(sel)):
+            k = sel[i]
+            vals[i] = weights[owner[k]] + np.log(mass[k]) - np.log(mass[n_child + owner[k]])
+        redone = _grouped_logsumexp(key[sel], vals, n_groups)
+        for g in range(n_groups):
+            if redo[g]:
+                out[g] = redone[g]
+    out = out.reshape(nb, N_OUTCOMES)
+    for b in range(nb):
         if np.isfinite(norm[b]):
             out[b] -= norm[b]
     return out
