@@ -279,3 +279,40 @@ async def test_lookahead_is_off_for_lms_without_a_logprob_cache():
         TokenModel(MockTokenLM([b"a"]), lookahead=-1)
     with pytest.raises(ValueError, match="max_prefetch=1.5"):
         TokenModel(MockTokenLM([b"a"]), max_prefetch=1.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_beams=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+    spread=st.sampled_from([1.0, 50.0, 800.0, 2000.0]),
+    zeros=st.sampled_from([0.0, 0.3]),
+)
+def test_next_byte_sums_match_log_space(n_beams, seed, spread, zeros):
+    """``_outcome_logprobs`` sums candidates in linear space per beam; weights far apart
+    (past float64's range) and zero masses must give the log-space result: each (beam,
+    outcome) is ``log sum_c exp(w_c + log M_c(child) - log M_c(node))`` less the normalizer."""
+    from genlm_bytes_potential.beam import N_OUTCOMES, _outcome_logprobs
+
+    rng = np.random.default_rng(seed)
+    n_cand = rng.integers(1, 6, n_beams)
+    bid = np.repeat(np.arange(n_beams), n_cand)
+    weights = -spread * rng.random(len(bid))
+    node_mass = np.exp(-rng.random(len(bid)) * 5)
+    outcomes = [np.sort(rng.choice(N_OUTCOMES, rng.integers(1, 20), replace=False)) for _ in bid]
+    owner = np.repeat(np.arange(len(bid)), [len(o) for o in outcomes])
+    label = np.concatenate(outcomes)
+    label[label == 256] = 257  # outcome 256 is the EOS edge, label 257
+    child_mass = np.exp(-rng.random(len(owner)) * 700) * (rng.random(len(owner)) >= zeros)
+    norm = rng.normal(size=n_beams)
+    got = _outcome_logprobs(owner, label, np.concatenate([child_mass, node_mass]), weights, bid, norm)
+
+    want = np.full((n_beams, N_OUTCOMES), -np.inf)
+    with np.errstate(divide="ignore"):
+        vals = weights[owner] + np.log(child_mass) - np.log(node_mass[owner])
+    for v, c, a in zip(vals, owner, np.where(label == 257, 256, label)):
+        want[bid[c], a] = np.logaddexp(want[bid[c], a], v)
+    want -= norm[:, None]
+    assert (np.isfinite(got) == np.isfinite(want)).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-9)
