@@ -316,3 +316,29 @@ def test_next_byte_sums_match_log_space(n_beams, seed, spread, zeros):
     assert (np.isfinite(got) == np.isfinite(want)).all()
     fin = np.isfinite(want)
     np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-9)
+
+
+def test_store_allocation_order():
+    """``MassStore.allocate``: free slots, then rows idle for ``IDLE`` allocations (least
+    recently used first), then new rows up to ``max_rows``, then rows not used since the
+    previous allocation (least recently used first), then new rows past ``max_rows``."""
+    from genlm_bytes_potential.lm_state import MassStore
+
+    store = MassStore(n_nodes=4, max_bytes=8 * 4 * 4)  # 4 rows
+    like = np.zeros((1, 4))
+    key = lambda i: (True, LMState((i,)))  # noqa: E731
+    assert store.allocate([key(0), key(1)], like).tolist() == [0, 1]
+    assert store.allocate([key(2)], like).tolist() == [2]
+    store.touch(np.array([0]))  # row 0 used now, row 2 by the previous allocation: row 1 is not
+    # existing slots first in the result: row 1 reused, then new row 3 (the last under max_rows) and row 4
+    assert store.allocate([key(3), key(4), key(5)], like).tolist() == [1, 3, 4]
+    assert key(1) not in store and all(key(i) in store for i in (0, 2, 3, 4, 5))
+    store.discard([key(2)])
+    assert store.allocate([key(6)], like).tolist() == [2]  # the free slot
+
+    store = MassStore(n_nodes=4, max_bytes=8 * 4 * 100)  # room for new rows
+    store.allocate([key(0)], like), store.allocate([key(1)], like)
+    new = [store.allocate([key(100 + i)], like).item() for i in range(MassStore.IDLE)]
+    assert new == list(range(2, 2 + MassStore.IDLE))
+    # row 0 untouched for IDLE allocations goes before a new row; row 1 is not idle yet
+    assert store.allocate([key(7)], like).tolist() == [0] and key(0) not in store and key(1) in store
