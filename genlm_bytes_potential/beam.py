@@ -23,7 +23,8 @@ token has bytes, and ``q`` is the exact byte-level conditional.
 
 Candidates hold no masses: a candidate's masses are a row of the model's
 :class:`~genlm_bytes_potential.lm_state.MassStore` (one per context and EOS mode, kept
-where the trie batch ran), and each step gathers the few entries it reads.
+where the trie batch ran), and each step gathers the few masses it reads (on the host,
+summing them from the row's token weights).
 
 How the approximations enter:
 

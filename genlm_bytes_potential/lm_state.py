@@ -77,9 +77,12 @@ class MassRows:
 
 
 class MassStore:
-    """Scaled trie masses (``TokenByteTrie.masses``) of token contexts: one row per
-    (EOS mode, context), computed once and kept where the trie batch ran (host memory, or
-    the GPU, where rows never travel whole: readers gather the few entries they need).
+    """The trie masses of token contexts: one row per (EOS mode, context), computed once
+    and kept where the trie batch ran. On the host a row is the context's token weights
+    with a few cached masses (``TokenByteTrie.weight_rows``), and a node's mass is read as
+    the sum of its subtree's columns (a contiguous range): only the masses a step reads are
+    summed. On a GPU a row holds every node's mass (``TokenByteTrie.masses``) and never
+    travels whole: readers gather the few entries they need.
 
     Reuse (see ``allocate``): rows idle for a while are reused first; once ``max_bytes``
     of rows exist, any row not used since the previous allocation (so a step's own rows
@@ -89,10 +92,11 @@ class MassStore:
 
     IDLE = 16  # allocations after which an unused row is reused before new rows are taken
 
-    def __init__(self, n_nodes: int, max_bytes: float):
-        self.n_nodes = n_nodes
-        self.max_rows = max(1, int(max_bytes // (8 * n_nodes)))
-        self.table = None  # [capacity, n_nodes] float64: numpy, or torch on the rows' device
+    def __init__(self, trie: TokenByteTrie, max_bytes: float):
+        self.trie = trie
+        self.max_bytes = max_bytes
+        self.width = trie.row_width  # floats per row: host weight rows until a device table exists
+        self.table = None  # [capacity, width] float64: numpy, or torch on the rows' device
         self.gen = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
         self.in_use = np.zeros(0, bool)  # per slot: holds a key's row
@@ -107,9 +111,18 @@ class MassStore:
         return key in self._slots
 
     @property
+    def max_rows(self) -> int:
+        """Rows that fit in ``max_bytes``."""
+        return max(1, int(self.max_bytes // self.row_bytes))
+
+    @property
+    def row_bytes(self) -> int:
+        return 8 * self.width
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the rows in use."""
-        return len(self._slots) * self.n_nodes * 8
+        return len(self._slots) * self.row_bytes
 
     def clear(self) -> None:
         self._slots.clear()
@@ -170,12 +183,15 @@ class MassStore:
         so it grows only with the working set."""
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
-            first = max(64, _FIRST_TABLE_BYTES // (8 * self.n_nodes))
+            on_device = torch.is_tensor(like) and like.device.type != "cpu"
+            if self.table is None:
+                self.width = self.trie.n_nodes if on_device else self.trie.row_width
+            first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)
             new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
-            if torch.is_tensor(like) and like.device.type != "cpu":
-                table = torch.empty((new_cap, self.n_nodes), dtype=torch.float64, device=like.device)
+            if on_device:
+                table = torch.empty((new_cap, self.width), dtype=torch.float64, device=like.device)
             else:
-                table = np.empty((new_cap, self.n_nodes))
+                table = np.empty((new_cap, self.width))
             if cap:
                 table[:cap] = self.table
             self.table = table
@@ -185,18 +201,20 @@ class MassStore:
         self._key_of.extend([None] * (rows - len(self._key_of)))
 
     def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
-        """Scaled masses ``table[slot[i], node[i]]`` on the host (float64); the rows count
-        as used now."""
+        """Scaled masses of ``node[i]`` under row ``slot[i]`` on the host (float64); the
+        rows count as used now."""
         self.last_used[slot] = self.clock
         if isinstance(self.table, np.ndarray):
-            return self.table.reshape(-1).take(slot * self.n_nodes + node)
-        idx = to_device(slot * self.n_nodes + node, self.table.device)
+            return self.trie.masses_at(self.table, slot, node)
+        idx = to_device(slot * self.width + node, self.table.device)
         return to_host(self.table.view(-1)[idx])
 
     def row(self, slot: int) -> np.ndarray:
-        """One whole row on the host."""
-        row = self.table[slot]
-        return row if isinstance(row, np.ndarray) else to_host(row)
+        """The masses of every node under one row, on the host."""
+        if isinstance(self.table, np.ndarray):
+            n = self.trie.n_nodes
+            return self.trie.masses_at(self.table, np.full(n, slot), np.arange(n))
+        return to_host(self.table[slot])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -318,7 +336,7 @@ class TokenModel:
         self.trie = cached_trie(vocab, self.eos_tokens)
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
-        self.store = MassStore(self.trie.n_nodes, self.mass_bytes)
+        self.store = MassStore(self.trie, self.mass_bytes)
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -476,7 +494,10 @@ class TokenModel:
         if keys:
             slots = store.allocate(keys, logprobs)
             try:
-                self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
+                if isinstance(store.table, np.ndarray):
+                    self.trie.weight_rows(logprobs, with_eos, store.table, slots)
+                else:
+                    self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
                 self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
             except BaseException:
                 store.discard(keys)

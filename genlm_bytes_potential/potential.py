@@ -244,9 +244,10 @@ class ByteBeamPotential(Potential):
             ``config.max_position_embeddings``). Longer contexts, a long prompt included,
             are truncated, never an error: the LM sees the start token (BOS, or EOS as
             document start) followed by the most recent tokens (see ``TokenModel``).
-        cache_bytes: most bytes of trie-mass rows kept (one float64 row per trie node for
-            each token context, in the model's ``MassStore``, on the device where masses
-            are computed); rows are recomputed when needed again.
+        cache_bytes: most bytes of trie-mass rows kept (for each token context one float64
+            row, in the model's ``MassStore``, on the device where masses are computed: on
+            the host a weight per token plus ~260 cached masses, on a GPU a mass per trie
+            node); rows are recomputed when needed again.
         heal: heal the prompt (re-tokenize where a prompt byte cannot be read);
             heal_max_backoff, heal_max_splits: its limits (see ``BeamParams``).
         device: where trie masses are computed (``"cpu"``, ``"cuda[:N]"``; default: where

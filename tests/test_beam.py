@@ -266,7 +266,7 @@ async def test_a_beam_holds_no_masses():
     lm, model = make_model(vocab, 0)
     beam = await read(await initial_beam(model, BeamParams(K=8)), b"abcabcab")
     assert 0 < beam.nbytes < 4096
-    assert model.store.nbytes == len(model.store) * model.trie.n_nodes * 8
+    assert model.store.nbytes == len(model.store) * model.store.row_bytes
 
 
 async def test_lookahead_is_off_for_lms_without_a_logprob_cache():
@@ -323,9 +323,11 @@ def test_store_allocation_order():
     recently used first), then new rows up to ``max_rows``, then rows not used since the
     previous allocation (least recently used first), then new rows past ``max_rows``."""
     from genlm_bytes_potential.lm_state import MassStore
+    from genlm_bytes_potential.trie import TokenByteTrie
 
-    store = MassStore(n_nodes=4, max_bytes=8 * 4 * 4)  # 4 rows
-    like = np.zeros((1, 4))
+    trie = TokenByteTrie([b"a", b"b"])
+    store = MassStore(trie, max_bytes=4 * 8 * trie.row_width)  # 4 rows
+    like = np.zeros((1, trie.vocab_size))
     key = lambda i: (True, LMState((i,)))  # noqa: E731
     assert store.allocate([key(0), key(1)], like).tolist() == [0, 1]
     assert store.allocate([key(2)], like).tolist() == [2]
@@ -336,7 +338,7 @@ def test_store_allocation_order():
     store.discard([key(2)])
     assert store.allocate([key(6)], like).tolist() == [2]  # the free slot
 
-    store = MassStore(n_nodes=4, max_bytes=8 * 4 * 100)  # room for new rows
+    store = MassStore(trie, max_bytes=100 * 8 * trie.row_width)  # room for new rows
     store.allocate([key(0)], like), store.allocate([key(1)], like)
     new = [store.allocate([key(100 + i)], like).item() for i in range(MassStore.IDLE)]
     assert new == list(range(2, 2 + MassStore.IDLE))
