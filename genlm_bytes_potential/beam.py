@@ -486,20 +486,19 @@ class _Step:
     byte (grouped by beam), and its pruning and extensions (phase 2).
 
     Read: ``bid``, ``nodes`` after the byte, ``weights``, ``rows`` in the step's mode;
-    every leaf below those nodes (``leaf``, with its candidate ``owner`` and extension
-    weight ``ext_weights``). Pruned: ``keep`` (indices, grouped by beam), and per beam
-    ``log_read`` (log W(x·b) before pruning), ``log_total`` (after) and ``pruned``
-    (the share dropped). Extensions: the kept candidates' finite ones (``ext``: indices
-    into the leaves, grouped by beam; ``ext_owner``: index into ``keep``), ``made``
-    (those made), the new ``ext_states`` of the made ones in order, and per beam
-    ``log_skipped`` (log weight of those not made)."""
+    ``ext_weights``: the extension weight of every leaf below those nodes. Pruned:
+    ``keep`` (indices, grouped by beam), the kept candidates' ``states``, and per beam
+    ``log_read`` (log W(x·b) before pruning), ``log_total`` (after) and ``pruned`` (the
+    share dropped). Extensions: the kept candidates' finite ones (``ext``: indices into the
+    leaves, grouped by beam, with their beam ``ext_bid``), ``made`` (those made), the new
+    ``ext_states`` of the made ones in order, and per beam ``log_skipped`` (log weight of
+    those not made)."""
 
     bid: np.ndarray
     nodes: np.ndarray
     weights: np.ndarray
     rows: MassRows
     states: list[LMState]  # of the kept candidates
-    leaf: np.ndarray
     ext_weights: np.ndarray
     keep: np.ndarray
     log_read: np.ndarray
@@ -665,7 +664,6 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
         weights=w,
         rows=target,
         states=kstates,
-        leaf=leaf,
         ext_weights=ext_w,
         keep=keep,
         log_read=log_read,
