@@ -528,7 +528,8 @@ async def advance(
     """
     if len(beams) != len(next_bytes):
         raise ValueError(f"{len(beams)} beams but {len(next_bytes)} bytes; expected one byte per beam")
-    next_bytes = [_check_byte(b) for b in next_bytes]
+    if not all(type(b) is int and (0 <= b <= 255 or b == EOS) for b in next_bytes):
+        next_bytes = [_check_byte(b) for b in next_bytes]  # raises, naming the bad byte
     if not beams:
         return []
     model = beams[0].model

@@ -441,16 +441,19 @@ class ByteBeamPotential(Potential):
         except TypeError:
             raise TypeError(f"context {context!r} is not a sequence of byte tokens") from None
         # fast paths (C loops): valid contexts cost O(1) Python work per call
-        try:  # one-byte bytes tokens, the vocabulary
-            key = b"".join(items)
-            if len(key) == len(items) and (not key or min(map(len, items)) == 1):
-                return key
-        except TypeError:
-            try:  # ints 0..255
+        if items and not isinstance(items[0], (bytes, bytearray)):  # ints 0..255
+            try:
                 key = bytes(items)
                 if bool not in set(map(type, items)):
                     return key
             except (TypeError, ValueError):
+                pass
+        else:  # one-byte bytes tokens, the vocabulary
+            try:
+                key = b"".join(items)
+                if len(key) == len(items) and (not key or min(map(len, items)) == 1):
+                    return key
+            except TypeError:
                 pass
         for i, x in enumerate(items):  # find and name the bad item
             if isinstance(x, EndOfSequence):
