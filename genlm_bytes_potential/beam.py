@@ -23,7 +23,8 @@ token has bytes, and ``q`` is the exact byte-level conditional.
 
 Candidates hold no masses: a candidate's masses are a row of the model's
 :class:`~genlm_bytes_potential.lm_state.MassStore` (one per context and EOS mode, kept
-where the trie batch ran), and each step gathers the few entries it reads.
+where the trie batch ran), and each step gathers the few masses it reads (on the host,
+summing them from the row's token weights).
 
 How the approximations enter:
 
@@ -95,14 +96,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from numbers import Integral, Real
 
+import numba
 import numpy as np
 
 from .lm_state import LMState, MassRows, TokenModel
 from .trie import EOS
 
 N_OUTCOMES = 257  # bytes 0..255, then EOS
+
+_njit = numba.njit(cache=True, nogil=True)
 
 
 def _check_byte(b) -> int:
@@ -212,7 +217,7 @@ class Beam:
 
     def log_mass(self, cand: np.ndarray, node: np.ndarray) -> np.ndarray:
         """``log M_c(node)`` for candidate indices ``cand`` and nodes (same length)."""
-        return self.model.log_mass(self.rows.take(cand), node)
+        return self.model.log_mass(self.rows.slot[cand], node)
 
     def log_mass_ratio(self, cand: np.ndarray, node: np.ndarray, base: np.ndarray) -> np.ndarray:
         """``log M_c(node) - log M_c(base)``, both read in one gather."""
@@ -268,60 +273,161 @@ async def next_byte_logprobs(beams: list[Beam]) -> np.ndarray:
 def _next_logprobs(beams: list[Beam]) -> np.ndarray:
     """Next-byte log-probs ``[len(beams), 257]`` of beams over one model, in one pass.
 
-    ``W(x·a)`` sums, over candidates ``c``, ``w_c + log M_c(child_a) - log M_c(node_c)``;
-    each (beam, outcome) group is reduced by a logsumexp shifted by its own maximum."""
-    model = beams[0].model
-    flat = _Flat.of(beams)
-    owner, label, child = model.trie.children_of(flat.nodes)
-    m = model.log_mass(
-        flat.rows.take(np.concatenate([owner, np.arange(len(flat))])), np.concatenate([child, flat.nodes])
-    )
-    vals = flat.weights[owner] + m[: len(owner)] - m[len(owner) :][owner]
-    key = flat.bid[owner] * N_OUTCOMES + np.where(label == EOS, 256, label)
-    out = _grouped_logsumexp(key, vals, len(beams) * N_OUTCOMES).reshape(len(beams), N_OUTCOMES)
+    ``W(x·a)`` sums, over candidates ``c``, ``exp(w_c) M_c(child_a) / M_c(node_c)`` (see
+    ``_outcome_logprobs``)."""
+    model, trie = beams[0].model, beams[0].model.trie
+    flat = _Flat(beams)
+    owner, pos, g_slot, g_node = _children_plan(flat.nodes, flat.rows.slot, trie.child_ptr, trie.child_node)
+    mass = model.store.gather(g_slot, g_node)
     norm = np.array([b.log_norm for b in beams])
-    return out - np.where(np.isfinite(norm), norm, 0.0)[:, None]
+    return _outcome_logprobs(owner, trie.child_label[pos], mass, flat.weights, flat.bid, norm)
 
 
+@_njit
 def _grouped_logsumexp(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
     """``out[g] = log sum exp(values[group == g])`` (-inf for an empty group), each group
-    shifted by its own maximum. A group's result does not depend on the other groups."""
-    mx = np.full(n_groups, -np.inf)
-    np.maximum.at(mx, group, values)
-    safe = np.where(np.isfinite(mx), mx, 0.0)
+    shifted by its own maximum; terms add in array order. A group's result does not depend
+    on the other groups. A group of one value is that value (``log(exp(0)) == 0``
+    exactly), so it skips the ``exp`` and ``log``."""
+    shift = np.full(n_groups, -np.inf)
+    count = np.zeros(n_groups, np.int64)
+    for i in range(len(values)):
+        g, v = group[i], values[i]
+        count[g] += 1
+        if v > shift[g] or v != v:  # NaN propagates, as np.maximum
+            shift[g] = v
+    out = shift.copy()
+    for g in range(n_groups):
+        if count[g] > 1:
+            if not np.isfinite(shift[g]):
+                shift[g] = 0.0
+            out[g] = 0.0
+    for i in range(len(values)):
+        g = group[i]
+        if count[g] > 1:
+            out[g] += np.exp(values[i] - shift[g])
+    for g in range(n_groups):
+        if count[g] > 1:
+            out[g] = np.log(out[g]) + shift[g]
+    return out
+
+
+@_njit
+def _children_plan(nodes, slot, child_ptr, child_node):
+    """The byte/EOS children of candidates at ``nodes`` (rows ``slot``), flattened: each
+    child's candidate (``owner``) and position in the trie's child arrays, and what to
+    gather: the children's masses, then the candidates' own nodes'."""
+    n = len(nodes)
+    total = 0
+    for i in range(n):
+        total += child_ptr[nodes[i] + 1] - child_ptr[nodes[i]]
+    owner = np.empty(total, np.int64)
+    pos = np.empty(total, np.int64)
+    g_slot = np.empty(total + n, np.int64)
+    g_node = np.empty(total + n, np.int64)
+    k = 0
+    for i in range(n):
+        for p in range(child_ptr[nodes[i]], child_ptr[nodes[i] + 1]):
+            owner[k], pos[k], g_slot[k], g_node[k] = i, p, slot[i], child_node[p]
+            k += 1
+    g_slot[total:] = slot
+    g_node[total:] = nodes
+    return owner, pos, g_slot, g_node
+
+
+# A (beam, outcome) sum below this, in units of the beam's largest term, is redone in log
+# space: terms lost to underflow could then matter.
+_LINEAR_MIN = 1e-280
+
+
+@_njit
+def _outcome_logprobs(owner, label, mass, weights, bid, norm):
+    """``log q(a | x)`` per beam and outcome, ``[len(norm), 257]``, from the gathered scaled
+    masses (the children's, then the candidates' own nodes').
+
+    ``W(x·a) = sum_c exp(w_c) M_c(child_a) / M_c(node_c)``, summed in linear space per beam:
+    with ``s_c = w_c - log M_c(node_c)`` and ``S`` the beam's largest ``s_c``, ``log W(x·a)
+    = S + log sum_c exp(s_c - S) M_c(child_a)`` (one exp per candidate, one log per
+    outcome, every term at most the largest mass). A sum below ``_LINEAR_MIN`` (where
+    underflow could lose terms) is recomputed in log space, shifted by its own maximum.
+    Less the beam's normalizer."""
+    n_child, n, nb = len(owner), len(weights), len(norm)
+    s = np.empty(n)
+    top = np.full(nb, -np.inf)
+    for c in range(n):
+        s[c] = weights[c] - np.log(mass[n_child + c])
+        if s[c] > top[bid[c]]:
+            top[bid[c]] = s[c]
+    scale = np.zeros(n)
+    for c in range(n):
+        if np.isfinite(top[bid[c]]):
+            scale[c] = np.exp(s[c] - top[bid[c]])
+    n_groups = nb * N_OUTCOMES
     acc = np.zeros(n_groups)
-    with np.errstate(invalid="ignore"):
-        np.add.at(acc, group, np.exp(values - safe[group]))
-    with np.errstate(divide="ignore"):
-        return np.log(acc) + safe
+    count = np.zeros(n_groups, np.int64)
+    key = np.empty(n_child, np.int64)
+    for k in range(n_child):
+        c = owner[k]
+        g = bid[c] * N_OUTCOMES + (256 if label[k] == EOS else label[k])
+        key[k] = g
+        acc[g] += scale[c] * mass[k]
+        count[g] += 1
+    out = np.full(n_groups, -np.inf)
+    redo = np.zeros(n_groups, np.bool_)
+    n_redo = 0
+    for g in range(n_groups):
+        if count[g]:
+            b = g // N_OUTCOMES
+            if acc[g] >= _LINEAR_MIN and acc[g] < np.inf and np.isfinite(top[b]):
+                out[g] = np.log(acc[g]) + top[b]
+            else:
+                redo[g] = True
+                n_redo += 1
+    if n_redo:
+        sel = np.flatnonzero(redo[key])
+        vals = np.empty(len(sel))
+        for i in range(len(sel)):
+            k = sel[i]
+            vals[i] = weights[owner[k]] + np.log(mass[k]) - np.log(mass[n_child + owner[k]])
+        redone = _grouped_logsumexp(key[sel], vals, n_groups)
+        for g in range(n_groups):
+            if redo[g]:
+                out[g] = redone[g]
+    out = out.reshape(nb, N_OUTCOMES)
+    for b in range(nb):
+        if np.isfinite(norm[b]):
+            out[b] -= norm[b]
+    return out
 
 
-@dataclass(frozen=True)
 class _Flat:
-    """The candidates of several beams as flat arrays; ``bid`` is each one's beam."""
+    """The candidates of several beams as flat arrays; ``bid`` is each one's beam. States
+    are looked up only for the candidates that need them (``states_at``)."""
 
-    nodes: np.ndarray
-    weights: np.ndarray
-    rows: MassRows
-    states: tuple[LMState, ...]
-    bid: np.ndarray
+    __slots__ = ("beams", "nodes", "weights", "rows", "bid", "first")
+
+    def __init__(self, beams: list[Beam]):
+        self.beams = beams
+        if len(beams) == 1:
+            b = beams[0]
+            self.nodes, self.weights, self.rows = b.nodes, b.weights, b.rows
+            self.bid = np.zeros(len(b), np.int64)
+            self.first = [0]
+            return
+        counts = [len(b) for b in beams]
+        self.nodes = np.concatenate([b.nodes for b in beams])
+        self.weights = np.concatenate([b.weights for b in beams])
+        self.rows = MassRows(np.concatenate([b.rows.slot for b in beams]), np.concatenate([b.rows.gen for b in beams]))
+        self.bid = np.repeat(np.arange(len(beams)), counts)
+        self.first = [0, *accumulate(counts)]
 
     def __len__(self) -> int:
         return len(self.nodes)
 
-    @staticmethod
-    def of(beams: list[Beam]) -> _Flat:
-        if len(beams) == 1:
-            b = beams[0]
-            return _Flat(b.nodes, b.weights, b.rows, b.states, np.zeros(len(b), np.int64))
-        counts = [len(b) for b in beams]
-        return _Flat(
-            nodes=np.concatenate([b.nodes for b in beams]),
-            weights=np.concatenate([b.weights for b in beams]),
-            rows=MassRows(np.concatenate([b.rows.slot for b in beams]), np.concatenate([b.rows.gen for b in beams])),
-            states=tuple(s for b in beams for s in b.states),
-            bid=np.repeat(np.arange(len(beams)), counts),
-        )
+    def states_at(self, idx: np.ndarray) -> list[LMState]:
+        """The states of candidates ``idx``."""
+        beams, first, bid = self.beams, self.first, self.bid
+        return [beams[b].states[i - first[b]] for i, b in zip(idx.tolist(), bid[idx].tolist())]
 
 
 async def _ensure(beams: list[Beam]) -> None:
@@ -331,25 +437,25 @@ async def _ensure(beams: list[Beam]) -> None:
     (a caller gathers right after, before the next allocation can reuse them)."""
     model = beams[0].model
     while True:
-        stale = False
+        if len(beams) == 1:
+            rows = beams[0].rows
+        else:
+            rows = MassRows(np.concatenate([b.rows.slot for b in beams]), np.concatenate([b.rows.gen for b in beams]))
+        if model.store.valid(rows).all():
+            model.store.touch(rows.slot)
+            return
         for mode in (False, True):
             group = [b for b in beams if b.with_eos == mode and len(b)]
             if not group:
                 continue
-            flat = _Flat.of(group)
-            if model.store.valid(flat.rows).all():
-                model.store.touch(flat.rows.slot)
-                continue
-            stale = True
-            await model.ensure(flat.rows, flat.states, mode)
-            if len(group) > 1:  # _Flat.of copied the rows: write them back
+            flat = _Flat(group)
+            await model.ensure(flat.rows, flat.states_at(np.arange(len(flat))), mode)
+            if len(group) > 1:  # _Flat copied the rows: write them back
                 start = 0
                 for b in group:
                     end = start + len(b)
                     b.rows.slot[:], b.rows.gen[:] = flat.rows.slot[start:end], flat.rows.gen[start:end]
                     start = end
-        if not stale:
-            return
 
 
 async def initial_beam(
@@ -375,22 +481,34 @@ async def initial_beam(
 
 
 @dataclass(frozen=True)
-class _Kept:
-    """Candidates that read their byte and survived pruning (flat over beams, grouped by
-    beam), with the extensions chosen for them."""
+class _Step:
+    """A step's read (phase 1), flat over the candidates of all beams that read their
+    byte (grouped by beam), and its pruning and extensions (phase 2).
+
+    Read: ``bid``, ``nodes`` after the byte, ``weights``, ``rows`` in the step's mode;
+    ``ext_weights``: the extension weight of every leaf below those nodes. Pruned:
+    ``keep`` (indices, grouped by beam), the kept candidates' ``states``, and per beam
+    ``log_read`` (log W(x·b) before pruning), ``log_total`` (after) and ``pruned`` (the
+    share dropped). Extensions: the kept candidates' finite ones (``ext``: indices into the
+    leaves, grouped by beam, with their beam ``ext_bid``), ``made`` (those made), the new
+    ``ext_states`` of the made ones in order, and per beam ``log_skipped`` (log weight of
+    those not made)."""
 
     bid: np.ndarray
     nodes: np.ndarray
     weights: np.ndarray
     rows: MassRows
-    states: tuple[LMState, ...]
-    log_read: np.ndarray  # per beam: log W(x·b) before pruning
-    log_total: np.ndarray  # per beam: after pruning
-    pruned: np.ndarray  # per beam: pruned share
-    ext_bid: np.ndarray  # per extension made: its beam, weight, state
+    states: list[LMState]  # of the kept candidates
     ext_weights: np.ndarray
+    keep: np.ndarray
+    log_read: np.ndarray
+    log_total: np.ndarray
+    pruned: np.ndarray
+    ext: np.ndarray
+    ext_bid: np.ndarray
+    made: np.ndarray
     ext_states: list[LMState]
-    log_skipped: np.ndarray  # per beam: log weight of the extensions not made
+    log_skipped: np.ndarray
 
 
 async def advance(
@@ -410,47 +528,66 @@ async def advance(
     """
     if len(beams) != len(next_bytes):
         raise ValueError(f"{len(beams)} beams but {len(next_bytes)} bytes; expected one byte per beam")
-    next_bytes = [_check_byte(b) for b in next_bytes]
+    if not all(type(b) is int and (0 <= b <= 255 or b == EOS) for b in next_bytes):
+        next_bytes = [_check_byte(b) for b in next_bytes]  # raises, naming the bad byte
     if not beams:
         return []
     model = beams[0].model
     modes = [beam.with_eos if with_eos is None else with_eos for beam in beams]
-    kept = None
-    while kept is None:  # None: rows went stale while the mode switch awaited the LM
+    step = None
+    while step is None:  # None: rows went stale while the mode switch awaited the LM
         await _ensure(beams)
-        kept = await _read_and_prune(beams, next_bytes, modes)
-    prefetch = _prefetch(beams, next_bytes, ahead, kept.ext_states, modes, kept.ext_bid)
+        step = await _read_and_prune(beams, next_bytes, modes)
+    ext_bid = step.ext_bid[step.made]
+    prefetch = _prefetch(beams, next_bytes, ahead, step.ext_states, modes, ext_bid)
     calls_before = model.stats.batch_calls
-    ext_rows = await _rows_by_mode(model, kept.ext_states, [modes[b] for b in kept.ext_bid.tolist()], prefetch)
+    ext_rows = await _rows_by_mode(model, step.ext_states, [modes[b] for b in ext_bid.tolist()], prefetch)
     calls = model.stats.batch_calls - calls_before
+    return await _assemble(beams, next_bytes, modes, step, ext_bid, ext_rows, calls)
 
+
+async def _assemble(beams, next_bytes, modes, step: _Step, ext_bid, ext_rows: MassRows, calls: int) -> list[Beam]:
+    """Phase 4: the new beams, each its kept candidates then its extensions, as slices of
+    one flat layout."""
+    model = beams[0].model
+    kbid = step.bid[step.keep]
+    start, kpos, epos = _layout(kbid, ext_bid, len(beams))
+    total = int(start[-1])
+    nodes = np.full(total, model.trie.root, np.int64)  # extensions start at the root
+    nodes[kpos] = step.nodes[step.keep]
+    weights = np.empty(total)
+    weights[kpos] = step.weights[step.keep]
+    weights[epos] = step.ext_weights[step.ext[step.made]]
+    slot, gen = np.empty(total, np.int64), np.empty(total, np.int64)
+    slot[kpos], gen[kpos] = step.rows.slot[step.keep], step.rows.gen[step.keep]
+    slot[epos], gen[epos] = ext_rows.slot, ext_rows.gen
+    k_start = np.searchsorted(kbid, np.arange(len(beams) + 1)).tolist()
+    e_start = np.searchsorted(ext_bid, np.arange(len(beams) + 1)).tolist()
+    start = start.tolist()
+    log_read, log_total = step.log_read.tolist(), step.log_total.tolist()
+    pruned, log_skipped = step.pruned.tolist(), step.log_skipped.tolist()
     out = []
-    k_start = np.searchsorted(kept.bid, np.arange(len(beams) + 1))
-    e_start = np.searchsorted(kept.ext_bid, np.arange(len(beams) + 1))
     for j, (beam, b) in enumerate(zip(beams, next_bytes)):
         k0, k1, e0, e1 = k_start[j], k_start[j + 1], e_start[j], e_start[j + 1]
-        n = int(e1 - e0)
-        stats = replace(
-            beam.stats,
-            pruned_mass=beam.stats.pruned_mass + float(kept.pruned[j]),
-            lm_calls=beam.stats.lm_calls + (calls if n else 0),
-            lm_contexts=beam.stats.lm_contexts + n,
+        s = beam.stats
+        stats = BeamStats(
+            s.pruned_mass + pruned[j], s.heals, s.lm_calls + (calls if e1 > e0 else 0), s.lm_contexts + e1 - e0
         )
         if k0 == k1:
             out.append(await _empty_or_healed(beam, b, modes[j], stats))
             continue
-        log_total = float(kept.log_total[j])
+        lo, hi = start[j], start[j + 1]
         out.append(
             Beam(
                 model=model,
                 params=beam.params,
-                nodes=np.concatenate([kept.nodes[k0:k1], np.full(n, model.trie.root)]),
-                weights=np.concatenate([kept.weights[k0:k1], kept.ext_weights[e0:e1]]),
-                states=kept.states[k0:k1] + tuple(kept.ext_states[e0:e1]),
-                rows=kept.rows.take(np.arange(k0, k1)).concat(ext_rows.take(np.arange(e0, e1))),
-                logp=beam.logp + float(kept.log_read[j]) - beam.log_norm,
-                log_total=log_total,
-                log_norm=_log_minus(log_total, float(kept.log_skipped[j])),
+                nodes=nodes[lo:hi],
+                weights=weights[lo:hi],
+                states=tuple(step.states[k0:k1]) + tuple(step.ext_states[e0:e1]),
+                rows=MassRows(slot[lo:hi], gen[lo:hi]),
+                logp=beam.logp + log_read[j] - beam.log_norm,
+                log_total=log_total[j],
+                log_norm=_log_minus(log_total[j], log_skipped[j]),
                 with_eos=modes[j],
                 stats=stats,
             )
@@ -458,145 +595,229 @@ async def advance(
     return out
 
 
-@dataclass(frozen=True)
-class _Read:
-    """Phase 1 of a step, flat over the candidates (of all beams) that read their byte:
-    beam, node after the byte, weight, rows in the step's mode, state; and every leaf
-    below those nodes: its candidate (``owner``), node and extension weight."""
+@_njit
+def _layout(kbid, ebid, n_beams):
+    """Positions in the new beams' flat layout (each beam: its kept candidates, then its
+    extensions) of the kept candidates and extensions (both grouped by beam), and each
+    beam's start (``n_beams + 1`` entries)."""
+    count = np.zeros(n_beams + 1, np.int64)
+    for g in kbid:
+        count[g + 1] += 1
+    for g in ebid:
+        count[g + 1] += 1
+    start = np.cumsum(count)
+    kpos = np.empty(len(kbid), np.int64)
+    epos = np.empty(len(ebid), np.int64)
+    fill = start[:-1].copy()
+    for i in range(len(kbid)):
+        kpos[i] = fill[kbid[i]]
+        fill[kbid[i]] += 1
+    for i in range(len(ebid)):
+        epos[i] = fill[ebid[i]]
+        fill[ebid[i]] += 1
+    return start, kpos, epos
 
-    bid: np.ndarray
-    nodes: np.ndarray
-    weights: np.ndarray
-    rows: MassRows
-    states: tuple[LMState, ...]
-    owner: np.ndarray
-    leaf: np.ndarray
-    ext_weights: np.ndarray
 
-
-async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Kept | None:
-    """Phases 1-2 of a step, flat over all beams: read each beam's byte, prune (threshold,
-    K heaviest, and the full-support rule), and choose the extensions. None when rows
-    went stale while the step awaited the LM (the caller retries)."""
-    read = await _read(beams, next_bytes, modes)
-    if read is None:
-        return None
+async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Step | None:
+    """Phases 1-2 of a step, flat over all beams: each candidate reads its beam's byte
+    (``w += log M(n·b) - log M(n)``, the leaves at the new node get their extension
+    weights; one gather for all of it), then prune (threshold, K heaviest, and the
+    full-support rule) and choose the extensions. None when rows went stale while the step
+    awaited the LM (the caller retries)."""
+    model, trie = beams[0].model, beams[0].model.trie
+    flat = _Flat(beams)
+    beam_byte = np.array(next_bytes, np.int64)
+    ok, child, owner, leaf, g_slot, g_node = _read_plan(
+        flat.nodes,
+        flat.bid,
+        beam_byte,
+        flat.rows.slot,
+        trie.child_ptr,
+        trie.child_label,
+        trie.child_node,
+        trie.n_leaves,
+    )
+    bid = flat.bid[ok]
+    rows = flat.rows.take(ok)
+    target = await _rows_in_mode(model, beams, modes, bid, rows, flat, ok)
+    if target is not rows:
+        if not (model.store.valid(rows).all() and model.store.valid(target).all()):
+            return None
+        g_slot = np.concatenate([target.slot, rows.slot, target.slot[owner]])
+    m = model.log_mass(g_slot, g_node)
+    K = np.array([beam.params.K if beam.params.K is not None else -1 for beam in beams], np.int64)
     log_thr = np.array([beam.params.log_threshold for beam in beams])
-    keep, log_read, log_total, pruned = _prune(beams, read, log_thr)
-    kbid = read.bid[keep]
-    kstates = tuple(read.states[i] for i in keep.tolist())
-    e_bid, e_w, ext_states, made = _extensions(beams[0].model, read, keep, kstates, log_total, log_thr)
-    return _Kept(
-        bid=kbid,
-        nodes=read.nodes[keep],
-        weights=read.weights[keep],
-        rows=read.rows.take(keep),
+    w, ext_w, keep, log_read, log_total, pruned, ext, ext_owner, made = _select(
+        bid, flat.weights[ok], owner, m, K, log_thr, len(beams)
+    )
+    ext_bid = bid[keep][ext_owner]
+    tokens = trie.leaf_token[leaf[ext]]
+    kstates = flat.states_at(ok[keep])
+    ext_states = [kstates[o].extend(t) for o, t in zip(ext_owner[made].tolist(), tokens[made].tolist())]
+    if model.canonical and ext_states:  # commit only canonical token sequences
+        canon = np.array([model.is_canonical(s.tokens) for s in ext_states], bool)
+        made[np.flatnonzero(made)[~canon]] = False
+        ext_states = [s for s, c in zip(ext_states, canon) if c]
+    skipped = ~made
+    return _Step(
+        bid=bid,
+        nodes=child,
+        weights=w,
+        rows=target,
         states=kstates,
+        ext_weights=ext_w,
+        keep=keep,
         log_read=log_read,
         log_total=log_total,
         pruned=pruned,
-        ext_bid=e_bid[made],
-        ext_weights=e_w[made],
+        ext=ext,
+        ext_bid=ext_bid,
+        made=made,
         ext_states=ext_states,
-        log_skipped=_grouped_logsumexp(e_bid[~made], e_w[~made], len(beams)),
+        log_skipped=_grouped_logsumexp(ext_bid[skipped], ext_w[ext[skipped]], len(beams)),
     )
 
 
-async def _read(beams: list[Beam], next_bytes: list[int], modes: list[bool]) -> _Read | None:
-    """Each candidate reads its beam's byte (``w += log M(n·b) - log M(n)``); the leaves
-    at the new nodes get their extension weights. One gather for all of it."""
-    model, trie = beams[0].model, beams[0].model.trie
-    flat = _Flat.of(beams)
-    child = trie.child(flat.nodes, np.array(next_bytes, np.int64)[flat.bid])
-    ok = np.flatnonzero(child >= 0)
-    bid, node, child = flat.bid[ok], flat.nodes[ok], child[ok]
-    states = tuple(flat.states[i] for i in ok.tolist())
-    rows = flat.rows.take(ok)
-    target = await _rows_in_mode(model, beams, modes, bid, rows, states)
-    if target is not rows and not (model.store.valid(rows).all() and model.store.valid(target).all()):
-        return None
-    owner, leaf = trie.leaves_of(child)
-    m = model.log_mass(
-        MassRows.concat(MassRows.concat(target, rows), target.take(owner)),
-        np.concatenate([child, node, leaf]),
-    )
-    n = len(ok)
-    m_child, m_node, m_leaf = m[:n], m[n : 2 * n], m[2 * n :]
-    w = flat.weights[ok] + m_child - m_node
-    return _Read(bid, child, w, target, states, owner, leaf, w[owner] + m_leaf - m_child[owner])
+@_njit
+def _read_plan(nodes, bid, beam_byte, slot, child_ptr, child_label, child_node, n_leaves):
+    """Which candidates read their beam's byte (``ok``), their new nodes, the leaves below
+    those (``leaf``, with the index of its candidate among the readers, ``owner``), and
+    what to gather, on rows ``slot``: the new nodes' masses, the old nodes', the leaves'."""
+    n = len(nodes)
+    ok = np.empty(n, np.int64)
+    child = np.empty(n, np.int64)
+    n_ok = n_leaf = 0
+    for i in range(n):
+        lo, hi = child_ptr[nodes[i]], child_ptr[nodes[i] + 1]
+        p = lo + np.searchsorted(child_label[lo:hi], beam_byte[bid[i]])
+        if p < hi and child_label[p] == beam_byte[bid[i]]:
+            ok[n_ok], child[n_ok] = i, child_node[p]
+            n_leaf += n_leaves[child_node[p]]
+            n_ok += 1
+    ok, child = ok[:n_ok], child[:n_ok]
+    owner = np.empty(n_leaf, np.int64)
+    leaf = np.empty(n_leaf, np.int64)
+    g_slot = np.empty(2 * n_ok + n_leaf, np.int64)
+    g_node = np.empty(2 * n_ok + n_leaf, np.int64)
+    k = 0
+    for r in range(n_ok):
+        g_slot[r] = g_slot[n_ok + r] = slot[ok[r]]
+        g_node[r], g_node[n_ok + r] = child[r], nodes[ok[r]]
+        for j in range(n_leaves[child[r]]):
+            owner[k], leaf[k] = r, child[r] + 1 + j
+            g_slot[2 * n_ok + k], g_node[2 * n_ok + k] = slot[ok[r]], child[r] + 1 + j
+            k += 1
+    return ok, child, owner, leaf, g_slot, g_node
 
 
-def _prune(beams: list[Beam], read: _Read, log_thr: np.ndarray):
-    """Per beam: the threshold, the K heaviest, and (full support) the heaviest candidate
-    that can end a token when no kept one can. Returns the kept indices (grouped by beam)
-    and, per beam, the log weight before and after pruning and the pruned share."""
-    bid, w, nb = read.bid, read.weights, len(beams)
-    can_extend = np.zeros(len(w), bool)
-    can_extend[read.owner[np.isfinite(read.ext_weights)]] = True
-    K = np.array([beam.params.K if beam.params.K is not None else len(w) + 1 for beam in beams])
-    finite = np.isfinite(w)
-    log_read = _grouped_logsumexp(bid[finite], w[finite], nb)
-    with np.errstate(invalid="ignore"):
-        passes = np.flatnonzero(finite & (w - log_read[bid] > log_thr[bid]))
-    order = passes[np.lexsort((-w[passes], bid[passes]))]
-    first = np.searchsorted(bid[order], bid[order])
-    keep = order[np.arange(len(order)) - first < K[bid[order]]]
-    has_ext = np.zeros(nb, bool)
-    has_ext[bid[keep[can_extend[keep]]]] = True
-    rescue = _heaviest_per_group(np.flatnonzero(finite & can_extend), w, bid)
-    keep = np.concatenate([keep, rescue[~has_ext[bid[rescue]]]])
-    keep = keep[np.argsort(bid[keep], kind="stable")]
-    log_total = _grouped_logsumexp(bid[keep], w[keep], nb)
-    with np.errstate(invalid="ignore"):
-        pruned = np.where(np.isfinite(log_read), -np.expm1(log_total - log_read), 0.0)
-    return keep, log_read, log_total, pruned
+@_njit
+def _select(bid, prev_w, owner, m, K, log_thr, n_beams):
+    """Phase 2 on the gathered log-masses ``m`` (new nodes, old nodes, leaves; see
+    ``_read_plan``), per beam (``bid`` grouped): weights ``w = prev_w + m_child - m_node``
+    and extension weights ``w + m_leaf - m_child``; prune: drop candidates below the
+    threshold share of ``W(x·b)``, keep the ``K`` heaviest (K < 0: all; ties by order),
+    and (full support) the heaviest candidate with a finite extension when no kept one
+    has one; extensions: the kept candidates' finite ones, made when past the threshold
+    share of the kept weight, and the heaviest always.
+
+    Returns ``w``, the extension weights, ``keep`` (grouped by beam, heaviest first, the
+    rescued candidate last), per beam ``log_read``, ``log_total`` and the pruned share,
+    the kept candidates' finite extensions (leaf indices ``ext``, their index into
+    ``keep``, ``made``)."""
+    n, n_leaf = len(bid), len(owner)
+    w = np.empty(n)
+    for i in range(n):
+        w[i] = prev_w[i] + m[i] - m[n + i]
+    ext_w = np.empty(n_leaf)
+    can_extend = np.zeros(n, np.bool_)
+    for j in range(n_leaf):
+        ext_w[j] = w[owner[j]] + m[2 * n + j] - m[owner[j]]
+        if np.isfinite(ext_w[j]):
+            can_extend[owner[j]] = True
+    log_read = np.full(n_beams, -np.inf)
+    log_total = np.full(n_beams, -np.inf)
+    pruned = np.zeros(n_beams)
+    keep = np.empty(n, np.int64)
+    n_keep = 0
+    lo = 0
+    for g in range(n_beams):
+        hi = lo
+        while hi < n and bid[hi] == g:
+            hi += 1
+        finite = np.flatnonzero(np.isfinite(w[lo:hi])) + lo
+        lr = _logsumexp_at(w, finite)
+        log_read[g] = lr
+        passes = finite[w[finite] - lr > log_thr[g]]
+        order = passes[np.argsort(-w[passes], kind="mergesort")]
+        if K[g] >= 0:
+            order = order[: K[g]]
+        k0 = n_keep
+        has_ext = False
+        for i in order:
+            keep[n_keep] = i
+            n_keep += 1
+            has_ext = has_ext or can_extend[i]
+        if not has_ext:
+            best = -1
+            for i in finite:
+                if can_extend[i] and (best < 0 or w[i] > w[best]):
+                    best = i
+            if best >= 0:
+                keep[n_keep] = best
+                n_keep += 1
+        lt = _logsumexp_at(w, keep[k0:n_keep])
+        log_total[g] = lt
+        if np.isfinite(lr):
+            pruned[g] = -np.expm1(lt - lr)
+        lo = hi
+    keep = keep[:n_keep]
+    pos = np.full(n, -1)
+    for k in range(n_keep):
+        pos[keep[k]] = k
+    ext = np.empty(n_leaf, np.int64)
+    n_ext = 0
+    for j in range(n_leaf):  # leaves are grouped by candidate, so by beam
+        if pos[owner[j]] >= 0 and np.isfinite(ext_w[j]):
+            ext[n_ext] = j
+            n_ext += 1
+    ext = ext[:n_ext]
+    ext_owner = pos[owner[ext]]
+    made = np.empty(n_ext, np.bool_)
+    lo = 0
+    while lo < n_ext:
+        g = bid[owner[ext[lo]]]
+        hi, best, any_made = lo, lo, False
+        while hi < n_ext and bid[owner[ext[hi]]] == g:
+            e = ext_w[ext[hi]]
+            made[hi] = e - log_total[g] > log_thr[g]
+            any_made = any_made or made[hi]
+            if e > ext_w[ext[best]]:
+                best = hi
+            hi += 1
+        if not any_made:
+            made[best] = True
+        lo = hi
+    return w, ext_w, keep, log_read, log_total, pruned, ext, ext_owner, made
 
 
-def _extensions(model, read: _Read, keep, kstates, log_total, log_thr):
-    """The kept candidates' finite extensions, grouped by beam, and which are made: those
-    past the threshold, and always each beam's heaviest (canonical mode then drops the
-    non-canonical ones). Returns (beam, weight) of every extension, the new states of the
-    made ones, and the made mask."""
-    kbid = read.bid[keep]
-    pos = np.full(len(read.bid), -1)
-    pos[keep] = np.arange(len(keep))
-    sel = np.flatnonzero((pos[read.owner] >= 0) & np.isfinite(read.ext_weights))
-    e_owner, e_leaf, e_w = pos[read.owner[sel]], read.leaf[sel], read.ext_weights[sel]
-    order = np.argsort(kbid[e_owner], kind="stable")
-    e_owner, e_leaf, e_w = e_owner[order], e_leaf[order], e_w[order]
-    e_bid = kbid[e_owner]
-    made = e_w - log_total[e_bid] > log_thr[e_bid]
-    none_made = np.ones(len(log_total), bool)
-    none_made[e_bid[made]] = False
-    best = _heaviest_per_group(np.arange(len(e_w)), e_w, e_bid)
-    made[best[none_made[e_bid[best]]]] = True
-    tokens = model.trie.leaf_token[e_leaf]
-    states = [kstates[o].extend(t) for o, t in zip(e_owner[made].tolist(), tokens[made].tolist())]
-    if model.canonical and states:  # commit only canonical token sequences
-        canon = np.array([model.is_canonical(s.tokens) for s in states], bool)
-        made[np.flatnonzero(made)[~canon]] = False
-        states = [s for s, c in zip(states, canon) if c]
-    return e_bid, e_w, states, made
+@_njit
+def _logsumexp_at(values, idx):
+    """``log sum exp(values[idx])``, as one group of ``_grouped_logsumexp``."""
+    return _grouped_logsumexp(np.zeros(len(idx), np.int64), values[idx], 1)[0]
 
 
-def _heaviest_per_group(idx: np.ndarray, w: np.ndarray, group: np.ndarray) -> np.ndarray:
-    """Of the indices ``idx``, the first heaviest of each group."""
-    if not len(idx):
-        return idx
-    order = idx[np.lexsort((-w[idx], group[idx]))]
-    g = group[order]
-    return order[np.r_[True, g[1:] != g[:-1]]]
-
-
-async def _rows_in_mode(model, beams, modes, bid, rows: MassRows, states) -> MassRows:
-    """The candidates' rows in their step's mode: their own rows, except for beams read in
-    the other mode (the last byte of a prompt), whose contexts get rows in the new mode."""
+async def _rows_in_mode(model, beams, modes, bid, rows: MassRows, flat: _Flat, ok: np.ndarray) -> MassRows:
+    """The rows of the candidates ``ok`` of ``flat`` (beams ``bid``, rows ``rows``) in their
+    step's mode: their own rows, except for beams read in the other mode (the last byte of
+    a prompt), whose contexts get rows in the new mode."""
+    if all(m == b.with_eos for m, b in zip(modes, beams)):
+        return rows
     switch = np.array([m != b.with_eos for m, b in zip(modes, beams)])
     moved = np.flatnonzero(switch[bid])
     if not len(moved):
         return rows
     target = MassRows(rows.slot.copy(), rows.gen.copy())
-    new = await _rows_by_mode(model, [states[i] for i in moved.tolist()], [modes[b] for b in bid[moved].tolist()])
+    new = await _rows_by_mode(model, flat.states_at(ok[moved]), [modes[b] for b in bid[moved].tolist()])
     target.slot[moved], target.gen[moved] = new.slot, new.gen
     return target
 
@@ -604,6 +825,10 @@ async def _rows_in_mode(model, beams, modes, bid, rows: MassRows, states) -> Mas
 async def _rows_by_mode(model, states: list[LMState], modes: list[bool], prefetch=()) -> MassRows:
     """Rows of ``states``, each in its mode: one ``TokenModel.rows`` call per mode present
     (the first one also carries ``prefetch``)."""
+    if not states:
+        return MassRows.empty()
+    if all(m == modes[0] for m in modes):
+        return await model.rows(states, modes[0], prefetch)
     slot = np.zeros(len(states), np.int64)
     gen = np.zeros(len(states), np.int64)
     modes_arr = np.array(modes, bool)
@@ -619,7 +844,7 @@ def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> list[LMStat
     """Contexts to compute in this step's LM call for the steps ahead (phase 3), when the
     step calls the LM anyway."""
     model = beams[0].model
-    if ahead is None or not model.lookahead or not requests:
+    if ahead is None or not model.lookahead or not requests or not any(len(a) for a in ahead):
         return []
     mode = modes[int(req_bid[0])]
     if not model.would_call([s for s, b in zip(requests, req_bid.tolist()) if modes[b] == mode], mode):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
@@ -76,9 +77,12 @@ class MassRows:
 
 
 class MassStore:
-    """Scaled trie masses (``TokenByteTrie.masses``) of token contexts: one row per
-    (EOS mode, context), computed once and kept where the trie batch ran (host memory, or
-    the GPU, where rows never travel whole: readers gather the few entries they need).
+    """The trie masses of token contexts: one row per (EOS mode, context), computed once
+    and kept where the trie batch ran. On the host a row is the context's token weights
+    with a few cached masses (``TokenByteTrie.weight_rows``), and a node's mass is read as
+    the sum of its subtree's columns (a contiguous range): only the masses a step reads are
+    summed. On a GPU a row holds every node's mass (``TokenByteTrie.masses``) and never
+    travels whole: readers gather the few entries they need.
 
     Reuse (see ``allocate``): rows idle for a while are reused first; once ``max_bytes``
     of rows exist, any row not used since the previous allocation (so a step's own rows
@@ -88,12 +92,14 @@ class MassStore:
 
     IDLE = 16  # allocations after which an unused row is reused before new rows are taken
 
-    def __init__(self, n_nodes: int, max_bytes: float):
-        self.n_nodes = n_nodes
-        self.max_rows = max(1, int(max_bytes // (8 * n_nodes)))
-        self.table = None  # [capacity, n_nodes] float64: numpy, or torch on the rows' device
+    def __init__(self, trie: TokenByteTrie, max_bytes: float):
+        self.trie = trie
+        self.max_bytes = max_bytes
+        self.width = trie.row_width  # floats per row: host weight rows until a device table exists
+        self.table = None  # [capacity, width] float64: numpy, or torch on the rows' device
         self.gen = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
+        self.in_use = np.zeros(0, bool)  # per slot: holds a key's row
         self.clock = 1
         self._slots: dict[tuple[bool, LMState], int] = {}
         self._key_of: list = []  # per slot in use: its key, None when free
@@ -105,13 +111,23 @@ class MassStore:
         return key in self._slots
 
     @property
+    def max_rows(self) -> int:
+        """Rows that fit in ``max_bytes``."""
+        return max(1, int(self.max_bytes // self.row_bytes))
+
+    @property
+    def row_bytes(self) -> int:
+        return 8 * self.width
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the rows in use."""
-        return len(self._slots) * self.n_nodes * 8
+        return len(self._slots) * self.row_bytes
 
     def clear(self) -> None:
         self._slots.clear()
         self._key_of = []
+        self.in_use[:] = False
         self.gen += 1  # rows held by readers are all stale
 
     def discard(self, keys: list) -> None:
@@ -121,6 +137,7 @@ class MassStore:
             if s is not None:
                 self.gen[s] += 1
                 self._key_of[s] = None
+                self.in_use[s] = False
 
     def find(self, keys: list) -> np.ndarray:
         """Slot of each key (-1 where absent); found rows count as used now."""
@@ -142,24 +159,17 @@ class MassStore:
         new rows past ``max_rows``. Reusing idle rows before taking new ones keeps the
         table's touched memory near the working set (first touches of fresh memory cost
         about as much as computing the row). The table lives on ``like``'s device."""
-        need = len(keys)
-        free = (
-            [i for i, k in enumerate(self._key_of) if k is None][:need] if len(self._slots) < len(self._key_of) else []
+        picked, n_new = _pick_slots(
+            self.in_use, self.last_used, len(self._key_of), len(keys), self.clock - self.IDLE, self.clock, self.max_rows
         )
-        reused = self._least_recent(need - len(free), self.clock - self.IDLE)
-        n_new = min(need - len(free) - len(reused), max(0, self.max_rows - len(self._key_of)))
-        short = need - len(free) - len(reused) - n_new
-        if short > 0:
-            more = self._least_recent(short, self.clock, exclude=reused)
-            reused = np.concatenate([reused, more])
-            n_new += short - len(more)
-        for s in reused.tolist():
+        for s in picked.tolist():
             self._slots.pop(self._key_of[s], None)
         start = len(self._key_of)
         if n_new:
             self._grow(start + n_new, like)
-        slots = np.concatenate([np.array(free, np.int64), reused, np.arange(start, start + n_new)])
+        slots = np.concatenate([picked, np.arange(start, start + n_new)]) if n_new else picked
         self.gen[slots] += 1
+        self.in_use[slots] = True
         self.clock += 1
         self.touch(slots)
         for key, s in zip(keys, slots.tolist()):
@@ -167,50 +177,73 @@ class MassStore:
             self._key_of[s] = key
         return slots
 
-    def _least_recent(self, n: int, before: int, exclude: np.ndarray | None = None) -> np.ndarray:
-        """Up to ``n`` slots in use last used before clock ``before``, oldest first."""
-        if n <= 0 or not self._slots:
-            return np.zeros(0, np.int64)
-        used = np.fromiter(self._slots.values(), np.int64, len(self._slots))
-        old = used[self.last_used[used] < before]
-        if exclude is not None and len(exclude):
-            old = np.setdiff1d(old, exclude)
-        if len(old) > n:
-            old = old[np.argpartition(self.last_used[old], n - 1)[:n]]
-        return old
-
     def _grow(self, rows: int, like) -> None:
         """At least ``rows`` slots in use. The table starts at ``_FIRST_TABLE_BYTES`` (or
         ``max_rows``) and doubles up to ``max_rows``; idle rows are reused before it grows,
         so it grows only with the working set."""
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
-            first = max(64, _FIRST_TABLE_BYTES // (8 * self.n_nodes))
+            on_device = torch.is_tensor(like) and like.device.type != "cpu"
+            if self.table is None:
+                self.width = self.trie.n_nodes if on_device else self.trie.row_width
+            first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)
             new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
-            if torch.is_tensor(like) and like.device.type != "cpu":
-                table = torch.empty((new_cap, self.n_nodes), dtype=torch.float64, device=like.device)
+            if on_device:
+                table = torch.empty((new_cap, self.width), dtype=torch.float64, device=like.device)
             else:
-                table = np.empty((new_cap, self.n_nodes))
+                table = np.empty((new_cap, self.width))
             if cap:
                 table[:cap] = self.table
             self.table = table
             self.gen = np.concatenate([self.gen, np.zeros(new_cap - cap, np.int64)])
             self.last_used = np.concatenate([self.last_used, np.zeros(new_cap - cap, np.int64)])
+            self.in_use = np.concatenate([self.in_use, np.zeros(new_cap - cap, bool)])
         self._key_of.extend([None] * (rows - len(self._key_of)))
 
     def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
-        """Scaled masses ``table[slot[i], node[i]]`` on the host (float64); the rows count
-        as used now."""
+        """Scaled masses of ``node[i]`` under row ``slot[i]`` on the host (float64); the
+        rows count as used now."""
         self.last_used[slot] = self.clock
         if isinstance(self.table, np.ndarray):
-            return self.table[slot, node]
-        idx = to_device(slot * self.n_nodes + node, self.table.device)
+            return self.trie.masses_at(self.table, slot, node)
+        idx = to_device(slot * self.width + node, self.table.device)
         return to_host(self.table.view(-1)[idx])
 
     def row(self, slot: int) -> np.ndarray:
-        """One whole row on the host."""
-        row = self.table[slot]
-        return row if isinstance(row, np.ndarray) else to_host(row)
+        """The masses of every node under one row, on the host."""
+        if isinstance(self.table, np.ndarray):
+            n = self.trie.n_nodes
+            return self.trie.masses_at(self.table, np.full(n, slot), np.arange(n))
+        return to_host(self.table[slot])
+
+
+@numba.njit(cache=True, nogil=True)
+def _pick_slots(in_use, last_used, n_slots, need, idle_before, now, max_rows):
+    """``MassStore.allocate``'s choice of ``need`` rows among the ``n_slots`` existing
+    ones: free slots; then rows last used before ``idle_before``, least recently used
+    first; then new rows while fewer than ``max_rows`` exist; then rows last used before
+    ``now``, least recently used first; then new rows past ``max_rows``. Returns the
+    existing slots picked, in that order, and the number of new rows."""
+    picked = np.empty(need, np.int64)
+    k = 0
+    for s in range(n_slots):
+        if k < need and not in_use[s]:
+            picked[k] = s
+            k += 1
+    used, last = in_use[:n_slots], last_used[:n_slots]
+    if k < need:
+        idle = np.flatnonzero(used & (last < idle_before))
+        idle = idle[np.argsort(last[idle], kind="mergesort")][: need - k]
+        picked[k : k + len(idle)] = idle
+        k += len(idle)
+    n_new = min(need - k, max(0, max_rows - n_slots))
+    if k + n_new < need:  # every idle row is taken: rows not used since the last allocation
+        old = np.flatnonzero(used & (last < now) & (last >= idle_before))
+        old = old[np.argsort(last[old], kind="mergesort")][: need - k - n_new]
+        picked[k : k + len(old)] = old
+        k += len(old)
+        n_new = need - k
+    return picked[:k], n_new
 
 
 def lm_context_limit(lm: Any) -> int | None:
@@ -303,7 +336,7 @@ class TokenModel:
         self.trie = cached_trie(vocab, self.eos_tokens)
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
-        self.store = MassStore(self.trie.n_nodes, self.mass_bytes)
+        self.store = MassStore(self.trie, self.mass_bytes)
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -446,19 +479,26 @@ class TokenModel:
         self._check_shape(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
-        if logprobs.device.type == "cpu":
-            keys, logprobs = keys[:n_asked], logprobs[:n_asked]
+        if logprobs.device.type == "cpu":  # host rows: numpy from here on
+            if logprobs.dtype not in (torch.float32, torch.float64):
+                logprobs = logprobs.to(torch.float64)
+            keys, logprobs = keys[:n_asked], logprobs.numpy()[:n_asked]
         store = self.store
         known = store.find(keys)  # rows a concurrent call stored while this one awaited the LM
         out = {k: int(s) for k, s in zip(keys, known.tolist()) if s >= 0}
         if out:
             new = np.flatnonzero(known < 0)
-            keys, logprobs = [keys[i] for i in new.tolist()], logprobs[torch.as_tensor(new, device=logprobs.device)]
-            inputs = [inputs[i] for i in new.tolist()]
+            keys, inputs = [keys[i] for i in new.tolist()], [inputs[i] for i in new.tolist()]
+            logprobs = logprobs[
+                new if isinstance(logprobs, np.ndarray) else torch.as_tensor(new, device=logprobs.device)
+            ]
         if keys:
             slots = store.allocate(keys, logprobs)
             try:
-                self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
+                if isinstance(store.table, np.ndarray):
+                    self.trie.weight_rows(logprobs, with_eos, store.table, slots)
+                else:
+                    self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
                 self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
             except BaseException:
                 store.discard(keys)
@@ -476,11 +516,11 @@ class TokenModel:
             fresh = await self.rows([states[i] for i in stale.tolist()], with_eos)
             rows.slot[stale], rows.gen[stale] = fresh.slot, fresh.gen
 
-    def log_mass(self, rows: MassRows, node: np.ndarray) -> np.ndarray:
-        """``log M(node[i])`` under row ``i`` of ``rows`` (scaled: only ratios within a row
-        are meaningful); -inf where the mass is 0."""
+    def log_mass(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
+        """``log M(node[i])`` under the stored row ``slot[i]`` (scaled: only ratios within a
+        row are meaningful); -inf where the mass is 0."""
         with np.errstate(divide="ignore"):
-            return np.log(self.store.gather(rows.slot, node))
+            return np.log(self.store.gather(slot, node))
 
     def _describe(self, tokens: tuple[int, ...]) -> str:
         tail = list(tokens[-8:])

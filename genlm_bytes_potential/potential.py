@@ -93,12 +93,22 @@ class BeamCache:
         return best
 
     def put(self, key: bytes, beam: Beam) -> None:
+        parent = self._by_key.get(key[:-1]) if key else None
+        if parent is not None:  # the usual case (the context's parent is cached): no walk
+            node = parent.children.get(key[-1])
+            if node is None:
+                node = parent.children[key[-1]] = _Node(parent, key[-1])
+            self._store(key, node, beam)
+            return
         node = self.root
         for b in key:
             child = node.children.get(b)
             if child is None:
                 child = node.children[b] = _Node(node, b)
             node = child
+        self._store(key, node, beam)
+
+    def _store(self, key: bytes, node: _Node, beam: Beam) -> None:
         node.beam = beam
         self._by_key[key] = node
         self._by_key.move_to_end(key)
@@ -234,9 +244,10 @@ class ByteBeamPotential(Potential):
             ``config.max_position_embeddings``). Longer contexts, a long prompt included,
             are truncated, never an error: the LM sees the start token (BOS, or EOS as
             document start) followed by the most recent tokens (see ``TokenModel``).
-        cache_bytes: most bytes of trie-mass rows kept (one float64 row per trie node for
-            each token context, in the model's ``MassStore``, on the device where masses
-            are computed); rows are recomputed when needed again.
+        cache_bytes: most bytes of trie-mass rows kept (for each token context one float64
+            row, in the model's ``MassStore``, on the device where masses are computed: on
+            the host a weight per token plus ~260 cached masses, on a GPU a mass per trie
+            node); rows are recomputed when needed again.
         heal: heal the prompt (re-tokenize where a prompt byte cannot be read);
             heal_max_backoff, heal_max_splits: its limits (see ``BeamParams``).
         device: where trie masses are computed (``"cpu"``, ``"cuda[:N]"``; default: where
@@ -430,16 +441,19 @@ class ByteBeamPotential(Potential):
         except TypeError:
             raise TypeError(f"context {context!r} is not a sequence of byte tokens") from None
         # fast paths (C loops): valid contexts cost O(1) Python work per call
-        try:  # one-byte bytes tokens, the vocabulary
-            key = b"".join(items)
-            if len(key) == len(items) and (not key or min(map(len, items)) == 1):
-                return key
-        except TypeError:
-            try:  # ints 0..255
+        if items and not isinstance(items[0], (bytes, bytearray)):  # ints 0..255
+            try:
                 key = bytes(items)
                 if bool not in set(map(type, items)):
                     return key
             except (TypeError, ValueError):
+                pass
+        else:  # one-byte bytes tokens, the vocabulary
+            try:
+                key = b"".join(items)
+                if len(key) == len(items) and (not key or min(map(len, items)) == 1):
+                    return key
+            except TypeError:
                 pass
         for i, x in enumerate(items):  # find and name the bad item
             if isinstance(x, EndOfSequence):

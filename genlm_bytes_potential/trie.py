@@ -24,6 +24,12 @@ strings) differently:
 run in float64 on ``p / max(p)``, so every token whose log-prob is at least -700 below
 the row's largest contributes (float64 keeps ``exp(-700)`` normal) and every node's mass
 is a sum of non-negative terms: relative error at most ~depth * 2**-52.
+
+On the host, a context's masses are read lazily instead (``weight_rows``, ``masses_at``):
+its row holds each token's weight ``p / max(p)`` in its leaf's column (DFS order), the EOS
+node's mass, and the cached masses of the root and its byte children; a node's subtree is
+a contiguous range of those columns, so any other node's mass is that range's sum (relative
+error at most ~(tokens below the node) * 2**-52), summed only when a step reads it.
 """
 
 from __future__ import annotations
@@ -159,6 +165,18 @@ class TokenByteTrie:
         self._leaf_tokens_eos = np.where(is_eos_leaf, -1, self._leaf_tokens)
         self._torch_cache: dict[str, tuple[torch.Tensor, ...]] = {}
 
+        # Weight rows (``weight_rows``): a column per leaf (DFS order), then the EOS node,
+        # then the cached masses of the root and its byte children. Node n's leaves and EOS
+        # node are the columns [seg_lo[n], seg_hi[n]).
+        is_col = (leaf_token >= 0) | (np.arange(n) == self.eos_node)
+        before = np.concatenate([[0], np.cumsum(is_col)])
+        self.seg_lo, self.seg_hi = before[:n], before[end]
+        cached = np.flatnonzero((depth <= 1) & ~is_col)
+        self.mass_col = np.full(n, -1, np.int64)
+        self.mass_col[cached] = len(leaves) + 1 + np.arange(len(cached))
+        self._cached_nodes = cached
+        self.row_width = len(leaves) + 1 + len(cached)
+
     # ------------------------------------------------------------------ lookups
     def child(self, nodes: np.ndarray, label: int) -> np.ndarray:
         """Child of each node along edge ``label`` (a byte or EOS); -1 where absent."""
@@ -226,7 +244,7 @@ class TokenByteTrie:
             lp = lp.astype(np.float64)
         lp = np.ascontiguousarray(lp)
         self._check_shape(lp.shape)
-        shift = _row_shift(lp.max(axis=1).astype(np.float64))
+        shift = np.empty(lp.shape[0])
         if out is None:
             out, out_rows = np.empty((lp.shape[0], self.n_nodes)), np.arange(lp.shape[0])
         _subtree_sums(
@@ -241,6 +259,31 @@ class TokenByteTrie:
             np.asarray(out_rows, np.int64),
         )
         return out, shift
+
+    def weight_rows(self, logprobs: np.ndarray, with_eos: bool, out: np.ndarray, out_rows: np.ndarray) -> None:
+        """Host rows from which node masses are read as segment sums (``masses_at``):
+        ``out[out_rows[b]]`` gets, scaled as ``masses`` scales, each token's weight
+        ``exp(lp[b, t] - shift[b])`` in its leaf's column (0 for EOS tokens with EOS), the
+        EOS node's mass, and the masses of the root and its byte children (the nodes every
+        new context reads first). ``out`` is ``[rows, row_width]`` float64."""
+        lp = np.asarray(logprobs)
+        self._check_shape(lp.shape)
+        _fill_weight_rows(
+            lp,
+            self._leaf_tokens_eos if with_eos else self._leaf_tokens,
+            self._eos_tokens_or_none(with_eos),
+            self._cached_nodes,
+            self.seg_lo,
+            self.seg_hi,
+            self.mass_col,
+            out,
+            np.asarray(out_rows, np.int64),
+        )
+
+    def masses_at(self, table: np.ndarray, rows: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        """``M(nodes[i])`` (scaled) under weight row ``table[rows[i]]`` (``weight_rows``):
+        the sum of the node's columns in order, or its cached mass (the same sum)."""
+        return _masses_at(table, rows, nodes, self.seg_lo, self.seg_hi, self.mass_col)
 
     def log_masses(self, logprobs, with_eos: bool = True):
         """Log-masses of every node: ``[B, n_nodes]`` float64 (numpy for CPU input,
@@ -324,20 +367,22 @@ class TokenByteTrie:
         return w.T.contiguous(), shift
 
 
-def _row_shift(row_max: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(row_max), row_max, 0.0)
-
-
 def _subtree_sums_py(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows):
-    """out[out_rows[b], n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n;
-    EOS tokens (when given) count at the EOS node instead of their leaves. One
+    """out[out_rows[b], n] = sum of exp(lp[b, t] - shift[b]) over the leaves t below n,
+    with shift[b] (written here) the row's largest log-prob (0 when not finite); EOS
+    tokens (when given) count at the EOS node instead of their leaves. One
     reverse-preorder pass per row: every node adds its total into its parent."""
     B = lp.shape[0]
     n_nodes = out.shape[1]
     for b in numba.prange(B):
         row = out[out_rows[b]]
         row[:] = 0.0
-        s = shift[b]
+        s = -np.inf
+        for t in range(lp.shape[1]):
+            if lp[b, t] > s or lp[b, t] != lp[b, t]:
+                s = lp[b, t]
+        s = s if np.isfinite(s) else 0.0
+        shift[b] = s
         for j in range(leaf_nodes.shape[0]):
             t = leaf_tokens[j]
             if t >= 0:
@@ -358,3 +403,56 @@ _SERIAL_MAX_ROWS = 4
 def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows):
     kernel = _subtree_sums_serial if lp.shape[0] <= _SERIAL_MAX_ROWS else _subtree_sums_parallel
     kernel(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows)
+
+
+@numba.njit(cache=True, nogil=True)
+def _segment_sum(row, lo, hi):
+    """``sum(row[lo:hi])``, added in order."""
+    acc = 0.0
+    for j in range(lo, hi):
+        acc += row[j]
+    return acc
+
+
+def _fill_weight_rows_py(lp, leaf_tokens, eos_tokens, cached, seg_lo, seg_hi, mass_col, table, rows):
+    """``TokenByteTrie.weight_rows`` into ``table[rows[b]]``: with ``shift`` the row's
+    largest log-prob (0 when not finite), the leaves' weights ``exp(lp - shift)`` (0 for
+    leaves whose token is -1: EOS tokens with EOS), the EOS node's mass (its tokens'
+    weights, added in order), then each cached node's segment sum."""
+    n_leaves = len(leaf_tokens)
+    for b in numba.prange(len(rows)):
+        row = table[rows[b]]
+        s = -np.inf
+        for t in range(lp.shape[1]):
+            if lp[b, t] > s or lp[b, t] != lp[b, t]:
+                s = lp[b, t]
+        s = s if np.isfinite(s) else 0.0
+        for j in range(n_leaves):
+            t = leaf_tokens[j]
+            row[j] = np.exp(lp[b, t] - s) if t >= 0 else 0.0
+        acc = 0.0
+        for t in eos_tokens:
+            acc += np.exp(lp[b, t] - s)
+        row[n_leaves] = acc
+        for i in range(len(cached)):
+            n = cached[i]
+            row[mass_col[n]] = _segment_sum(row, seg_lo[n], seg_hi[n])
+
+
+_fill_weight_rows_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_fill_weight_rows_py)
+_fill_weight_rows_serial = numba.njit(cache=True, nogil=True)(_fill_weight_rows_py)
+
+
+def _fill_weight_rows(lp, *args):
+    kernel = _fill_weight_rows_serial if lp.shape[0] <= _SERIAL_MAX_ROWS else _fill_weight_rows_parallel
+    kernel(lp, *args)
+
+
+@numba.njit(cache=True, nogil=True)
+def _masses_at(table, rows, nodes, seg_lo, seg_hi, mass_col):
+    out = np.empty(len(nodes))
+    for i in range(len(nodes)):
+        n = nodes[i]
+        col = mass_col[n]
+        out[i] = table[rows[i], col] if col >= 0 else _segment_sum(table[rows[i]], seg_lo[n], seg_hi[n])
+    return out

@@ -266,7 +266,7 @@ async def test_a_beam_holds_no_masses():
     lm, model = make_model(vocab, 0)
     beam = await read(await initial_beam(model, BeamParams(K=8)), b"abcabcab")
     assert 0 < beam.nbytes < 4096
-    assert model.store.nbytes == len(model.store) * model.trie.n_nodes * 8
+    assert model.store.nbytes == len(model.store) * model.store.row_bytes
 
 
 async def test_lookahead_is_off_for_lms_without_a_logprob_cache():
@@ -279,3 +279,68 @@ async def test_lookahead_is_off_for_lms_without_a_logprob_cache():
         TokenModel(MockTokenLM([b"a"]), lookahead=-1)
     with pytest.raises(ValueError, match="max_prefetch=1.5"):
         TokenModel(MockTokenLM([b"a"]), max_prefetch=1.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_beams=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+    spread=st.sampled_from([1.0, 50.0, 800.0, 2000.0]),
+    zeros=st.sampled_from([0.0, 0.3]),
+)
+def test_next_byte_sums_match_log_space(n_beams, seed, spread, zeros):
+    """``_outcome_logprobs`` sums candidates in linear space per beam; weights far apart
+    (past float64's range) and zero masses must give the log-space result: each (beam,
+    outcome) is ``log sum_c exp(w_c + log M_c(child) - log M_c(node))`` less the normalizer."""
+    from genlm_bytes_potential.beam import N_OUTCOMES, _outcome_logprobs
+
+    rng = np.random.default_rng(seed)
+    n_cand = rng.integers(1, 6, n_beams)
+    bid = np.repeat(np.arange(n_beams), n_cand)
+    weights = -spread * rng.random(len(bid))
+    node_mass = np.exp(-rng.random(len(bid)) * 5)
+    outcomes = [np.sort(rng.choice(N_OUTCOMES, rng.integers(1, 20), replace=False)) for _ in bid]
+    owner = np.repeat(np.arange(len(bid)), [len(o) for o in outcomes])
+    label = np.concatenate(outcomes)
+    label[label == 256] = 257  # outcome 256 is the EOS edge, label 257
+    child_mass = np.exp(-rng.random(len(owner)) * 700) * (rng.random(len(owner)) >= zeros)
+    norm = rng.normal(size=n_beams)
+    got = _outcome_logprobs(owner, label, np.concatenate([child_mass, node_mass]), weights, bid, norm)
+
+    want = np.full((n_beams, N_OUTCOMES), -np.inf)
+    with np.errstate(divide="ignore"):
+        vals = weights[owner] + np.log(child_mass) - np.log(node_mass[owner])
+    for v, c, a in zip(vals, owner, np.where(label == 257, 256, label)):
+        want[bid[c], a] = np.logaddexp(want[bid[c], a], v)
+    want -= norm[:, None]
+    assert (np.isfinite(got) == np.isfinite(want)).all()
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-9)
+
+
+def test_store_allocation_order():
+    """``MassStore.allocate``: free slots, then rows idle for ``IDLE`` allocations (least
+    recently used first), then new rows up to ``max_rows``, then rows not used since the
+    previous allocation (least recently used first), then new rows past ``max_rows``."""
+    from genlm_bytes_potential.lm_state import MassStore
+    from genlm_bytes_potential.trie import TokenByteTrie
+
+    trie = TokenByteTrie([b"a", b"b"])
+    store = MassStore(trie, max_bytes=4 * 8 * trie.row_width)  # 4 rows
+    like = np.zeros((1, trie.vocab_size))
+    key = lambda i: (True, LMState((i,)))  # noqa: E731
+    assert store.allocate([key(0), key(1)], like).tolist() == [0, 1]
+    assert store.allocate([key(2)], like).tolist() == [2]
+    store.touch(np.array([0]))  # row 0 used now, row 2 by the previous allocation: row 1 is not
+    # existing slots first in the result: row 1 reused, then new row 3 (the last under max_rows) and row 4
+    assert store.allocate([key(3), key(4), key(5)], like).tolist() == [1, 3, 4]
+    assert key(1) not in store and all(key(i) in store for i in (0, 2, 3, 4, 5))
+    store.discard([key(2)])
+    assert store.allocate([key(6)], like).tolist() == [2]  # the free slot
+
+    store = MassStore(trie, max_bytes=100 * 8 * trie.row_width)  # room for new rows
+    store.allocate([key(0)], like), store.allocate([key(1)], like)
+    new = [store.allocate([key(100 + i)], like).item() for i in range(MassStore.IDLE)]
+    assert new == list(range(2, 2 + MassStore.IDLE))
+    # row 0 untouched for IDLE allocations goes before a new row; row 1 is not idle yet
+    assert store.allocate([key(7)], like).tolist() == [0] and key(0) not in store and key(1) in store

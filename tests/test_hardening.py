@@ -401,7 +401,7 @@ async def test_beams_hold_no_masses_and_cleanup_frees_the_store():
     store = pot.model.store
     assert all(store.valid(b.rows).all() for b in beams)
     assert len(store) == len({(b.with_eos, s) for b in beams for s in b.states} | set(store._slots))
-    assert store.nbytes == len(store) * pot.model.trie.n_nodes * 8
+    assert store.nbytes == len(store) * store.row_bytes
     want = (await pot.batch_logw_next(ctxs)).weights
     await pot.cleanup()
     assert store.nbytes == 0 and not any(store.valid(b.rows).any() for b in beams)

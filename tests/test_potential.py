@@ -165,7 +165,7 @@ async def test_cache_bytes_bound_reuses_mass_rows_and_keeps_results():
     reused and recomputed, and every value equals an unbounded potential's."""
     lm = mock([b"a", b"b", b"ab", b"ba", EOS_BYTES], seed=4)
     pot = ByteBeamPotential(lm, K=3)
-    row = pot.model.trie.n_nodes * 8
+    row = pot.model.store.row_bytes
     small = ByteBeamPotential(lm, K=3, cache_bytes=3 * row)
     ctxs = [list(b"abab"), list(b"baba"), list(b"aabb"), list(b"bbaa")]
     for c in ctxs:

@@ -61,6 +61,32 @@ def test_log_masses_match_brute_force(vocab, seed, with_eos, spread):
     structure_ok(trie, vocab)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=vocabularies(), seed=st.integers(0, 2**16), with_eos=st.booleans(), spread=st.sampled_from([1.0, 50.0, 300.0])
+)
+def test_weight_rows_give_every_mass_as_a_segment_sum(vocab, seed, with_eos, spread):
+    """Host rows hold token weights and a few cached masses; ``masses_at`` reads any node's
+    mass from them (a sum over its subtree's columns), equal to the full pass's."""
+    trie = TokenByteTrie(vocab, [EOS_BYTES])
+    rng = np.random.default_rng(seed)
+    lp = rng.uniform(-spread, 0, size=(6, len(vocab)))  # > 4 rows: the threaded kernel
+    lp[0, rng.integers(len(vocab))] = -700.0
+    lp[1, rng.integers(len(vocab))] = -np.inf
+    for given_lp in (lp, lp.astype(np.float32)):
+        rows = np.array([7, 2, 5, 0, 1, 3])
+        table = np.full((8, trie.row_width), np.nan)
+        trie.weight_rows(given_lp, with_eos, table, rows)
+        want, _ = trie.masses(given_lp, with_eos)
+        for b, r in enumerate(rows):
+            got = trie.masses_at(table, np.full(trie.n_nodes, r), np.arange(trie.n_nodes))
+            np.testing.assert_allclose(got, want[b], rtol=1e-12, atol=0)
+            assert np.array_equal(got == 0, want[b] == 0)
+    assert (trie.mass_col[trie.root] >= 0) and all(
+        trie.mass_col[trie.child(np.array([0]), ord(v[:1]))] >= 0 for v in vocab if v
+    )
+
+
 def test_no_underflow_700_below_max():
     vocab = [b"a", b"ab", b"b"]
     trie = TokenByteTrie(vocab)
