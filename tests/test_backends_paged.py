@@ -432,6 +432,8 @@ def test_compile_modes_with_cudagraphs_of_their_own_are_refused(tiny_llama):
         PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile="reduce-overhead")
     lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile="default")
     assert lm.compile and lm._compiled is not None
+    plain = PagedTokenLM(model, tok, kv_cache_bytes=2**22)  # off unless asked for
+    assert not plain.compile and plain._compiled is None
 
 
 async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
@@ -467,7 +469,7 @@ async def test_cuda_graphs_with_the_compiled_layer_match_eager_in_bf16(tiny_llam
     model, tok = tiny_llama
     V = len(tok)
     model16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    fast = PagedTokenLM(model16, tok, kv_cache_bytes=2**24)
+    fast = PagedTokenLM(model16, tok, kv_cache_bytes=2**24, compile=True)
     assert fast.compile and fast.cuda_graphs
     slow = PagedTokenLM(model16, tok, kv_cache_bytes=2**24, compile=False, cuda_graphs=False)
     got, want = await _run_batches(fast, _STEP_BATCHES), await _run_batches(slow, _STEP_BATCHES)
