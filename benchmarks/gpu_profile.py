@@ -42,6 +42,7 @@ def _split(blm, lm, text) -> dict[str, float]:
     (nested pieces are also counted in their callers)."""
     from genlm_bytes_potential import beam as beam_mod
     from genlm_bytes_potential import lm_state
+    from genlm_bytes_potential.beam import prefetch
 
     spent: dict[str, float] = {}
     undo = []
@@ -78,7 +79,7 @@ def _split(blm, lm, text) -> dict[str, float]:
     wrap(lm, "_forward_wave", "      forward pass (pack, replay)")
     wrap(lm, "_cached_logprobs", "      log-prob gather")
     wrap(lm_state, "to_host", "  store gathers to the host")
-    wrap(beam_mod, "speculative_contexts", "speculation")
+    wrap(prefetch, "speculative_contexts", "speculation")
     wrap(beam_mod.Beam, "log_mass", "beam mass gathers")
     t = time.perf_counter()
     asyncio.run(blm.score(text))

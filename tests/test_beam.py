@@ -292,7 +292,7 @@ def test_next_byte_sums_match_log_space(n_beams, seed, spread, zeros):
     """``_outcome_logprobs`` sums candidates in linear space per beam; weights far apart
     (past float64's range) and zero masses must give the log-space result: each (beam,
     outcome) is ``log sum_c exp(w_c + log M_c(child) - log M_c(node))`` less the normalizer."""
-    from genlm_bytes_potential.beam import N_OUTCOMES, _outcome_logprobs
+    from genlm_bytes_potential.beam.core import N_OUTCOMES, _outcome_logprobs
 
     rng = np.random.default_rng(seed)
     n_cand = rng.integers(1, 6, n_beams)

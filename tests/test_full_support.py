@@ -1,5 +1,6 @@
-"""Full support under pruning (beam.py's rule): no byte that begins a token gets q = 0,
-at any K and threshold, so on byte-complete vocabularies every byte string is finite."""
+"""Full support under pruning (the rule in the docstring of genlm_bytes_potential.beam): no
+byte that begins a token gets q = 0, at any K and threshold, so on byte-complete
+vocabularies every byte string is finite."""
 
 import math
 
