@@ -236,8 +236,8 @@ class PagedTokenLM(HFTokenLM):
             warning says why and the eager layer is used (``compile`` becomes False).
             Off by default: on an H200 (SmolLM2, bf16) it cut a step of 1 / 32 one-token
             contexts from 1.92 / 2.42 to 1.49 / 2.12 ms, but scoring a 2,113-byte text
-            ran at 0.87-0.90x the eager layer's speed (128-row batches over keys up to
-            1,024), and a process's first call compiles for ~16 s.
+            ran at 0.85-0.89x the eager layer's median speed (128-row batches over keys
+            up to 1,024), and a process's first call compiles for ~16 s.
 
     Log-probs are returned on the model's device (float32). Counters as
     :class:`HFTokenLM`, plus ``graph_replays`` and ``cache.evictions``.
