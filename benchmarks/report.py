@@ -370,7 +370,8 @@ def _lm_step(meta, results):
 
 def _vllm(meta, results):
     """Per model and job: median B/s of each backend (W0: contexts/s, the LM alone), the
-    vLLM / paged ratio, and where a byte's time goes on the vLLM engine (ms per byte)."""
+    vLLM / paged ratio of the medians, and where a byte's time went on the vLLM engine in
+    the first repetition (ms per byte)."""
     backends = meta.get("backends") or sorted({r["backend"] for r in results})
     cells: dict[tuple[str, str], dict[str, list[dict]]] = {}
     for r in results:
@@ -386,7 +387,7 @@ def _vllm(meta, results):
         )
         if ratio and not job.startswith("W0"):
             heads.append(f"{model} {job}: {ratio:.2f}×")
-    header = ["model", "job", *(f"{b} B/s" for b in backends), "vllm / paged", "vllm ms/B: step", "submit", "rest"]
+    header = ["model", "job", *(f"{b} B/s" for b in backends), "vllm / paged", "vllm ms/B (rep 0): step", "submit", "rest"]
     return "vLLM / paged: " + "; ".join(heads), md_table(header, rows), {}
 
 
