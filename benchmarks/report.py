@@ -387,7 +387,15 @@ def _vllm(meta, results):
         )
         if ratio and not job.startswith("W0"):
             heads.append(f"{model} {job}: {ratio:.2f}×")
-    header = ["model", "job", *(f"{b} B/s" for b in backends), "vllm / paged", "vllm ms/B (rep 0): step", "submit", "rest"]
+    header = [
+        "model",
+        "job",
+        *(f"{b} B/s" for b in backends),
+        "vllm / paged",
+        "vllm ms/B (rep 0): step",
+        "submit",
+        "rest",
+    ]
     return "vLLM / paged: " + "; ".join(heads), md_table(header, rows), {}
 
 
