@@ -34,11 +34,14 @@ error at most ~(tokens below the node) * 2**-52), summed only when a step reads 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 
 import numba
 import numpy as np
 import torch
+
+from .transfer import to_device
 
 EOT = 256
 EOS = 257
@@ -176,6 +179,7 @@ class TokenByteTrie:
         self.mass_col[cached] = len(leaves) + 1 + np.arange(len(cached))
         self._cached_nodes = cached
         self.row_width = len(leaves) + 1 + len(cached)
+        self._scratch = _Scratch()
 
     # ------------------------------------------------------------------ lookups
     def child(self, nodes: np.ndarray, label: int) -> np.ndarray:
@@ -237,7 +241,7 @@ class TokenByteTrie:
             scaled, shift = self._masses_torch(logprobs, with_eos)
             if out is None:
                 return scaled, shift
-            out[torch.as_tensor(out_rows, device=scaled.device)] = scaled
+            out[to_device(np.asarray(out_rows, np.int64), scaled.device)] = scaled  # no wait for the GPU
             return out, shift
         lp = logprobs.numpy() if torch.is_tensor(logprobs) else np.asarray(logprobs)
         if lp.dtype not in (np.float32, np.float64):
@@ -265,11 +269,18 @@ class TokenByteTrie:
         ``out[out_rows[b]]`` gets, scaled as ``masses`` scales, each token's weight
         ``exp(lp[b, t] - shift[b])`` in its leaf's column (0 for EOS tokens with EOS), the
         EOS node's mass, and the masses of the root and its byte children (the nodes every
-        new context reads first). ``out`` is ``[rows, row_width]`` float64."""
+        new context reads first). ``out`` is ``[rows, row_width]`` float64. The weights
+        are one vectorized exp over the batch (in a per-thread scratch buffer); a kernel
+        puts them in leaf order and sums the cached masses."""
         lp = np.asarray(logprobs)
         self._check_shape(lp.shape)
-        _fill_weight_rows(
-            lp,
+        shift = lp.max(axis=1).astype(np.float64)  # NaN if any entry is NaN, as in masses
+        shift[~np.isfinite(shift)] = 0.0
+        weights = self._scratch.take(lp.shape)
+        np.subtract(lp, shift[:, None], out=weights)
+        np.exp(weights, out=weights)
+        _place_weights(
+            weights,
             self._leaf_tokens_eos if with_eos else self._leaf_tokens,
             self._eos_tokens_or_none(with_eos),
             self._cached_nodes,
@@ -414,38 +425,39 @@ def _segment_sum(row, lo, hi):
     return acc
 
 
-def _fill_weight_rows_py(lp, leaf_tokens, eos_tokens, cached, seg_lo, seg_hi, mass_col, table, rows):
-    """``TokenByteTrie.weight_rows`` into ``table[rows[b]]``: with ``shift`` the row's
-    largest log-prob (0 when not finite), the leaves' weights ``exp(lp - shift)`` (0 for
-    leaves whose token is -1: EOS tokens with EOS), the EOS node's mass (its tokens'
-    weights, added in order), then each cached node's segment sum."""
+@numba.njit(cache=True, nogil=True)
+def _place_weights(weights, leaf_tokens, eos_tokens, cached, seg_lo, seg_hi, mass_col, table, rows):
+    """``TokenByteTrie.weight_rows`` into ``table[rows[b]]`` from the scaled token weights
+    ``weights[b, t]``: each leaf's token weight (0 for leaves whose token is -1: EOS
+    tokens with EOS), the EOS node's mass (its tokens' weights, added in order), then each
+    cached node's segment sum."""
     n_leaves = len(leaf_tokens)
-    for b in numba.prange(len(rows)):
+    for b in range(len(rows)):
         row = table[rows[b]]
-        s = -np.inf
-        for t in range(lp.shape[1]):
-            if lp[b, t] > s or lp[b, t] != lp[b, t]:
-                s = lp[b, t]
-        s = s if np.isfinite(s) else 0.0
+        w = weights[b]
         for j in range(n_leaves):
             t = leaf_tokens[j]
-            row[j] = np.exp(lp[b, t] - s) if t >= 0 else 0.0
+            row[j] = w[t] if t >= 0 else 0.0
         acc = 0.0
         for t in eos_tokens:
-            acc += np.exp(lp[b, t] - s)
+            acc += w[t]
         row[n_leaves] = acc
         for i in range(len(cached)):
             n = cached[i]
             row[mass_col[n]] = _segment_sum(row, seg_lo[n], seg_hi[n])
 
 
-_fill_weight_rows_parallel = numba.njit(parallel=True, cache=True, nogil=True)(_fill_weight_rows_py)
-_fill_weight_rows_serial = numba.njit(cache=True, nogil=True)(_fill_weight_rows_py)
+class _Scratch(threading.local):
+    """A float64 buffer per thread, grown as needed: fresh large arrays cost page faults
+    on every call."""
 
+    buffer = np.empty(0)
 
-def _fill_weight_rows(lp, *args):
-    kernel = _fill_weight_rows_serial if lp.shape[0] <= _SERIAL_MAX_ROWS else _fill_weight_rows_parallel
-    kernel(lp, *args)
+    def take(self, shape: tuple[int, int]) -> np.ndarray:
+        n = shape[0] * shape[1]
+        if self.buffer.size < n:
+            self.buffer = np.empty(max(n, 2 * self.buffer.size))
+        return self.buffer[:n].reshape(shape)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -140,7 +140,7 @@ async def test_bad_token_ids_raise_value_error_naming_the_id(lm, bad):
     V = len(lm.byte_vocab)
     bad = {"V+7": V + 7, "V": V}.get(bad, bad)
     good = contexts(9)
-    for ctxs in ([good[0] + [bad]], [good[1], [1, bad, 5], good[2]], [[bad]]):
+    for ctxs in ([good[0] + [bad]], [good[1], [1, bad, 5], good[2]], [[bad]], [[2, bad, 4], [2, bad]]):
         with pytest.raises(ValueError, match=rf"(?<![\d-]){re.escape(str(bad))}(?!\d)"):
             await lm.batch_next_token_logprobs(ctxs)
     assert close(await ask(lm, good[:3]), await ask(lm, good[:3]))  # still usable

@@ -478,11 +478,15 @@ class PagedTokenLM(HFTokenLM):
     # ---- planning a batch ---------------------------------------------------
 
     def _unchecked_tokens(self, contexts: list[tuple[int, ...]]) -> list[int]:
-        """Each context's last token, and all tokens of contexts whose prefix is not
-        cached (a cached context's tokens were checked when it was first asked for)."""
-        nodes = self.cache.nodes
+        """Each context's last token, and all tokens of contexts whose prefix is neither
+        cached nor asked for in this call (a cached context's tokens were checked when it
+        was first asked for; a prefix asked for now is checked by this rule in turn)."""
+        nodes, asked = self.cache.nodes, set(contexts)
         tokens = [ctx[-1] for ctx in contexts]
-        tokens.extend(chain.from_iterable(ctx for ctx in contexts if ctx[:-1] not in nodes))
+        for ctx in contexts:
+            prefix = ctx[:-1]
+            if prefix not in nodes and prefix not in asked:
+                tokens.extend(prefix)
         return tokens
 
     def has_logprobs(self, token_ids) -> bool:
@@ -690,14 +694,16 @@ class PagedTokenLM(HFTokenLM):
             keys[np.arange(S_pad) < lens[:, None] - 1] = np.concatenate(parents)
             keys[np.arange(B), lens - 1] = packed[:B, 2]
             return host
-        for b, (ctx, d, node) in enumerate(zip(contexts, starts, nodes)):
-            n = len(ctx) - d
-            path = node.path
-            packed[b, :n] = ctx[d:]
-            packed[b, N : N + n] = np.arange(d, len(ctx))
-            packed[b, 2 * N : 2 * N + n] = path[d:]
-            packed[b, 3 * N] = n - 1
-            keys[b, : len(ctx)] = path
+        # rows of several new tokens: each row's key slots are its node's path, and its
+        # new tokens (positions d .. len - 1) write the last n of them
+        keys[np.arange(S_pad) < lens[:, None]] = np.concatenate([node.path for node in nodes])
+        first = np.asarray(starts, np.int64)
+        new = np.arange(N) < (lens - first)[:, None]
+        pos = first[:, None] + np.arange(N)
+        packed[:B, :N][new] = np.fromiter(chain.from_iterable(ctx[d:] for ctx, d in zip(contexts, starts)), np.int64)
+        packed[:B, N : 2 * N][new] = pos[new]
+        packed[:B, 2 * N : 3 * N][new] = np.take_along_axis(keys, np.minimum(pos, S_pad - 1), axis=1)[new]
+        packed[:B, 3 * N] = lens - first - 1
         return host
 
     def clear_cache(self):
