@@ -98,7 +98,7 @@ class ByteLM:
         max_context_length: int | None = None,
         canonical: bool = False,
         device: str | None = None,
-        lookahead: int = 6,
+        lookahead: int = 4,
     ):
         self.params = BeamParams(
             K=K,

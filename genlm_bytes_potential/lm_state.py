@@ -314,8 +314,8 @@ class TokenModel:
     device: str | None = None
     canonical: bool = False
     canonical_window: int = 2
-    lookahead: int = 6
-    max_prefetch: int = 128
+    lookahead: int = 4
+    max_prefetch: int = 64
     mass_bytes: float = 2**31
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)

