@@ -96,6 +96,7 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
 # scoring of benchmarks/data/heldout.txt (K = 5, 8): fewest LM forward passes per byte
 # (0.17 / 0.21 with 6 bytes and 128 contexts per call, 1.0 without prefetching). The
 # defaults of 4 bytes and 64 contexts per call (TokenModel) make more, smaller calls and
-# were faster on the whole text: H200 1.17x, 2-core CPU 1.04-1.11x (BENCHMARKS.md).
+# were faster on the whole text: H200 1.17x, 2-core CPU 1.04-1.11x (benchmarks/HISTORY.md,
+# session 7).
 _LEVEL_PENALTY = -2.0
 _BYTE_PENALTY = -3.0
