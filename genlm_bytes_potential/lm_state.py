@@ -56,7 +56,7 @@ class LMStats:
 _FIRST_TABLE_BYTES = 2**25
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MassRows:
     """Where candidates' trie masses live: row ``slot[i]`` of a :class:`MassStore`, valid
     while the store's generation of that slot is still ``gen[i]`` (a reused slot holds

@@ -68,9 +68,10 @@ class BeamParams:
         return math.log(self.prune_threshold) if self.prune_threshold > 0 else -math.inf
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BeamStats:
-    """Diagnostics accumulated along the bytes a beam has read.
+    """Diagnostics accumulated along the bytes a beam has read (never changed once made:
+    each step makes new ones).
 
     Attributes:
         pruned_mass: probability share of the beam's weight dropped by pruning, summed
@@ -89,9 +90,11 @@ class BeamStats:
     lm_contexts: int = 0
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Beam:
-    """Candidates for a byte prefix (see the module docstring).
+    """Candidates for a byte prefix (see the module docstring). A beam is never changed
+    once made (each step makes new ones; cached beams are shared): not frozen only because
+    a frozen dataclass costs 1.8 µs more to build, once per particle and byte.
 
     Attributes:
         nodes, weights: trie node and log weight of each candidate.
