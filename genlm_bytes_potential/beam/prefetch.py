@@ -92,11 +92,14 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     return list(states.values())
 
 
-# Rank of a speculative context (see speculative_contexts), in nats; chosen on SmolLM2
-# scoring of benchmarks/data/heldout.txt (K = 5, 8): fewest LM forward passes per byte
-# (0.17 / 0.21 with 6 bytes and 128 contexts per call, 1.0 without prefetching). The
-# defaults of 4 bytes and 64 contexts per call (TokenModel) make more, smaller calls and
-# were faster on the whole text: H200 1.17x, 2-core CPU 1.04-1.11x (benchmarks/HISTORY.md,
-# session 7).
-_LEVEL_PENALTY = -2.0
+# Rank of a speculative context (see speculative_contexts), in nats. Chosen on SmolLM2
+# scoring of benchmarks/data/heldout.txt, by the LM work it leaves: forward passes and
+# contexts computed, priced as on an H200 (W1, K=8: ~1.9 ms a call and ~0.11 ms a
+# context, fitted to the session-7 prefetch sweep; benchmarks/HISTORY.md, session 7).
+# The defaults of 4 bytes and 64 contexts a call (TokenModel) were 1.17x the older 6
+# and 128 there. A level penalty of -10 instead of -2 ranks the contexts one token past
+# a candidate, further ahead, above deeper guesses: on the whole text at K=8 (2-core CPU,
+# fp32) 598 instead of 759 forward passes and 28,145 instead of 30,340 contexts (1.13x
+# by those prices; 14.0 vs 11.2 B/s on that CPU); at K=5 on 600 bytes 132 vs 137 passes.
+_LEVEL_PENALTY = -10.0
 _BYTE_PENALTY = -3.0
