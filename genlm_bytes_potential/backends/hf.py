@@ -27,6 +27,8 @@ from itertools import chain
 import torch
 from genlm.backend.llm.base import AsyncLM
 
+from genlm_bytes_potential.backends.protocol import token_tuple
+
 __all__ = ["HFTokenLM"]
 
 
@@ -206,7 +208,7 @@ class HFTokenLM(AsyncLM):
     def _check(self, contexts) -> list[tuple[int, ...]]:
         """The contexts as tuples of token ids (lists and tuples of ints as they are),
         each non-empty and inside the vocabulary."""
-        out = [tuple(c) if type(c) in (list, tuple) else tuple(map(int, c)) for c in contexts]
+        out = [c if isinstance(c, tuple) else tuple(c) if type(c) is list else tuple(map(int, c)) for c in contexts]
         if not all(out):
             raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
         limit = self.max_context_length
@@ -258,7 +260,7 @@ class HFTokenLM(AsyncLM):
     def has_logprobs(self, token_ids) -> bool:
         """Whether the log-probs after ``token_ids`` are cached (a byte beam may prefetch
         into the cache)."""
-        node, _, _ = self.cache.find(tuple(token_ids))
+        node, _, _ = self.cache.find(token_tuple(token_ids))
         return node is not None and node.logprobs is not None
 
     def _evaluate(self, contexts: list[tuple[int, ...]]) -> torch.Tensor:

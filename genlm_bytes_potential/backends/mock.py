@@ -17,6 +17,8 @@ import torch
 from genlm.backend.llm.base import AsyncLM
 from genlm.backend.tokenization import Token
 
+from genlm_bytes_potential.backends.protocol import token_tuple
+
 __all__ = ["MockTokenLM"]
 
 
@@ -96,7 +98,7 @@ class MockTokenLM(AsyncLM):
 
     def _check(self, context) -> tuple[int, ...]:
         kind = type(context)
-        ctx = context if kind is tuple else tuple(context) if kind is list else tuple(map(int, context))
+        ctx = context if isinstance(context, tuple) else tuple(context) if kind is list else tuple(map(int, context))
         if ctx and (min(ctx) < 0 or max(ctx) >= self.vocab_size):
             bad = next(t for t in ctx if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
@@ -160,7 +162,7 @@ class MockTokenLM(AsyncLM):
     def has_logprobs(self, token_ids) -> bool:
         """Whether the distribution after ``token_ids`` is cached (a byte beam may
         prefetch into the cache)."""
-        return tuple(token_ids) in self._cache
+        return token_tuple(token_ids) in self._cache
 
     def reset_counters(self):
         """Zero ``batch_calls`` and empty ``requests``."""

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
+from genlm_bytes_potential.backends.protocol import token_tuple
 from genlm_bytes_potential.transfer import to_device
 
 __all__ = ["COMPILE_MODES", "GRAPH_TOKENS", "PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
@@ -490,7 +491,7 @@ class PagedTokenLM(HFTokenLM):
         return tokens
 
     def has_logprobs(self, token_ids) -> bool:
-        node = self.cache.nodes.get(tuple(token_ids))
+        node = self.cache.nodes.get(token_tuple(token_ids))
         return node is not None and node.row >= 0
 
     def _cached_logprobs(self, contexts: list[tuple[int, ...]]) -> torch.Tensor | None:

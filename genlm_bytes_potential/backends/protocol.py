@@ -16,7 +16,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TokenLM", "CachingTokenLM"]
+__all__ = ["TokenLM", "CachingTokenLM", "token_tuple"]
+
+
+def token_tuple(token_ids) -> tuple[int, ...]:
+    """``token_ids`` as a tuple: a tuple as it is (the byte beam's contexts are tuples that
+    keep their hash: ``lm_state.TokenContext``), anything else copied into a new one."""
+    return token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
 
 
 @runtime_checkable

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from genlm.backend.llm.base import AsyncLM
 
+from genlm_bytes_potential.backends.protocol import token_tuple
 from genlm_bytes_potential.transfer import to_device
 
 __all__ = ["VLLMTokenLM", "CaptureLogprobs"]
@@ -578,7 +579,7 @@ class VLLMTokenLM(AsyncLM):
 
     def has_logprobs(self, token_ids) -> bool:
         """Whether the row pool holds the next-token log-probs of ``token_ids``."""
-        return tuple(token_ids) in self._pool.done
+        return token_tuple(token_ids) in self._pool.done
 
     def _gather(self, rows: list[int], pinned=()) -> torch.Tensor:
         """Rows of the pool, ``[len(rows), V]`` (a copy); releases ``pinned`` rows."""
