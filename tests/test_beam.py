@@ -265,7 +265,7 @@ async def test_a_beam_holds_no_masses():
     vocab = [bytes([c]) for c in range(256)] + [b"ab", b"abc", b"bc", EOS_BYTES]
     lm, model = make_model(vocab, 0)
     beam = await read(await initial_beam(model, BeamParams(K=8)), b"abcabcab")
-    assert 0 < beam.nbytes < 4096
+    assert 0 < beam.nbytes < min(200_000, len(beam) * model.store.row_bytes)  # less than a mass row a candidate
     assert model.store.nbytes == len(model.store) * model.store.row_bytes
 
 

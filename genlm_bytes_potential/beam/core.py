@@ -154,9 +154,12 @@ class Beam:
     @property
     def nbytes(self) -> int:
         """Bytes this beam holds: its candidate arrays and token contexts (masses live in
-        the model's store, shared by every beam)."""
+        the model's store, shared by every beam). A context is an ``LMState`` (48 bytes),
+        its ``TokenContext`` (48 + 8 a token) and that tuple's attribute dict (184 bytes),
+        counted once however many candidates share it."""
         arrays = self.nodes.nbytes + self.weights.nbytes + self.rows.slot.nbytes + self.rows.gen.nbytes
-        return arrays + sum(56 + 8 * len(s.tokens) for s in self.states)
+        states = {id(s): s for s in self.states}.values()
+        return arrays + sum(280 + 8 * len(s.tokens) for s in states)
 
     def partial(self, i: int) -> bytes:
         """Bytes of the token candidate ``i`` is in the middle of."""
