@@ -206,9 +206,9 @@ class HFTokenLM(AsyncLM):
     # ---- evaluation (runs in a worker thread or synchronously) ------------
 
     def _check(self, contexts) -> list[tuple[int, ...]]:
-        """The contexts as tuples of token ids (lists and tuples of ints as they are),
-        each non-empty and inside the vocabulary."""
-        out = [c if isinstance(c, tuple) else tuple(c) if type(c) is list else tuple(map(int, c)) for c in contexts]
+        """The contexts as tuples of token ids (``token_tuple``: tuples as they are), each
+        non-empty and inside the vocabulary."""
+        out = [token_tuple(c) for c in contexts]
         if not all(out):
             raise ValueError("empty context: the model needs at least one token (e.g. BOS)")
         limit = self.max_context_length

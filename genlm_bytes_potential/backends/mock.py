@@ -97,8 +97,7 @@ class MockTokenLM(AsyncLM):
     # ---- the distribution -------------------------------------------------
 
     def _check(self, context) -> tuple[int, ...]:
-        kind = type(context)
-        ctx = context if isinstance(context, tuple) else tuple(context) if kind is list else tuple(map(int, context))
+        ctx = token_tuple(context)
         if ctx and (min(ctx) < 0 or max(ctx) >= self.vocab_size):
             bad = next(t for t in ctx if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")

@@ -21,8 +21,11 @@ __all__ = ["TokenLM", "CachingTokenLM", "token_tuple"]
 
 def token_tuple(token_ids) -> tuple[int, ...]:
     """``token_ids`` as a tuple: a tuple as it is (the byte beam's contexts are tuples that
-    keep their hash: ``lm_state.TokenContext``), anything else copied into a new one."""
-    return token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+    keep their hash: ``lm_state.TokenContext``), a list copied, anything else (arrays,
+    tensors) copied as Python ints."""
+    if isinstance(token_ids, tuple):
+        return token_ids
+    return tuple(token_ids) if type(token_ids) is list else tuple(map(int, token_ids))
 
 
 @runtime_checkable

@@ -94,7 +94,8 @@ class BeamStats:
 class Beam:
     """Candidates for a byte prefix (see the module docstring). A beam is never changed
     once made (each step makes new ones; cached beams are shared): not frozen only because
-    a frozen dataclass costs 1.8 µs more to build, once per particle and byte.
+    a frozen dataclass of its 12 fields costs ~1.2 µs more to build (1.8 vs 0.6 µs), once
+    per particle and byte.
 
     Attributes:
         nodes, weights: trie node and log weight of each candidate.
