@@ -159,7 +159,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "numba", "numpy", "genlm-bytes", "genlm-control", "genlm-backend"):
+    for pkg in ("torch", "numba", "numpy", "genlm-bytes", "genlm-control", "genlm-backend", "vllm"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -39,6 +39,7 @@ WORKLOADS = {
     "CLI": "CLI start-up — `--help` and argument errors",
     "lm_step": "LM step — N new one-token contexts on a cached prefix (PagedTokenLM)",
     "vLLM": "vLLM backend vs PagedTokenLM — the same jobs in one process",
+    "GPU tests": "GPU tests — the backend tests on a CUDA machine (vLLM, paged graphs and compiled layer)",
 }
 
 # The targets each workload is read against (ours vs the anchor unless stated).
@@ -54,6 +55,7 @@ TARGETS = {
     ("CLI", "cpu"): "< 2 s",
     ("lm_step", "gpu"): "≤ 0.8 ms for N = 32",
     ("vLLM", "gpu"): "vLLM ≥ 0.7× paged on SmolLM2, ≥ 0.9× on the 8B shape",
+    ("GPU tests", "gpu"): "every test passes",
 }
 
 
@@ -399,6 +401,26 @@ def _vllm(meta, results):
     return "vLLM / paged: " + "; ".join(heads), md_table(header, rows), {}
 
 
+def _gpu_tests(meta, results):
+    """Per pytest process: counts, seconds, and each failure's test and first line."""
+    rows = [
+        [
+            f"`{r['command']}`",
+            r["passed"],
+            r["failed"],
+            r["skipped"],
+            f"{r['seconds']:.0f}" + (" (timed out)" if r["timed_out"] else ""),
+            "<br>".join(f"`{f['test']}`: {f['message']}" for f in r["failures"]) or "–",
+        ]
+        for r in results
+    ]
+    total = {k: sum(r[k] for r in results) for k in ("passed", "failed", "skipped")}
+    head = f"{total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped"
+    if any(r["timed_out"] for r in results):
+        head += " (a group timed out)"
+    return head, md_table(["pytest", "passed", "failed", "skipped", "seconds", "failures"], rows), {}
+
+
 READERS = {
     "W1": _w1,
     "W2": _w2,
@@ -409,6 +431,7 @@ READERS = {
     "CLI": _cli,
     "lm_step": _lm_step,
     "vLLM": _vllm,
+    "GPU tests": _gpu_tests,
 }
 AXES = {"W1": ("beam width K", "bytes / s"), "W2": ("particles", "bytes / s"), "W3": ("batch B", "ms per call")}
 
@@ -467,6 +490,7 @@ def _cells(workload: str, data: dict) -> frozenset:
         "CLI": lambda r: r["name"],
         "lm_step": lambda r: (r.get("variant"), r["N"], r["api"]),
         "vLLM": lambda r: (r["model"], r["job"], r["backend"], r["rep"]),
+        "GPU tests": lambda r: r["command"],
     }.get(workload)
     return frozenset(key(r) for r in res) if key and isinstance(res, list) else frozenset({"all"})
 

@@ -241,3 +241,32 @@ def test_gpu_session_on_cpu(tmp_path):
     assert all(r["bytes_per_s"] > 0 and math.isfinite(r["bits_per_byte"]) for r in rows)
     assert abs(by["ours"]["bits_per_byte"] - by["anchor_on_our_lm"]["bits_per_byte"]) < 0.05
     assert json.loads(out.read_text())["meta"]["device"] == "cpu"
+
+
+def test_gpu_tests_records_passes_and_failures(tmp_path):
+    """The GPU test runner on the CPU: a real test that passes and a failing one, each
+    group its own pytest process; the counts and the failure's first line are recorded
+    and rendered."""
+    from dataclasses import asdict
+
+    from benchmarks import gpu_tests, report
+
+    failing = tmp_path / "test_fails.py"
+    failing.write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert 1 + 1 == 3, 'arithmetic'\n")
+    results = gpu_tests.main(
+        [
+            "--group",
+            "tests/test_trie.py -k test_no_underflow_700_below_max",
+            "--group",
+            str(failing),
+            "--timeout",
+            "300",
+            "--no-write",
+        ]
+    )
+    trie, bad = results
+    assert (trie.passed, trie.failed, trie.timed_out) == (1, 0, False)
+    assert (bad.passed, bad.failed) == (1, 1)
+    assert bad.failures[0]["test"].endswith("test_bad") and "arithmetic" in bad.failures[0]["message"]
+    head, table, _ = report._gpu_tests({}, [asdict(r) for r in results])
+    assert head == "2 passed, 1 failed, 0 skipped" and "arithmetic" in table
