@@ -23,14 +23,30 @@ from .trie import TokenByteTrie
 
 
 class TokenContext(tuple):
-    """A context's token ids: a tuple that computes its hash once. Backends key their
-    caches by the contexts they are given and look one up several times a call; a plain
-    tuple hashes all its tokens each time (about 1 µs for 600 tokens)."""
+    """A context's token ids: a tuple that computes its hash once, and knows the context
+    it extends. Backends key their caches by the contexts they are given and look one up
+    several times a call, and its prefix too; a plain tuple hashes all its tokens each
+    time (about 1 µs for 600 tokens) and a prefix is a new slice to hash.
+
+    ``prefix``: the context this one was made from by ``extended`` (the same object, its
+    hash kept), or None: for contexts made from a sequence, and once a context two tokens
+    longer is made through it (links stay at most two deep: a beam's extension and a
+    prefetched chain find their prefixes, and a context never keeps its whole line of
+    ancestors, O(n^2) tokens for n of them, alive)."""
 
     def __new__(cls, tokens=()):
         self = super().__new__(cls, tokens)
         self._hash = tuple.__hash__(self)
+        self.prefix = None
         return self
+
+    def extended(self, token: int) -> TokenContext:
+        """This context followed by ``token``."""
+        child = TokenContext((*self, token))
+        child.prefix = self
+        if self.prefix is not None:
+            self.prefix.prefix = None
+        return child
 
     def __hash__(self) -> int:
         return self._hash
@@ -51,7 +67,7 @@ class LMState:
         self._hash = hash(self.tokens)
 
     def extend(self, token: int) -> LMState:
-        return LMState(TokenContext(self.tokens + (int(token),)))
+        return LMState(self.tokens.extended(int(token)))
 
     def __hash__(self) -> int:
         return self._hash

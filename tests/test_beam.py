@@ -344,3 +344,22 @@ def test_store_allocation_order():
     assert new == list(range(2, 2 + MassStore.IDLE))
     # row 0 untouched for IDLE allocations goes before a new row; row 1 is not idle yet
     assert store.allocate([key(7)], like).tolist() == [0] and key(0) not in store and key(1) in store
+
+
+def test_token_contexts_keep_their_prefix_two_links_deep():
+    """A context made by ``extended`` equals (and hashes as) the plain tuple and keeps the
+    context it extends, which backends find as its prefix without slicing; links stay at
+    most two deep, so a long line of contexts keeps no chain of ancestors alive."""
+    from genlm_bytes_potential.backends.protocol import context_prefix
+    from genlm_bytes_potential.lm_state import TokenContext
+
+    root = TokenContext((5, 6))
+    line = [root]
+    for t in range(7, 12):
+        line.append(line[-1].extended(t))
+    last = line[-1]
+    assert last == (5, 6, 7, 8, 9, 10, 11) and hash(last) == hash((5, 6, 7, 8, 9, 10, 11))
+    assert context_prefix(last) is line[-2] and context_prefix(line[-2]) is line[-3]
+    assert [t.prefix for t in line[:-2]] == [None] * (len(line) - 2)  # cut past two links
+    assert context_prefix(line[2]) == (5, 6, 7) and context_prefix((1, 2, 3)) == (1, 2)
+    assert LMState(root).extend(np.int64(9)).tokens.prefix is root  # what a beam's step makes

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
-from genlm_bytes_potential.backends.protocol import token_tuple
+from genlm_bytes_potential.backends.protocol import context_prefix, token_tuple
 from genlm_bytes_potential.transfer import to_device
 
 __all__ = ["COMPILE_MODES", "GRAPH_TOKENS", "PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
@@ -124,7 +124,7 @@ class _SlotTrie:
         node = nodes.get(ctx)
         if node is not None:
             return n, node
-        if n > 1 and (node := nodes.get(ctx[:-1])) is not None:
+        if n > 1 and (node := nodes.get(context_prefix(ctx))) is not None:
             return n - 1, node
         lo, hi = 0, n - 2
         while lo < hi:
@@ -485,7 +485,7 @@ class PagedTokenLM(HFTokenLM):
         nodes, asked = self.cache.nodes, set(contexts)
         tokens = [ctx[-1] for ctx in contexts]
         for ctx in contexts:
-            prefix = ctx[:-1]
+            prefix = context_prefix(ctx)
             if prefix not in nodes and prefix not in asked:
                 tokens.extend(prefix)
         return tokens
@@ -556,7 +556,7 @@ class PagedTokenLM(HFTokenLM):
         for ctx, node in zip(todo, found):
             if node is not None:
                 steps.append((ctx, len(ctx) - 1, node, True))
-            elif len(ctx) == 1 or (node := get(ctx[:-1])) is not None:
+            elif len(ctx) == 1 or (node := get(context_prefix(ctx))) is not None:
                 steps.append((ctx, len(ctx) - 1, node, False))
                 need += 1
             else:
@@ -564,10 +564,10 @@ class PagedTokenLM(HFTokenLM):
         if later:
             later.sort(key=len)
             in_call = set(todo)
-            need += sum(1 if ctx[:-1] in in_call else len(ctx) - cache.deepest(ctx)[0] for ctx in later)
+            need += sum(1 if context_prefix(ctx) in in_call else len(ctx) - cache.deepest(ctx)[0] for ctx in later)
         if need > len(cache.free):  # evict, keeping the cached prefixes this batch reads
             pinned = set(keep)
-            pinned.update(ctx if redo else ctx[:-1] for ctx, _, _, redo in steps)
+            pinned.update(ctx if redo else context_prefix(ctx) for ctx, _, _, redo in steps)
             pinned.update(ctx[: cache.deepest(ctx)[0]] for ctx in later)
             cache.reserve(need, pinned)
         if not later and len(steps) <= min(self.max_batch_size, self.max_batch_tokens):

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["TokenLM", "CachingTokenLM", "token_tuple"]
+__all__ = ["TokenLM", "CachingTokenLM", "context_prefix", "token_tuple"]
 
 
 def token_tuple(token_ids) -> tuple[int, ...]:
@@ -26,6 +26,13 @@ def token_tuple(token_ids) -> tuple[int, ...]:
     if isinstance(token_ids, tuple):
         return token_ids
     return tuple(token_ids) if type(token_ids) is list else tuple(map(int, token_ids))
+
+
+def context_prefix(ctx: tuple[int, ...]) -> tuple[int, ...]:
+    """``ctx`` without its last token: the context it was made from when it keeps that
+    (``lm_state.TokenContext.prefix``: the same object, its hash kept), else a slice."""
+    prefix = getattr(ctx, "prefix", None)
+    return ctx[:-1] if prefix is None else prefix
 
 
 @runtime_checkable

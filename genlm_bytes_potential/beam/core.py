@@ -157,10 +157,18 @@ class Beam:
         """Bytes this beam holds: its candidate arrays and token contexts (masses live in
         the model's store, shared by every beam). A context is an ``LMState`` (48 bytes),
         its ``TokenContext`` (48 + 8 a token) and that tuple's attribute dict (184 bytes),
-        counted once however many candidates share it."""
+        counted once however many candidates share it; so are the contexts its
+        ``TokenContext.prefix`` links keep (at most two: an upper bound, as other beams
+        may hold those too)."""
         arrays = self.nodes.nbytes + self.weights.nbytes + self.rows.slot.nbytes + self.rows.gen.nbytes
-        states = {id(s): s for s in self.states}.values()
-        return arrays + sum(280 + 8 * len(s.tokens) for s in states)
+        states = {id(s): s for s in self.states}
+        contexts = {}
+        for s in states.values():
+            t = s.tokens
+            while t is not None and id(t) not in contexts:
+                contexts[id(t)] = t
+                t = t.prefix
+        return arrays + 48 * len(states) + sum(232 + 8 * len(t) for t in contexts.values())
 
     def partial(self, i: int) -> bytes:
         """Bytes of the token candidate ``i`` is in the middle of."""
