@@ -42,7 +42,7 @@ class TokenContext(tuple):
 
     def extended(self, token: int) -> TokenContext:
         """This context followed by ``token``."""
-        child = TokenContext((*self, token))
+        child = TokenContext(self + (token,))
         child.prefix = self
         if self.prefix is not None:
             self.prefix.prefix = None
