@@ -301,6 +301,22 @@ async def test_prefetched_mass_rows_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
     assert calls4 < calls0 / 2  # most steps only gathered stored rows
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the GPU path with the CPU's")
+async def test_gpu_scoring_equals_the_cpu_in_float32(tiny_llama):
+    """The whole GPU path (graphs, masses kept on the device, prefetched rows, the copies
+    between host and GPU) scores a text as the CPU does, in float32: a copy that read a
+    reused buffer, or a row written to the wrong place, moves the total by far more."""
+    from genlm_bytes_potential.byte_lm import ByteLM
+
+    model, tok = tiny_llama
+    text = "def f(x):\n    return x + 1  # café, naïve\n".encode() * 6
+    scores = []
+    for m in (model, copy.deepcopy(model).cuda()):
+        score = await ByteLM(PagedTokenLM(m, tok, kv_cache_bytes=2**22), K=4).score(text)
+        scores.append(score.logprob)
+    assert np.isfinite(scores[0]) and scores[1] == pytest.approx(scores[0], abs=1e-2)
+
+
 def _assert_slot_paths_consistent(lm):
     """Every cached context's slot path is its parent's path and its own slot."""
     for ctx, node in lm.cache.nodes.items():
