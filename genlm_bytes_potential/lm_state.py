@@ -499,6 +499,8 @@ class TokenModel:
         first ``n_asked`` of them (for all on a GPU), written into the store. Returns the
         slot of each key given a row."""
         inputs = [self.model_input(s) for _, s in keys]
+        store = self.store
+        allocations = store.clock  # the store's allocations so far
         try:
             logprobs = await self.lm.batch_next_token_logprobs(inputs)
         except Exception as e:  # not CancelledError: cancellation passes through as is
@@ -517,9 +519,10 @@ class TokenModel:
             if logprobs.dtype not in (torch.float32, torch.float64):
                 logprobs = logprobs.to(torch.float64)
             keys, logprobs = keys[:n_asked], logprobs.numpy()[:n_asked]
-        store = self.store
-        known = store.find(keys)  # rows a concurrent call stored while this one awaited the LM
-        out = {k: int(s) for k, s in zip(keys, known.tolist()) if s >= 0}
+        out = {}
+        if store.clock != allocations:  # a concurrent call stored rows while this one awaited the LM
+            known = store.find(keys)
+            out = {k: int(s) for k, s in zip(keys, known.tolist()) if s >= 0}
         if out:
             new = np.flatnonzero(known < 0)
             keys, inputs = [keys[i] for i in new.tolist()], [inputs[i] for i in new.tolist()]
