@@ -301,6 +301,28 @@ async def test_prefetched_mass_rows_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
     assert calls4 < calls0 / 2  # most steps only gathered stored rows
 
 
+async def test_contexts_that_keep_their_prefix_plan_and_compute_as_tuples(tiny_llama):
+    """Contexts made by extension (``TokenContext.prefix``: links kept, and cut past two)
+    give the rows and the forward passes that the same contexts as plain tuples give."""
+    from genlm_bytes_potential.lm_state import TokenContext
+
+    model, tok = tiny_llama
+    base = TokenContext(range(100, 130))
+    chain = [base]
+    for t in (5, 6, 7, 8):  # a prefetched chain: the first links are cut by the later ones
+        chain.append(chain[-1].extended(t))
+    branches = [base.extended(t) for t in (9, 10)] + [chain[2].extended(11)]
+    calls = [[base], chain[1:], branches, [c.extended(12) for c in branches]]
+    runs = []
+    for as_tuples in (False, True):
+        lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22)
+        rows = [await lm.batch_next_token_logprobs([tuple(c) if as_tuples else c for c in call]) for call in calls]
+        runs.append((rows, lm.forward_calls, lm.forward_tokens))
+    (linked, calls_l, tokens_l), (plain, calls_p, tokens_p) = runs
+    assert (calls_l, tokens_l) == (calls_p, tokens_p)
+    assert all(torch.equal(a, b) for a, b in zip(linked, plain))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the GPU path with the CPU's")
 async def test_gpu_scoring_equals_the_cpu_in_float32(tiny_llama):
     """The whole GPU path (graphs, masses kept on the device, prefetched rows, the copies
