@@ -78,17 +78,22 @@ def run_groups(groups: list[str], timeout: float) -> list[GroupResult]:
             procs.append(
                 (group, xml, log, time.perf_counter(), subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log))
             )
-        results = []
         deadline = time.perf_counter() + timeout
-        for group, xml, log, t0, proc in procs:
+        done: dict[int, float] = {}  # group -> seconds when its process ended
+        while len(done) < len(procs) and time.perf_counter() < deadline:
+            for i, (_, _, _, t0, proc) in enumerate(procs):
+                if i not in done and proc.poll() is not None:
+                    done[i] = time.perf_counter() - t0
+            time.sleep(0.2)
+        results = []
+        for i, (group, xml, log, t0, proc) in enumerate(procs):
             result = GroupResult(command=f"python -m pytest {group}")
-            try:
-                result.returncode = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
+            if i not in done:
                 proc.kill()
                 proc.wait()
                 result.timed_out = True
-            result.seconds = round(time.perf_counter() - t0, 1)
+            result.returncode = proc.returncode
+            result.seconds = round(done.get(i, time.perf_counter() - t0), 1)
             log.close()
             if xml.exists():
                 read_junit(xml, result)
