@@ -56,8 +56,8 @@ class TokenContext(tuple):
 
 
 class LMState:
-    """A token context. Extending returns a new state; nothing is shared or mutated. The
-    hash is computed once (states key the mass store, and their ``tokens``, a
+    """A token context. Extending returns a new state; tokens are never changed (only
+    a ``TokenContext``'s ``prefix`` link is cut, see there). The hash is computed once (states key the mass store, and their ``tokens``, a
     :class:`TokenContext`, the LM's caches)."""
 
     __slots__ = ("tokens", "_hash")
