@@ -56,9 +56,10 @@ class TokenContext(tuple):
 
 
 class LMState:
-    """A token context. Extending returns a new state; tokens are never changed (only
-    a ``TokenContext``'s ``prefix`` link is cut, see there). The hash is computed once (states key the mass store, and their ``tokens``, a
-    :class:`TokenContext`, the LM's caches)."""
+    """A token context. Extending returns a new state; tokens are never changed (only a
+    ``TokenContext``'s ``prefix`` link is cut, see there). The hash is computed once
+    (states key the mass store, and their ``tokens``, a :class:`TokenContext`, the LM's
+    caches)."""
 
     __slots__ = ("tokens", "_hash")
 
