@@ -244,29 +244,34 @@ def test_gpu_session_on_cpu(tmp_path):
 
 
 def test_gpu_tests_records_passes_and_failures(tmp_path):
-    """The GPU test runner on the CPU: a real test that passes and a failing one, each
-    group its own pytest process; the counts and the failure's first line are recorded
-    and rendered."""
+    """The GPU test runner on the CPU: a real test that passes, a failing one and one that
+    outlives the run's time, each group its own pytest process; the counts, the failure's
+    first line and, for the group cut off, the tests it finished are recorded and rendered."""
     from dataclasses import asdict
 
     from benchmarks import gpu_tests, report
 
     failing = tmp_path / "test_fails.py"
     failing.write_text("def test_ok():\n    pass\n\n\ndef test_bad():\n    assert 1 + 1 == 3, 'arithmetic'\n")
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\n\ndef test_quick():\n    pass\n\n\ndef test_slow():\n    time.sleep(600)\n")
     results = gpu_tests.main(
         [
             "--group",
             "tests/test_trie.py -k test_no_underflow_700_below_max",
             "--group",
             str(failing),
+            "--group",
+            str(slow),
             "--timeout",
-            "300",
+            "20",
             "--no-write",
         ]
     )
-    trie, bad = results
+    trie, bad, cut = results
     assert (trie.passed, trie.failed, trie.timed_out) == (1, 0, False)
     assert (bad.passed, bad.failed) == (1, 1)
     assert bad.failures[0]["test"].endswith("test_bad") and "arithmetic" in bad.failures[0]["message"]
+    assert (cut.passed, cut.failed, cut.timed_out) == (1, 0, True) and cut.seconds < 60
     head, table, _ = report._gpu_tests({}, [asdict(r) for r in results])
-    assert head == "2 passed, 1 failed, 0 skipped" and "arithmetic" in table
+    assert head == "3 passed, 1 failed, 0 skipped (a group timed out)" and "arithmetic" in table
