@@ -4,11 +4,14 @@ one scoring run.
 
     python -m benchmarks.gpu_profile --bytes 400 --K 5 8
     python -m benchmarks.gpu_profile --bytes 2113 --K 8 --sweep 4:64 6:128 10:256
+    python -m benchmarks.gpu_profile --w2 32 128 --w2-bytes 32
 
 Prints medians of 30 repetitions for the micro-measurements (ms) and bytes/s for W1
 (after a warm-up pass over the same text, so CUDA graphs are captured). ``--sweep
 LOOKAHEAD:MAX_PREFETCH ...`` instead times W1 at the last K for each prefetch setting
 (bytes read ahead, most contexts per LM call): LM calls, contexts and bytes/s per setting.
+``--w2 PARTICLES ...`` instead splits W2 runs (regex SMC in product mode, ``w2_split``):
+our potential, the LM inside it, the grammar and genlm-control's own work, per SMC step.
 """
 
 from __future__ import annotations
@@ -37,21 +40,19 @@ def _median_ms(fn, reps=30) -> float:
     return sorted(ts)[reps // 2] * 1e3
 
 
-def _split(blm, lm, text) -> dict[str, float]:
-    """Wall-clock milliseconds of one scoring run, split by wrapping the main pieces
-    (nested pieces are also counted in their callers)."""
-    from genlm_bytes_potential import beam as beam_mod
-    from genlm_bytes_potential import lm_state
-    from genlm_bytes_potential.beam import prefetch
+class _Timers:
+    """Wall-clock milliseconds spent in wrapped functions, by label (a nested function is
+    also counted in its callers). ``undo`` restores what was wrapped."""
 
-    spent: dict[str, float] = {}
-    undo = []
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self._undo: list[tuple] = []
 
-    def wrap(owner, name, label, is_async=False):
+    def wrap(self, owner, name: str, label: str, is_async: bool = False) -> None:
         fn = getattr(owner, name)
 
         def add(t):
-            spent[label] = spent.get(label, 0.0) + (time.perf_counter() - t) * 1e3
+            self.spent[label] = self.spent.get(label, 0.0) + (time.perf_counter() - t) * 1e3
 
         if is_async:
 
@@ -70,9 +71,28 @@ def _split(blm, lm, text) -> dict[str, float]:
                 finally:
                     add(t)
 
+        own = name in vars(owner)  # else found on its class (or a base): undone by deleting
         setattr(owner, name, timed)
-        undo.append((owner, name, fn))
+        self._undo.append((owner, name, fn if own else None))
 
+    def undo(self) -> None:
+        for owner, name, fn in reversed(self._undo):
+            if fn is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
+        self._undo.clear()
+
+
+def _split(blm, lm, text) -> dict[str, float]:
+    """Wall-clock milliseconds of one scoring run, split by wrapping the main pieces
+    (nested pieces are also counted in their callers)."""
+    from genlm_bytes_potential import beam as beam_mod
+    from genlm_bytes_potential import lm_state
+    from genlm_bytes_potential.beam import prefetch
+
+    timers = _Timers()
+    wrap = timers.wrap
     wrap(lm_state.TokenModel, "_compute", "TokenModel._compute (LM call, trie batch into the store)", True)
     wrap(lm, "batch_next_token_logprobs", "  LM call (await)", True)
     wrap(lm, "_evaluate", "    evaluate (plan and queue the forward, gather rows)")
@@ -82,14 +102,37 @@ def _split(blm, lm, text) -> dict[str, float]:
     wrap(prefetch, "speculative_contexts", "speculation")
     wrap(beam_mod.Beam, "log_mass", "beam mass gathers")
     t = time.perf_counter()
-    asyncio.run(blm.score(text))
-    spent["total"] = (time.perf_counter() - t) * 1e3
-    for owner, name, fn in undo:
-        if owner is lm:
-            delattr(lm, name)
-        else:
-            setattr(owner, name, fn)
-    return spent
+    try:
+        asyncio.run(blm.score(text))
+    finally:
+        timers.undo()
+    timers.spent["total"] = (time.perf_counter() - t) * 1e3
+    return timers.spent
+
+
+def w2_split(lm, eos, particles: int, max_bytes: int = 32, K: int = 4, seed: int = 0) -> dict[str, float]:
+    """One W2 run (regex SMC, product mode, as ``benchmarks.w2_smc``) split by wall-clock
+    milliseconds: our potential's calls (and the LM's inside them), the grammar's, and the
+    rest (genlm-control's sampler and resampling, the product's own work; the two
+    potentials' calls, if they overlap while one awaits the GPU, count in both). Adds
+    ``bytes`` (all particles) and ``steps`` (the longest particle's bytes: SMC steps)."""
+    from benchmarks import w2_smc
+    from genlm_bytes_potential import potential, tokens
+
+    timers = _Timers()
+    for method in ("batch_logw_next", "batch_prefix", "batch_complete"):
+        timers.wrap(potential.ByteBeamPotential, method, f"ours: {method}", True)
+        timers.wrap(tokens.ByteTokenView, method, f"grammar: {method}", True)
+    timers.wrap(lm, "batch_next_token_logprobs", "  LM calls inside ours", True)
+    try:
+        r = asyncio.run(w2_smc.smc_once("ours", lm, "regex", particles, max_bytes, K, eos, seed, "product"))
+    finally:
+        timers.undo()
+    out = {"total": r["seconds"] * 1e3, **timers.spent}
+    inside = sum(ms for label, ms in timers.spent.items() if label.startswith(("ours", "grammar")))
+    out["rest (sampler, resampling, product)"] = out["total"] - inside
+    out["bytes"], out["steps"] = r["bytes"], r["longest"]
+    return out
 
 
 def _sweep(lm, eos, text: bytes, K: int, settings: list[str]) -> None:
@@ -114,6 +157,21 @@ def _sweep(lm, eos, text: bytes, K: int, settings: list[str]) -> None:
         lm.clear_cache()
 
 
+def _print_w2(lm, eos, particles: list[int], max_bytes: int, reps: int = 2) -> None:
+    """``w2_split`` per particle count (after an untimed warm-up run), in ms per SMC step."""
+    w2_split(lm, eos, 2, 4)
+    for n in particles:
+        for rep in range(reps):
+            r = w2_split(lm, eos, n, max_bytes, seed=rep)
+            steps = max(1, r.pop("steps"))
+            nbytes = r.pop("bytes")
+            print(
+                f"W2 regex product, {n} particles, run {rep}: {nbytes / r['total'] * 1e3:.1f} B/s, {steps} steps; ms per step:"
+            )
+            for name, ms in r.items():
+                print(f"  {name}: {ms / steps:.3f}")
+
+
 def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,6 +184,8 @@ def main():
     p.add_argument("--bytes", type=int, default=400)
     p.add_argument("--K", type=int, nargs="+", default=[5, 8])
     p.add_argument("--sweep", nargs="+", default=None, metavar="LOOKAHEAD:MAX_PREFETCH")
+    p.add_argument("--w2", type=int, nargs="+", default=None, metavar="PARTICLES")
+    p.add_argument("--w2-bytes", type=int, default=32)
     args = p.parse_args()
     path = default_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
@@ -135,6 +195,8 @@ def main():
     text = heldout_text(args.bytes)
     if args.sweep:
         return _sweep(lm, eos, text, args.K[-1], args.sweep)
+    if args.w2:
+        return _print_w2(lm, eos, args.w2, args.w2_bytes)
     trie = ByteLM(lm, eos_tokens=eos).model.trie
     lp = torch.log_softmax(torch.randn(128, lm.vocab_size, device="cuda"), -1)
     for B in (1, 8, 128):

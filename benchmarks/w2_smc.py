@@ -162,6 +162,7 @@ async def smc_once(system, lm, task, n_particles, max_bytes, K, eos, seed, mode=
         "seconds": dt,
         "cpu_seconds": cpu,
         "bytes": nb,
+        "longest": max((_nbytes(c) for c in seqs.contexts), default=0),
         "bytes_per_s": nb / dt,
         "ess": float(seqs.ess),
         "valid": int(np.isfinite(lw).sum()),

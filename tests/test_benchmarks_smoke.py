@@ -275,3 +275,21 @@ def test_gpu_tests_records_passes_and_failures(tmp_path):
     assert (cut.passed, cut.failed, cut.timed_out) == (1, 0, True) and cut.seconds < 60
     head, table, _ = report._gpu_tests({}, [asdict(r) for r in results])
     assert head == "3 passed, 1 failed, 0 skipped (a group timed out)" and "arithmetic" in table
+
+
+def test_w2_split_accounts_for_a_real_smc_run_and_unwraps():
+    """``gpu_profile.w2_split`` on the mock LM: a real product-mode regex SMC run whose
+    parts (ours, the LM inside ours, the grammar) are timed within its wall time; every
+    wrapped method is the original again afterwards."""
+    from benchmarks.gpu_profile import w2_split
+    from benchmarks.lms import make_lm
+    from genlm_bytes_potential import potential, tokens
+
+    methods = [(cls, m) for cls in (potential.ByteBeamPotential, tokens.ByteTokenView) for m in ("batch_logw_next",)]
+    before = [vars(cls)[m] for cls, m in methods]
+    lm, info = make_lm("mock", vocab="tiny")
+    r = w2_split(lm, info["eos"], 4, max_bytes=8)
+    assert [vars(cls)[m] for cls, m in methods] == before and "batch_next_token_logprobs" not in vars(lm)
+    assert r["bytes"] > 0 and 0 < r["steps"] <= 8
+    assert r["ours: batch_logw_next"] > r["  LM calls inside ours"] > 0 and r["grammar: batch_logw_next"] > 0
+    assert r["total"] > r["ours: batch_logw_next"] + r["grammar: batch_logw_next"]
