@@ -123,13 +123,13 @@ def w2_split(lm, eos, particles: int, max_bytes: int = 32, K: int = 4, seed: int
     for method in ("batch_logw_next", "batch_prefix", "batch_complete"):
         timers.wrap(potential.ByteBeamPotential, method, f"ours: {method}", True)
         timers.wrap(tokens.ByteTokenView, method, f"grammar: {method}", True)
-    timers.wrap(lm, "batch_next_token_logprobs", "  LM calls inside ours", True)
+    timers.wrap(lm, "batch_next_token_logprobs", "LM calls (inside ours)", True)
     try:
         r = asyncio.run(w2_smc.smc_once("ours", lm, "regex", particles, max_bytes, K, eos, seed, "product"))
     finally:
         timers.undo()
     out = {"total": r["seconds"] * 1e3, **timers.spent}
-    inside = sum(ms for label, ms in timers.spent.items() if label.startswith(("ours", "grammar")))
+    inside = sum(ms for label, ms in timers.spent.items() if label.startswith(("ours:", "grammar:")))
     out["rest (sampler, resampling, product)"] = out["total"] - inside
     out["bytes"], out["steps"] = r["bytes"], r["longest"]
     return out
