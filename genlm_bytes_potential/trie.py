@@ -461,10 +461,16 @@ class _Scratch(threading.local):
 
 
 @numba.njit(cache=True, nogil=True)
+def mass_in_row(row, node, seg_lo, seg_hi, mass_col):
+    """``M(node)`` (scaled) under one weight row (``TokenByteTrie.weight_rows``): its
+    cached column, or the sum of its columns in order."""
+    col = mass_col[node]
+    return row[col] if col >= 0 else _segment_sum(row, seg_lo[node], seg_hi[node])
+
+
+@numba.njit(cache=True, nogil=True)
 def _masses_at(table, rows, nodes, seg_lo, seg_hi, mass_col):
     out = np.empty(len(nodes))
     for i in range(len(nodes)):
-        n = nodes[i]
-        col = mass_col[n]
-        out[i] = table[rows[i], col] if col >= 0 else _segment_sum(table[rows[i]], seg_lo[n], seg_hi[n])
+        out[i] = mass_in_row(table[rows[i]], nodes[i], seg_lo, seg_hi, mass_col)
     return out

@@ -318,6 +318,41 @@ def test_next_byte_sums_match_log_space(n_beams, seed, spread, zeros):
     np.testing.assert_allclose(got[fin], want[fin], rtol=1e-12, atol=1e-9)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    data=texts(6),
+    spread=st.sampled_from([0.0, 50.0, 800.0, 2000.0]),
+)
+async def test_next_byte_sums_read_in_rows_equal_the_gathered_ones(vocab, seed, data, spread):
+    """On host weight rows ``_next_logprobs`` reads each mass where it sums it; the result
+    equals, bit for bit, the sums over one gather of all children's masses, also when
+    candidates' weights lie far apart (``spread``: sums then redone in log space)."""
+    from dataclasses import replace
+
+    from genlm_bytes_potential.beam.core import _children_plan, _Flat, _next_logprobs, _outcome_logprobs
+
+    lm, model = make_model(vocab, seed)
+    beams = [await initial_beam(model, BeamParams(K=None, heal=False))]
+    for b in data:
+        (beam,) = await advance([beams[-1]], [b])
+        if beam.is_empty:
+            break
+        beams.append(beam)
+    rng = np.random.default_rng(seed)
+    beams = [replace(b, weights=b.weights - spread * rng.random(len(b)), _dist=[]) for b in beams]
+    trie = model.trie
+    flat = _Flat(beams)
+    owner, pos, g_slot, g_node = _children_plan(flat.nodes, flat.rows.slot, trie.child_ptr, trie.child_node)
+    norm = np.array([b.log_norm for b in beams])
+    gathered = _outcome_logprobs(
+        owner, trie.child_label[pos], model.store.gather(g_slot, g_node), flat.weights, flat.bid, norm
+    )
+    assert isinstance(model.store.table, np.ndarray)
+    np.testing.assert_array_equal(_next_logprobs(beams), gathered)
+
+
 def test_store_allocation_order():
     """``MassStore.allocate``: free slots, then rows idle for ``IDLE`` allocations (least
     recently used first), then new rows up to ``max_rows``, then rows not used since the

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from ..lm_state import LMState, MassRows, TokenModel
-from ..trie import EOS
+from ..trie import EOS, mass_in_row
 
 N_OUTCOMES = 257  # bytes 0..255, then EOS
 
@@ -200,12 +200,33 @@ def _next_logprobs(beams: list[Beam]) -> np.ndarray:
     """Next-byte log-probs ``[len(beams), 257]`` of beams over one model, in one pass.
 
     ``W(x·a)`` sums, over candidates ``c``, ``exp(w_c) M_c(child_a) / M_c(node_c)`` (see
-    ``_outcome_logprobs``)."""
+    ``_outcome_logprobs``). On host weight rows the masses are read inside the kernel
+    (``_outcome_sums_in_rows``: no index arrays, no gather); sums that need the log-space
+    redo, and device tables, go through one gather of all children's masses."""
     model, trie = beams[0].model, beams[0].model.trie
     flat = _Flat(beams)
+    norm = np.array([b.log_norm for b in beams])
+    table = model.store.table
+    if isinstance(table, np.ndarray):
+        top, acc, count = _outcome_sums_in_rows(
+            table,
+            flat.nodes,
+            flat.rows.slot,
+            flat.weights,
+            flat.bid,
+            len(beams),
+            trie.child_ptr,
+            trie.child_node,
+            trie.child_label,
+            trie.seg_lo,
+            trie.seg_hi,
+            trie.mass_col,
+        )
+        out, redo = _outcome_logs(acc, count, top)
+        if not redo.any():
+            return _less_norm(out, norm)
     owner, pos, g_slot, g_node = _children_plan(flat.nodes, flat.rows.slot, trie.child_ptr, trie.child_node)
     mass = model.store.gather(g_slot, g_node)
-    norm = np.array([b.log_norm for b in beams])
     return _outcome_logprobs(owner, trie.child_label[pos], mass, flat.weights, flat.bid, norm)
 
 
@@ -277,17 +298,8 @@ def _outcome_logprobs(owner, label, mass, weights, bid, norm):
     outcome, every term at most the largest mass). A sum below ``_LINEAR_MIN`` (where
     underflow could lose terms) is recomputed in log space, shifted by its own maximum.
     Less the beam's normalizer."""
-    n_child, n, nb = len(owner), len(weights), len(norm)
-    s = np.empty(n)
-    top = np.full(nb, -np.inf)
-    for c in range(n):
-        s[c] = weights[c] - np.log(mass[n_child + c])
-        if s[c] > top[bid[c]]:
-            top[bid[c]] = s[c]
-    scale = np.zeros(n)
-    for c in range(n):
-        if np.isfinite(top[bid[c]]):
-            scale[c] = np.exp(s[c] - top[bid[c]])
+    n_child, nb = len(owner), len(norm)
+    top, scale = _candidate_scales(mass[n_child:], weights, bid, nb)
     n_groups = nb * N_OUTCOMES
     acc = np.zeros(n_groups)
     count = np.zeros(n_groups, np.int64)
@@ -296,20 +308,11 @@ def _outcome_logprobs(owner, label, mass, weights, bid, norm):
         c = owner[k]
         g = bid[c] * N_OUTCOMES + (256 if label[k] == EOS else label[k])
         key[k] = g
-        acc[g] += scale[c] * mass[k]
-        count[g] += 1
-    out = np.full(n_groups, -np.inf)
-    redo = np.zeros(n_groups, np.bool_)
-    n_redo = 0
-    for g in range(n_groups):
-        if count[g]:
-            b = g // N_OUTCOMES
-            if acc[g] >= _LINEAR_MIN and acc[g] < np.inf and np.isfinite(top[b]):
-                out[g] = np.log(acc[g]) + top[b]
-            else:
-                redo[g] = True
-                n_redo += 1
-    if n_redo:
+        if mass[k] != 0.0:  # a zero mass adds nothing (in log space: -inf)
+            acc[g] += scale[c] * mass[k]
+            count[g] += 1
+    out, redo = _outcome_logs(acc, count, top)
+    if redo.any():
         sel = np.flatnonzero(redo[key])
         vals = np.empty(len(sel))
         for i in range(len(sel)):
@@ -319,8 +322,75 @@ def _outcome_logprobs(owner, label, mass, weights, bid, norm):
         for g in range(n_groups):
             if redo[g]:
                 out[g] = redone[g]
-    out = out.reshape(nb, N_OUTCOMES)
-    for b in range(nb):
+    return _less_norm(out, norm)
+
+
+@_njit
+def _outcome_sums_in_rows(
+    table, nodes, slot, weights, bid, nb, child_ptr, child_node, child_label, seg_lo, seg_hi, mass_col
+):
+    """``_outcome_logprobs``'s per-beam sums (``top``, ``acc``, ``count``) with each mass
+    read from the candidate's host weight row ``table[slot[c]]`` where it is used: the
+    same terms, added in the same order."""
+    n = len(nodes)
+    own = np.empty(n)
+    for c in range(n):
+        own[c] = mass_in_row(table[slot[c]], nodes[c], seg_lo, seg_hi, mass_col)
+    top, scale = _candidate_scales(own, weights, bid, nb)
+    acc = np.zeros(nb * N_OUTCOMES)
+    count = np.zeros(nb * N_OUTCOMES, np.int64)
+    for c in range(n):
+        row = table[slot[c]]
+        base = bid[c] * N_OUTCOMES
+        for p in range(child_ptr[nodes[c]], child_ptr[nodes[c] + 1]):
+            m = mass_in_row(row, child_node[p], seg_lo, seg_hi, mass_col)
+            if m != 0.0:
+                g = base + (256 if child_label[p] == EOS else child_label[p])
+                acc[g] += scale[c] * m
+                count[g] += 1
+    return top, acc, count
+
+
+@_njit
+def _candidate_scales(own_mass, weights, bid, nb):
+    """Per beam the largest ``s_c = w_c - log M_c(node_c)`` (``top``), and each candidate's
+    ``exp(s_c - top)`` (0 in a beam whose ``top`` is not finite)."""
+    n = len(weights)
+    s = np.empty(n)
+    top = np.full(nb, -np.inf)
+    for c in range(n):
+        s[c] = weights[c] - np.log(own_mass[c])
+        if s[c] > top[bid[c]]:
+            top[bid[c]] = s[c]
+    scale = np.zeros(n)
+    for c in range(n):
+        if np.isfinite(top[bid[c]]):
+            scale[c] = np.exp(s[c] - top[bid[c]])
+    return top, scale
+
+
+@_njit
+def _outcome_logs(acc, count, top):
+    """``log acc + top`` per (beam, outcome) group with nonzero terms (``count``); -inf for
+    a group without; ``redo`` marks sums below ``_LINEAR_MIN`` (or not finite: terms may
+    have underflowed), left -inf here."""
+    out = np.full(len(acc), -np.inf)
+    redo = np.zeros(len(acc), np.bool_)
+    for g in range(len(acc)):
+        if count[g]:
+            b = g // N_OUTCOMES
+            if acc[g] >= _LINEAR_MIN and acc[g] < np.inf and np.isfinite(top[b]):
+                out[g] = np.log(acc[g]) + top[b]
+            else:
+                redo[g] = True
+    return out, redo
+
+
+@_njit
+def _less_norm(out, norm):
+    """``out`` as ``[len(norm), 257]``, each beam's row less its finite normalizer."""
+    out = out.reshape(len(norm), N_OUTCOMES)
+    for b in range(len(norm)):
         if np.isfinite(norm[b]):
             out[b] -= norm[b]
     return out
