@@ -1,7 +1,8 @@
 """The beam's types and what a beam says by itself: :class:`Beam` (candidates as flat
 arrays, pointing at rows of the model's mass store), its parameters and counters, the
-first beam, and the next-byte distribution ``q(. | x)`` of many beams at once (one gather
-of masses, numba kernels over the candidates' children)."""
+first beam, and the next-byte distribution ``q(. | x)`` of many beams at once (numba kernels
+over the candidates' children, reading host weight rows in place, or one gather of masses
+from a device table)."""
 
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ class Beam:
 
 async def next_byte_logprobs(beams: list[Beam]) -> np.ndarray:
     """``log q(· | x)`` of several beams, ``[len(beams), 257]``: rows the store reused are
-    recomputed first, then every beam not yet memoized is done in one gather."""
+    recomputed first, then every beam not yet memoized is done in one pass (``_next_logprobs``)."""
     if not beams:
         return np.zeros((0, N_OUTCOMES))
     await _ensure(beams)
