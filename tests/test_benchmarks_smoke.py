@@ -291,5 +291,6 @@ def test_w2_split_accounts_for_a_real_smc_run_and_unwraps():
     r = w2_split(lm, info["eos"], 4, max_bytes=8)
     assert [vars(cls)[m] for cls, m in methods] == before and "batch_next_token_logprobs" not in vars(lm)
     assert r["bytes"] > 0 and 0 < r["steps"] <= 8
-    assert r["ours: batch_logw_next"] > r["LM calls (inside ours)"] > 0 and r["grammar: batch_logw_next"] > 0
-    assert r["total"] > r["ours: batch_logw_next"] + r["grammar: batch_logw_next"]
+    ours = sum(ms for label, ms in r.items() if label.startswith("ours:"))
+    assert ours >= r["LM calls (inside ours)"] > 0 and r["grammar: batch_logw_next"] > 0  # the LM runs in ours
+    assert r["total"] > ours  # (the grammar's calls may overlap ours while ours awaits the LM)
