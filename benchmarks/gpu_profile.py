@@ -42,34 +42,52 @@ def _median_ms(fn, reps=30) -> float:
 
 class _Timers:
     """Wall-clock milliseconds spent in wrapped functions, by label (a nested function is
-    also counted in its callers). ``undo`` restores what was wrapped."""
+    also counted in its callers), and per group the time in which any of the group's
+    functions ran (``running``: concurrent calls, e.g. two coroutines awaiting the same
+    GPU step, count once). ``undo`` restores what was wrapped."""
 
     def __init__(self):
         self.spent: dict[str, float] = {}
+        self.running: dict[str, float] = {}
+        self._active: dict[str, tuple[int, float]] = {}  # group -> (calls running, since)
         self._undo: list[tuple] = []
 
-    def wrap(self, owner, name: str, label: str, is_async: bool = False) -> None:
+    def wrap(self, owner, name: str, label: str, is_async: bool = False, groups: tuple[str, ...] = ()) -> None:
         fn = getattr(owner, name)
 
-        def add(t):
-            self.spent[label] = self.spent.get(label, 0.0) + (time.perf_counter() - t) * 1e3
+        def enter() -> float:
+            t = time.perf_counter()
+            for g in groups:
+                n, since = self._active.get(g, (0, t))
+                self._active[g] = (n + 1, since)
+            return t
+
+        def leave(t: float) -> None:
+            now = time.perf_counter()
+            self.spent[label] = self.spent.get(label, 0.0) + (now - t) * 1e3
+            for g in groups:
+                n, since = self._active[g]
+                self._active[g] = (n - 1, since)
+                if n == 1:
+                    self.running[g] = self.running.get(g, 0.0) + (now - since) * 1e3
+                    del self._active[g]
 
         if is_async:
 
             async def timed(*a, **k):
-                t = time.perf_counter()
+                t = enter()
                 try:
                     return await fn(*a, **k)
                 finally:
-                    add(t)
+                    leave(t)
         else:
 
             def timed(*a, **k):
-                t = time.perf_counter()
+                t = enter()
                 try:
                     return fn(*a, **k)
                 finally:
-                    add(t)
+                    leave(t)
 
         own = name in vars(owner)  # else found on its class (or a base): undone by deleting
         setattr(owner, name, timed)
@@ -112,27 +130,33 @@ def _split(blm, lm, text) -> dict[str, float]:
 
 def w2_split(lm, eos, particles: int, max_bytes: int = 32, K: int = 4, seed: int = 0) -> dict[str, float]:
     """One W2 run (regex SMC, product mode, as ``benchmarks.w2_smc``) split by wall-clock
-    milliseconds: our potential's calls (and the LM's inside them), the grammar's, and the
-    rest (genlm-control's sampler and resampling, the product's own work; the two
-    potentials' calls, if they overlap while one awaits the GPU, count in both). Adds
-    ``bytes`` (all particles) and ``steps`` (the longest particle's bytes: SMC steps)."""
+    milliseconds: while any of our potential's calls runs (and the LM's calls inside
+    them), while any of the grammar's runs, and the rest (genlm-control's sampler and
+    resampling, the product's own work). Concurrent calls count once: the sampler may
+    await two of ours at once, or the grammar's while ours awaits the GPU. Adds ``bytes``
+    (all particles) and ``steps`` (the longest particle's bytes: SMC steps)."""
     from benchmarks import w2_smc
     from genlm_bytes_potential import potential, tokens
 
     timers = _Timers()
     for method in ("batch_logw_next", "batch_prefix", "batch_complete"):
-        timers.wrap(potential.ByteBeamPotential, method, f"ours: {method}", True)
-        timers.wrap(tokens.ByteTokenView, method, f"grammar: {method}", True)
-    timers.wrap(lm, "batch_next_token_logprobs", "LM calls (inside ours)", True)
+        timers.wrap(potential.ByteBeamPotential, method, method, True, groups=("ours", "potentials"))
+        timers.wrap(tokens.ByteTokenView, method, method, True, groups=("grammar", "potentials"))
+    timers.wrap(lm, "batch_next_token_logprobs", "LM", True, groups=("LM",))
     try:
         r = asyncio.run(w2_smc.smc_once("ours", lm, "regex", particles, max_bytes, K, eos, seed, "product"))
     finally:
         timers.undo()
-    out = {"total": r["seconds"] * 1e3, **timers.spent}
-    inside = sum(ms for label, ms in timers.spent.items() if label.startswith(("ours:", "grammar:")))
-    out["rest (sampler, resampling, product)"] = out["total"] - inside
-    out["bytes"], out["steps"] = r["bytes"], r["longest"]
-    return out
+    total, running = r["seconds"] * 1e3, timers.running
+    return {
+        "total": total,
+        "ours": running.get("ours", 0.0),
+        "  LM calls inside ours": running.get("LM", 0.0),
+        "grammar": running.get("grammar", 0.0),
+        "rest (sampler, resampling, product)": total - running.get("potentials", 0.0),
+        "bytes": r["bytes"],
+        "steps": r["longest"],
+    }
 
 
 def _sweep(lm, eos, text: bytes, K: int, settings: list[str]) -> None:
