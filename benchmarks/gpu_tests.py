@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import subprocess
@@ -83,7 +84,14 @@ def run_groups(groups: list[str], timeout: float) -> list[GroupResult]:
             args += shlex.split(group)
             log = open(Path(tmp) / f"group{i}.log", "w")
             procs.append(
-                (group, xml, log, time.perf_counter(), subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log))
+                (
+                    group,
+                    xml,
+                    log,
+                    time.perf_counter(),
+                    # its own process group: a timeout reaches the engine processes vLLM starts too
+                    subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log, start_new_session=True),
+                )
             )
         deadline = time.perf_counter() + timeout
         done: dict[int, float] = {}  # group -> seconds when its process ended
@@ -96,13 +104,17 @@ def run_groups(groups: list[str], timeout: float) -> list[GroupResult]:
         for i, (group, xml, log, t0, proc) in enumerate(procs):
             result = GroupResult(command=f"python -m pytest {group}")
             if i not in done:  # interrupted, pytest still reports the tests it finished
-                proc.send_signal(signal.SIGINT)
+                os.killpg(proc.pid, signal.SIGINT)
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
                 result.timed_out = True
+            try:  # whatever the group left running (engine processes)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             result.returncode = proc.returncode
             result.seconds = round(done.get(i, time.perf_counter() - t0), 1)
             log.close()
