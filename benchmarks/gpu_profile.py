@@ -140,8 +140,8 @@ def w2_split(lm, eos, particles: int, max_bytes: int = 32, K: int = 4, seed: int
 
     timers = _Timers()
     for method in ("batch_logw_next", "batch_prefix", "batch_complete"):
-        timers.wrap(potential.ByteBeamPotential, method, method, True, groups=("ours", "potentials"))
-        timers.wrap(tokens.ByteTokenView, method, method, True, groups=("grammar", "potentials"))
+        timers.wrap(potential.ByteBeamPotential, method, f"ours: {method}", True, groups=("ours", "potentials"))
+        timers.wrap(tokens.ByteTokenView, method, f"grammar: {method}", True, groups=("grammar", "potentials"))
     timers.wrap(lm, "batch_next_token_logprobs", "LM", True, groups=("LM",))
     try:
         r = asyncio.run(w2_smc.smc_once("ours", lm, "regex", particles, max_bytes, K, eos, seed, "product"))
