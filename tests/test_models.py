@@ -1,7 +1,9 @@
 """The default SmolLM2 model folder and load_lm."""
 
+import gc
 import json
 import time
+import weakref
 
 import pytest
 import tokenizers
@@ -98,6 +100,25 @@ def test_load_lm_mock(smollm2_dir):
     assert isinstance(lm, MockTokenLM)
     assert lm.vocab_size == 49152 and lm.seed == 3
     assert lm.eos_token_id is not None and bytes(lm.byte_vocab[lm.eos_token_id]) == b"<|im_end|>"
+
+
+def test_load_lm_freezes_what_is_loaded(smollm2_dir):
+    frozen = gc.get_freeze_count()
+    lm = load_lm(backend="mock")
+    assert gc.get_freeze_count() > frozen
+    assert models._unfreeze_registered  # unfrozen at exit
+    tracked = gc.get_objects()  # the generations a collection walks (not the frozen one)
+    assert not any(o is lm for o in tracked) and not any(o is lm.byte_vocab for o in tracked)
+
+    class Cycle:
+        pass
+
+    later = Cycle()
+    later.me = later
+    gone = weakref.ref(later)
+    del later
+    gc.collect()
+    assert gone() is None  # what is made after loading is still collected
 
 
 def test_load_lm_hf_default(smollm2_dir):
