@@ -235,7 +235,6 @@ def freeze_loaded_objects() -> None:
         _unfreeze_registered = True
 
 
-
 def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **engine_opts):
     """Load a token-level ``AsyncLM``.
 
