@@ -219,10 +219,11 @@ def freeze_loaded_objects() -> None:
     collections: one collection, then ``gc.freeze()``. ``load_lm`` does this once the
     model is loaded; call it yourself after building a backend by hand.
 
-    Importing torch and transformers and loading a model leave about 1M objects that
-    every full collection walks again (0.35 s on a 2-core CPU with SmolLM2 loaded); an
-    SMC run makes full collections happen. H200, SmolLM2, regex SMC with 128 particles:
-    1,992 B/s without, 3,722 B/s with (medians of three seeds; BENCHMARKS.md).
+    Importing torch and transformers and loading a model leave about 0.8M objects that
+    every full collection walks again: 0.35 s for one with SmolLM2 loaded, on a 2-core
+    CPU. SMC runs make full collections happen; in 128-particle regex SMC runs there
+    (tiny Llama, SmolLM2's vocabulary) one took 0.60 s with nothing frozen and
+    0.14-0.15 s after ``load_lm`` (benchmarks/HISTORY.md, session 10).
 
     Frozen objects are still freed by reference counting; those that later become
     cyclic garbage stay until exit. They are unfrozen at exit, so that the interpreter
