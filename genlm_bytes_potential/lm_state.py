@@ -18,7 +18,7 @@ import numba
 import numpy as np
 import torch
 
-from .transfer import to_device, to_host
+from .transfer import device_done, to_device, to_host
 from .trie import TokenByteTrie
 
 
@@ -537,6 +537,7 @@ class TokenModel:
                     self.trie.weight_rows(logprobs, with_eos, store.table, slots)
                 else:
                     self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
+                    await device_done(store.table.device)  # the forward pass and the masses
                 self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
             except BaseException:
                 store.discard(keys)

@@ -8,6 +8,8 @@ waiting, and device-to-host copies run at DMA speed.
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import torch
 
@@ -28,3 +30,15 @@ def to_host(x: torch.Tensor) -> np.ndarray:
     host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
     host.copy_(x)
     return host.numpy()
+
+
+async def device_done(device: torch.device) -> None:
+    """Return once the work queued so far on ``device`` (its current CUDA stream) has
+    run, letting the event loop run other tasks meanwhile (the grammar of a product,
+    another batch of particles) instead of blocking in a copy; at once off CUDA."""
+    if device.type != "cuda":
+        return
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    while not event.query():
+        await asyncio.sleep(0)

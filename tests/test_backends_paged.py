@@ -1,6 +1,7 @@
 """PagedTokenLM: exact log-probs from a slot-paged KV pool, in-batch slot sharing,
 eviction, supported model families, and CUDA graphs (on a GPU machine)."""
 
+import asyncio
 import copy
 
 import numpy as np
@@ -299,6 +300,48 @@ async def test_prefetched_mass_rows_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
     (lp0, calls0), (lp4, calls4) = runs
     assert lp4 == pytest.approx(lp0, abs=1e-4)
     assert calls4 < calls0 / 2  # most steps only gathered stored rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for CUDA work")
+async def test_device_done_lets_other_tasks_run_while_the_gpu_works():
+    from genlm_bytes_potential.transfer import device_done
+
+    stream = torch.cuda.current_stream()
+    torch.cuda._sleep(500_000_000)  # a few hundred ms of GPU time
+    seen = []
+
+    async def other():
+        seen.append(stream.query())
+
+    await asyncio.gather(device_done(stream.device), other())
+    assert seen == [False]  # it ran while the GPU was busy
+    assert stream.query()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="masses are kept on the device only on a GPU")
+async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_llama):
+    """Two batches of particles at once (as genlm-control's autobatching sends them), each
+    awaiting the GPU while the other runs: the next-byte log-probs of a potential whose
+    masses stay on the GPU equal those of one whose masses are on the host, step by step."""
+    from genlm_bytes_potential.potential import ByteBeamPotential
+
+    model, tok = tiny_llama
+    lm = PagedTokenLM(copy.deepcopy(model).cuda(), tok, kv_cache_bytes=2**24)
+    pots = [ByteBeamPotential(lm, K=4, prompt=b"Fruits: ", device=d) for d in (None, "cpu")]
+    rng = np.random.default_rng(0)
+    contexts = [[] for _ in range(8)]
+    for _ in range(6):
+        weights = []
+        for pot in pots:
+            halves = await asyncio.gather(pot.batch_logw_next(contexts[:4]), pot.batch_logw_next(contexts[4:]))
+            weights.append(np.concatenate([np.asarray(h.weights) for h in halves]))
+        on_gpu, on_host = weights
+        assert np.array_equal(np.isinf(on_gpu), np.isinf(on_host))
+        finite = np.isfinite(on_gpu)
+        np.testing.assert_allclose(on_gpu[finite], on_host[finite], rtol=0, atol=1e-9)
+        p = np.exp(on_gpu[:, :256] - on_gpu[:, :256].max(1, keepdims=True))
+        for i, row in enumerate(p / p.sum(1, keepdims=True)):
+            contexts[i] = contexts[i] + [int(rng.choice(256, p=row))]
 
 
 async def test_contexts_that_keep_their_prefix_plan_and_compute_as_tuples(tiny_llama):
