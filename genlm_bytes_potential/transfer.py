@@ -3,7 +3,8 @@
 A copy from pageable memory makes the host wait for the GPU's queue (host to device) or
 goes through a staging buffer (device to host); page-locked buffers, taken from torch's
 caching host allocator, let host-to-device copies run in the GPU's queue without the host
-waiting, and device-to-host copies run at DMA speed.
+waiting, and device-to-host copies run at DMA speed. ``device_done`` waits for the GPU
+without blocking the event loop.
 """
 
 from __future__ import annotations
