@@ -134,10 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--backend",
             default="auto",
             choices=["auto", "vllm", "paged", "hf", "mock"],
-            help="LM backend (auto: the fastest that runs the model, as measured: on a GPU paged for "
-            "Llama/Mistral/Qwen models, else vllm, else hf; on a CPU vllm when installed, else paged, "
-            "else hf (on a CPU, score runs ~2x faster with paged); paged: Llama-family models, CUDA "
-            "graphs on GPU; mock: random LM over the tokenizer, for tests)",
+            help="LM backend (auto: the fastest that runs the model, as measured on a GPU and a CPU: "
+            "paged for Llama/Mistral/Qwen models, else vllm when installed, else hf; paged: "
+            "Llama-family models, CUDA graphs on GPU; mock: random LM over the tokenizer, for tests)",
         )
         p.add_argument("--dtype", default=None, help="weights' dtype, e.g. float32, bfloat16 (default: the backend's)")
         p.add_argument("--K", type=_positive_int, default=8, help="beam width (default 8)")

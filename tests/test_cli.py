@@ -1,7 +1,8 @@
 """The command line as users run it: in-process on the mock backend (SmolLM2's or GPT-2's real
-tokenizer, no weights) for the formats and errors; in a subprocess on the default model and the
-default backend for what only a real run shows (engine logs kept off stdout)."""
+tokenizer, no weights) for the formats and errors; in a subprocess on the default model, with the
+default backend and with vLLM, for what only a real run shows (engine logs kept off stdout)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,11 +52,13 @@ def test_sample_json_on_default_backend_parses(tmp_path):
     assert b"INFO" not in proc.stderr and b"Triton" not in proc.stderr  # engine logs are off unless --verbose
 
 
-def test_score_impossible_byte_on_default_backend_verbose(tmp_path):
-    """--verbose sends the engine's logs to stderr; stdout still parses, -inf is null."""
+def test_score_impossible_byte_on_vllm_verbose(tmp_path):
+    """--verbose sends vLLM's engine logs to stderr; stdout still parses, -inf is null."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed")
     path = tmp_path / "bad.txt"
     path.write_bytes(IMPOSSIBLE)
-    proc = run_cli("score", str(path), "--json", "--verbose")
+    proc = run_cli("score", str(path), "--json", "--verbose", "--backend", "vllm")
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     result = json.loads(proc.stdout)
     assert result["logprob"] is None and result["bits_per_byte"] is None

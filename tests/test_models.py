@@ -138,9 +138,9 @@ def test_load_lm_tiny_folder(tiny_llama_dir):
 
 
 def test_auto_backend(monkeypatch, tiny_llama_dir, model_dir, tmp_path):
-    """The measured rule. On a GPU: paged for the (unquantized) model types it runs, even
-    with vLLM installed; else vLLM when installed; else HF. On a CPU: vLLM when installed,
-    else paged, else HF. Engine options pass through."""
+    """The measured rule, on a GPU as on a CPU: paged for the (unquantized) model types it
+    runs, even with vLLM installed; else vLLM when installed; else HF. Engine options pass
+    through."""
     import genlm_bytes_potential.backends.vllm as vllm_backend
     from genlm_bytes_potential.backends.paged import PagedTokenLM
 
@@ -157,14 +157,12 @@ def test_auto_backend(monkeypatch, tiny_llama_dir, model_dir, tmp_path):
     (quantized / "config.json").write_text(
         '{"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4}}'
     )
-    monkeypatch.setattr(models, "_cuda_available", lambda: True)
     assert models._auto_backend(str(tiny_llama_dir)) == "paged"
     for folder in (model_dir, str(quantized)):  # GPT-2; quantized weights
         assert models._auto_backend(folder) == "vllm"
-    monkeypatch.setattr(models, "_cuda_available", lambda: False)
-    lm = load_lm(str(tiny_llama_dir), gpu_memory_utilization=0.5, tensor_parallel_size=2)
+    lm = load_lm(str(quantized), gpu_memory_utilization=0.5, tensor_parallel_size=2)
     assert isinstance(lm, FakeVLLM)
-    assert made == [(str(tiny_llama_dir), {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2})]
+    assert made == [(str(quantized), {"gpu_memory_utilization": 0.5, "tensor_parallel_size": 2})]
+    assert isinstance(load_lm(str(tiny_llama_dir)), PagedTokenLM)
     monkeypatch.setattr(models, "_vllm_available", lambda: False)
     assert models._auto_backend(model_dir) == "hf"
-    assert isinstance(load_lm(str(tiny_llama_dir)), PagedTokenLM)
