@@ -513,6 +513,10 @@ class TokenModel:
         self.stats.contexts += len(inputs)
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
+        # The forward pass runs on the GPU while other tasks run (the grammar of a product,
+        # another batch of particles); awaited here, before any row is allocated, so that
+        # no concurrent call can take this call's new rows before it returns them.
+        await device_done(logprobs.device)
         self._check_shape(logprobs, inputs)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
@@ -537,7 +541,6 @@ class TokenModel:
                     self.trie.weight_rows(logprobs, with_eos, store.table, slots)
                 else:
                     self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
-                    await device_done(store.table.device)  # the forward pass and the masses
                 self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
             except BaseException:
                 store.discard(keys)
