@@ -17,9 +17,10 @@ same workloads, in turn:
 * W2: regex SMC, ``direct_token_sampler(ByteBeamPotential * BoolFSA)`` (the ``product``
   mode of ``benchmarks.w2_smc``), ``--particles`` particles, 24 bytes, K=4.
 
-Backends: ``vllm`` (``VLLMTokenLM``, requests straight to the engine core),
+Backends: ``vllm`` (``VLLMTokenLM``, requests straight to the engine core, kept open as
+sessions), ``vllm-no-sessions`` (the same, each request finishing after its step),
 ``vllm-public`` (the same engine with ``direct_requests=False``: ``LLMEngine.add_request``
-and ``LLMEngine.step``, the path before it), ``paged`` (``PagedTokenLM``). For the vLLM
+and ``LLMEngine.step``, the path before them), ``paged`` (``PagedTokenLM``). For the vLLM
 rows each run also reports, per byte: wall time; time inside the engine step (forward,
 sampler and our capture; engine thread), of which the host time of the capture
 (``CaptureLogprobs.apply``) and of vLLM's output processor; time building and adding
@@ -177,15 +178,18 @@ def _counters(lm) -> dict:
         "capture_s": CaptureLogprobs.stats["seconds"],
         "steps": lm.engine_steps,
         "requests": lm.stats["requests"],
+        "resumed": lm.stats.get("resumed", 0),
         "cache_hits": lm.stats.get("cache_hits", 0),
         "prompt_tokens": lm.stats["prompt_tokens"],
         "cached_tokens": lm.stats["cached_tokens"],
     }
 
 
-def _timed(lm, work, direct: bool | None = None) -> dict:
+def _timed(lm, work, direct: bool | None = None, sessions: bool | None = None) -> dict:
     if direct is not None:
         lm.direct_requests = direct
+    if sessions is not None:
+        lm.sessions = sessions
     lm.clear_cache()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -225,6 +229,7 @@ def _profiled(lm, work, direct: bool, path: str) -> None:
     import pstats
 
     lm.direct_requests = direct
+    lm.sessions = True
     lm.clear_cache()
     loop_prof = cProfile.Profile()
     profiles = {"both threads" if sys.version_info >= (3, 12) else "event loop": loop_prof}
@@ -294,7 +299,7 @@ def w2(lm, n, eos, seed=0):
     return work
 
 
-BACKENDS = ("vllm", "vllm-public", "paged")
+BACKENDS = ("vllm", "vllm-no-sessions", "vllm-public", "paged")
 
 
 def _line(name: str, label: str, backend: str, r: dict) -> str:
@@ -306,7 +311,8 @@ def _line(name: str, label: str, backend: str, r: dict) -> str:
             f"output processor {pb['output_processor']:.3f}) submit {pb['submit']:.3f} rest {pb['rest']:.3f}; "
             f"steps {r['steps']} ({r['step_ms']:.2f} ms) "
             f"requests {r['requests']} ({r['submit_us_per_request']:.0f} us to submit, "
-            f"{r['computed_per_request']:.1f} tokens computed) cache hits {r['cache_hits']}"
+            f"{r['computed_per_request']:.1f} tokens computed, {r['resumed']} sessions resumed) "
+            f"cache hits {r['cache_hits']}"
         )
     lp = r.get("logprob", r.get("log_ml"))
     return f"{name:8s} {label:14s} {backend:11s} {r['bytes_per_s']:8.1f} B/s  logp {lp:.3f}{extra}"
@@ -405,8 +411,13 @@ def main(argv=None):
         info["direct_requests"] = lms["vllm"].direct_requests
         meta["models"][name] = info
         print(f"== {name}: {json.dumps(info)}", flush=True)
-        #: backend -> (LM, direct_requests for the vLLM engine)
-        runs = {"vllm": (lms["vllm"], True), "vllm-public": (lms["vllm"], False), "paged": (lms["paged"], None)}
+        #: backend -> (LM, direct_requests and sessions for the vLLM engine)
+        runs = {
+            "vllm": (lms["vllm"], True, True),
+            "vllm-no-sessions": (lms["vllm"], True, False),
+            "vllm-public": (lms["vllm"], False, False),
+            "paged": (lms["paged"], None, None),
+        }
         runs = {b: runs[b] for b in a.backends}
         vocab = lms["paged"].byte_vocab
         eos = [bytes(vocab[lms["paged"].tokenizer.eos_token_id])]
@@ -414,14 +425,14 @@ def main(argv=None):
         jobs += [(f"W1 K={K}", lambda lm, K=K: w1(lm, text, K, eos)) for K in a.K]
         jobs += [(f"W2 regex N={n}", lambda lm, n=n: w2(lm, n, eos)) for n in a.particles]
         for _, make in jobs:  # warm-up: kernels, CUDA graphs of both models
-            for lm in {id(lm): lm for lm, _ in runs.values()}.values():
+            for lm in {id(lm): lm for lm, _, _ in runs.values()}.values():
                 asyncio.run(make(lm)())
         for label, make in jobs:
             for rep in range(a.reps):
                 order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
                 for backend in order:
-                    lm, direct = runs[backend]
-                    r = _timed(lm, make(lm), direct)
+                    lm, direct, sessions = runs[backend]
+                    r = _timed(lm, make(lm), direct, sessions)
                     r.update(model=name, job=label, backend=backend, rep=rep)
                     rows.append(r)
                     print(_line(name, label, backend, r), flush=True)
@@ -432,7 +443,7 @@ def main(argv=None):
             for label, make in firsts.values():  # the first job of each workload
                 slug = f"{name}-{label}".replace(" ", "_").replace("=", "")
                 _profiled(lms["vllm"], make(lms["vllm"]), True, os.path.join(a.profile, f"profile-{slug}.txt"))
-        lms["vllm"].direct_requests = True
+        lms["vllm"].direct_requests = lms["vllm"].sessions = True
         for label, _ in jobs:
             print(_summary(rows, name, label, list(runs)), flush=True)
         lms["vllm"].close()

@@ -26,7 +26,7 @@ from tiny_models import (
     loop_ticks_during,
 )
 
-from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _RowPool
+from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _engine_core_in_process, _RowPool, _Sessions
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
@@ -229,8 +229,9 @@ async def test_equals_hf(vllm_lm, tiny_llama):
 
 async def test_direct_requests_equal_the_public_path(vllm_lm):
     """Requests made from one processed template and handed to the engine core give the
-    rows (and prefix-cache accounting) of ``LLMEngine.add_request``/``step``, bit for bit;
-    on this vLLM the direct path's assumptions hold (on the GPU: vLLM 0.26)."""
+    rows of ``LLMEngine.add_request``/``step``, bit for bit, and the same prefix-cache
+    accounting but for sessions (a resumed one computes one token); on this vLLM the
+    direct path's assumptions hold (on the GPU: vLLM 0.26)."""
     lm = vllm_lm
     assert lm.direct_requests
     block = lm.engine.vllm_config.cache_config.block_size
@@ -254,8 +255,11 @@ async def test_direct_requests_equal_the_public_path(vllm_lm):
     same = (lambda a, b: torch.equal(a, b)) if not ON_GPU else (lambda a, b: (a - b).abs().max() <= 1e-3)
     assert same(direct, public)
     assert same(runs[True][1][0], direct)  # and back: the engine is left as it was
-    assert d_stats == p_stats and d_stats["requests"] == len(ctxs)
-    assert d_stats["cached_tokens"] >= 3 * block  # the extensions of `base` hit its full block
+    assert d_stats["requests"] == p_stats["requests"] == len(ctxs)
+    assert d_stats["prompt_tokens"] == p_stats["prompt_tokens"]
+    assert p_stats["cached_tokens"] >= 3 * block  # the extensions of `base` hit its full block
+    # and on the direct path one of them resumes base's session: it computes one token
+    assert d_stats["cached_tokens"] > p_stats["cached_tokens"]
 
 
 async def test_a_failed_submission_aborts_what_it_added(vllm_lm, monkeypatch):
@@ -266,11 +270,11 @@ async def test_a_failed_submission_aborts_what_it_added(vllm_lm, monkeypatch):
     add = direct.add
     calls = []
 
-    def failing_add(request_id, ids, spec):
+    def failing_add(request_id, ids, spec, resumable=False):
         calls.append(request_id)
         if len(calls) == 2:
             raise RuntimeError("engine core refused it")
-        add(request_id, ids, spec)
+        add(request_id, ids, spec, resumable)
 
     ctxs = [[9, 8, 7, k] for k in range(3)]
     free = len(lm._pool.free)
@@ -279,6 +283,7 @@ async def test_a_failed_submission_aborts_what_it_added(vllm_lm, monkeypatch):
         await lm.batch_next_token_logprobs(ctxs)
     monkeypatch.undo()
     assert not lm._rids and not lm._flight and not lm._pool.pins
+    assert not set(calls) & set(lm._sessions.open)  # no session left open either
     assert len(lm._pool.free) == free and not any(tuple(c) in lm._pool.done for c in ctxs)
     # other contexts get the freed rows; no request is left in the engine to finish
     finished = []
@@ -445,6 +450,69 @@ async def test_prefix_extension_uses_the_cache(vllm_lm, tiny_llama):
     outs = await lm.batch_next_token_logprobs(exts)
     for row, c in zip(outs, exts):
         assert_matches_reference(row, hf_reference(model, c, len(tok)), MAIN_DTYPE)
+
+
+async def test_a_one_token_extension_resumes_the_session_of_its_prefix(vllm_lm, tiny_llama):
+    """A computed context's request stays open (a vLLM session): its one-token extension
+    resumes it and the engine computes that token alone, where a new request recomputes
+    the prefix's partial KV block; a second extension of the same context (a branch) is a
+    new request; rows match the reference either way; clearing the cache closes the
+    parked sessions."""
+    model, tok = tiny_llama
+    lm = vllm_lm
+    assert lm._sessions is not None
+    block = lm.engine.vllm_config.cache_config.block_size
+    ctx = [7] + list(range(3000, 3000 + block + 5))  # a whole block and a partial one
+
+    def computed(since):
+        return (lm.stats["prompt_tokens"] - since["prompt_tokens"]) - (
+            lm.stats["cached_tokens"] - since["cached_tokens"]
+        )
+
+    await lm.next_token_logprobs(ctx)
+    for ext in ([11], [11, 12], [11, 12, 13]):  # each resumes the previous one's session
+        s0 = dict(lm.stats)
+        row = await lm.next_token_logprobs(ctx + ext)
+        assert lm.stats["resumed"] == s0["resumed"] + 1 and computed(s0) == 1
+        assert_matches_reference(row, hf_reference(model, ctx + ext, len(tok)), MAIN_DTYPE)
+    s0 = dict(lm.stats)
+    branch = await lm.next_token_logprobs(ctx + [14])  # ctx's session went on with [11]
+    assert lm.stats["resumed"] == s0["resumed"] and computed(s0) > 1
+    assert_matches_reference(branch, hf_reference(model, ctx + [14], len(tok)), MAIN_DTYPE)
+    s0 = dict(lm.stats)
+    both = await lm.batch_next_token_logprobs([ctx + [14, 15], ctx + [11, 12, 13, 16]])
+    assert lm.stats["resumed"] == s0["resumed"] + 2 and computed(s0) == 2
+    for row, c in zip(both, [ctx + [14, 15], ctx + [11, 12, 13, 16]]):
+        assert_matches_reference(row, hf_reference(model, c, len(tok)), MAIN_DTYPE)
+    assert lm._sessions.parked
+    lm.clear_cache()
+    assert not lm._sessions.parked and not lm._sessions.open
+    if _engine_core_in_process(lm.engine):
+        assert not lm.engine.engine_core.engine_core.scheduler.requests
+
+
+def test_sessions_stay_within_their_limits():
+    """At most ``max_sessions`` open and ``max_blocks`` held: the oldest parked session
+    is closed to make room, a request beyond the limits is a plain one, and a context
+    computed again keeps the newer session."""
+    s = _Sessions(max_sessions=2, max_blocks=4, block_size=4)
+    assert s.admit("a", (1, 2, 3))  # 1 block
+    s.park("a", (1, 2, 3))
+    assert s.admit("b", (5,) * 8)  # 2 blocks
+    assert s.admit("c", (6,)) and s.take_closed() == ["a"]  # a, parked, closed for c
+    assert not s.admit("d", (7,)) and not s.take_closed()  # b and c in flight: a plain request
+    s.park("b", (5,) * 8)
+    assert s.resume((5,) * 9) == "b" and s.blocks == 4 and not s.parked  # b now holds 3 blocks
+    s.park("b", (5,) * 9)
+    s.park("c", (6,))
+    assert s.admit("e", (1,) * 8) and s.take_closed() == ["b"]  # the oldest parked one
+    assert s.resume((5,) * 10) is None
+    s.park("e", (1,) * 8)
+    assert s.admit("f", (1,) * 8) and s.take_closed() == ["c"]
+    s.park("f", (1,) * 8)  # the same context again: the newer session stays
+    assert s.take_closed() == ["e"] and s.parked == {(1,) * 8: "f"} and s.blocks == 2
+    s.close_parked()
+    assert s.take_closed() == ["f"] and s.blocks == 0 and not s.open
 
 
 async def test_concurrent_calls_coalesce(vllm_lm):

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from genlm.backend.llm.base import AsyncLM
 
-from genlm_bytes_potential.backends.protocol import token_tuple
+from genlm_bytes_potential.backends.protocol import context_prefix, token_tuple
 from genlm_bytes_potential.transfer import to_device
 
 __all__ = ["VLLMTokenLM", "CaptureLogprobs"]
@@ -345,7 +345,10 @@ class _DirectRequests:
         self._template = template
         self._params = template.sampling_params
         self._replace = replace
-        self._external = "external_req_id" in type(template).__struct_fields__
+        fields = type(template).__struct_fields__
+        self._external = "external_req_id" in fields
+        #: vLLM keeps a request whose ``resumable`` is set open after it stops (0.26, 0.32)
+        self.resumable = "resumable" in fields
 
     @classmethod
     def build(cls, engine, prompt, params) -> tuple[_DirectRequests | None, str]:
@@ -379,12 +382,17 @@ class _DirectRequests:
             return None, "the probe request carries embeddings or multimodal features"
         return cls(core, template, msgspec.structs.replace), ""
 
-    def add(self, request_id: str, ids: tuple[int, ...], spec: tuple) -> None:
+    def add(self, request_id: str, ids: tuple[int, ...], spec: tuple, resumable: bool = False) -> None:
+        """A request for the context ``ids``; with ``resumable``, a session (:class:`_Sessions`)
+        that stays open after it, or, when ``request_id`` names a parked session, that
+        session's next input: ``ids`` are then the tokens appended to its context."""
         params = copy.copy(self._params)  # processed once; only the tag differs
         params.extra_args = {_KEY: spec}
         fields = {"request_id": request_id, "prompt_token_ids": list(ids), "sampling_params": params}
         if self._external:
             fields["external_req_id"] = request_id
+        if resumable:
+            fields["resumable"] = True
         self.core.add_request(self._replace(self._template, arrival_time=time.time(), **fields))
 
     def abort(self, request_ids: list[str]) -> None:
@@ -423,6 +431,10 @@ class VLLMTokenLM(AsyncLM):
             the installed vLLM does not fit that path's assumptions (checked once, here,
             and one probe context through both paths), requests go through ``LLMEngine``
             and a warning says why. Settable later.
+        sessions: on the direct path, keep requests open after their step (vLLM's
+            resumable requests, :class:`_Sessions`): a context that extends a computed
+            one by a token then costs the engine that one token, where a new request
+            recomputes the partial KV block of its prefix. Settable later.
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
             ``block_size``, ...), passed through. ``enable_prefix_caching`` defaults to
@@ -436,7 +448,8 @@ class VLLMTokenLM(AsyncLM):
 
     ``stats`` counts ``requests`` (contexts sent to the engine), ``prompt_tokens``,
     ``cached_tokens`` (prompt tokens served from vLLM's prefix cache) and
-    ``cache_hits`` (contexts answered from the row pool); ``engine_steps`` and
+    ``cache_hits`` (contexts answered from the row pool), ``resumed`` (contexts computed
+    by resuming a session); ``engine_steps`` and
     ``engine_time`` (seconds inside ``LLMEngine.step``); ``submit_time`` (seconds
     building and adding requests).
     """
@@ -449,6 +462,7 @@ class VLLMTokenLM(AsyncLM):
         logprob_cache_bytes: int = 2**30,
         prefetch: bool | None = None,
         direct_requests: bool = True,
+        sessions: bool = True,
         **engine_opts,
     ):
         _prepare_vllm_environment()
@@ -515,7 +529,7 @@ class VLLMTokenLM(AsyncLM):
         self._flight: dict[tuple[int, ...], tuple[int, list[_Group]]] = {}  # ctx -> (row, waiters)
         self._rids: dict[str, tuple[int, ...]] = {}
         self._read_event = None  # CUDA: the last gather from the pool (row reuse waits on it)
-        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "cache_hits": 0}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_tokens": 0, "cache_hits": 0, "resumed": 0}
         self.engine_steps = 0
         self.engine_time = 0.0
         self.submit_time = 0.0
@@ -535,6 +549,9 @@ class VLLMTokenLM(AsyncLM):
                 self._direct_built = None
         if self._direct_built is None:
             logger.warning("vLLM %s: requests go through LLMEngine.add_request (%s)", _vllm_version(), why)
+        self._sessions: _Sessions | None = None
+        self._resumed: set[str] = set()  # ids of requests in flight that resume a session
+        self.sessions = sessions
         self._direct = None
         self.direct_requests = direct_requests
         self.prefetch = not cpu if prefetch is None else bool(prefetch)
@@ -575,7 +592,42 @@ class VLLMTokenLM(AsyncLM):
         with self._step_lock:
             if self._rids:
                 raise RuntimeError(f"{len(self._rids)} requests are in flight; switch between calls")
+            if not on:  # parked sessions would count as unfinished requests there
+                self._close_parked_sessions()
             self._direct = self._direct_built if on else None
+
+    @property
+    def sessions(self) -> bool:
+        """Whether requests stay open as sessions (:class:`_Sessions`) on the direct path.
+        Settable between calls; True only where vLLM has resumable requests."""
+        return self._sessions is not None
+
+    @sessions.setter
+    def sessions(self, on: bool) -> None:
+        with self._step_lock:
+            if self._rids:
+                raise RuntimeError(f"{len(self._rids)} requests are in flight; switch between calls")
+            self._close_parked_sessions()
+            self._sessions = self._make_sessions() if on else None
+
+    def _make_sessions(self) -> _Sessions | None:
+        """Session bookkeeping sized to the engine, or None where vLLM has no resumable
+        requests (or the direct path is unavailable)."""
+        if self._direct_built is None or not self._direct_built.resumable:
+            return None
+        config = self.engine.vllm_config
+        block_size = int(config.cache_config.block_size)
+        blocks = int(getattr(config.cache_config, "num_gpu_blocks", None) or 0)
+        max_blocks = blocks // 4 if blocks else max(1, 4 * self.max_model_len // block_size)
+        return _Sessions(int(config.scheduler_config.max_num_seqs) // 2, max_blocks, block_size)
+
+    def _close_parked_sessions(self) -> None:
+        """Abort every parked session (under the step lock)."""
+        if self._sessions is not None:
+            self._sessions.close_parked()
+            closed = self._sessions.take_closed()
+            if closed:
+                self._direct_built.abort(closed)
 
     def has_logprobs(self, token_ids) -> bool:
         """Whether the row pool holds the next-token log-probs of ``token_ids``."""
@@ -692,20 +744,34 @@ class VLLMTokenLM(AsyncLM):
         group.pinned = list(rows.values())
         added = []
         direct = self._direct
+        sessions = self._sessions if direct is not None else None
+        rid = None
         try:
             for ctx in new:
-                rid = f"g{next(self._ids)}"
-                if direct is not None:
-                    direct.add(rid, ctx, pool.spec(rows[ctx]))
+                rid = sessions.resume(ctx) if sessions is not None else None
+                if rid is not None:  # the parked session of ctx's prefix, given ctx's last token
+                    self._resumed.add(rid)
+                    direct.add(rid, ctx[-1:], pool.spec(rows[ctx]), resumable=True)
                 else:
-                    self.engine.add_request(rid, self._prompt(ctx), self._params(rows[ctx]))
+                    rid = f"g{next(self._ids)}"
+                    if direct is not None:
+                        opens = sessions is not None and sessions.admit(rid, ctx)
+                        direct.add(rid, ctx, pool.spec(rows[ctx]), resumable=opens)
+                    else:
+                        self.engine.add_request(rid, self._prompt(ctx), self._params(rows[ctx]))
                 self._rids[rid] = ctx
                 added.append(rid)
         except BaseException as exc:
-            if added:
-                (direct.abort if direct is not None else self.engine.abort_request)(added)
-            for rid in added:
-                del self._rids[rid]
+            failed = list(dict.fromkeys([*added, rid] if rid is not None else added))
+            if sessions is not None:
+                for r in failed:
+                    sessions.close(r)
+                    self._resumed.discard(r)
+                sessions.take_closed()  # aborted just below
+            if failed:
+                (direct.abort if direct is not None else self.engine.abort_request)(failed)
+            for r in added:
+                del self._rids[r]
             with self._lock:
                 for ctx in new:
                     row, _ = self._flight.pop(ctx)
@@ -741,6 +807,12 @@ class VLLMTokenLM(AsyncLM):
         ctx = self._rids.pop(request_id, None)
         if ctx is None:  # not ours (aborted)
             return
+        if self._sessions is not None:
+            if request_id in self._resumed:  # the session computed ctx's last token alone
+                self._resumed.discard(request_id)
+                self.stats["resumed"] += 1
+                cached_tokens = len(ctx) - 1
+            self._sessions.park(request_id, ctx)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(ctx)
         self.stats["cached_tokens"] += cached_tokens
@@ -771,6 +843,8 @@ class VLLMTokenLM(AsyncLM):
                         for g in items:
                             if g is not None:
                                 self._add_group(g)
+                        if self._sessions is not None and self._sessions.closed:
+                            self._direct.abort(self._sessions.take_closed())
                         self.submit_time += time.perf_counter() - t
                         items = []
                         if stop:
@@ -782,9 +856,9 @@ class VLLMTokenLM(AsyncLM):
                         t = time.perf_counter()
                         finished = self._step()
                         self.engine_time += time.perf_counter() - t
+                        for request_id, cached_tokens in finished:  # sessions park under the lock
+                            self._finish(request_id, cached_tokens)
                     self.engine_steps += 1
-                    for request_id, cached_tokens in finished:
-                        self._finish(request_id, cached_tokens)
             except _Stop:
                 self._fail_all(RuntimeError("VLLMTokenLM was closed"))
                 return
@@ -805,6 +879,7 @@ class VLLMTokenLM(AsyncLM):
         groups = {id(g): g for _, waiters in self._flight.values() for g in waiters}
         self._flight.clear()
         self._rids.clear()
+        self._resumed.clear()
         for g in groups.values():
             g.deliver(exc)
 
@@ -915,6 +990,7 @@ class VLLMTokenLM(AsyncLM):
         with self._lock:
             self._pool.clear()
         with self._step_lock:
+            self._close_parked_sessions()  # they hold KV blocks, which a reset needs free
             self.llm.reset_prefix_cache()
 
     def close(self):
@@ -955,6 +1031,82 @@ class _NoLock:
 
 
 _NO_LOCK = _NoLock()
+
+
+class _Sessions:
+    """Requests kept open between calls: vLLM's resumable ("streaming input") requests.
+
+    A context's request that is a session does not finish when its row is written: vLLM
+    parks it, its KV blocks kept (the partial last block included), and a later request
+    with the same id and the tokens ``y`` resumes it as the context extended by ``y``:
+    the engine computes ``len(y)`` tokens. A new request computes everything past the
+    whole blocks of its prefix in vLLM's prefix cache (up to ``block_size - 1`` tokens
+    more) and, as a new request, costs the engine's scheduler and model runner more.
+
+    This is the engine thread's bookkeeping (under the engine's step lock): ``parked``
+    maps a context to its parked session (oldest first), ``open`` every session's id to
+    the KV blocks it may hold alone (``ceil(len / block_size)``, a bound: full blocks are
+    shared through the prefix cache). Sessions hold a slot of vLLM's running batch and
+    their blocks while parked, so at most ``max_sessions`` are open (half the engine's
+    ``max_num_seqs``: the other half serves plain requests, which always finish) and
+    their blocks stay within ``max_blocks`` (a quarter of the KV cache); the oldest parked
+    session is closed to make room (``closed`` collects ids to abort in the engine).
+    """
+
+    def __init__(self, max_sessions: int, max_blocks: int, block_size: int):
+        self.max_sessions, self.max_blocks, self.block_size = max_sessions, max_blocks, block_size
+        self.parked: OrderedDict[tuple[int, ...], str] = OrderedDict()
+        self.open: dict[str, int] = {}
+        self.blocks = 0
+        self.closed: list[str] = []
+
+    def _held(self, ctx) -> int:
+        return -(-len(ctx) // self.block_size)
+
+    def resume(self, ctx) -> str | None:
+        """The parked session of ``ctx``'s prefix, now in flight as ``ctx``, or None."""
+        rid = self.parked.pop(context_prefix(ctx), None)
+        if rid is not None:
+            held = self._held(ctx)
+            self.blocks += held - self.open[rid]
+            self.open[rid] = held
+        return rid
+
+    def admit(self, rid: str, ctx) -> bool:
+        """Whether the new request ``rid`` for ``ctx`` opens a session (closing the oldest
+        parked ones as needed), else it is a plain request."""
+        held = self._held(ctx)
+        while self.parked and (len(self.open) >= self.max_sessions or self.blocks + held > self.max_blocks):
+            self.close(self.parked.popitem(last=False)[1])
+        if len(self.open) >= self.max_sessions or self.blocks + held > self.max_blocks:
+            return False
+        self.open[rid] = held
+        self.blocks += held
+        return True
+
+    def park(self, rid: str, ctx) -> None:
+        """Request ``rid`` wrote ``ctx``'s row: a session waits for its next input."""
+        if rid not in self.open:
+            return
+        older = self.parked.pop(ctx, None)  # the context was computed again: keep the newer
+        if older is not None:
+            self.close(older)
+        self.parked[ctx] = rid
+
+    def close(self, rid: str) -> None:
+        """Forget ``rid`` (to be aborted in the engine, through ``closed``)."""
+        held = self.open.pop(rid, None)
+        if held is not None:
+            self.blocks -= held
+            self.closed.append(rid)
+
+    def close_parked(self) -> None:
+        while self.parked:
+            self.close(self.parked.popitem()[1])
+
+    def take_closed(self) -> list[str]:
+        closed, self.closed = self.closed, []
+        return closed
 
 
 def _no_lora(lora_name):
