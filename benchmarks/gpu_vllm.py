@@ -121,8 +121,9 @@ def model_path(name: str, dtype, device: str):
     return build_llama(name, str(default_model_dir()), dtype, device)
 
 
-def load_pair(name: str, dtype, device: str, vllm_memory: float):
-    """{"vllm": VLLMTokenLM, "paged": PagedTokenLM} on the same weights."""
+def load_pair(name: str, dtype, device: str, vllm_memory: float, vllm_opts: dict | None = None):
+    """{"vllm": VLLMTokenLM (engine options ``vllm_opts`` added), "paged": PagedTokenLM} on
+    the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from genlm_bytes_potential.backends.paged import PagedTokenLM
@@ -135,6 +136,7 @@ def load_pair(name: str, dtype, device: str, vllm_memory: float):
     opts = {"dtype": str(dtype).removeprefix("torch.")}
     if device.startswith("cuda"):
         opts["gpu_memory_utilization"] = vllm_memory
+    opts.update(vllm_opts or {})
     vllm = load_lm(path, backend="vllm", **opts)
     vllm_start = time.perf_counter() - t
     _time_output_processor(vllm)
@@ -367,6 +369,13 @@ def main(argv=None):
         default=[0.15, 0.4],
         help="gpu_memory_utilization of each model's vLLM engine",
     )
+    p.add_argument(
+        "--vllm-opts",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='more vLLM engine options, e.g. \'{"compilation_config": {"cudagraph_mode": "FULL"}}\'',
+    )
     p.add_argument("--out", default="gpu_vllm.json")
     p.add_argument(
         "--profile",
@@ -392,6 +401,7 @@ def main(argv=None):
             "torch": torch.__version__,
             "dtype": a.dtype,
             "backends": a.backends,
+            "vllm_opts": a.vllm_opts,
             "models": {},
         },
     )
@@ -407,7 +417,7 @@ def main(argv=None):
             json.dump({"meta": meta, "results": rows}, f, indent=1)
 
     for mi, name in enumerate(a.models):
-        lms, info = load_pair(name, dtype, device, a.vllm_memory[min(mi, len(a.vllm_memory) - 1)])
+        lms, info = load_pair(name, dtype, device, a.vllm_memory[min(mi, len(a.vllm_memory) - 1)], a.vllm_opts)
         info["direct_requests"] = lms["vllm"].direct_requests
         meta["models"][name] = info
         print(f"== {name}: {json.dumps(info)}", flush=True)
