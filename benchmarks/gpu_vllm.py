@@ -17,10 +17,12 @@ same workloads, in turn:
 * W2: regex SMC, ``direct_token_sampler(ByteBeamPotential * BoolFSA)`` (the ``product``
   mode of ``benchmarks.w2_smc``), ``--particles`` particles, 24 bytes, K=4.
 
-Backends: ``vllm`` (``VLLMTokenLM``, requests straight to the engine core, kept open as
-sessions), ``vllm-no-sessions`` (the same, each request finishing after its step),
-``vllm-public`` (the same engine with ``direct_requests=False``: ``LLMEngine.add_request``
-and ``LLMEngine.step``, the path before them), ``paged`` (``PagedTokenLM``). For the vLLM
+Backends: ``vllm`` (``VLLMTokenLM`` as built: requests straight to the engine core,
+sessions on a CPU only), ``vllm-sessions`` / ``vllm-no-sessions`` (the same engine with
+requests kept open as sessions / finishing after their step), ``vllm-public`` (the same
+engine with ``direct_requests=False``: ``LLMEngine.add_request`` and ``LLMEngine.step``,
+the path before them), ``paged`` (``PagedTokenLM``); by default ``vllm``, ``vllm-public``
+and ``paged``. For the vLLM
 rows each run also reports, per byte: wall time; time inside the engine step (forward,
 sampler and our capture; engine thread), of which the host time of the capture
 (``CaptureLogprobs.apply``) and of vLLM's output processor; time building and adding
@@ -231,7 +233,6 @@ def _profiled(lm, work, direct: bool, path: str) -> None:
     import pstats
 
     lm.direct_requests = direct
-    lm.sessions = True
     lm.clear_cache()
     loop_prof = cProfile.Profile()
     profiles = {"both threads" if sys.version_info >= (3, 12) else "event loop": loop_prof}
@@ -301,7 +302,7 @@ def w2(lm, n, eos, seed=0):
     return work
 
 
-BACKENDS = ("vllm", "vllm-no-sessions", "vllm-public", "paged")
+BACKENDS = ("vllm", "vllm-sessions", "vllm-no-sessions", "vllm-public", "paged")
 
 
 def _line(name: str, label: str, backend: str, r: dict) -> str:
@@ -348,7 +349,7 @@ def _summary(rows: list[dict], name: str, label: str, backends) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["smollm2", "llama8b"], choices=MODELS)
-    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--backends", nargs="+", default=["vllm", "vllm-public", "paged"], choices=BACKENDS)
     p.add_argument("--bytes", type=int, default=400)
     p.add_argument(
         "--contexts",
@@ -422,8 +423,10 @@ def main(argv=None):
         meta["models"][name] = info
         print(f"== {name}: {json.dumps(info)}", flush=True)
         #: backend -> (LM, direct_requests and sessions for the vLLM engine)
+        default_sessions = lms["vllm"].sessions
         runs = {
-            "vllm": (lms["vllm"], True, True),
+            "vllm": (lms["vllm"], True, default_sessions),
+            "vllm-sessions": (lms["vllm"], True, True),
             "vllm-no-sessions": (lms["vllm"], True, False),
             "vllm-public": (lms["vllm"], False, False),
             "paged": (lms["paged"], None, None),
@@ -447,13 +450,13 @@ def main(argv=None):
                     rows.append(r)
                     print(_line(name, label, backend, r), flush=True)
             save()
+        lms["vllm"].direct_requests, lms["vllm"].sessions = True, default_sessions
         if a.profile:
             os.makedirs(a.profile, exist_ok=True)
             firsts = {label.split()[0]: (label, make) for label, make in reversed(jobs)}
             for label, make in firsts.values():  # the first job of each workload
                 slug = f"{name}-{label}".replace(" ", "_").replace("=", "")
                 _profiled(lms["vllm"], make(lms["vllm"]), True, os.path.join(a.profile, f"profile-{slug}.txt"))
-        lms["vllm"].direct_requests = lms["vllm"].sessions = True
         for label, _ in jobs:
             print(_summary(rows, name, label, list(runs)), flush=True)
         lms["vllm"].close()
