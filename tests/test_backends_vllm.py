@@ -26,7 +26,14 @@ from tiny_models import (
     loop_ticks_during,
 )
 
-from genlm_bytes_potential.backends.vllm import _KEY, CaptureLogprobs, _engine_core_in_process, _RowPool, _Sessions
+from genlm_bytes_potential.backends.vllm import (
+    _KEY,
+    CaptureLogprobs,
+    _engine_core_in_process,
+    _RowPool,
+    _Sessions,
+    _with_full_cuda_graphs,
+)
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
@@ -146,6 +153,13 @@ def test_capture_v2_interface_and_missing_columns():
         assert torch.allclose(got[:8], torch.log_softmax(logits[r], -1), atol=1e-6)
     with pytest.raises(ValueError):
         CaptureLogprobs.validate_params(SamplingParams(extra_args={_KEY: "nope"}))
+
+
+def test_whole_steps_in_cuda_graphs_on_hopper_unless_the_caller_chose():
+    full = {"cudagraph_mode": "FULL", "max_cudagraph_capture_size": 1024}
+    assert _with_full_cuda_graphs({"dtype": "bfloat16"}, 9) == {"dtype": "bfloat16", "compilation_config": full}
+    for opts, cap in [({}, 8), ({}, 10), ({}, None), ({"enforce_eager": True}, 9), ({"compilation_config": 3}, 9)]:
+        assert _with_full_cuda_graphs(opts, cap) == opts
 
 
 def test_row_pool_reuses_least_recently_used_unpinned_rows():

