@@ -73,6 +73,7 @@ class Run:
     backend: str
     commit: str
     command: str
+    note: str  # what the command line does not say (meta "note"), or ""
     headline: str  # one line: the numbers that matter, beside the anchor
     table: str  # a small markdown table
     series: dict = field(default_factory=dict)  # for the plots: {label: [(x, y, lo, hi)]}
@@ -468,6 +469,7 @@ def read_run(path: Path) -> Run:
         backend=meta.get("backend") or "",
         commit=meta.get("commit") or "not recorded",
         command=meta.get("command") or "not recorded",
+        note=meta.get("note") or "",
         headline=headline,
         table=table,
         series=series,
@@ -568,7 +570,7 @@ def render_current(runs: list[Run], plots: dict[str, Path], out: Path = BENCH_MD
                 f"**{r.machine}** · {r.model or '-'} · {r.backend or '-'} · {r.date} · commit `{r.commit}` · "
                 f"target: {r.target} · [{r.path.name}]({_rel(r.path, out.parent)})",
                 "",
-                f"`{r.command}`",
+                f"`{r.command}`" + (f" ({r.note})" if r.note else ""),
                 "",
                 r.table.rstrip(),
                 "",
@@ -608,7 +610,7 @@ def render_history(runs: list[Run], out: Path = HISTORY_MD) -> str:
         lines += [
             f"## {r.workload} — {r.date}, {r.machine}, {r.model_kind} ({r.path.name})",
             "",
-            f"`{r.command}` at `{r.commit}`",
+            f"`{r.command}` at `{r.commit}`" + (f" ({r.note})" if r.note else ""),
             "",
             r.table.rstrip(),
             "",
