@@ -592,6 +592,18 @@ async def test_errors(vllm_lm):
         await lm.batch_next_token_logprobs([[1, k] for k in range(lm._pool.n_rows + 1)])
     assert (await lm.batch_next_token_logprobs([])).shape == (0, lm.vocab_size)
     assert (await lm.next_token_logprobs([1])).shape == (lm.vocab_size,)
+    # a context extending a computed one: its last id is checked (the rest was before)
+    from genlm_bytes_potential.lm_state import TokenContext
+
+    computed = TokenContext([1, 2, 3])
+    await lm.next_token_logprobs(computed)
+    for bad in (-1, lm.vocab_size):
+        with pytest.raises(ValueError, match=f"token id {bad} out of range"):
+            await lm.next_token_logprobs(computed.extended(bad))
+    # ids of numpy or torch types are taken as ints
+    row = await lm.next_token_logprobs(np.array([1, 2, 3, 4]))
+    assert torch.equal(row, await lm.next_token_logprobs(torch.tensor([1, 2, 3, 4])))
+    assert torch.equal(row, await lm.next_token_logprobs(computed.extended(4)))
 
 
 # ---- the byte level on both backends ----------------------------------------

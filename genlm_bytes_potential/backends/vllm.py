@@ -897,20 +897,30 @@ class VLLMTokenLM(AsyncLM):
     # ---- submission -------------------------------------------------------
 
     def _check(self, contexts) -> list[tuple[int, ...]]:
+        """The contexts as tuples of ints, checked: not empty, shorter than
+        ``max_model_len``, ids in ``[0, V)``. A tuple of ints stays the object it is (a
+        ``TokenContext`` keeps its hash for the lookups that follow); of a context whose
+        prefix (``TokenContext.prefix``) is in the row pool or in flight, checked before,
+        only the last id is checked."""
         if self._closed:
             raise RuntimeError("VLLMTokenLM is closed")
         if self._dead is not None:
             raise RuntimeError(f"the vLLM engine failed earlier: {self._dead!r}")
         out = []
         V, limit = self.vocab_size, self.max_model_len
+        done, flight = self._pool.done, self._flight
         for c in contexts:
-            ctx = tuple(map(int, c))
+            ctx = token_tuple(c)
             if not ctx:
                 raise ValueError("empty context: vLLM needs at least one token (e.g. BOS)")
+            if type(ctx[0]) is not int or type(ctx[-1]) is not int:  # numpy or torch ids
+                ctx = tuple(map(int, ctx))
             if len(ctx) >= limit:
                 raise ValueError(f"context of {len(ctx)} tokens does not fit max_model_len={limit}")
-            if min(ctx) < 0 or max(ctx) >= V:
-                bad = next(t for t in ctx if not 0 <= t < V)
+            prefix = getattr(ctx, "prefix", None)
+            ids = ctx[-1:] if prefix is not None and (prefix in done or prefix in flight) else ctx
+            if min(ids) < 0 or max(ids) >= V:
+                bad = next(t for t in ids if not 0 <= t < V)
                 raise ValueError(f"token id {bad} out of range [0, {V})")
             out.append(ctx)
         if len(set(out)) > self._pool.n_rows:
