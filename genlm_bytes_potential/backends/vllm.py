@@ -491,7 +491,7 @@ class VLLMTokenLM(AsyncLM):
             # its KV cache and refuses to start when other processes hold memory.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         else:
-            opts = _with_full_cuda_graphs(opts, _gpu_major_capability())
+            opts = _with_full_cuda_graphs(opts, _cuda_major_capability())
         self.model_name = model
         self.engine_opts = opts
         with _ENGINE_LOCK:
@@ -1134,8 +1134,9 @@ _FULL_GRAPH_TOKENS = 1024
 
 
 def _with_full_cuda_graphs(opts: dict, major_capability: int | None) -> dict:
-    """``opts`` with whole engine steps captured in CUDA graphs, on a Hopper GPU (compute
-    capability 9.x), unless the caller chose (``compilation_config``, ``enforce_eager``).
+    """``opts`` with whole engine steps captured in CUDA graphs, on an NVIDIA Hopper GPU
+    (compute capability 9.x), unless the caller chose (``compilation_config``,
+    ``enforce_eager``).
 
     Our steps are batches of short prefills (new one-token contexts recompute their
     prefix's partial KV block), which vLLM's default (``FULL_AND_PIECEWISE``) runs with
@@ -1153,12 +1154,15 @@ def _with_full_cuda_graphs(opts: dict, major_capability: int | None) -> dict:
     return {**opts, "compilation_config": {"cudagraph_mode": "FULL", "max_cudagraph_capture_size": _FULL_GRAPH_TOKENS}}
 
 
-def _gpu_major_capability() -> int | None:
-    """The GPU's compute capability (major), as vLLM's platform reads it (through NVML
-    where it can, without initialising CUDA here), or None."""
+def _cuda_major_capability() -> int | None:
+    """The NVIDIA GPU's compute capability (major), as vLLM's platform reads it (through
+    NVML where it can, without initialising CUDA here); None on other platforms (ROCm
+    numbers its GPUs' capabilities otherwise)."""
     try:
         from vllm.platforms import current_platform
 
+        if not current_platform.is_cuda():
+            return None
         cap = current_platform.get_device_capability()
         return None if cap is None else int(cap.major)
     except Exception:  # pragma: no cover - other platforms or vLLM versions
