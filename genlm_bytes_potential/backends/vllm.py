@@ -1121,10 +1121,12 @@ class _Sessions:
             self.closed.append(rid)
 
     def close_parked(self) -> None:
+        """Close every parked session (sessions in flight stay open)."""
         while self.parked:
             self.close(self.parked.popitem()[1])
 
     def take_closed(self) -> list[str]:
+        """The ids closed since the last call, for the engine to abort."""
         closed, self.closed = self.closed, []
         return closed
 
