@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import copy
 import itertools
 import logging
@@ -602,11 +603,7 @@ class VLLMTokenLM(AsyncLM):
 
     @direct_requests.setter
     def direct_requests(self, on: bool) -> None:
-        with self._step_lock:
-            if self._rids:
-                raise RuntimeError(f"{len(self._rids)} requests are in flight; switch between calls")
-            if not on:  # parked sessions would count as unfinished requests there
-                self._close_parked_sessions()
+        with self._between_calls():
             self._direct = self._direct_built if on else None
 
     @property
@@ -617,11 +614,19 @@ class VLLMTokenLM(AsyncLM):
 
     @sessions.setter
     def sessions(self, on: bool) -> None:
+        with self._between_calls():
+            self._sessions = self._make_sessions() if on else None
+
+    @contextlib.contextmanager
+    def _between_calls(self):
+        """The engine held still, with no request in flight and no session parked, for a
+        switch of request path (parked sessions are resumed only by the direct path that
+        opened them)."""
         with self._step_lock:
             if self._rids:
                 raise RuntimeError(f"{len(self._rids)} requests are in flight; switch between calls")
             self._close_parked_sessions()
-            self._sessions = self._make_sessions() if on else None
+            yield
 
     def _make_sessions(self) -> _Sessions | None:
         """Session bookkeeping sized to the engine, or None where vLLM has no resumable
