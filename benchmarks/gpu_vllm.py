@@ -59,7 +59,6 @@ import torch
 
 from benchmarks.common import command_line, git_commit, machine_desc
 from benchmarks.lms import heldout_text
-from benchmarks.w1_score import score_ours
 from benchmarks.w2_smc import smc_once
 
 MODELS = ("smollm2", "llama8b", "tiny")
@@ -267,11 +266,19 @@ def _profiled(lm, work, direct: bool, path: str) -> None:
         f.write(out.getvalue())
 
 
-def w1(lm, text, K, eos):
+def w1(lm, text, K, eos, prefetch: tuple[int, int] | None = None):
+    """W1; ``prefetch``: (lookahead, max_prefetch) instead of ``TokenModel``'s defaults."""
+
     async def work():
-        r = await score_ours(lm, text, K, eos)
-        r["n_bytes"] = len(text)
-        return r
+        from genlm_bytes_potential.byte_lm import ByteLM
+
+        blm = ByteLM(lm, K=K, eos_tokens=list(eos))  # builds the trie (untimed)
+        if prefetch is not None:
+            blm.model.lookahead = prefetch[0] if blm.model.lookahead else 0
+            blm.model.max_prefetch = prefetch[1]
+        t0 = time.perf_counter()
+        s = await blm.score(text)
+        return {"seconds": time.perf_counter() - t0, "n_bytes": len(text), "logprob": float(s.logprob)}
 
     return work
 
@@ -360,6 +367,13 @@ def main(argv=None):
         "its B/s and ms/B are per context)",
     )
     p.add_argument("--K", type=int, nargs="+", default=[5, 8])
+    p.add_argument(
+        "--prefetch",
+        nargs="*",
+        default=[],
+        metavar="LOOKAHEAD:MAX_PREFETCH",
+        help="more W1 jobs at the last K, one per prefetch setting (bytes read ahead, most contexts a call)",
+    )
     p.add_argument("--particles", type=int, nargs="+", default=[32, 128])
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--dtype", default="bfloat16")
@@ -436,6 +450,8 @@ def main(argv=None):
         eos = [bytes(vocab[lms["paged"].tokenizer.eos_token_id])]
         jobs = [(f"W0 ctx={n}", lambda lm, n=n: w0(lm, n)) for n in a.contexts]
         jobs += [(f"W1 K={K}", lambda lm, K=K: w1(lm, text, K, eos)) for K in a.K]
+        settings = [tuple(int(x) for x in s.split(":")) for s in a.prefetch]
+        jobs += [(f"W1 K={a.K[-1]} pf={L}:{M}", lambda lm, L=L, M=M: w1(lm, text, a.K[-1], eos, (L, M))) for L, M in settings]
         jobs += [(f"W2 regex N={n}", lambda lm, n=n: w2(lm, n, eos)) for n in a.particles]
         for _, make in jobs:  # warm-up: kernels, CUDA graphs of both models
             for lm in {id(lm): lm for lm, _, _ in runs.values()}.values():
