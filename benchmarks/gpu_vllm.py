@@ -451,7 +451,9 @@ def main(argv=None):
         jobs = [(f"W0 ctx={n}", lambda lm, n=n: w0(lm, n)) for n in a.contexts]
         jobs += [(f"W1 K={K}", lambda lm, K=K: w1(lm, text, K, eos)) for K in a.K]
         settings = [tuple(int(x) for x in s.split(":")) for s in a.prefetch]
-        jobs += [(f"W1 K={a.K[-1]} pf={L}:{M}", lambda lm, L=L, M=M: w1(lm, text, a.K[-1], eos, (L, M))) for L, M in settings]
+        jobs += [
+            (f"W1 K={a.K[-1]} pf={L}:{M}", lambda lm, L=L, M=M: w1(lm, text, a.K[-1], eos, (L, M))) for L, M in settings
+        ]
         jobs += [(f"W2 regex N={n}", lambda lm, n=n: w2(lm, n, eos)) for n in a.particles]
         for _, make in jobs:  # warm-up: kernels, CUDA graphs of both models
             for lm in {id(lm): lm for lm, _, _ in runs.values()}.values():
