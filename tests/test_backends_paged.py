@@ -527,9 +527,9 @@ async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
     lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=False)
     shapes = []
 
-    def replay(packed, N):
-        shapes.append((N, *packed.shape))
-        lm._run(*paged._unpack(packed, N))
+    def replay(packed, N, unpack=paged._unpack):
+        shapes.append((N, unpack is paged._unpack, *packed.shape))
+        lm._run(*unpack(packed, N))
 
     monkeypatch.setattr(lm, "cuda_graphs", True)
     monkeypatch.setattr(lm, "_decode", replay)
@@ -537,10 +537,46 @@ async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
     for batch, rows in zip(_STEP_BATCHES, out):
         for row, ctx in zip(rows, batch):
             assert torch.allclose(row, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
-    # 3 rows of 1 new token: 4 x 1; 5 rows of <= 4: 8 x 4; (6 new tokens: no graph); 1 row
-    # of 2: 2 x 2 (rows padded to >= 2)
-    assert shapes == [(1, 4, 3 + 2 + 64), (4, 8, 12 + 2 + 64), (2, 2, 6 + 2 + 64)]
+    # 3 rows of 1 new token sharing 60 keys: 4 rows, 64 keys for all (_pack_shared); 5 rows of
+    # <= 4: 8 x 4, 64 keys each; (6 new tokens: no graph); 1 row of 2: 2 x 2 (rows padded to >= 2)
+    assert shapes == [(1, False, 5 * 4 + 3 * 64), (4, True, 8, 12 + 2 + 64), (2, True, 2, 6 + 2 + 64)]
     assert torch.isfinite(lm.pool[:, 0]).all()  # the scratch slot padding wrote
+
+
+async def test_rows_sharing_keys_read_them_once(tiny_llama, monkeypatch):
+    """One-token rows whose contexts share most of their tokens (a beam's candidates and
+    prefetched chains) read the shared keys once for the whole batch (``_pack_shared``),
+    in the eager forward and in CUDA-graph buckets (padding rows and keys); rows with
+    little in common keep a row of keys each. Every row equals the uncached forward."""
+    from genlm_bytes_potential.backends import paged
+
+    model, tok = tiny_llama
+    V = len(tok)
+    text = list(range(200, 260))
+    batches = [
+        [text],
+        [text + [t] for t in (5, 7, 9, 11, 13)],
+        # cousins and a chain whose prefix this very call computes (same wave)
+        [text + [5, 6], text + [7, 8], text + [13, 3], text + [13, 3, 4], text + [11, 12]],
+        [list(range(300, 340)) + [1], list(range(400, 450)) + [2], list(range(500, 520)) + [3]],
+    ]
+    for graphs in (False, True):
+        lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=False)
+        layouts = []
+        for name in ("_pack", "_pack_shared"):
+            inner = getattr(lm, name)
+            monkeypatch.setattr(lm, name, lambda *a, _f=inner, _n=name, **k: layouts.append(_n) or _f(*a, **k))
+        if graphs:
+            monkeypatch.setattr(lm, "cuda_graphs", True)
+            monkeypatch.setattr(lm, "_decode", lambda packed, N, unpack=paged._unpack: lm._run(*unpack(packed, N)))
+        out = await _run_batches(lm, batches)
+        for batch, rows in zip(batches, out):
+            for row, ctx in zip(rows, batch):
+                assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5), (graphs, ctx)
+        # the prefix (60 new tokens); two beam steps; unrelated contexts (~40-50 tokens each)
+        assert layouts == ["_pack", "_pack_shared", "_pack_shared", "_pack"], (graphs, layouts)
+        assert paged._common_prefix([np.arange(5), np.arange(3), np.array([0, 1, 7, 8])]) == 2
+        assert paged._common_prefix([np.arange(4), np.array([9])]) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Triton need a GPU")

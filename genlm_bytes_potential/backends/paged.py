@@ -37,6 +37,7 @@ Qwen2, Qwen3); other models: :class:`~genlm_bytes_potential.backends.hf.HFTokenL
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from itertools import chain
@@ -392,18 +393,25 @@ class PagedTokenLM(HFTokenLM):
         cos, sin = self.model.model.rotary_emb(h, pos)
         return cos.unsqueeze(2), (sin * self._rope_sign).unsqueeze(2)
 
-    def _run(self, ids, pos, write, keys, last, rows):
+    def _run(self, ids, pos, write, keys, last, rows, owner=None, key_pos=None):
         """Writes the log-probs at row positions ``last`` to ``logprob_rows[rows]``.
         ``ids``/``pos``/``write``: ``[B, N]`` new tokens, their positions and the slots
         they write; ``keys``: ``[B, S]`` each row's slots in context order (padding
-        masked by position); ``rows``: ``[B]``. Rows of at most ``GRAPH_TOKENS`` new
-        tokens run through the compiled layer and head when ``compile`` is on."""
+        masked by position), or (shared layout, ``_pack_shared``) ``[S]`` the slots of
+        all rows at once, key ``j`` at position ``key_pos[j]`` and seen by every row
+        (``owner[j] == -1``) or by row ``owner[j]`` only; ``rows``: ``[B]``. Rows of at
+        most ``GRAPH_TOKENS`` new tokens run through the compiled layer and head when
+        ``compile`` is on."""
         inner = self.model.model
         B, N = ids.shape
-        S = keys.shape[1]
+        S = keys.shape[-1]
         h = inner.embed_tokens(ids)
         cos, sin = self._rotary(h, pos, S)
-        mask = _attention_mask(pos, S, h.dtype, self.n_heads // self.kv_heads)
+        g = self.n_heads // self.kv_heads
+        if owner is None:
+            mask = _attention_mask(pos, S, h.dtype, g)
+        else:
+            mask = _shared_keys_mask(pos, owner, key_pos, h.dtype, g)
         args = (mask, cos, sin, write.reshape(-1), keys)
         if self._compiled is not None and N <= GRAPH_TOKENS:
             try:
@@ -421,7 +429,8 @@ class PagedTokenLM(HFTokenLM):
         """``_run``'s layers and head through their compiled programs."""
         layer, head = self._compiled
         mask, cos, sin, write, keys = args
-        for t, dims in ((h, (0, 1)), (mask, (0, 2, 3)), (cos, (0, 1)), (sin, (0, 1)), (write, (0,)), (keys, (0, 1))):
+        mask_dims, key_dims = ((0, 2, 3), (0, 1)) if keys.dim() == 2 else ((2, 3), (0,))
+        for t, dims in ((h, (0, 1)), (mask, mask_dims), (cos, (0, 1)), (sin, (0, 1)), (write, (0,)), (keys, key_dims)):
             for d in dims:  # one compile for all rows, new tokens and key lengths (sizes 1 apart)
                 torch._dynamo.maybe_mark_dynamic(t, d)
         for w, pool in zip(self._weights, self.pool):
@@ -445,35 +454,38 @@ class PagedTokenLM(HFTokenLM):
         )
         self.compile, self._compiled = False, None
 
-    def _decode(self, packed: torch.Tensor, N: int) -> None:
-        """Rows of ``N`` new tokens (``packed``: see ``_pack``, padded to a bucket),
-        through the CUDA graph of this bucket: one host-to-device copy, one replay."""
-        key = (N, *packed.shape)
+    def _decode(self, packed: torch.Tensor, N: int, unpack: Callable = None) -> None:
+        """Rows of ``N`` new tokens (``packed``: see ``_pack`` or, with ``unpack`` from
+        ``_pack_shared``, that layout; padded to a bucket), through the CUDA graph of this
+        bucket: one host-to-device copy, one replay."""
+        unpack = unpack or _unpack
+        key = (N, *packed.shape) if unpack is _unpack else (N, "shared", *unpack.keywords.values(), *packed.shape)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(N, tuple(packed.shape))
+            g = self._graphs[key] = self._capture(N, tuple(packed.shape), unpack)
         graph, buf = g
         buf.copy_(packed, non_blocking=True)
         self._staging.sent()
         graph.replay()
         self.graph_replays += 1
 
-    def _capture(self, N: int, shape: tuple[int, int]):
+    def _capture(self, N: int, shape: tuple[int, ...], unpack: Callable):
         dev = self.device
         buf = torch.zeros(shape, dtype=torch.long, device=dev)
-        buf[:, :N] = self.pad_token_id
-        buf[:, 3 * N + 1] = self.cache.n_rows  # scratch row (warm-up runs write it)
+        inputs = unpack(buf, N)
+        inputs[0].fill_(self.pad_token_id)
+        inputs[5].fill_(self.cache.n_rows)  # scratch row (warm-up runs write it)
         stream = torch.cuda.Stream(device=dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(stream):
             for _ in range(2):  # (compiles the layer for a new shape class)
-                self._run(*_unpack(buf, N))
+                self._run(*inputs)
         torch.cuda.current_stream(dev).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._run(*_unpack(buf, N))
+            self._run(*inputs)
         return graph, buf  # the graph reads buf: keep it
 
     # ---- planning a batch ---------------------------------------------------
@@ -662,16 +674,27 @@ class PagedTokenLM(HFTokenLM):
         if graph:  # buckets: new tokens to a power of two, rows to one >= 2 (one compiled
             # shape class for all), keys to one >= 64
             N = 1 << (N - 1).bit_length()
-            B_pad, S_pad = max(2, 1 << (B - 1).bit_length()), max(64, 1 << (S - 1).bit_length())
+            B_pad, S_pad = max(2, 1 << (B - 1).bit_length()), _key_bucket(S)
         else:
             B_pad, S_pad = B, S
-        packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
+        packed, unpack = None, _unpack
+        if N == 1:  # rows sharing most of their keys (a beam's candidates): keys once for all
+            parents = [_NO_SLOTS if node.parent is None else node.parent.path for node in nodes]
+            shared = _common_prefix(parents)
+            own = lens - shared  # each row's keys past the shared ones, its new token's included
+            U = shared + int(own.sum()) + B_pad - B  # (a key for each padding row)
+            U_pad = _key_bucket(U) if graph else U
+            if U_pad <= 2 * S_pad:
+                packed = self._pack_shared(contexts, nodes, lens, parents, shared, B_pad, U_pad)
+                unpack = functools.partial(_unpack_shared, B_pad=B_pad)
+        if packed is None:
+            packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
         if graph:
-            self._decode(packed, N)
+            self._decode(packed, N, unpack)
         else:
             sent = packed.to(self.device, non_blocking=True)
             self._staging.sent()
-            self._run(*_unpack(sent, N))
+            self._run(*unpack(sent, N))
         self.forward_calls += 1
 
     def _pack(self, contexts, starts, nodes, lens: np.ndarray, N: int, B_pad: int, S_pad: int) -> torch.Tensor:
@@ -705,6 +728,40 @@ class PagedTokenLM(HFTokenLM):
         packed[:B, N : 2 * N][new] = pos[new]
         packed[:B, 2 * N : 3 * N][new] = np.take_along_axis(keys, np.minimum(pos, S_pad - 1), axis=1)[new]
         packed[:B, 3 * N] = lens - first - 1
+        return host
+
+    def _pack_shared(self, contexts, nodes, lens, parents, shared: int, B_pad: int, U_pad: int) -> torch.Tensor:
+        """Rows of one new token whose keys start with the same ``shared`` slots (their
+        ``parents``' paths do), packed with the keys of all rows together (one int64
+        tensor, see ``_unpack_shared``): per row its new token id, position, slot, 0 and
+        log-prob row; then ``U_pad`` keys: the shared slots (seen by every row), each row's
+        own slots past them and its new slot (seen by that row), one scratch key (slot 0,
+        position 0) per padding row, unused keys (owner -2, seen by none). Attention then
+        reads ``shared + sum(own)`` keys instead of one row of ``S`` per context."""
+        B = len(contexts)
+        host = self._staging.take(1, 5 * B_pad + 3 * U_pad).view(-1)
+        per_row = host.numpy()[: 5 * B_pad].reshape(B_pad, 5)
+        slots, owner, key_pos = host.numpy()[5 * B_pad :].reshape(3, U_pad)
+        per_row[:, 0] = self.pad_token_id
+        per_row[:, 4] = self.cache.n_rows
+        per_row[:B, 0] = [ctx[-1] for ctx in contexts]
+        per_row[:B, 1] = lens - 1
+        per_row[:B, 2] = [node.slot for node in nodes]
+        per_row[:B, 4] = self.cache.take_rows(contexts, nodes)
+        own = lens - shared
+        end = shared + int(own.sum())
+        slots[:shared] = parents[0][:shared]
+        new = np.zeros(end - shared, bool)  # each row's own keys: its parent's past the shared, then its new slot
+        new[np.cumsum(own) - 1] = True
+        own_slots = slots[shared:end]
+        own_slots[new] = per_row[:B, 2]
+        own_slots[~new] = np.concatenate([p[shared:] for p in parents])
+        owner[:shared] = -1
+        owner[shared:end] = np.repeat(np.arange(B), own)
+        key_pos[:shared] = np.arange(shared)
+        key_pos[shared:end] = shared + np.arange(end - shared) - np.repeat(np.cumsum(own) - own, own)
+        owner[end : end + B_pad - B] = np.arange(B, B_pad)  # padding rows: slot 0 at position 0
+        owner[end + B_pad - B :] = -2
         return host
 
     def clear_cache(self):
@@ -747,6 +804,41 @@ class _Staging:
         if self.pinned:
             event = self.copied[self.turn] = self.copied[self.turn] or torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
+
+
+def _unpack_shared(packed: torch.Tensor, N: int, B_pad: int):
+    """``(ids, pos, write, keys, last, rows, owner, key_pos)`` views of a batch packed by
+    ``_pack_shared`` (``N`` is 1)."""
+    per_row = packed[: 5 * B_pad].view(B_pad, 5)
+    slots, owner, key_pos = packed[5 * B_pad :].view(3, -1)
+    return per_row[:, :1], per_row[:, 1:2], per_row[:, 2:3], slots, per_row[:, 3], per_row[:, 4], owner, key_pos
+
+
+def _key_bucket(n: int) -> int:
+    """Keys a CUDA graph is captured for: ``n`` rounded up to a power of two, at least 64."""
+    return max(64, 1 << (n - 1).bit_length())
+
+
+def _common_prefix(paths: list[np.ndarray]) -> int:
+    """Length of the longest common prefix of slot paths. A slot belongs to one node of
+    the trie, whose path ends with it: paths holding the same slot at position ``i``
+    agree up to ``i``, so each path is compared at one position a step (bisection)."""
+    first, n = paths[0], len(paths[0])
+    for p in paths:
+        if p is first:
+            continue
+        n = min(n, len(p))
+        if n and p[n - 1] == first[n - 1]:
+            continue
+        lo, hi = 0, max(0, n - 1)  # the common prefix is lo..hi long
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if p[mid - 1] == first[mid - 1]:
+                lo = mid
+            else:
+                hi = mid - 1
+        n = lo
+    return n
 
 
 def _unpack(packed: torch.Tensor, N: int):
@@ -826,7 +918,8 @@ def _layer(h, pool, mask, cos, sin, write, keys, w: _LayerWeights, c: _LayerCons
         qk = torch.cat((F.rms_norm(q, (D,), w.q_norm, c.qk_eps), F.rms_norm(k, (D,), w.k_norm, c.qk_eps)), dim=2)
     qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # rotary embedding
     pool.index_put_((write,), torch.cat((qk[:, :, H:], v), dim=2).view(B * N, 2 * G, D))
-    o = _sdpa_attention(mask, qk[:, :, :H], pool[keys], c.scale)
+    attention = _sdpa_attention if keys.dim() == 2 else _shared_keys_attention
+    o = attention(mask, qk[:, :, :H], pool[keys], c.scale)
     h = _residual_linear(h, o, w.o, w.o_bias)
     gate, up = F.linear(F.rms_norm(h, (E,), w.post_norm, c.eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
     return _residual_linear(h, c.act(gate) * up, w.down, w.down_bias)
@@ -866,6 +959,32 @@ def _sdpa_attention(mask, q, kv, scale) -> torch.Tensor:
     q = q.reshape(B, N, G, g, D).permute(0, 2, 3, 1, 4).reshape(B, G, g * N, D)
     o = F.scaled_dot_product_attention(q, kv[:, :G], kv[:, G:], attn_mask=mask, scale=scale)
     return o.reshape(B, G, g, N, D).permute(0, 3, 1, 2, 4).reshape(B * N, H * D)
+
+
+def _shared_keys_mask(pos: torch.Tensor, owner: torch.Tensor, key_pos: torch.Tensor, dtype, g: int) -> torch.Tensor:
+    """Additive mask ``[1, 1, B * g * N, S]`` over keys shared by a batch (``_run``): query
+    ``n`` of row ``b`` (its ``g`` heads of one KV head stacked) sees key ``j`` when
+    ``owner[j]`` is -1 or ``b`` and ``key_pos[j] <= pos[b, n]``."""
+    B, N = pos.shape
+    rows = torch.arange(B, device=pos.device)
+    mine = (owner == -1) | (owner == rows[:, None])  # [B, S]
+    visible = mine[:, None, :] & (key_pos <= pos[:, :, None])  # [B, N, S]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None].expand(B, g, N, mask.shape[-1]).reshape(1, 1, B * g * N, mask.shape[-1])
+
+
+def _shared_keys_attention(mask, q, kv, scale) -> torch.Tensor:
+    """``_sdpa_attention`` with one key set for all rows: queries ``q`` ``[B, N, H, D]``
+    over keys and values ``kv`` ``[S, 2G, D]`` under ``mask`` (``_shared_keys_mask``) ->
+    ``[B * N, H * D]``; every row's queries are stacked as one batch of ``B * g * N``
+    query rows per KV head."""
+    B, N, H, D = q.shape
+    G = kv.shape[1] // 2
+    g = H // G
+    kv = kv.transpose(0, 1)[None]  # [1, 2G, S, D]
+    q = q.reshape(B, N, G, g, D).permute(2, 0, 3, 1, 4).reshape(1, G, B * g * N, D)
+    o = F.scaled_dot_product_attention(q, kv[:, :G], kv[:, G:], attn_mask=mask, scale=scale)
+    return o.reshape(G, B, g, N, D).permute(1, 3, 0, 2, 4).reshape(B * N, H * D)
 
 
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
