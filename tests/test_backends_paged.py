@@ -517,22 +517,39 @@ def test_compile_modes_with_cudagraphs_of_their_own_are_refused(tiny_llama):
     assert not plain.compile and plain._compiled is None
 
 
+def _eager_graphs(lm, monkeypatch) -> list:
+    """Make ``lm`` use its CUDA-graph path (buckets, packing, ``_decode``) with each
+    "captured graph" run by the eager forward on the CPU; returns the captured buckets as
+    ``(N, per-row layout?, *packed shape)``, in order."""
+    from genlm_bytes_potential.backends import paged
+
+    captured = []
+
+    class EagerGraph:
+        def __init__(self, N, buf, unpack):
+            self.N, self.buf, self.unpack = N, buf, unpack
+
+        def replay(self):
+            lm._run(*self.unpack(self.buf, self.N))
+
+    def capture(N, shape, unpack):
+        captured.append((N, unpack is paged._unpack, *shape))
+        buf = torch.zeros(shape, dtype=torch.long)
+        return EagerGraph(N, buf, unpack), buf
+
+    monkeypatch.setattr(lm, "cuda_graphs", True)
+    monkeypatch.setattr(lm, "_capture", capture)
+    return captured
+
+
 async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
     """Rows of up to GRAPH_TOKENS new tokens packed as CUDA graphs replay them (rows, new
     tokens and keys padded to buckets; padding writes the scratch slot and row), run
     here by the eager forward."""
-    from genlm_bytes_potential.backends import paged
 
     model, tok = tiny_llama
     lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=False)
-    shapes = []
-
-    def replay(packed, N, unpack=paged._unpack):
-        shapes.append((N, unpack is paged._unpack, *packed.shape))
-        lm._run(*unpack(packed, N))
-
-    monkeypatch.setattr(lm, "cuda_graphs", True)
-    monkeypatch.setattr(lm, "_decode", replay)
+    shapes = _eager_graphs(lm, monkeypatch)
     out = await _run_batches(lm, _STEP_BATCHES)
     for batch, rows in zip(_STEP_BATCHES, out):
         for row, ctx in zip(rows, batch):
@@ -567,8 +584,7 @@ async def test_rows_sharing_keys_read_them_once(tiny_llama, monkeypatch):
             inner = getattr(lm, name)
             monkeypatch.setattr(lm, name, lambda *a, _f=inner, _n=name, **k: layouts.append(_n) or _f(*a, **k))
         if graphs:
-            monkeypatch.setattr(lm, "cuda_graphs", True)
-            monkeypatch.setattr(lm, "_decode", lambda packed, N, unpack=paged._unpack: lm._run(*unpack(packed, N)))
+            _eager_graphs(lm, monkeypatch)
         out = await _run_batches(lm, batches)
         for batch, rows in zip(batches, out):
             for row, ctx in zip(rows, batch):

@@ -12,6 +12,10 @@ makes that step cheap:
   copied or concatenated per context, and contexts sharing a prefix share its slots;
 * all contexts of a call run as one batch (rows may even extend a token that another
   row of the same batch writes: all rows write a layer's slots before any reads them);
+* one-token rows whose contexts share most of their tokens (a beam's candidates and the
+  contexts prefetched for them) attend over one key set for the whole batch: the shared
+  slots once, then each row's own, under a mask (``_pack_shared``), so that attention
+  reads ``shared + sum(own)`` keys where a row of ``S`` keys each would read ``B * S``;
 * on CUDA, a batch of steps of at most ``GRAPH_TOKENS`` new tokens per row replays a
   CUDA graph captured once per (new tokens, rows, key length) bucket: the whole
   30-layer forward costs one launch;
@@ -37,7 +41,6 @@ Qwen2, Qwen3); other models: :class:`~genlm_bytes_potential.backends.hf.HFTokenL
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from itertools import chain
@@ -454,12 +457,12 @@ class PagedTokenLM(HFTokenLM):
         )
         self.compile, self._compiled = False, None
 
-    def _decode(self, packed: torch.Tensor, N: int, unpack: Callable = None) -> None:
-        """Rows of ``N`` new tokens (``packed``: see ``_pack`` or, with ``unpack`` from
-        ``_pack_shared``, that layout; padded to a bucket), through the CUDA graph of this
-        bucket: one host-to-device copy, one replay."""
+    def _decode(self, packed: torch.Tensor, N: int, unpack: Callable | None = None) -> None:
+        """Rows of ``N`` new tokens (``packed``: see ``_pack``, or ``_pack_shared`` with its
+        ``unpack``; padded to a bucket), through the CUDA graph of this bucket: one
+        host-to-device copy, one replay."""
         unpack = unpack or _unpack
-        key = (N, *packed.shape) if unpack is _unpack else (N, "shared", *unpack.keywords.values(), *packed.shape)
+        key = (N, unpack, *packed.shape)
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = self._capture(N, tuple(packed.shape), unpack)
@@ -686,7 +689,7 @@ class PagedTokenLM(HFTokenLM):
             U_pad = _key_bucket(U) if graph else U
             if U_pad <= 2 * S_pad:
                 packed = self._pack_shared(contexts, nodes, lens, parents, shared, B_pad, U_pad)
-                unpack = functools.partial(_unpack_shared, B_pad=B_pad)
+                unpack = _SharedKeys(B_pad)
         if packed is None:
             packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
         if graph:
@@ -733,7 +736,7 @@ class PagedTokenLM(HFTokenLM):
     def _pack_shared(self, contexts, nodes, lens, parents, shared: int, B_pad: int, U_pad: int) -> torch.Tensor:
         """Rows of one new token whose keys start with the same ``shared`` slots (their
         ``parents``' paths do), packed with the keys of all rows together (one int64
-        tensor, see ``_unpack_shared``): per row its new token id, position, slot, 0 and
+        tensor, see ``_SharedKeys``): per row its new token id, position, slot, 0 and
         log-prob row; then ``U_pad`` keys: the shared slots (seen by every row), each row's
         own slots past them and its new slot (seen by that row), one scratch key (slot 0,
         position 0) per padding row, unused keys (owner -2, seen by none). Attention then
@@ -806,12 +809,17 @@ class _Staging:
             event.record(torch.cuda.current_stream(self.device))
 
 
-def _unpack_shared(packed: torch.Tensor, N: int, B_pad: int):
-    """``(ids, pos, write, keys, last, rows, owner, key_pos)`` views of a batch packed by
-    ``_pack_shared`` (``N`` is 1)."""
-    per_row = packed[: 5 * B_pad].view(B_pad, 5)
-    slots, owner, key_pos = packed[5 * B_pad :].view(3, -1)
-    return per_row[:, :1], per_row[:, 1:2], per_row[:, 2:3], slots, per_row[:, 3], per_row[:, 4], owner, key_pos
+class _SharedKeys(NamedTuple):
+    """Unpacks a batch of ``B_pad`` rows packed by ``_pack_shared`` (``N`` is 1) into
+    ``(ids, pos, write, keys, last, rows, owner, key_pos)`` views; a value (hashable), so
+    that it names the CUDA graphs of this layout."""
+
+    B_pad: int
+
+    def __call__(self, packed: torch.Tensor, N: int) -> tuple:
+        per_row = packed[: 5 * self.B_pad].view(self.B_pad, 5)
+        slots, owner, key_pos = packed[5 * self.B_pad :].view(3, -1)
+        return per_row[:, :1], per_row[:, 1:2], per_row[:, 2:3], slots, per_row[:, 3], per_row[:, 4], owner, key_pos
 
 
 def _key_bucket(n: int) -> int:
