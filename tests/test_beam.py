@@ -173,6 +173,28 @@ async def test_max_context_length_truncates_the_lm_view_only():
         TokenModel(lm, max_context_length=0)
 
 
+async def test_extensions_are_remembered_and_the_memo_is_bounded(monkeypatch):
+    """``TokenModel.extend`` returns the object it made for the same (state, token), equal
+    to ``LMState.extend``'s; the memo is cleared when full, and then makes equal new ones.
+    A scoring run through it gives the values of one without it."""
+    from genlm_bytes_potential import lm_state
+
+    lm, model = make_model([b"a", b"b", b"ab", b"ba"], seed=3)
+    s = model.initial_state([0])
+    a = model.extend(s, 2)
+    assert model.extend(s, 2) is a and a == s.extend(2) and a.tokens == (0, 2)
+    assert model.extend(s, 3) is not a and model.extend(a, 1).tokens == (0, 2, 1)
+    monkeypatch.setattr(lm_state, "_EXTENSIONS_KEPT", 3)
+    model.extend(s, 1)  # the fourth: the memo was full
+    assert len(model._extensions) == 1
+    again = model.extend(s, 2)
+    assert again is not a and again == a
+    data = b"abbaab"
+    plain = ByteLM(MockTokenLM([b"a", b"b", b"ab", b"ba"], seed=3), K=2, lookahead=3)
+    monkeypatch.setattr(plain.model, "extend", lambda state, token: state.extend(token))
+    assert (await ByteLM(lm, K=2, lookahead=3).score(data)).logprob == (await plain.score(data)).logprob
+
+
 async def test_no_bos_no_eos_tokenizer():
     lm = MockTokenLM([b"a", b"b"], seed=0)
     model = TokenModel(lm)

@@ -79,7 +79,7 @@ async def _heal(beam: Beam, b: int, mode: bool):
                 if masses[leaf] <= 0 or not np.isfinite(base):
                     continue
                 weight = base + math.log(masses[leaf])
-                state = beam.states[i].extend(trie.leaf_token[leaf])
+                state = model.extend(beam.states[i], int(trie.leaf_token[leaf]))
                 row = await _host_row(model, state, mode)
                 calls += 1
                 node, weight, state, more = await _replay(
@@ -109,7 +109,7 @@ async def _replay(model, params, data: bytes, state, masses, weight, mode):
         for leaf in range(node + 1, node + 1 + trie.n_leaves[node]):
             if masses[leaf] <= 0:
                 continue
-            new_state = state.extend(trie.leaf_token[leaf])
+            new_state = model.extend(state, int(trie.leaf_token[leaf]))
             new_masses = await _host_row(model, new_state, mode)
             calls += 1
             child = int(trie.child(np.array([trie.root]), byte)[0])

@@ -86,9 +86,10 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     keep = np.sort(np.argsort(-rank, kind="stable")[:limit])
     keep = keep[np.isfinite(est[keep])]
     states: dict[int, LMState] = {}  # kept contexts' parents rank above them: kept too
+    extend = beam.model.extend
     for k, token in zip(keep.tolist(), trie.leaf_token[leaf[keep]].tolist()):
         src = found[k][0]
-        states[k] = (beam.states[-1 - src] if src < 0 else states[src]).extend(token)
+        states[k] = extend(beam.states[-1 - src] if src < 0 else states[src], token)
     return list(states.values())
 
 

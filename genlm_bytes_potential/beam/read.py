@@ -79,7 +79,7 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
     ext_bid = bid[keep][ext_owner]
     tokens = trie.leaf_token[leaf[ext]]
     kstates = flat.states_at(ok[keep])
-    ext_states = [kstates[o].extend(t) for o, t in zip(ext_owner[made].tolist(), tokens[made].tolist())]
+    ext_states = [model.extend(kstates[o], t) for o, t in zip(ext_owner[made].tolist(), tokens[made].tolist())]
     if model.canonical and ext_states:  # commit only canonical token sequences
         canon = np.array([model.is_canonical(s.tokens) for s in ext_states], bool)
         made[np.flatnonzero(made)[~canon]] = False
