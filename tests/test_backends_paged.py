@@ -591,8 +591,9 @@ async def test_rows_sharing_keys_read_them_once(tiny_llama, monkeypatch):
                 assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5), (graphs, ctx)
         # the prefix (60 new tokens); two beam steps; unrelated contexts (~40-50 tokens each)
         assert layouts == ["_pack", "_pack_shared", "_pack_shared", "_pack"], (graphs, layouts)
-        assert paged._common_prefix([np.arange(5), np.arange(3), np.array([0, 1, 7, 8])]) == 2
-        assert paged._common_prefix([np.arange(4), np.array([9])]) == 0
+    assert paged._common_prefix([np.arange(5), np.arange(3), np.array([0, 1, 7, 8])]) == 2
+    assert paged._common_prefix([np.arange(4), np.array([9])]) == 0
+    assert paged._common_prefix([np.arange(6), np.arange(6)]) == 6
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Triton need a GPU")
