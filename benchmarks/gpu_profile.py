@@ -5,6 +5,7 @@ one scoring run.
     python -m benchmarks.gpu_profile --bytes 400 --K 5 8
     python -m benchmarks.gpu_profile --bytes 2113 --K 8 --sweep 4:64 6:128 10:256
     python -m benchmarks.gpu_profile --w2 32 128 --w2-bytes 32
+    python -m benchmarks.gpu_profile --bytes 500 --K 8 --busy
 
 Prints medians of 30 repetitions for the micro-measurements (ms) and bytes/s for W1
 (after a warm-up pass over the same text, so CUDA graphs are captured). ``--sweep
@@ -12,6 +13,9 @@ LOOKAHEAD:MAX_PREFETCH ...`` instead times W1 at the last K for each prefetch se
 (bytes read ahead, most contexts per LM call): LM calls, contexts and bytes/s per setting.
 ``--w2 PARTICLES ...`` instead splits W2 runs (regex SMC in product mode, ``w2_split``):
 our potential, the LM inside it, the grammar and genlm-control's own work, per SMC step.
+``--busy`` instead scores the first ``--bytes`` bytes at the last K (a warm-up, a timed
+pass, then a pass under torch.profiler, CUDA kernels only): the GPU's kernel time against
+wall time, and the kernels that took most of it.
 """
 
 from __future__ import annotations
@@ -196,6 +200,34 @@ def _print_w2(lm, eos, particles: list[int], max_bytes: int, reps: int = 2) -> N
                 print(f"  {name}: {ms / steps:.3f}")
 
 
+def _print_busy(blm, lm, text: bytes, top: int = 25) -> None:
+    """W1 once without the profiler (B/s), then under torch.profiler (CUDA activity only):
+    how much of the wall time the GPU spends in kernels, and the ``top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    asyncio.run(blm.score(text))  # warm-up: CUDA graphs of every bucket
+    lm.clear_cache()
+    t = time.perf_counter()
+    s = asyncio.run(blm.score(text))
+    dt = time.perf_counter() - t
+    print(f"W1 unprofiled: {len(text) / dt:.1f} B/s, log-prob {s.logprob:.10f}")
+    lm.clear_cache()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        asyncio.run(blm.score(text))
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    kernels = prof.key_averages()
+    busy = sum(device_us(e) for e in kernels) / 1e3
+    print(f"profiled: wall {dt * 1e3:.0f} ms, GPU kernels {busy:.0f} ms ({busy / (dt * 1e3):.0%} of the wall time)")
+    for e in sorted(kernels, key=device_us, reverse=True)[:top]:
+        print(f"  {device_us(e) / 1e3:8.1f} ms  {e.count:7d}x  {e.key[:110]}")
+
+
 def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,6 +242,7 @@ def main():
     p.add_argument("--sweep", nargs="+", default=None, metavar="LOOKAHEAD:MAX_PREFETCH")
     p.add_argument("--w2", type=int, nargs="+", default=None, metavar="PARTICLES")
     p.add_argument("--w2-bytes", type=int, default=32)
+    p.add_argument("--busy", action="store_true", help="the GPU's kernel time in W1 (torch.profiler)")
     args = p.parse_args()
     path = default_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
@@ -222,6 +255,8 @@ def main():
         return _sweep(lm, eos, text, args.K[-1], args.sweep)
     if args.w2:
         return _print_w2(lm, eos, args.w2, args.w2_bytes)
+    if args.busy:
+        return _print_busy(ByteLM(lm, K=args.K[-1], eos_tokens=eos), lm, text)
     trie = ByteLM(lm, eos_tokens=eos).model.trie
     lp = torch.log_softmax(torch.randn(128, lm.vocab_size, device="cuda"), -1)
     for B in (1, 8, 128):
