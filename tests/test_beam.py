@@ -256,6 +256,51 @@ async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(voca
     assert set(lm.requests) <= prefetched
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=vocabularies(),
+    data=texts(6).filter(len),
+    depth=st.integers(1, 3),
+    picks=st.lists(st.integers(0, 99), max_size=4),
+)
+def test_speculated_contexts_are_enumerated_breadth_first(vocab, data, depth, picks):
+    """``_spelled_contexts`` (numba) lists the contexts of the written-down enumeration: each
+    candidate's partial token continued by ``data[:end]`` (level 1), then, breadth first,
+    every context of level < depth extended by each token the data spells from its end."""
+    from genlm_bytes_potential.beam.prefetch import _spelled_contexts
+
+    trie = make_model(vocab, 0)[1].trie
+    prefixes = sorted({t[:k] for t in vocab for k in range(len(t))})
+    nodes = np.array([trie.node_of(prefixes[p % len(prefixes)]) for p in picks] + [trie.root], np.int64)
+    found = []
+    for i, node in enumerate(nodes.tolist()):
+        for end in range(1, len(data) + 1):
+            leaves = trie.leaves_spelling(trie.prefix_of[node] + data[:end])
+            if leaves is None:
+                break
+            found += [(-1 - i, leaf, 1, end) for leaf in leaves]
+    k = 0
+    while k < len(found):
+        _, _, lev, start = found[k]
+        for end in range(start + 1, len(data) + 1) if lev < depth else ():
+            leaves = trie.leaves_spelling(data[start:end])
+            if leaves is None:
+                break
+            found += [(k, leaf, lev + 1, end) for leaf in leaves]
+        k += 1
+    got = _spelled_contexts(
+        nodes,
+        np.frombuffer(data, np.uint8),
+        depth,
+        trie.root,
+        trie.child_ptr,
+        trie.child_label,
+        trie.child_node,
+        trie.n_leaves,
+    )
+    assert list(zip(*(a.tolist() for a in got))) == found
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]), heal=st.booleans()

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..lm_state import LMState
 from ..trie import EOS
-from .core import Beam
+from .core import Beam, _njit
 
 
 def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> list[LMState]:
@@ -45,37 +45,19 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     if limit <= 0 or beam.is_empty:
         return []
     trie = beam.model.trie
-    n = len(data)
-    # A found context is its parent (candidate i as -1 - i, or an earlier found context)
-    # extended by the token of one leaf, spelled up to byte ``end`` of data. Contexts that
-    # end at the same byte extend alike: by the tokens data spells from there (``spelled``).
-    spelled: list[list[tuple[int, int]]] = []
-    for start in range(n):
-        found = []
-        for end in range(start + 1, n + 1):
-            leaves = trie.leaves_spelling(data[start:end])
-            if leaves is None:
-                break
-            found.extend((end, leaf) for leaf in leaves)
-        spelled.append(found)
-    found: list[tuple[int, int, int, int]] = []  # (parent, leaf, level, end)
-    for i in range(len(beam)):
-        partial = trie.prefix_of[beam.nodes[i]]
-        for end in range(1, n + 1):
-            leaves = trie.leaves_spelling(partial + data[:end])
-            if leaves is None:
-                break
-            found.extend((-1 - i, leaf, 1, end) for leaf in leaves)
-    k = 0
-    while k < len(found):  # breadth first: parents come before their children
-        _, _, lev, start = found[k]
-        if lev < depth and start < n:
-            found.extend((k, leaf, lev + 1, end) for end, leaf in spelled[start])
-        k += 1
-    if not found:
+    parent, leaf, level, ends = _spelled_contexts(
+        beam.nodes,
+        np.frombuffer(data, np.uint8),
+        depth,
+        trie.root,
+        trie.child_ptr,
+        trie.child_label,
+        trie.child_node,
+        trie.n_leaves,
+    )
+    if not len(parent):
         return []
-    parent, leaf, level, ends = np.array(found, np.int64).T
-    est = np.empty(len(found))
+    est = np.empty(len(parent))
     first = np.flatnonzero(level == 1)
     cand = -1 - parent[first]
     est[first] = beam.weights[cand] + beam.log_mass_ratio(cand, leaf[first], beam.nodes[cand])
@@ -87,10 +69,82 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     keep = keep[np.isfinite(est[keep])]
     states: dict[int, LMState] = {}  # kept contexts' parents rank above them: kept too
     extend = beam.model.extend
-    for k, token in zip(keep.tolist(), trie.leaf_token[leaf[keep]].tolist()):
-        src = found[k][0]
+    for k, src, token in zip(keep.tolist(), parent[keep].tolist(), trie.leaf_token[leaf[keep]].tolist()):
         states[k] = extend(beam.states[-1 - src] if src < 0 else states[src], token)
     return list(states.values())
+
+
+@_njit
+def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, child_node, n_leaves):
+    """The contexts ``speculative_contexts`` ranks, breadth first (parents before their
+    children), as arrays ``(parent, leaf, level, end)``: a context is its parent
+    (candidate ``i`` as ``-1 - i``, or an earlier context) extended by the token of one
+    leaf, spelled up to byte ``end`` of ``data``. Level 1: each candidate's partial token
+    (its node) continued by ``data[:end]``; a context of level < ``depth`` ending before
+    the data does extends by every token the data spells from its end (the same for all
+    contexts ending there, computed once per start)."""
+    n = len(data)
+    # per start byte, the (end, leaf) pairs spelled from there: sp_end/sp_leaf[sp_ptr[s]:sp_ptr[s + 1]]
+    sp_end, sp_leaf = np.empty(16, np.int64), np.empty(16, np.int64)
+    sp_ptr = np.zeros(n + 1, np.int64)
+    m = 0
+    for start in range(n):
+        node = root
+        for end in range(start + 1, n + 1):
+            node = _child(node, data[end - 1], child_ptr, child_label, child_node)
+            if node < 0:
+                break
+            for j in range(n_leaves[node]):
+                if m == len(sp_end):
+                    sp_end, sp_leaf = _grown(sp_end), _grown(sp_leaf)
+                sp_end[m], sp_leaf[m] = end, node + 1 + j
+                m += 1
+        sp_ptr[start + 1] = m
+    parent, leaf, level, ends = (
+        np.empty(64, np.int64),
+        np.empty(64, np.int64),
+        np.empty(64, np.int64),
+        np.empty(64, np.int64),
+    )
+    k = 0
+    for i in range(len(cand_nodes)):
+        node = cand_nodes[i]
+        for end in range(1, n + 1):
+            node = _child(node, data[end - 1], child_ptr, child_label, child_node)
+            if node < 0:
+                break
+            for j in range(n_leaves[node]):
+                if k == len(parent):
+                    parent, leaf, level, ends = _grown(parent), _grown(leaf), _grown(level), _grown(ends)
+                parent[k], leaf[k], level[k], ends[k] = -1 - i, node + 1 + j, 1, end
+                k += 1
+    q = 0
+    while q < k:  # breadth first: parents come before their children
+        start = ends[q]
+        if level[q] < depth and start < n:
+            for r in range(sp_ptr[start], sp_ptr[start + 1]):
+                if k == len(parent):
+                    parent, leaf, level, ends = _grown(parent), _grown(leaf), _grown(level), _grown(ends)
+                parent[k], leaf[k], level[k], ends[k] = q, sp_leaf[r], level[q] + 1, sp_end[r]
+                k += 1
+        q += 1
+    return parent[:k], leaf[:k], level[:k], ends[:k]
+
+
+@_njit
+def _child(node, byte, child_ptr, child_label, child_node):
+    """The child of ``node`` by ``byte``, -1 if none."""
+    lo, hi = child_ptr[node], child_ptr[node + 1]
+    p = lo + np.searchsorted(child_label[lo:hi], byte)
+    return child_node[p] if p < hi and child_label[p] == byte else -1
+
+
+@_njit
+def _grown(a):
+    """``a`` in an array twice as long (the rest uninitialized)."""
+    out = np.empty(2 * len(a), a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 # Rank of a speculative context (see speculative_contexts), in nats. Chosen on SmolLM2
