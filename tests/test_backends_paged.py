@@ -572,7 +572,7 @@ async def test_rows_sharing_keys_read_them_once(tiny_llama, monkeypatch):
     text = list(range(200, 260))
     batches = [
         [text],
-        [text + [t] for t in (5, 7, 9, 11, 13)],
+        [text + [t] for t in (5, 7, 9, 11, 13)] + [text[:59]],  # (a cached prefix without log-probs: recomputed)
         # cousins and a chain whose prefix this very call computes (same wave)
         [text + [5, 6], text + [7, 8], text + [13, 3], text + [13, 3, 4], text + [11, 12]],
         [list(range(300, 340)) + [1], list(range(400, 450)) + [2], list(range(500, 520)) + [3]],
