@@ -90,9 +90,10 @@ class LMStats:
 
 _FIRST_TABLE_BYTES = 2**25
 
-#: extensions ``TokenModel.extend`` remembers (cleared when full: at 2,000-token contexts
-#: ~16 MB of token tuples at most)
+#: extensions ``TokenModel.extend`` remembers, and the tokens they hold: the memo is
+#: cleared when either is reached (its tuples then hold at most ~8 MB of references)
 _EXTENSIONS_KEPT = 1024
+_EXTENSION_TOKENS_KEPT = 2**20
 
 
 @dataclass(slots=True)
@@ -377,6 +378,7 @@ class TokenModel:
         self.lookahead = self._resolve_lookahead()
         self.store = MassStore(self.trie, self.mass_bytes)
         self._extensions: dict[tuple[LMState, int], LMState] = {}  # see extend
+        self._extension_tokens = 0
         if self.canonical:
             w = self.canonical_window
             if isinstance(w, bool) or not isinstance(w, Integral) or w < 1:
@@ -400,16 +402,19 @@ class TokenModel:
 
     def extend(self, state: LMState, token: int) -> LMState:
         """``state`` followed by ``token``: the object made the last time it was asked for,
-        while the memo of the last ``_EXTENSIONS_KEPT`` holds it. A scoring step's
+        while the memo of recent extensions (``_EXTENSIONS_KEPT``) holds it. A scoring step's
         speculation asks again for most of the contexts the previous one asked for, and
         the beam then for those it keeps (47% of a W1 run's extensions repeat one); a repeat
         copies and hashes no tokens, and lookups of the same object compare by identity."""
         key = (state, token)
         child = self._extensions.get(key)
         if child is None:
-            if len(self._extensions) >= _EXTENSIONS_KEPT:
+            n = len(state.tokens) + 1
+            if len(self._extensions) >= _EXTENSIONS_KEPT or self._extension_tokens + n > _EXTENSION_TOKENS_KEPT:
                 self._extensions.clear()
+                self._extension_tokens = 0
             child = self._extensions[key] = state.extend(token)
+            self._extension_tokens += n
         return child
 
     def would_call(self, states: list[LMState], with_eos: bool) -> bool:

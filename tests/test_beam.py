@@ -189,6 +189,12 @@ async def test_extensions_are_remembered_and_the_memo_is_bounded(monkeypatch):
     assert len(model._extensions) == 1
     again = model.extend(s, 2)
     assert again is not a and again == a
+    monkeypatch.setattr(lm_state, "_EXTENSIONS_KEPT", 100)
+    monkeypatch.setattr(lm_state, "_EXTENSION_TOKENS_KEPT", 7)  # two of 2 tokens, one of 3: 7
+    long = model.extend(again, 0)
+    assert len(model._extensions) == 3 and model.extend(again, 0) is long
+    model.extend(long, 1)  # 4 more tokens: past the bound
+    assert len(model._extensions) == 1
     data = b"abbaab"
     plain = ByteLM(MockTokenLM([b"a", b"b", b"ab", b"ba"], seed=3), K=2, lookahead=3)
     monkeypatch.setattr(plain.model, "extend", lambda state, token: state.extend(token))
