@@ -59,6 +59,7 @@ import torch
 
 from benchmarks.common import command_line, git_commit, machine_desc
 from benchmarks.lms import heldout_text
+from benchmarks.w1_score import score_ours
 from benchmarks.w2_smc import smc_once
 
 MODELS = ("smollm2", "llama8b", "tiny")
@@ -268,17 +269,12 @@ def _profiled(lm, work, direct: bool, path: str) -> None:
 
 def w1(lm, text, K, eos, prefetch: tuple[int, int] | None = None):
     """W1; ``prefetch``: (lookahead, max_prefetch) instead of ``TokenModel``'s defaults."""
+    opts = {} if prefetch is None else {"lookahead": prefetch[0], "max_prefetch": prefetch[1]}
 
     async def work():
-        from genlm_bytes_potential.byte_lm import ByteLM
-
-        blm = ByteLM(lm, K=K, eos_tokens=list(eos))  # builds the trie (untimed)
-        if prefetch is not None:
-            blm.model.lookahead = prefetch[0] if blm.model.lookahead else 0
-            blm.model.max_prefetch = prefetch[1]
-        t0 = time.perf_counter()
-        s = await blm.score(text)
-        return {"seconds": time.perf_counter() - t0, "n_bytes": len(text), "logprob": float(s.logprob)}
+        r = await score_ours(lm, text, K, eos, **opts)
+        r["n_bytes"] = len(text)
+        return r
 
     return work
 

@@ -41,10 +41,13 @@ KS = (1, 2, 4, 8, 16)
 QUICK_KS = (1, 4, 16)
 
 
-async def score_ours(lm, text: bytes, K: int, eos, **opts) -> dict:
+async def score_ours(lm, text: bytes, K: int, eos, max_prefetch: int | None = None, **opts) -> dict:
+    """``ByteLM(lm, K, **opts).score(text)``, timed; ``max_prefetch`` replaces the model's."""
     from genlm_bytes_potential.byte_lm import ByteLM
 
     blm = ByteLM(lm, K=K, eos_tokens=list(eos), **opts)  # builds the trie (untimed)
+    if max_prefetch is not None:
+        blm.model.max_prefetch = max_prefetch
     c0, t0 = time.process_time(), time.perf_counter()
     s = await blm.score(text)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
