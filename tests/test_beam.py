@@ -270,10 +270,10 @@ async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(voca
     picks=st.lists(st.integers(0, 99), max_size=4),
 )
 def test_speculated_contexts_are_enumerated_breadth_first(vocab, data, depth, picks):
-    """``_spelled_contexts`` (numba) lists the contexts of the written-down enumeration: each
+    """``spelled_contexts`` (a numba kernel) lists the contexts of the written-down enumeration: each
     candidate's partial token continued by ``data[:end]`` (level 1), then, breadth first,
     every context of level < depth extended by each token the data spells from its end."""
-    from genlm_bytes_potential.beam.prefetch import _spelled_contexts
+    from genlm_bytes_potential.beam.prefetch import spelled_contexts
 
     trie = make_model(vocab, 0)[1].trie
     prefixes = sorted({t[:k] for t in vocab for k in range(len(t))})
@@ -294,16 +294,7 @@ def test_speculated_contexts_are_enumerated_breadth_first(vocab, data, depth, pi
                 break
             found += [(k, leaf, lev + 1, end) for leaf in leaves]
         k += 1
-    got = _spelled_contexts(
-        nodes,
-        np.frombuffer(data, np.uint8),
-        depth,
-        trie.root,
-        trie.child_ptr,
-        trie.child_label,
-        trie.child_node,
-        trie.n_leaves,
-    )
+    got = spelled_contexts(trie, nodes, data, depth)
     assert list(zip(*(a.tolist() for a in got))) == found
 
 

@@ -45,16 +45,7 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     if limit <= 0 or beam.is_empty:
         return []
     trie = beam.model.trie
-    parent, leaf, level, ends = _spelled_contexts(
-        beam.nodes,
-        np.frombuffer(data, np.uint8),
-        depth,
-        trie.root,
-        trie.child_ptr,
-        trie.child_label,
-        trie.child_node,
-        trie.n_leaves,
-    )
+    parent, leaf, level, ends = spelled_contexts(trie, beam.nodes, data, depth)
     if not len(parent):
         return []
     est = np.empty(len(parent))
@@ -74,15 +65,29 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     return list(states.values())
 
 
-@_njit
-def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, child_node, n_leaves):
+def spelled_contexts(trie, nodes: np.ndarray, data: bytes, depth: int) -> tuple[np.ndarray, ...]:
     """The contexts ``speculative_contexts`` ranks, breadth first (parents before their
     children), as arrays ``(parent, leaf, level, end)``: a context is its parent
-    (candidate ``i`` as ``-1 - i``, or an earlier context) extended by the token of one
-    leaf, spelled up to byte ``end`` of ``data``. Level 1: each candidate's partial token
-    (its node) continued by ``data[:end]``; a context of level < ``depth`` ending before
-    the data does extends by every token the data spells from its end (the same for all
-    contexts ending there, computed once per start)."""
+    (candidate ``i``, at trie node ``nodes[i]``, as ``-1 - i``, or an earlier context)
+    extended by the token of one leaf, spelled up to byte ``end`` of ``data``. Level 1:
+    each candidate's partial token continued by ``data[:end]``; a context of level <
+    ``depth`` ending before the data does extends by every token the data spells from its
+    end (the same for all contexts ending there, computed once per start)."""
+    return _spelled_contexts(
+        nodes,
+        np.frombuffer(data, np.uint8),
+        depth,
+        trie.root,
+        trie.child_ptr,
+        trie.child_label,
+        trie.child_node,
+        trie.n_leaves,
+    )
+
+
+@_njit
+def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, child_node, n_leaves):
+    """``spelled_contexts`` over the trie's flat arrays."""
     n = len(data)
     # per start byte, the (end, leaf) pairs spelled from there: sp_end/sp_leaf[sp_ptr[s]:sp_ptr[s + 1]]
     sp_end, sp_leaf = np.empty(16, np.int64), np.empty(16, np.int64)
