@@ -680,7 +680,7 @@ class PagedTokenLM(HFTokenLM):
             B_pad, S_pad = max(2, 1 << (B - 1).bit_length()), _key_bucket(S)
         else:
             B_pad, S_pad = B, S
-        packed, unpack = None, _unpack
+        packed, unpack, parents = None, _unpack, None
         if N == 1:  # rows sharing most of their keys (a beam's candidates): keys once for all
             parents = [_NO_SLOTS if node.parent is None else node.parent.path for node in nodes]
             shared = _common_prefix(parents)
@@ -691,7 +691,7 @@ class PagedTokenLM(HFTokenLM):
                 packed = self._pack_shared(contexts, nodes, lens, parents, shared, B_pad, U_pad)
                 unpack = _SharedKeys(B_pad)
         if packed is None:
-            packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad)
+            packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad, parents)
         if graph:
             self._decode(packed, N, unpack)
         else:
@@ -700,27 +700,25 @@ class PagedTokenLM(HFTokenLM):
             self._run(*unpack(sent, N))
         self.forward_calls += 1
 
-    def _pack(self, contexts, starts, nodes, lens: np.ndarray, N: int, B_pad: int, S_pad: int) -> torch.Tensor:
+    def _pack(self, contexts, starts, nodes, lens: np.ndarray, N: int, B_pad: int, S_pad: int, parents=None):
         """One int64 tensor ``[B_pad, 3N + 2 + S_pad]`` per forward pass (on CUDA in
         page-locked memory: one transfer): per row its new token ids, their positions,
         the slots they write, the index of its last new token, its log-prob row (taken
-        here), then its key slots; padding rows read and write slot 0 and the scratch row."""
+        here), then its key slots; padding rows read and write slot 0 and the scratch row.
+        ``parents``: with ``N == 1``, each row's parent's slot path."""
         B = len(contexts)
         host = self._staging.take(B_pad, 3 * N + 2 + S_pad)
         packed = host.numpy()
-        packed[:, :N] = self.pad_token_id
-        packed[:, 3 * N + 1] = self.cache.n_rows
-        packed[:B, 3 * N + 1] = self.cache.take_rows(contexts, nodes)
         keys = packed[:B, 3 * N + 2 :]
         if N == 1:  # one new token per row (the usual step): whole columns at once
-            packed[:B, 0] = [ctx[-1] for ctx in contexts]
-            packed[:B, 1] = lens - 1
-            packed[:B, 2] = [node.slot for node in nodes]
+            self._pack_one_token_rows(packed[:, :5], contexts, nodes, lens)
             # keys: the parent's path, then the row's own slot
-            parents = [_NO_SLOTS if node.parent is None else node.parent.path for node in nodes]
             keys[np.arange(S_pad) < lens[:, None] - 1] = np.concatenate(parents)
             keys[np.arange(B), lens - 1] = packed[:B, 2]
             return host
+        packed[:, :N] = self.pad_token_id
+        packed[:, 3 * N + 1] = self.cache.n_rows
+        packed[:B, 3 * N + 1] = self.cache.take_rows(contexts, nodes)
         # rows of several new tokens: each row's key slots are its node's path, and its
         # new tokens (positions d .. len - 1) write the last n of them
         keys[np.arange(S_pad) < lens[:, None]] = np.concatenate([node.path for node in nodes])
@@ -732,6 +730,18 @@ class PagedTokenLM(HFTokenLM):
         packed[:B, 2 * N : 3 * N][new] = np.take_along_axis(keys, np.minimum(pos, S_pad - 1), axis=1)[new]
         packed[:B, 3 * N] = lens - first - 1
         return host
+
+    def _pack_one_token_rows(self, fields: np.ndarray, contexts, nodes, lens: np.ndarray) -> None:
+        """``fields`` (``[B_pad, 5]``, zeroed) of rows of one new token: its id, position,
+        slot, 0 (its last new token) and log-prob row (taken here); padding rows get the
+        pad token and the scratch row (slot 0, position 0)."""
+        B = len(contexts)
+        fields[:, 0] = self.pad_token_id
+        fields[:, 4] = self.cache.n_rows
+        fields[:B, 0] = [ctx[-1] for ctx in contexts]
+        fields[:B, 1] = lens - 1
+        fields[:B, 2] = [node.slot for node in nodes]
+        fields[:B, 4] = self.cache.take_rows(contexts, nodes)
 
     def _pack_shared(self, contexts, nodes, lens, parents, shared: int, B_pad: int, U_pad: int) -> torch.Tensor:
         """Rows of one new token whose keys start with the same ``shared`` slots (their
@@ -745,12 +755,7 @@ class PagedTokenLM(HFTokenLM):
         host = self._staging.take(1, 5 * B_pad + 3 * U_pad).view(-1)
         per_row = host.numpy()[: 5 * B_pad].reshape(B_pad, 5)
         slots, owner, key_pos = host.numpy()[5 * B_pad :].reshape(3, U_pad)
-        per_row[:, 0] = self.pad_token_id
-        per_row[:, 4] = self.cache.n_rows
-        per_row[:B, 0] = [ctx[-1] for ctx in contexts]
-        per_row[:B, 1] = lens - 1
-        per_row[:B, 2] = [node.slot for node in nodes]
-        per_row[:B, 4] = self.cache.take_rows(contexts, nodes)
+        self._pack_one_token_rows(per_row, contexts, nodes, lens)
         own = lens - shared
         end = shared + int(own.sum())
         slots[:shared] = parents[0][:shared]
