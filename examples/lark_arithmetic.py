@@ -5,6 +5,8 @@ python examples/lark_arithmetic.py --particles 8
 
 import argparse
 import asyncio
+import math
+import re
 
 from genlm.control import SMC, BoolCFG, direct_token_sampler
 
@@ -20,13 +22,20 @@ NUMBER: /[0-9]{1,3}/
 """
 
 
+def value(expr: str) -> int:
+    """The value of an expression of the grammar: a sum of signed products of integers,
+    which may have leading zeros (``07``: Python's ``eval`` refuses those)."""
+    terms = re.findall(r"([+-]?)([0-9*]+)", expr)
+    return sum((-1 if sign == "-" else 1) * math.prod(int(n) for n in term.split("*")) for sign, term in terms)
+
+
 async def main(args):
     lm = load_lm(args.model, backend=args.backend)
     potential = ByteBeamPotential(lm, K=args.K, prompt="Here is an arithmetic expression: ")
     sampler = direct_token_sampler(potential * BoolCFG.from_lark(GRAMMAR))
     seqs = await SMC(sampler)(n_particles=args.particles, ess_threshold=0.5, max_tokens=args.max_bytes)
     for text, p in byte_posterior(seqs):
-        print(f"{p:.3f}  {text.decode()}  = {eval(text)}")  # the grammar admits only + - * and integers
+        print(f"{p:.3f}  {text.decode()}  = {value(text.decode())}")
 
 
 if __name__ == "__main__":
