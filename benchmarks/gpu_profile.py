@@ -233,7 +233,8 @@ def main():
 
     from genlm_bytes_potential.backends.paged import PagedTokenLM
     from genlm_bytes_potential.byte_lm import ByteLM
-    from genlm_bytes_potential.models import default_model_dir, freeze_loaded_objects
+    from genlm_bytes_potential.collector import tune_collector
+    from genlm_bytes_potential.models import default_model_dir
     from genlm_bytes_potential.transfer import to_host
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -248,7 +249,7 @@ def main():
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     lm = PagedTokenLM(model, tok)
-    freeze_loaded_objects()  # as load_lm does
+    tune_collector()  # as load_lm does
     eos = [bytes(lm.byte_vocab[tok.eos_token_id])]
     text = heldout_text(args.bytes)
     if args.sweep:

@@ -43,7 +43,8 @@ def load(dtype, device):
 
     from genlm_bytes_potential.backends.hf import HFTokenLM
     from genlm_bytes_potential.backends.paged import PagedTokenLM
-    from genlm_bytes_potential.models import default_model_dir, freeze_loaded_objects
+    from genlm_bytes_potential.collector import tune_collector
+    from genlm_bytes_potential.models import default_model_dir
 
     t0 = time.perf_counter()
     path = default_model_dir()
@@ -57,7 +58,7 @@ def load(dtype, device):
         "anchor_t0": AsyncTransformer(model, tok, timeout=0.0),
     }
     lms["anchor_on_our_lm"] = lms["ours_la0"] = lms["ours"]
-    freeze_loaded_objects()  # as load_lm does
+    tune_collector()  # as load_lm does
     return lms, convert_s
 
 

@@ -129,7 +129,8 @@ def load_pair(name: str, dtype, device: str, vllm_memory: float, vllm_opts: dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from genlm_bytes_potential.backends.paged import PagedTokenLM
-    from genlm_bytes_potential.models import freeze_loaded_objects, load_lm
+    from genlm_bytes_potential.collector import tune_collector
+    from genlm_bytes_potential.models import load_lm
 
     t = time.perf_counter()
     path, model = model_path(name, dtype, device)
@@ -149,7 +150,7 @@ def load_pair(name: str, dtype, device: str, vllm_memory: float, vllm_opts: dict
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     paged = PagedTokenLM(model, AutoTokenizer.from_pretrained(path))
     paged_start = time.perf_counter() - t
-    freeze_loaded_objects()  # as load_lm does (the vLLM engine's objects included)
+    tune_collector()  # as load_lm does (the vLLM engine's objects included)
     return {"vllm": vllm, "paged": paged}, {"build_s": built, "vllm_start_s": vllm_start, "paged_start_s": paged_start}
 
 

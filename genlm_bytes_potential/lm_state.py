@@ -18,6 +18,7 @@ import numba
 import numpy as np
 import torch
 
+from . import collector
 from .transfer import device_done, to_device, to_host
 from .trie import TokenByteTrie
 
@@ -535,6 +536,7 @@ class TokenModel:
             ) from e
         self.stats.batch_calls += 1
         self.stats.contexts += len(inputs)
+        collector.lm_called()
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
         # The forward pass runs on the GPU while other tasks run (the grammar of a product,

@@ -9,8 +9,6 @@ written atomically, so that later loads are fast and vLLM can serve it.
 
 from __future__ import annotations
 
-import atexit
-import gc
 import hashlib
 import importlib.util
 import json
@@ -19,7 +17,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-__all__ = ["load_lm", "default_model_dir", "freeze_loaded_objects", "BACKENDS", "DEFAULT_MODEL_NAME"]
+from genlm_bytes_potential.collector import tune_collector
+
+__all__ = ["load_lm", "default_model_dir", "BACKENDS", "DEFAULT_MODEL_NAME"]
 
 BACKENDS = ("auto", "vllm", "paged", "hf", "mock")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -202,31 +202,6 @@ def _auto_backend(name: str) -> str:
     return "vllm" if _vllm_available() else "hf"
 
 
-_unfreeze_registered = False
-
-
-def freeze_loaded_objects() -> None:
-    """Take every object alive now out of the cyclic garbage collector's full
-    collections: one collection, then ``gc.freeze()``. ``load_lm`` does this once the
-    model is loaded; call it yourself after building a backend by hand.
-
-    Importing torch and transformers and loading a model leave about 0.8M objects that
-    every full collection walks again: 0.35 s for one with SmolLM2 loaded, on a 2-core
-    CPU. SMC runs make full collections happen; in 128-particle regex SMC runs there
-    (tiny Llama, SmolLM2's vocabulary) one took 0.60 s with nothing frozen and
-    0.14-0.15 s after ``load_lm`` (benchmarks/HISTORY.md, session 10).
-
-    Frozen objects are still freed by reference counting; those that later become
-    cyclic garbage stay until exit. They are unfrozen at exit, so that the interpreter
-    finalizes them (extension modules report leaks otherwise)."""
-    gc.collect()
-    gc.freeze()
-    global _unfreeze_registered
-    if not _unfreeze_registered:
-        atexit.register(gc.unfreeze)
-        _unfreeze_registered = True
-
-
 def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **engine_opts):
     """Load a token-level ``AsyncLM``.
 
@@ -250,8 +225,9 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
             HF: ``dtype``, ``device``, ``kv_cache_bytes``, ...; for mock: ``seed``,
             ``temperature``). Options a backend does not know raise ``TypeError``.
 
-    The objects alive once the model is loaded are then left out of the garbage
-    collector's full collections (``freeze_loaded_objects``).
+    Once the model is loaded, Python's garbage collector is set for byte-level
+    inference (:func:`~genlm_bytes_potential.collector.tune_collector`: what is alive is
+    frozen, now and again after the first LM calls; young collections are rarer).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -259,7 +235,7 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
     if backend == "auto":
         backend = _auto_backend(name)
     lm = _load_backend(name, backend, engine_opts)
-    freeze_loaded_objects()
+    tune_collector()
     return lm
 
 

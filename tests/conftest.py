@@ -103,3 +103,16 @@ def model_dir(tmp_path_factory):
     gpt2_tokenizer().save_pretrained(path)
     (path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     return str(path)
+
+
+@_pytest.fixture
+def restore_collector():
+    """Python's collector thresholds and ``collector``'s pending freeze, put back after the test."""
+    import gc
+
+    from genlm_bytes_potential import collector
+
+    thresholds, pending = gc.get_threshold(), collector._calls_until_settled
+    yield
+    gc.set_threshold(*thresholds)
+    collector._calls_until_settled = pending

@@ -3,13 +3,12 @@
 import gc
 import json
 import time
-import weakref
 
 import pytest
 import tokenizers
 from genlm.backend.tokenization import decode_vocab
 
-from genlm_bytes_potential import models
+from genlm_bytes_potential import collector, models
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.models import default_model_dir, load_lm
@@ -102,23 +101,14 @@ def test_load_lm_mock(smollm2_dir):
     assert lm.eos_token_id is not None and bytes(lm.byte_vocab[lm.eos_token_id]) == b"<|im_end|>"
 
 
-def test_load_lm_freezes_what_is_loaded(smollm2_dir):
+def test_load_lm_sets_the_collector(smollm2_dir, restore_collector):
     frozen = gc.get_freeze_count()
     lm = load_lm(backend="mock")
     assert gc.get_freeze_count() > frozen
-    assert models._unfreeze_registered  # unfrozen at exit
+    assert gc.get_threshold()[0] >= collector.YOUNG_THRESHOLD
+    assert collector._calls_until_settled == collector.SETTLE_AFTER  # frozen again after the first calls
     tracked = gc.get_objects()  # the generations a collection walks (not the frozen one)
     assert not any(o is lm for o in tracked) and not any(o is lm.byte_vocab for o in tracked)
-
-    class Cycle:
-        pass
-
-    later = Cycle()
-    later.me = later
-    gone = weakref.ref(later)
-    del later
-    gc.collect()
-    assert gone() is None  # what is made after loading is still collected
 
 
 def test_load_lm_hf_default(smollm2_dir):
