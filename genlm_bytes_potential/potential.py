@@ -543,6 +543,13 @@ class ByteBeamPotential(Potential):
     async def logw_next(self, context):
         return self.make_lazy_weights((await self.batch_logw_next([context])).weights[0])
 
+    async def logw_eos(self, context) -> float:
+        """``logw_next(context)[EOS]``. Calls made together share one ``batch_logw_next``
+        (through this potential's autobatched wrapper): a sampler ending its particles at
+        ``max_tokens`` asks every particle's ``logw_eos`` at once, and genlm-control's
+        autobatcher and ``Product`` pass ``logw_eos`` on one context at a time."""
+        return float((await self._autobatched.logw_next(context))[self.eos])
+
     async def batch_prefix(self, contexts) -> np.ndarray:
         if not contexts:
             raise ValueError("contexts is empty; expected at least one context")

@@ -1,3 +1,4 @@
+import asyncio
 import math
 
 import numpy as np
@@ -64,6 +65,20 @@ async def test_one_lm_call_per_byte_step_across_contexts():
     lm.reset_counters()
     await pot.batch_logw_next([c + [97] for c in contexts])  # one more byte each, from cache
     assert lm.batch_calls == 1
+
+
+async def test_concurrent_eos_weights_share_one_batch():
+    """A sampler ending its particles at max_tokens asks each one's logw_eos at once."""
+    lm = mock([b"a", b"b", b"ab", b"ba", b"aa", b"b", EOS_BYTES], seed=5)
+    pot = ByteBeamPotential(lm, K=4, lookahead=0)
+    contexts = [list(b"abab"), list(b"babb"), list(b"aaba"), list(b"bbab")]
+    await pot.batch_logw_next([c[:-1] for c in contexts])  # their beams up to the last byte
+    lm.reset_counters()
+    eos = await asyncio.gather(*(pot.logw_eos(c) for c in contexts))
+    assert lm.batch_calls == 1  # one step for all four, not four
+    fresh = ByteBeamPotential(mock([b"a", b"b", b"ab", b"ba", b"aa", b"b", EOS_BYTES], seed=5), K=4, lookahead=0)
+    for c, e in zip(contexts, eos):
+        assert e == (await fresh.logw_next(c))[CONTROL_EOS]
 
 
 async def test_lookahead_gives_the_same_potential():
