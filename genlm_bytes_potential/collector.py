@@ -5,9 +5,9 @@ beams, the LM cache's nodes) next to several hundred thousand long-lived ones (t
 transformers and the model; then the kernels, tries and CUDA graphs that the first calls
 compile and build). With CPython's defaults a young collection runs every 700 container
 allocations, so that objects living a few steps are promoted, and each full collection then
-walks every long-lived object again. On an H200 with SmolLM2 (``paged``), one full collection
-took 135-540 ms, once or twice per 128-particle regex SMC run of about a second, and the
-collector took 0.45-0.76 s of a 5 s scoring run (benchmarks/HISTORY.md, session 13).
+walks every long-lived object again. On an H200 with SmolLM2 (``paged``), a full collection
+took 136-398 ms, once or twice per 128-particle regex SMC run of about a second, and the
+collector took 0.34-0.76 s of a 4.4-5.4 s scoring run (benchmarks/HISTORY.md, session 13).
 
 :func:`tune_collector` (``load_lm`` calls it once the model is loaded):
 

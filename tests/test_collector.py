@@ -20,6 +20,7 @@ def test_freezes_what_is_alive_and_raises_the_young_threshold(restore_collector)
     assert gc.get_threshold() == (1234, 10, 10)
     assert not any(o is made_before for o in gc.get_objects())  # frozen: no collection walks it
     assert collector._calls_until_settled == 0
+    assert collector._unfreeze_registered  # unfrozen at exit, so that the interpreter finalizes them
 
     gc.set_threshold(99_999, 10, 10)  # the user's higher threshold is kept
     collector.tune_collector(young_threshold=1234, settle_after=0)
