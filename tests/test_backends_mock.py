@@ -7,6 +7,7 @@ from genlm.backend.llm.base import AsyncLM
 from genlm.backend.tokenization import Token
 
 from genlm_bytes_potential.backends import MockTokenLM
+from genlm_bytes_potential.lm_state import TokenContext
 
 VOCAB = [b"a", b"b", b"ab", b" ", b"\xc3", b"\xa9", b"a"]
 
@@ -59,6 +60,13 @@ async def test_concurrent_and_errors():
     assert len(outs) == 3
     with pytest.raises(ValueError, match="out of range"):
         await lm.next_token_logprobs([len(VOCAB)])
+    ctx = TokenContext((0, 1))
+    await lm.next_token_logprobs(ctx)  # memoized: its extensions have their last token checked
+    assert torch.equal(await lm.next_token_logprobs(ctx.extended(2)), torch.from_numpy(lm.logprobs_of([0, 1, 2])))
+    with pytest.raises(ValueError, match=f"token id {len(VOCAB)} out of range"):
+        await lm.next_token_logprobs(ctx.extended(len(VOCAB)))
+    with pytest.raises(ValueError, match="token id -1 out of range"):
+        await lm.next_token_logprobs(TokenContext((0, -1, 1)).extended(2))  # its prefix never checked
     with pytest.raises(ValueError):
         MockTokenLM([])
     with pytest.raises(ValueError, match="temperature"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +21,13 @@ from genlm.backend.tokenization import Token
 from genlm_bytes_potential.backends.protocol import token_tuple
 
 __all__ = ["MockTokenLM"]
+
+
+class _Memo(NamedTuple):
+    """A context's log-probs and the int64 words its generator's seed is hashed from."""
+
+    row: np.ndarray
+    words: np.ndarray
 
 
 def _as_bytes(b) -> bytes:
@@ -89,36 +97,53 @@ class MockTokenLM(AsyncLM):
         self.eos_token_id = eos_token_id
         self.batch_calls = 0
         self.requests: list[tuple[int, ...]] = []
-        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, ...], _Memo] = OrderedDict()
 
     def __repr__(self):
         return f"MockTokenLM(V={self.vocab_size}, seed={self.seed}, temperature={self.temperature})"
 
     # ---- the distribution -------------------------------------------------
 
-    def _check(self, context) -> tuple[int, ...]:
+    def _check(self, context, checked=()) -> tuple[int, ...]:
+        """``context`` as a tuple of token ids in range. A context that keeps the context it
+        extends (``lm_state.TokenContext``) has only its last token checked when that one is
+        memoized or in ``checked`` (the memo holds checked contexts only)."""
         ctx = token_tuple(context)
-        if ctx and (min(ctx) < 0 or max(ctx) >= self.vocab_size):
-            bad = next(t for t in ctx if not 0 <= t < self.vocab_size)
+        prefix = getattr(ctx, "prefix", None)
+        known = prefix is not None and (prefix in self._cache or prefix in checked)
+        new = ctx[-1:] if known else ctx
+        if new and (min(new) < 0 or max(new) >= self.vocab_size):
+            bad = next(t for t in new if not 0 <= t < self.vocab_size)
             raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
         return ctx
 
     def _row(self, ctx: tuple[int, ...]) -> np.ndarray:
-        """The cached log-probs after the checked context ``ctx`` (not a copy)."""
+        """The cached log-probs after the checked context ``ctx`` (not a copy): logits are
+        standard normals drawn from a generator seeded by a hash of ``_words(ctx)``."""
         hit = self._cache.get(ctx)
         if hit is None:
-            h = hashlib.blake2b(digest_size=16)
-            h.update(np.asarray([self.seed, len(ctx), *ctx], dtype=np.int64).tobytes())
-            rng = np.random.default_rng(int.from_bytes(h.digest(), "little"))
+            words = self._words(ctx)
+            rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(words, digest_size=16).digest(), "little"))
             logits = rng.standard_normal(self.vocab_size) / self.temperature
             m = logits.max()
-            hit = logits - (m + np.log(np.exp(logits - m).sum()))
-            self._cache[ctx] = hit
+            hit = self._cache[ctx] = _Memo(logits - (m + np.log(np.exp(logits - m).sum())), words)
             if len(self._cache) > self._CACHE_SIZE:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(ctx)
-        return hit
+        return hit.row
+
+    def _words(self, ctx: tuple[int, ...]) -> np.ndarray:
+        """``[seed, len(ctx), *ctx]`` as int64: from the memoized words of the context ``ctx``
+        extends when there are some (an array copy, no work per token in Python)."""
+        prefix = getattr(ctx, "prefix", None)
+        memo = self._cache.get(prefix) if prefix is not None else None
+        if memo is None:
+            return np.asarray([self.seed, len(ctx), *ctx], dtype=np.int64)
+        words = np.empty(len(memo.words) + 1, np.int64)
+        words[:-1] = memo.words
+        words[1], words[-1] = len(ctx), ctx[-1]
+        return words
 
     def logprobs_of(self, context: Sequence[int]) -> np.ndarray:
         """Exact float64 next-token log-probabilities after ``context`` (a fresh copy).
@@ -128,7 +153,11 @@ class MockTokenLM(AsyncLM):
         return self._row(self._check(context)).copy()
 
     def _batch(self, contexts) -> torch.Tensor:
-        ctxs = [self._check(c) for c in contexts]
+        checked: set[tuple[int, ...]] = set()
+        ctxs = []
+        for c in contexts:
+            ctxs.append(self._check(c, checked))
+            checked.add(ctxs[-1])
         self.batch_calls += 1
         self.requests.extend(ctxs)
         if not ctxs:
