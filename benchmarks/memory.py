@@ -85,7 +85,7 @@ async def run(args) -> dict:
     curve.append(
         (progress["bytes"], time.perf_counter() - t0, rss_mib(), len(pot.cache), pot.model.store.nbytes / 2**20)
     )
-    mock_cache = sum(v.nbytes for v in lm._cache.values()) / 2**20
+    mock_cache = lm.memo_nbytes / 2**20
     return {
         "curve": curve,
         "bytes": progress["bytes"],
@@ -129,7 +129,7 @@ def main(argv=None):
         f"cache_bytes={args.cache_bytes} MiB))), {args.particles} particles x {args.bytes_per_particle} bytes, ESS threshold 0.5, mock temperature {lm_temp(args)}; "
         f"vocabulary {args.vocab} (V = {r['vocab_size']:,}, {r['n_nodes']:,} trie nodes)\n"
         f"- {r['bytes']:,} bytes in {r['seconds']:.0f} s ({r['calls']:,} batch calls); RSS {base:,.0f} → {curve[-1][2]:,.0f} MiB "
-        f"(max {max(c[2] for c in curve):,.0f}); the mock's own log-prob LRU holds {r['mock_cache_mib']:,.0f} MiB of that"
+        f"(max {max(c[2] for c in curve):,.0f}); the mock's own log-prob memo holds {r['mock_cache_mib']:,.0f} MiB of that"
     )
     meta, md = header(
         "Memory",

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import common, w1_score, w2_smc, w3_trie, w4_floor
+from benchmarks import common, memory, w1_score, w2_smc, w3_trie, w4_floor
 from benchmarks.lms import RecordingLM, heldout_text, make_lm, reset
 from benchmarks.vocabs import bytes_to_unicode, tiny_vocab
 
@@ -180,6 +180,12 @@ def test_w4_floor_smoke(mock_lm):
     asyncio.run(w4_floor.replay(lm, calls))
     assert inner.batch_calls == len(calls)
     assert [tuple(c) for c in inner.requests] == [c for _, cs, _ in calls for c in cs]
+
+
+def test_memory_smoke(capsys):
+    memory.main(["--particles", "4", "--bytes-per-particle", "40", "--every", "40", "--no-write"])
+    out = capsys.readouterr().out
+    assert "bytes in" in out and "the mock's own log-prob memo holds" in out
 
 
 def test_plots_smoke(tmp_path):

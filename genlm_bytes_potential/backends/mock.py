@@ -197,5 +197,10 @@ class MockTokenLM(AsyncLM):
         self.batch_calls = 0
         self.requests.clear()
 
+    @property
+    def memo_nbytes(self) -> int:
+        """Bytes of the memoized log-prob rows and hashed words."""
+        return sum(m.row.nbytes + m.words.nbytes for m in self._cache.values())
+
     def clear_cache(self):
         self._cache.clear()
