@@ -153,11 +153,12 @@ class MockTokenLM(AsyncLM):
         return self._row(self._check(context)).copy()
 
     def _batch(self, contexts) -> torch.Tensor:
-        checked: set[tuple[int, ...]] = set()
+        checked: set[tuple[int, ...]] = set()  # contexts that keep their hash (TokenContext)
         ctxs = []
         for c in contexts:
             ctxs.append(self._check(c, checked))
-            checked.add(ctxs[-1])
+            if hasattr(ctxs[-1], "prefix"):  # a plain tuple would be hashed again, whole, for nothing
+                checked.add(ctxs[-1])
         self.batch_calls += 1
         self.requests.extend(ctxs)
         if not ctxs:
