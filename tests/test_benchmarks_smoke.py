@@ -4,13 +4,14 @@ They check that the harness runs ours and the anchor end to end and that its res
 markdown and plots are well-formed. No timing assertions: a benchmark is not a test.
 """
 
+import asyncio
 import json
 import math
 
 import numpy as np
 import pytest
 
-from benchmarks import common, memory, w1_score, w2_smc, w3_trie, w4_floor
+from benchmarks import common, memory, speculation, w1_score, w2_smc, w3_trie, w4_floor
 from benchmarks.lms import RecordingLM, heldout_text, make_lm, reset
 from benchmarks.vocabs import bytes_to_unicode, tiny_vocab
 
@@ -186,6 +187,25 @@ def test_memory_smoke(capsys):
     memory.main(["--particles", "4", "--bytes-per-particle", "40", "--every", "40", "--no-write"])
     out = capsys.readouterr().out
     assert "bytes in" in out and "the mock's own log-prob memo holds" in out
+
+
+def test_speculation_counts(capsys):
+    """Prefetching computes every context the beam asks for, in fewer forward passes, and
+    leaves the score as it is; the table prints a row per setting."""
+    lm, info = make_lm("mock", vocab="tiny")
+    memo = speculation.MemoLM(lm)
+    text = heldout_text(120)
+
+    async def both():
+        return [await speculation.count(memo, text, 8, info["eos"], *s) for s in ((0, 0), (4, 64))]
+
+    plain, prefetched = asyncio.run(both())
+    assert plain["contexts"] <= prefetched["contexts"]
+    assert prefetched["forwards"] < plain["forwards"] == 1 + len(text)  # the prompt's row, then one a byte
+    assert prefetched["logprob"] == plain["logprob"]
+    speculation.main(["--model", "mock", "--vocab", "tiny", "--bytes", "60", "--settings", "4:64"])
+    out = capsys.readouterr().out
+    assert "| 0:0 |" in out and "| 4:64 |" in out
 
 
 def test_plots_smoke(tmp_path):
