@@ -4,8 +4,9 @@
 
 A GPU run of W1 is bound by LM calls and by the contexts they compute (session 14 on the
 H200: the host waited 3.3 ms for the forward pass of each of 596 calls on the whole text), and
-prefetching trades one for the other. The counts do not depend on the device, so they are
-measured here with the model on the CPU; only their price does. For each
+prefetching trades one for the other. The counts depend on the model's distributions, not
+on where it runs (up to its dtype's rounding), so they are measured here with the model on
+the CPU; only their price depends on the device. For each
 ``lookahead:max_prefetch`` setting, one ``ByteLM.score`` run counts:
 
 * forward passes: LM calls with a context the run has not computed yet (a call answered
@@ -17,8 +18,8 @@ measured here with the model on the CPU; only their price does. For each
 Rows come from a memo shared by all settings, so later settings cost only the beam's work.
 The counts are priced as ``a`` per forward pass, ``b`` per context and ``c`` per byte
 (``--cost``, in ms). The default fits the H200 whole-text W1 figures of session 14 (596
-calls, ~30,000 contexts, 4.3 s) together with session 7's observation that 8:128 was no
-faster than 4:64. Prints only; saves nothing.
+calls, ~30,000 contexts, 4.3 s) together with sessions 7 and 13 finding 8:128 no faster
+than 4:64 there. Prints only; saves nothing.
 """
 
 from __future__ import annotations
