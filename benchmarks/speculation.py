@@ -30,6 +30,7 @@ import asyncio
 import torch
 
 from benchmarks.lms import heldout_text, make_lm
+from genlm_bytes_potential.backends.protocol import token_tuple
 
 
 class MemoLM:
@@ -50,15 +51,16 @@ class MemoLM:
         self.forwards = 0
 
     def has_logprobs(self, token_ids) -> bool:
-        return tuple(token_ids) in self.computed
+        return token_tuple(token_ids) in self.computed
 
     async def batch_next_token_logprobs(self, token_ids_list) -> torch.Tensor:
-        keys = [tuple(c) for c in token_ids_list]
-        new = [k for k in dict.fromkeys(keys) if k not in self.computed]
+        keys = [token_tuple(c) for c in token_ids_list]
+        distinct = dict.fromkeys(keys)
+        new = [k for k in distinct if k not in self.computed]
         if new:
             self.forwards += 1
             self.computed.update(new)
-        todo = [k for k in dict.fromkeys(keys) if k not in self._rows]
+        todo = [k for k in distinct if k not in self._rows]
         if todo:
             rows = self.lm.batch_next_token_logprobs_sync(todo).to(torch.float32)
             self._rows.update(zip(todo, rows))
