@@ -7,8 +7,9 @@
 A byte beam's usual LM call: every context extends one cached context by one token. The
 prefix (``--prefix-bytes`` of the held-out text after BOS) is evaluated once; each
 repetition then asks for ``N`` contexts ``prefix + (t,)`` with tokens ``t`` never asked
-for before. Per variant of the forward (``eager``: ``compile=False``; ``compiled``: the
-decoder layer through ``torch.compile``; both with CUDA graphs on CUDA), per ``N`` and per
+for before. Per variant of the forward (``eager``: ``compile=False``, with the fused
+kernels of ``backends.kernels`` on CUDA; ``unfused``: the same without them; ``compiled``:
+the decoder layer through ``torch.compile``; all with CUDA graphs on CUDA), per ``N`` and per
 API (``sync``: ``batch_next_token_logprobs_sync``, ``async``: ``await
 batch_next_token_logprobs`` as ``TokenModel`` calls it), medians and ranges over
 ``--reps`` repetitions (after warm-ups that capture the CUDA graphs) of:
@@ -297,7 +298,7 @@ def main(argv=None):
     text = heldout_text(args.prefix_bytes).decode("utf-8", "ignore")
     results, variants, ref = [], {}, None
     for variant in args.variants:
-        lm = PagedTokenLM(model, tok, compile=VARIANTS[variant])
+        lm = PagedTokenLM(model, tok, **VARIANTS[variant])
         bos = lm.bos_token_id if lm.bos_token_id is not None else lm.eos_token_id
         prefix = tuple([bos] + tok.encode(text, add_special_tokens=False))
         info = variants[variant] = first_calls(lm, prefix, args.N)
@@ -343,7 +344,13 @@ def main(argv=None):
 
 #: ``--variants``: the ``compile`` argument of ``PagedTokenLM`` for each (``autotuned``:
 #: matmuls tuned as Triton templates too; minutes of compiling, not in the default)
-VARIANTS = {"eager": False, "compiled": True, "autotuned": "max-autotune-no-cudagraphs"}
+#: forwards of ``PagedTokenLM`` by name: its keyword arguments
+VARIANTS = {
+    "eager": {"compile": False},
+    "unfused": {"compile": False, "fused_kernels": False},
+    "compiled": {"compile": True},
+    "autotuned": {"compile": "max-autotune-no-cudagraphs"},
+}
 
 
 def summary(results: list[dict], variants: dict) -> str:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genlm_bytes_potential.backends import kernels
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.backends.protocol import context_prefix, token_tuple
 from genlm_bytes_potential.transfer import to_device
@@ -243,6 +244,10 @@ class PagedTokenLM(HFTokenLM):
             contexts from 1.92 / 2.42 to 1.49 / 2.12 ms, but scoring a 2,113-byte text
             ran at 0.85-0.89x the eager layer's median speed (128-row batches over keys
             up to 1,024), and a process's first call compiles for ~16 s.
+        fused_kernels: run the eager layer's rotary embedding and KV write, and its gated
+            activation, as one kernel each (:mod:`.kernels`: the same values; CUDA with
+            Triton, SiLU models, head dims that are powers of two; ignored elsewhere and
+            with ``compile``).
 
     Log-probs are returned on the model's device (float32). Counters as
     :class:`HFTokenLM`, plus ``graph_replays`` and ``cache.evictions``.
@@ -259,6 +264,7 @@ class PagedTokenLM(HFTokenLM):
         max_batch_tokens: int = 4096,
         cuda_graphs: bool = True,
         compile: bool | str = False,
+        fused_kernels: bool = True,
     ):
         super().__init__(
             model, tokenizer, cache_bytes=0, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens
@@ -300,6 +306,14 @@ class PagedTokenLM(HFTokenLM):
         if self.model.lm_head.out_features < self.vocab_size:
             compile = False  # (log-probs of tokens past the head: HFTokenLM._normalize)
         self.compile = bool(compile)
+        self.fused_kernels = bool(
+            fused_kernels
+            and not self.compile
+            and kernels.available(self.device)
+            and self._consts.act is F.silu
+            and self.head_dim & (self.head_dim - 1) == 0
+        )
+        self._consts = self._consts._replace(fused=self.fused_kernels)
         #: the decoder layer and the log-prob head as compiled programs (our own CUDA
         #: graphs capture them: inductor's are off), or None
         self._compiled = None
@@ -904,7 +918,8 @@ class _LayerWeights(NamedTuple):
 
 class _LayerConsts(NamedTuple):
     """What every decoder layer of a model shares: head counts, RMSNorm epsilons,
-    the attention scale and the MLP's activation."""
+    the attention scale, the MLP's activation, and whether the layer runs through the
+    fused kernels of :mod:`.kernels`."""
 
     heads: int
     kv_heads: int
@@ -912,30 +927,31 @@ class _LayerConsts(NamedTuple):
     qk_eps: float
     scale: float
     act: Callable
+    fused: bool = False
 
 
 def _layer(h, pool, mask, cos, sin, write, keys, w: _LayerWeights, c: _LayerConsts) -> torch.Tensor:
     """One decoder layer: ``h`` ``[B, N, hidden]`` -> the same; writes the new tokens'
     keys and values to ``pool`` (the layer's ``[slots, 2 * kv_heads, head_dim]``) at
     slots ``write`` (``[B * N]``) before attention reads ``pool[keys]`` under ``mask``
-    (``_attention_mask``). ``cos``/``sin``: ``[B, N, 1, D]`` (``sin`` times rotate_half's
-    sign). Run as it is or compiled: compiled, the elementwise work around the matmuls
-    and SDPA fuses (SDPA's own kernel stays: on an H200 a fused gather-and-reduce
-    attention of inductor's took 15.5 µs a layer against cuDNN's 5.7)."""
+    (``_attention_mask``, or with one key set for all rows ``_shared_keys_mask``).
+    ``cos``/``sin``: ``[B, N, 1, D]`` (``sin`` times rotate_half's sign). Run as it is,
+    with ``c.fused`` through the fused kernels of :mod:`.kernels` (the same values), or
+    compiled: compiled, the elementwise work around the matmuls and SDPA fuses (SDPA's
+    own kernel stays: on an H200 a fused gather-and-reduce attention of inductor's took
+    15.5 µs a layer against cuDNN's 5.7)."""
     B, N, E = h.shape
     H, G, D = c.heads, c.kv_heads, pool.shape[-1]
     qkv = F.linear(F.rms_norm(h, (E,), w.input_norm, c.eps), w.qkv, w.qkv_bias).view(B, N, H + 2 * G, D)
-    qk, v = qkv[:, :, : H + G], qkv[:, :, H + G :]  # [B, N, heads, D]
     if w.q_norm is not None:
-        q, k = qk[:, :, :H], qk[:, :, H:]
-        qk = torch.cat((F.rms_norm(q, (D,), w.q_norm, c.qk_eps), F.rms_norm(k, (D,), w.k_norm, c.qk_eps)), dim=2)
-    qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin)  # rotary embedding
-    pool.index_put_((write,), torch.cat((qk[:, :, H:], v), dim=2).view(B * N, 2 * G, D))
-    attention = _sdpa_attention if keys.dim() == 2 else _shared_keys_attention
-    o = attention(mask, qk[:, :, :H], pool[keys], c.scale)
-    h = _residual_linear(h, o, w.o, w.o_bias)
-    gate, up = F.linear(F.rms_norm(h, (E,), w.post_norm, c.eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return _residual_linear(h, c.act(gate) * up, w.down, w.down_bias)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
+        qkv = torch.cat((F.rms_norm(q, (D,), w.q_norm, c.qk_eps), F.rms_norm(k, (D,), w.k_norm, c.qk_eps), v), dim=2)
+    layout = kernels.QueryLayout(B, N, G, H // G, D, shared=keys.dim() == 1)
+    q = (kernels.rope_write if c.fused else kernels.rope_write_reference)(qkv, cos, sin, pool, write, layout, H)
+    h = _residual_linear(h, _attention(mask, q, pool[keys], layout, c.scale), w.o, w.o_bias)
+    gate_up = F.linear(F.rms_norm(h, (E,), w.post_norm, c.eps), w.gate_up, w.gate_up_bias)
+    mlp = kernels.silu_mul(gate_up) if c.fused else kernels.gated_activation(gate_up, c.act)
+    return _residual_linear(h, mlp, w.down, w.down_bias)
 
 
 def _is_compile_error(e: Exception) -> bool:
@@ -960,18 +976,16 @@ def _attention_mask(pos: torch.Tensor, S: int, dtype, g: int) -> torch.Tensor:
     return mask[:, None].repeat(1, 1, g, 1)
 
 
-def _sdpa_attention(mask, q, kv, scale) -> torch.Tensor:
-    """Attention of queries ``q`` ``[B, N, H, D]`` over keys and values ``kv`` ``[B, S,
-    2G, D]`` under ``mask`` (``_attention_mask``) -> ``[B * N, H * D]``, by SDPA
-    (any N). Grouped-query attention without repeating keys: the ``g = H / G`` query
-    heads of one KV head are stacked as ``g * N`` query rows of it."""
-    B, N, H, D = q.shape
-    G = kv.shape[2] // 2
-    g = H // G
-    kv = kv.transpose(1, 2)  # [B, 2G, S, D]
-    q = q.reshape(B, N, G, g, D).permute(0, 2, 3, 1, 4).reshape(B, G, g * N, D)
+def _attention(mask, q, kv, layout: kernels.QueryLayout, scale) -> torch.Tensor:
+    """Attention of queries ``q`` (in ``layout``) over keys and values ``kv`` (``[B, S,
+    2G, D]``, each row its own; shared: ``[S, 2G, D]``) under ``mask`` -> ``[B * N, H *
+    D]``, by SDPA (any N). Grouped-query attention without repeating keys: the ``g = H /
+    G`` query heads of one KV head are stacked as ``g * N`` query rows of it (shared: every
+    row's, ``B * g * N``)."""
+    G = layout.G
+    kv = kv.transpose(0, 1)[None] if layout.shared else kv.transpose(1, 2)  # [B or 1, 2G, S, D]
     o = F.scaled_dot_product_attention(q, kv[:, :G], kv[:, G:], attn_mask=mask, scale=scale)
-    return o.reshape(B, G, g, N, D).permute(0, 3, 1, 2, 4).reshape(B * N, H * D)
+    return layout.unarrange(o)
 
 
 def _shared_keys_mask(pos: torch.Tensor, owner: torch.Tensor, key_pos: torch.Tensor, dtype, g: int) -> torch.Tensor:
@@ -984,20 +998,6 @@ def _shared_keys_mask(pos: torch.Tensor, owner: torch.Tensor, key_pos: torch.Ten
     visible = mine[:, None, :] & (key_pos <= pos[:, :, None])  # [B, N, S]
     mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device).masked_fill_(~visible, float("-inf"))
     return mask[:, None].expand(B, g, N, mask.shape[-1]).reshape(1, 1, B * g * N, mask.shape[-1])
-
-
-def _shared_keys_attention(mask, q, kv, scale) -> torch.Tensor:
-    """``_sdpa_attention`` with one key set for all rows: queries ``q`` ``[B, N, H, D]``
-    over keys and values ``kv`` ``[S, 2G, D]`` under ``mask`` (``_shared_keys_mask``) ->
-    ``[B * N, H * D]``; every row's queries are stacked as one batch of ``B * g * N``
-    query rows per KV head."""
-    B, N, H, D = q.shape
-    G = kv.shape[1] // 2
-    g = H // G
-    kv = kv.transpose(0, 1)[None]  # [1, 2G, S, D]
-    q = q.reshape(B, N, G, g, D).permute(2, 0, 3, 1, 4).reshape(1, G, B * g * N, D)
-    o = F.scaled_dot_product_attention(q, kv[:, :G], kv[:, G:], attn_mask=mask, scale=scale)
-    return o.reshape(G, B, g, N, D).permute(1, 3, 0, 2, 4).reshape(B * N, H * D)
 
 
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:

@@ -1,0 +1,101 @@
+"""The fused kernels of ``backends.kernels``: on a GPU equal, bit for bit, to the PyTorch
+kernels they replace, alone and inside ``PagedTokenLM``'s forward; everywhere, the query
+layouts they write agree with the attention's."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from genlm_bytes_potential.backends import kernels
+from genlm_bytes_potential.backends.kernels import QueryLayout
+from genlm_bytes_potential.backends.paged import PagedTokenLM
+
+needs_gpu = pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.available(torch.device("cuda"))), reason="the kernels need a GPU"
+)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_query_layout_strides_place_what_arrange_places(shared):
+    """``strides`` (what the fused kernel writes by) and ``arrange`` (the PyTorch copy) put
+    every query in the same place, and ``unarrange`` undoes ``arrange``."""
+    B, N, G, g, D = 3, 2, 2, 3, 4
+    layout = QueryLayout(B, N, G, g, D, shared)
+    q = torch.randn(B, N, G * g, D)
+    arranged = layout.arrange(q)
+    assert arranged.shape == layout.shape
+    placed = torch.empty(layout.shape)
+    sb, skv, sj, sn = layout.strides
+    torch.as_strided(placed, (B, N, G, g, D), (sb, sn, skv, sj, 1)).copy_(q.view(B, N, G, g, D))
+    assert torch.equal(placed, arranged)
+    assert torch.equal(layout.unarrange(arranged), q.reshape(B * N, G * g * D))
+
+
+def _rope_inputs(B, N, H, G, D, slots, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(B, N, H + 2 * G, D, device="cuda", generator=gen).to(dtype)
+    angle = torch.rand(B, N, 1, D // 2, device="cuda", generator=gen) * 100
+    cos = torch.cat((angle.cos(), angle.cos()), dim=-1).to(dtype)
+    sign = torch.cat((-torch.ones(D // 2), torch.ones(D // 2))).to("cuda")
+    sin = (torch.cat((angle.sin(), angle.sin()), dim=-1) * sign).to(dtype)
+    pool = torch.randn(slots, 2 * G, D, device="cuda", generator=gen).to(dtype)
+    write = torch.randperm(slots, device="cuda", generator=gen)[: B * N]
+    return qkv, cos, sin, pool, write
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("B, N", [(1, 1), (37, 1), (5, 3)])
+def test_rope_write_is_the_torch_kernels_bit_for_bit(dtype, shared, B, N):
+    H, G, D = 9, 3, 64  # SmolLM2's heads
+    qkv, cos, sin, pool, write = _rope_inputs(B, N, H, G, D, 500, dtype)
+    layout = QueryLayout(B, N, G, H // G, D, shared)
+    pool_ref = pool.clone()
+    q_ref = kernels.rope_write_reference(qkv, cos, sin, pool_ref, write, layout, H)
+    q = kernels.rope_write(qkv, cos, sin, pool, write, layout, H)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(pool, pool_ref)  # the written slots, and no other
+    # write slots given as a strided column, as the packed batch holds them
+    packed = torch.zeros(B * N, 3, dtype=torch.long, device="cuda")
+    packed[:, 1] = write
+    pool2 = pool.clone()
+    kernels.rope_write(qkv, cos, sin, pool2, packed[:, 1], layout, H)
+    assert torch.equal(pool2, pool_ref)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T, inner", [(1, 1536), (64, 1536), (3, 14336), (2, 100)])
+def test_silu_mul_is_the_torch_kernels_bit_for_bit(dtype, T, inner):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    gate_up = (torch.randn(T, 2 * inner, device="cuda", generator=gen) * 4).to(dtype)
+    assert torch.equal(kernels.silu_mul(gate_up), kernels.gated_activation(gate_up, F.silu))
+    three = gate_up.view(T, 1, 2 * inner)
+    assert torch.equal(kernels.silu_mul(three), kernels.gated_activation(three, F.silu))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+async def test_fused_forward_equals_the_unfused_forward(tiny_llama, dtype):
+    """Through CUDA graphs and eager waves, one-token beam steps (one key set for the
+    batch), rows of several new tokens, and a row reading a slot its batch writes: the
+    same log-probs bit for bit with the fused kernels as without."""
+    model, tok = tiny_llama
+    model = copy.deepcopy(model).to("cuda", dtype)
+    fused = PagedTokenLM(model, tok, kv_cache_bytes=2**24)
+    plain = PagedTokenLM(model, tok, kv_cache_bytes=2**24, fused_kernels=False)
+    assert fused.fused_kernels and not plain.fused_kernels
+    batches = [
+        [list(range(100, 160))],
+        [list(range(100, 160)) + [t] for t in (5, 7, 9)],
+        [list(range(100, 160)) + s for s in ([5, 6], [5, 6, 8], [11], [11, 12], [7, 3, 4, 2])],
+        [list(range(100, 130)), list(range(100, 160)) + [13, 1, 2, 3, 4, 5]],
+        [list(range(100, 160)) + [9, 1, 2], list(range(10, 20))],
+    ]
+    for batch in batches:
+        got, want = await fused.batch_next_token_logprobs(batch), await plain.batch_next_token_logprobs(batch)
+        assert torch.equal(got, want)
+    assert fused.graph_replays == plain.graph_replays > 0
