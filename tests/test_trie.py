@@ -122,6 +122,68 @@ def test_cuda_matches_cpu():
     np.testing.assert_allclose(got, trie.log_masses(lp), rtol=1e-9)
 
 
+def _graph_test_trie(seed: int):
+    rng = np.random.default_rng(seed)
+    vocab = [bytes(rng.integers(97, 100, size=rng.integers(1, 5)).tolist()) for _ in range(300)] + [EOS_BYTES]
+    return TokenByteTrie(vocab, [EOS_BYTES]), rng
+
+
+def _check_masses_into(trie, rng, device) -> None:
+    """Batches of several sizes into scattered rows of a table: the rows written equal
+    ``_masses_torch``'s (to float64 rounding: a sparse product's sums may run in another
+    order from one call to the next, on a GPU or over several CPU threads), no other row
+    changes, and the shifts are returned."""
+    for B in (1, 3, 4, 9):
+        lp = torch.tensor(rng.normal(size=(B, trie.vocab_size)) * 20, dtype=torch.float32, device=device)
+        lp[0, :5] = float("-inf")
+        table = torch.full((20, trie.n_nodes), float("nan"), dtype=torch.float64, device=device)
+        rows = rng.permutation(20)[:B]
+        for with_eos in (True, False):
+            shift = trie._masses_into(lp, with_eos, table, rows)
+            scaled_ref, shift_ref = trie._masses_torch(lp, with_eos)
+            torch.testing.assert_close(table[torch.as_tensor(rows, device=device)], scaled_ref, rtol=1e-13, atol=0)
+            assert torch.equal(shift, shift_ref)
+        untouched = np.setdiff1d(np.arange(20), rows)
+        assert torch.isnan(table[torch.as_tensor(untouched, device=device)]).all()
+
+
+def test_masses_through_graphs_split_and_pad_batches(monkeypatch):
+    """``_masses_into``'s buckets, pieces and copies, the capture replaced by an eager
+    replay into static outputs (the CUDA graph itself is checked on a GPU below)."""
+    import genlm_bytes_potential.trie as trie_module
+
+    def eager_capture(masses_torch, rows, V, dtype, device, with_eos):
+        inputs = torch.zeros((rows, V), dtype=dtype, device=device)
+        scaled, shift = (torch.empty_like(t) for t in masses_torch(inputs, with_eos))
+
+        def replay():
+            s, sh = masses_torch(inputs, with_eos)
+            scaled.copy_(s)
+            shift.copy_(sh)
+
+        return trie_module._MassGraph(replay, inputs, scaled, shift)
+
+    monkeypatch.setattr(trie_module, "_capture_masses", eager_capture)
+    monkeypatch.setattr(trie_module, "_GRAPH_ROWS", 4)
+    trie, rng = _graph_test_trie(2)
+    _check_masses_into(trie, rng, "cpu")
+    assert sorted({k[2] for k in trie._mass_graphs}) == [1, 4]  # 3 and 9 padded to 4, 9 in pieces
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_masses_through_cuda_graphs_equal_the_operators():
+    trie, rng = _graph_test_trie(3)
+    _check_masses_into(trie, rng, "cuda")
+    lp = torch.tensor(rng.normal(size=(5, trie.vocab_size)), dtype=torch.float32, device="cuda")
+    graphed = torch.zeros((8, trie.n_nodes), dtype=torch.float64, device="cuda")
+    trie.masses(lp, out=graphed, out_rows=np.arange(5))
+    trie.cuda_graphs = False
+    plain = torch.zeros_like(graphed)
+    trie.masses(lp, out=plain, out_rows=np.arange(5))
+    torch.testing.assert_close(graphed, plain, rtol=1e-13, atol=0)
+    assert len(trie._mass_graphs) > 0
+
+
 def test_duplicates_get_separate_leaves_and_eos_edge():
     vocab = [b"a", b"ab", b"a", EOS_BYTES]
     trie = TokenByteTrie(vocab, [EOS_BYTES])
