@@ -19,6 +19,9 @@ makes that step cheap:
 * on CUDA, a batch of steps of at most ``GRAPH_TOKENS`` new tokens per row replays a
   CUDA graph captured once per (new tokens, rows, key length) bucket: the whole
   30-layer forward costs one launch;
+* on CUDA (eager layer) the rotary embedding, the KV write and the query's layout are
+  one Triton kernel, and the gated activation another (:mod:`.kernels`: the same values
+  bit for bit, ~7 kernels a layer fewer);
 * with ``compile=True`` the decoder layer of those graphs is one ``torch.compile``
   program (inductor, no cudagraphs of its own), compiled once per shape class (one or
   several rows, one or several new tokens) and shared by all layers (weights are
