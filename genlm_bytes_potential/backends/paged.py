@@ -45,6 +45,7 @@ Qwen2, Qwen3); other models: :class:`~genlm_bytes_potential.backends.hf.HFTokenL
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from itertools import chain
 from typing import NamedTuple
@@ -120,7 +121,9 @@ class _SlotTrie:
         self.nodes: dict[tuple[int, ...], _Node] = {}
         self.free = list(range(self.n_slots - 1, 0, -1))
         self.free_rows = list(range(self.n_rows - 1, -1, -1))
-        self.with_logprobs: dict[tuple[int, ...], _Node] = {}  # insertion = LRU order
+        # least recently used first; an OrderedDict pops its first entry in O(1), where a
+        # dict's first entry is found past every entry deleted before it
+        self.with_logprobs: OrderedDict[tuple[int, ...], _Node] = OrderedDict()
         self.tick = 0
         self.evictions = 0
 
@@ -188,11 +191,11 @@ class _SlotTrie:
                 if free:
                     node.row = free.pop()
                 else:
-                    old = lru.pop(next(iter(lru)))
+                    old = lru.popitem(last=False)[1]
                     node.row, old.row = old.row, -1
                 lru[ctx] = node
             else:
-                lru[ctx] = lru.pop(ctx)
+                lru.move_to_end(ctx)
             rows.append(node.row)
         return rows
 
