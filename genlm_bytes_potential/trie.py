@@ -171,6 +171,7 @@ class TokenByteTrie:
         #: ``masses`` into a table on CUDA through captured graphs (``_masses_into``)
         self.cuda_graphs = True
         self._mass_graphs: dict[tuple, _MassGraph] = {}
+        self._mass_graph_lock = threading.Lock()  # (their inputs and outputs are static)
 
         # Weight rows (``weight_rows``): a column per leaf (DFS order), then the EOS node,
         # then the cached masses of the root and its byte children. Node n's leaves and EOS
@@ -378,17 +379,20 @@ class TokenByteTrie:
         """``masses`` into ``out[out_rows]`` through CUDA graphs of ``_masses_torch`` (one
         per batch size rounded up to a power of two, batches past ``_GRAPH_ROWS`` in
         pieces): a copy in, a replay and a copy out per piece, where the operators one by
-        one cost the host ~0.35 ms a call on an H200. Returns ``shift``."""
+        one cost the host ~0.35 ms a call on an H200. Returns ``shift``. Calls from several
+        threads take turns queueing (on the device's current stream, as ``PagedTokenLM``'s
+        graphs do)."""
         rows = to_device(np.asarray(out_rows, np.int64), logprobs.device)
         shifts = []
-        for lo in range(0, logprobs.shape[0], _GRAPH_ROWS):
-            part = logprobs[lo : lo + _GRAPH_ROWS]
-            n = part.shape[0]
-            graph = self._mass_graph(1 << (n - 1).bit_length(), part.dtype, part.device, with_eos)
-            graph.inputs[:n].copy_(part)
-            graph.replay()
-            out.index_copy_(0, rows[lo : lo + n], graph.scaled[:n])
-            shifts.append(graph.shift[:n].clone())
+        with self._mass_graph_lock:
+            for lo in range(0, logprobs.shape[0], _GRAPH_ROWS):
+                part = logprobs[lo : lo + _GRAPH_ROWS]
+                n = part.shape[0]
+                graph = self._mass_graph(1 << (n - 1).bit_length(), part.dtype, part.device, with_eos)
+                graph.inputs[:n].copy_(part)
+                graph.replay()
+                out.index_copy_(0, rows[lo : lo + n], graph.scaled[:n])
+                shifts.append(graph.shift[:n].clone())
         return shifts[0] if len(shifts) == 1 else torch.cat(shifts)
 
     def _mass_graph(self, rows: int, dtype, device, with_eos: bool) -> _MassGraph:

@@ -21,7 +21,7 @@ makes that step cheap:
   30-layer forward costs one launch;
 * on CUDA (eager layer) the rotary embedding, the KV write and the query's layout are
   one Triton kernel, and the gated activation another (:mod:`.kernels`: the same values
-  bit for bit, ~7 kernels a layer fewer);
+  bit for bit, 5 kernels a layer fewer);
 * with ``compile=True`` the decoder layer of those graphs is one ``torch.compile``
   program (inductor, no cudagraphs of its own), compiled once per shape class (one or
   several rows, one or several new tokens) and shared by all layers (weights are
