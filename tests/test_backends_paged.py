@@ -612,3 +612,20 @@ async def test_cuda_graphs_with_the_compiled_layer_match_eager_in_bf16(tiny_llam
     for out in (got, want):
         for row, r in zip(torch.cat(out), ref):
             assert_matches_reference(row, r, torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's CUDA kernels")
+async def test_values_do_not_depend_on_the_global_sdpa_settings(tiny_llama):
+    """Importing vLLM turns cuDNN's SDPA off for the whole process; the forward asks for
+    its kernels in its own order, so its bf16 values stay the same."""
+    model, tok = tiny_llama
+    model16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    before = await _run_batches(PagedTokenLM(model16, tok, kv_cache_bytes=2**24), _STEP_BATCHES)
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)  # what `import vllm` does
+    try:
+        after = await _run_batches(PagedTokenLM(model16, tok, kv_cache_bytes=2**24), _STEP_BATCHES)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)

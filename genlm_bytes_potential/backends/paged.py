@@ -53,6 +53,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from genlm_bytes_potential.backends import kernels
 from genlm_bytes_potential.backends.hf import HFTokenLM
@@ -69,6 +70,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 #: cudagraphs of their own (``max-autotune-no-cudagraphs`` also tunes the matmuls as
 #: Triton templates, with their epilogues fused: minutes of compiling)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+#: SDPA's kernels in the order the forward asks for them, whatever the process's global
+#: settings: importing vLLM turns cuDNN's off process-wide (``vllm.platforms.cuda``), and
+#: the attention kernel, so the bf16 log-probs, then depended on whether vLLM was imported
+#: (on an H200 cuDNN's also runs 1.8-3x faster than the memory-efficient one here)
+_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 #: most new tokens per row of a forward pass replayed from a CUDA graph (padded to 1, 2
 #: or 4) and run through the compiled layer: a beam's steps, prefetches and short rows
@@ -439,13 +446,15 @@ class PagedTokenLM(HFTokenLM):
         args = (mask, cos, sin, write.reshape(-1), keys)
         if self._compiled is not None and N <= GRAPH_TOKENS:
             try:
-                return self._run_compiled(h, args, last, rows)
+                with sdpa_kernel(_SDPA_ORDER, set_priority=True):
+                    return self._run_compiled(h, args, last, rows)
             except Exception as e:  # (a partly run forward is rerun)
                 if not _is_compile_error(e):
                     raise
                 self._compile_failed(e)
-        for w, pool in zip(self._weights, self.pool):
-            h = _layer(h, pool, *args, w, self._consts)
+        with sdpa_kernel(_SDPA_ORDER, set_priority=True):
+            for w, pool in zip(self._weights, self.pool):
+                h = _layer(h, pool, *args, w, self._consts)
         h = inner.norm(h[torch.arange(B, device=h.device), last])
         self.logprob_rows.index_copy_(0, rows, self._normalize(self.model.lm_head(h).float()))
 
