@@ -1,4 +1,4 @@
-"""Copies between host and GPU through page-locked memory.
+"""Copies between host and GPU through page-locked memory, and CUDA graph capture.
 
 A copy from pageable memory makes the host wait for the GPU's queue (host to device) or
 goes through a staging buffer (device to host); page-locked buffers, taken from torch's
@@ -43,3 +43,20 @@ async def device_done(device: torch.device) -> None:
     event.record(torch.cuda.current_stream(device))
     while not event.query():
         await asyncio.sleep(0)
+
+
+def capture_graph(run, device: torch.device, pool, warmups: int = 1):
+    """``run()`` captured as a CUDA graph allocating from memory pool ``pool``, after
+    ``warmups`` runs on a side stream (lazy set-ups, such as cuBLAS or cuSPARSE workspaces
+    and compiled kernels, happen there, not in the graph). Returns the graph and what the
+    captured ``run()`` returned (static tensors that each replay rewrites)."""
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = run()
+    return graph, out

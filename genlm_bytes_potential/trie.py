@@ -42,7 +42,7 @@ import numba
 import numpy as np
 import torch
 
-from .transfer import to_device
+from .transfer import capture_graph, to_device
 
 EOT = 256
 EOS = 257
@@ -438,15 +438,8 @@ def _capture_masses(masses_torch, rows: int, V: int, dtype, device, with_eos: bo
     side stream (the trie's tables and cuSPARSE's workspace are made there, not in the
     graph). Graphs share one memory pool: they replay one at a time, in stream order."""
     inputs = torch.zeros((rows, V), dtype=dtype, device=device)
-    stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        masses_torch(inputs, with_eos)
-    torch.cuda.current_stream(device).wait_stream(stream)
     pool = _MASS_GRAPH_POOL.setdefault(str(device), torch.cuda.graph_pool_handle())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        scaled, shift = masses_torch(inputs, with_eos)
+    graph, (scaled, shift) = capture_graph(lambda: masses_torch(inputs, with_eos), device, pool)
     return _MassGraph(graph.replay, inputs, scaled, shift)
 
 

@@ -58,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from genlm_bytes_potential.backends import kernels
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.backends.protocol import context_prefix, token_tuple
-from genlm_bytes_potential.transfer import to_device
+from genlm_bytes_potential.transfer import capture_graph, to_device
 
 __all__ = ["COMPILE_MODES", "GRAPH_TOKENS", "PagedTokenLM", "SUPPORTED_MODEL_TYPES"]
 
@@ -508,17 +508,10 @@ class PagedTokenLM(HFTokenLM):
         inputs = unpack(buf, N)
         inputs[0].fill_(self.pad_token_id)
         inputs[5].fill_(self.cache.n_rows)  # scratch row (warm-up runs write it)
-        stream = torch.cuda.Stream(device=dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # (compiles the layer for a new shape class)
-                self._run(*inputs)
-        torch.cuda.current_stream(dev).wait_stream(stream)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._run(*inputs)
+        # two warm-ups: the first compiles the layer for a new shape class
+        graph, _ = capture_graph(lambda: self._run(*inputs), dev, self._graph_pool, warmups=2)
         return graph, buf  # the graph reads buf: keep it
 
     # ---- planning a batch ---------------------------------------------------
