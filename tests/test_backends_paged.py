@@ -554,33 +554,36 @@ async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
     for batch, rows in zip(_STEP_BATCHES, out):
         for row, ctx in zip(rows, batch):
             assert torch.allclose(row, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
-    # 3 rows of 1 new token sharing 60 keys: 4 rows, 64 keys for all (_pack_shared); 5 rows of
-    # <= 4: 8 x 4, 64 keys each; (6 new tokens: no graph); 1 row of 2: 2 x 2 (rows padded to >= 2)
-    assert shapes == [(1, False, 5 * 4 + 3 * 64), (4, True, 8, 12 + 2 + 64), (2, True, 2, 6 + 2 + 64)]
+    # 3 rows of 1 new token sharing 60 keys: 4 rows over 64 keys for all and their visibility
+    # bits (_pack_tree); 5 rows of <= 4: 8 x 4, 64 keys each; (6 new tokens: no graph); 1 row
+    # of 2: 2 x 2 (rows padded to >= 2)
+    assert shapes == [(1, False, 5 * 4 + 64 + 4 * 64 // 8), (4, True, 8, 12 + 2 + 64), (2, True, 2, 6 + 2 + 64)]
     assert torch.isfinite(lm.pool[:, 0]).all()  # the scratch slot padding wrote
 
 
 async def test_rows_sharing_keys_read_them_once(tiny_llama, monkeypatch):
-    """One-token rows whose contexts share most of their tokens (a beam's candidates and
-    prefetched chains) read the shared keys once for the whole batch (``_pack_shared``),
-    in the eager forward and in CUDA-graph buckets (padding rows and keys); rows with
-    little in common keep a row of keys each. Every row equals the uncached forward."""
-    from genlm_bytes_potential.backends import paged
-
+    """One-token rows whose contexts share many of their tokens (a beam's candidates and
+    prefetched chains, also when they part at their first token) read the union of their
+    slot paths once for the whole batch (``_pack_tree``), in the eager forward and in
+    CUDA-graph buckets (padding rows and keys); rows with little in common keep a row of
+    keys each. Every row equals the uncached forward."""
     model, tok = tiny_llama
     V = len(tok)
     text = list(range(200, 260))
+    other = [7] + text[1:]  # another tokenization's path: parts from ``text`` at its first token
     batches = [
         [text],
         [text + [t] for t in (5, 7, 9, 11, 13)] + [text[:59]],  # (a cached prefix without log-probs: recomputed)
         # cousins and a chain whose prefix this very call computes (same wave)
         [text + [5, 6], text + [7, 8], text + [13, 3], text + [13, 3, 4], text + [11, 12]],
+        [other],
+        [text + [5, 6, 1], other + [5], text + [7, 2], other + [6], other + [8], text + [9, 4]],
         [list(range(300, 340)) + [1], list(range(400, 450)) + [2], list(range(500, 520)) + [3]],
     ]
     for graphs in (False, True):
         lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, compile=False)
         layouts = []
-        for name in ("_pack", "_pack_shared"):
+        for name in ("_pack", "_pack_tree"):
             inner = getattr(lm, name)
             monkeypatch.setattr(lm, name, lambda *a, _f=inner, _n=name, **k: layouts.append(_n) or _f(*a, **k))
         if graphs:
@@ -589,11 +592,31 @@ async def test_rows_sharing_keys_read_them_once(tiny_llama, monkeypatch):
         for batch, rows in zip(batches, out):
             for row, ctx in zip(rows, batch):
                 assert torch.allclose(row, _ref(model, ctx, V), atol=2e-4, rtol=1e-5), (graphs, ctx)
-        # the prefix (60 new tokens); two beam steps; unrelated contexts (~40-50 tokens each)
-        assert layouts == ["_pack", "_pack_shared", "_pack_shared", "_pack"], (graphs, layouts)
-    assert paged._common_prefix([np.arange(5), np.arange(3), np.array([0, 1, 7, 8])]) == 2
-    assert paged._common_prefix([np.arange(4), np.array([9])]) == 0
-    assert paged._common_prefix([np.arange(6), np.arange(6)]) == 6
+        # a prefix (60 new tokens); two beam steps; another prefix; steps of both paths;
+        # unrelated contexts (~40-50 tokens each)
+        assert layouts == ["_pack", "_pack_tree", "_pack_tree", "_pack", "_pack_tree", "_pack"], (graphs, layouts)
+
+
+def test_key_union_holds_each_slot_once_in_path_order():
+    """The tree layout's keys: every slot of the rows' paths once, each row's in its
+    path's order, and each row seeing exactly its own path (its new slot included)."""
+    from genlm_bytes_potential.backends.paged import _KeyUnion
+
+    union = _KeyUnion(64)
+    rows = [[1, 2, 3], [1, 2, 4, 5], [9], [1, 2, 3, 6]]  # parents' paths
+    new = np.array([10, 11, 12, 13])
+    for _ in range(2):  # a second call finds nothing left from the first
+        paths, lens = np.concatenate(rows), np.array([len(r) for r in rows])
+        keys = union.keys(paths, lens, new)
+        assert keys.tolist() == [1, 2, 3, 10, 4, 5, 11, 9, 12, 6, 13]
+        visible = np.zeros((len(rows), len(keys)), bool)
+        union.mark(visible, paths, lens, new)
+        for b, row in enumerate(rows):
+            seen = keys[visible[b]].tolist()
+            assert seen == row + [new[b]]  # its path, in order
+    # a row of one token (no parent, new slot 3) and a row extending it in the same batch
+    keys = union.keys(np.array([3]), np.array([0, 1]), np.array([3, 8]))
+    assert keys.tolist() == [3, 8]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and Triton need a GPU")

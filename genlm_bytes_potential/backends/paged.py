@@ -12,10 +12,11 @@ makes that step cheap:
   copied or concatenated per context, and contexts sharing a prefix share its slots;
 * all contexts of a call run as one batch (rows may even extend a token that another
   row of the same batch writes: all rows write a layer's slots before any reads them);
-* one-token rows whose contexts share most of their tokens (a beam's candidates and the
-  contexts prefetched for them) attend over one key set for the whole batch: the shared
-  slots once, then each row's own, under a mask (``_pack_shared``), so that attention
-  reads ``shared + sum(own)`` keys where a row of ``S`` keys each would read ``B * S``;
+* one-token rows whose contexts share many of their tokens (a beam's candidates and the
+  contexts prefetched for them, which may part ways anywhere, even at their first token)
+  attend over one key set for the whole batch: the union of their slot paths, each slot
+  once, each row seeing its own path under a mask (``_pack_tree``), so that attention
+  reads the union's ``U`` keys where a row of ``S`` keys each would read ``B * S``;
 * on CUDA, a batch of steps of at most ``GRAPH_TOKENS`` new tokens per row replays a
   CUDA graph captured once per (new tokens, rows, key length) bucket: the whole
   30-layer forward costs one launch;
@@ -50,6 +51,7 @@ from collections.abc import Callable
 from itertools import chain
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -358,6 +360,7 @@ class PagedTokenLM(HFTokenLM):
         # through page-locked memory, results stay on the device): no worker thread
         self._queues_on_gpu = self.device.type == "cuda"
         self._staging = _Staging(self.device)
+        self._key_union = _KeyUnion(n_slots)
         self._graphs: dict[tuple[int, int, int], tuple] = {}
         self._graph_pool = None
         self.graph_replays = 0
@@ -424,25 +427,21 @@ class PagedTokenLM(HFTokenLM):
         cos, sin = self.model.model.rotary_emb(h, pos)
         return cos.unsqueeze(2), (sin * self._rope_sign).unsqueeze(2)
 
-    def _run(self, ids, pos, write, keys, last, rows, owner=None, key_pos=None):
+    def _run(self, ids, pos, write, keys, last, rows, visible=None):
         """Writes the log-probs at row positions ``last`` to ``logprob_rows[rows]``.
         ``ids``/``pos``/``write``: ``[B, N]`` new tokens, their positions and the slots
         they write; ``keys``: ``[B, S]`` each row's slots in context order (padding
-        masked by position), or (shared layout, ``_pack_shared``) ``[S]`` the slots of
-        all rows at once, key ``j`` at position ``key_pos[j]`` and seen by every row
-        (``owner[j] == -1``) or by row ``owner[j]`` only; ``rows``: ``[B]``. Rows of at
-        most ``GRAPH_TOKENS`` new tokens run through the compiled layer and head when
-        ``compile`` is on."""
+        masked by position), or (tree layout, ``_pack_tree``; ``N`` is 1) ``[U]`` the
+        slots of all rows at once, row ``b`` seeing key ``j`` where ``visible[b, j]``;
+        ``rows``: ``[B]``. Rows of at most ``GRAPH_TOKENS`` new tokens run through the
+        compiled layer and head when ``compile`` is on."""
         inner = self.model.model
         B, N = ids.shape
         S = keys.shape[-1]
         h = inner.embed_tokens(ids)
         cos, sin = self._rotary(h, pos, S)
         g = self.n_heads // self.kv_heads
-        if owner is None:
-            mask = _attention_mask(pos, S, h.dtype, g)
-        else:
-            mask = _shared_keys_mask(pos, owner, key_pos, h.dtype, g)
+        mask = _attention_mask(pos, S, h.dtype, g) if visible is None else _tree_keys_mask(visible, h.dtype, g)
         args = (mask, cos, sin, write.reshape(-1), keys)
         if self._compiled is not None and N <= GRAPH_TOKENS:
             try:
@@ -488,7 +487,7 @@ class PagedTokenLM(HFTokenLM):
         self.compile, self._compiled = False, None
 
     def _decode(self, packed: torch.Tensor, N: int, unpack: Callable | None = None) -> None:
-        """Rows of ``N`` new tokens (``packed``: see ``_pack``, or ``_pack_shared`` with its
+        """Rows of ``N`` new tokens (``packed``: see ``_pack``, or ``_pack_tree`` with its
         ``unpack``; padded to a bucket), through the CUDA graph of this bucket: one
         host-to-device copy, one replay."""
         unpack = unpack or _unpack
@@ -508,6 +507,8 @@ class PagedTokenLM(HFTokenLM):
         inputs = unpack(buf, N)
         inputs[0].fill_(self.pad_token_id)
         inputs[5].fill_(self.cache.n_rows)  # scratch row (warm-up runs write it)
+        if isinstance(unpack, _TreeKeys):  # every row sees the scratch slot: no row attends to nothing
+            inputs[6][:, 0] = True
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         # two warm-ups: the first compiles the layer for a new shape class
@@ -703,18 +704,18 @@ class PagedTokenLM(HFTokenLM):
             B_pad, S_pad = max(2, 1 << (B - 1).bit_length()), _key_bucket(S)
         else:
             B_pad, S_pad = B, S
-        packed, unpack, parents = None, _unpack, None
-        if N == 1:  # rows sharing most of their keys (a beam's candidates): keys once for all
-            parents = [_NO_SLOTS if node.parent is None else node.parent.path for node in nodes]
-            shared = _common_prefix(parents)
-            own = lens - shared  # each row's keys past the shared ones, its new token's included
-            U = shared + int(own.sum()) + B_pad - B  # (a key for each padding row)
+        packed, unpack, paths = None, _unpack, None
+        if N == 1:  # rows sharing many keys (a beam's candidates): the union of their paths for all
+            paths = np.concatenate([_NO_SLOTS if node.parent is None else node.parent.path for node in nodes])
+            slots = np.fromiter((node.slot for node in nodes), np.int64, B)
+            union = self._key_union.keys(paths, lens - 1, slots)
+            U = len(union) + (B_pad > B)  # (a scratch key for the padding rows)
             U_pad = _key_bucket(U) if graph else U
-            if U_pad <= 2 * S_pad:
-                packed = self._pack_shared(contexts, nodes, lens, parents, shared, B_pad, U_pad)
-                unpack = _SharedKeys(B_pad)
+            if 2 * U_pad <= B_pad * S_pad:
+                packed = self._pack_tree(contexts, nodes, lens, paths, slots, union, B_pad, U_pad)
+                unpack = _TreeKeys(B_pad, U_pad)
         if packed is None:
-            packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad, parents)
+            packed = self._pack(contexts, starts, nodes, lens, N, B_pad, S_pad, paths)
         if graph:
             self._decode(packed, N, unpack)
         else:
@@ -723,12 +724,12 @@ class PagedTokenLM(HFTokenLM):
             self._run(*unpack(sent, N))
         self.forward_calls += 1
 
-    def _pack(self, contexts, starts, nodes, lens: np.ndarray, N: int, B_pad: int, S_pad: int, parents=None):
+    def _pack(self, contexts, starts, nodes, lens: np.ndarray, N: int, B_pad: int, S_pad: int, paths=None):
         """One int64 tensor ``[B_pad, 3N + 2 + S_pad]`` per forward pass (on CUDA in
         page-locked memory: one transfer): per row its new token ids, their positions,
         the slots they write, the index of its last new token, its log-prob row (taken
         here), then its key slots; padding rows read and write slot 0 and the scratch row.
-        ``parents``: with ``N == 1``, each row's parent's slot path."""
+        ``paths``: with ``N == 1``, the rows' parents' slot paths, concatenated."""
         B = len(contexts)
         host = self._staging.take(B_pad, 3 * N + 2 + S_pad)
         packed = host.numpy()
@@ -736,7 +737,7 @@ class PagedTokenLM(HFTokenLM):
         if N == 1:  # one new token per row (the usual step): whole columns at once
             self._pack_one_token_rows(packed[:, :5], contexts, nodes, lens)
             # keys: the parent's path, then the row's own slot
-            keys[np.arange(S_pad) < lens[:, None] - 1] = np.concatenate(parents)
+            keys[np.arange(S_pad) < lens[:, None] - 1] = paths
             keys[np.arange(B), lens - 1] = packed[:B, 2]
             return host
         packed[:, :N] = self.pad_token_id
@@ -766,33 +767,23 @@ class PagedTokenLM(HFTokenLM):
         fields[:B, 2] = [node.slot for node in nodes]
         fields[:B, 4] = self.cache.take_rows(contexts, nodes)
 
-    def _pack_shared(self, contexts, nodes, lens, parents, shared: int, B_pad: int, U_pad: int) -> torch.Tensor:
-        """Rows of one new token whose keys start with the same ``shared`` slots (their
-        ``parents``' paths do), packed with the keys of all rows together (one int64
-        tensor, see ``_SharedKeys``): per row its new token id, position, slot, 0 and
-        log-prob row; then ``U_pad`` keys: the shared slots (seen by every row), each row's
-        own slots past them and its new slot (seen by that row), one scratch key (slot 0,
-        position 0) per padding row, unused keys (owner -2, seen by none). Attention then
-        reads ``shared + sum(own)`` keys instead of one row of ``S`` per context."""
-        B = len(contexts)
-        host = self._staging.take(1, 5 * B_pad + 3 * U_pad).view(-1)
-        per_row = host.numpy()[: 5 * B_pad].reshape(B_pad, 5)
-        slots, owner, key_pos = host.numpy()[5 * B_pad :].reshape(3, U_pad)
-        self._pack_one_token_rows(per_row, contexts, nodes, lens)
-        own = lens - shared
-        end = shared + int(own.sum())
-        slots[:shared] = parents[0][:shared]
-        new = np.zeros(end - shared, bool)  # each row's own keys: its parent's past the shared, then its new slot
-        new[np.cumsum(own) - 1] = True
-        own_slots = slots[shared:end]
-        own_slots[new] = per_row[:B, 2]
-        own_slots[~new] = np.concatenate([p[shared:] for p in parents])
-        owner[:shared] = -1
-        owner[shared:end] = np.repeat(np.arange(B), own)
-        key_pos[:shared] = np.arange(shared)
-        key_pos[shared:end] = shared + np.arange(end - shared) - np.repeat(np.cumsum(own) - own, own)
-        owner[end : end + B_pad - B] = np.arange(B, B_pad)  # padding rows: slot 0 at position 0
-        owner[end + B_pad - B :] = -2
+    def _pack_tree(self, contexts, nodes, lens, paths, slots, union, B_pad: int, U_pad: int) -> torch.Tensor:
+        """Rows of one new token over one key set for all (tree layout, see ``_TreeKeys``),
+        as one int64 tensor: per row its new token id, position, slot, 0 and log-prob row;
+        then ``U_pad`` keys: ``union`` (the slots of the rows' parents' ``paths`` and their
+        new ``slots``, each once), a scratch key (slot 0) when there are padding rows,
+        unused keys (slot 0, seen by none); then a ``[B_pad, U_pad]`` bool matrix in the
+        tensor's bytes: row ``b`` sees the keys of its path and its new slot, a padding
+        row the scratch key. Attention then reads ``U`` keys for all rows."""
+        B, U = len(contexts), len(union)
+        host = self._staging.take(1, 5 * B_pad + U_pad + -(-B_pad * U_pad // 8)).view(-1)
+        buf = host.numpy()
+        self._pack_one_token_rows(buf[: 5 * B_pad].reshape(B_pad, 5), contexts, nodes, lens)
+        buf[5 * B_pad : 5 * B_pad + U] = union
+        visible = buf[5 * B_pad + U_pad :].view(np.bool_)[: B_pad * U_pad].reshape(B_pad, U_pad)
+        self._key_union.mark(visible, paths, lens - 1, slots)
+        if B_pad > B:
+            visible[B:, U] = True
         return host
 
     def clear_cache(self):
@@ -837,17 +828,19 @@ class _Staging:
             event.record(torch.cuda.current_stream(self.device))
 
 
-class _SharedKeys(NamedTuple):
-    """Unpacks a batch of ``B_pad`` rows packed by ``_pack_shared`` (``N`` is 1) into
-    ``(ids, pos, write, keys, last, rows, owner, key_pos)`` views; a value (hashable), so
-    that it names the CUDA graphs of this layout."""
+class _TreeKeys(NamedTuple):
+    """Unpacks a batch of ``B_pad`` rows over ``U_pad`` keys packed by ``_pack_tree``
+    (``N`` is 1) into ``(ids, pos, write, keys, last, rows, visible)`` views; a value
+    (hashable), so that it names the CUDA graphs of this layout."""
 
     B_pad: int
+    U_pad: int
 
     def __call__(self, packed: torch.Tensor, N: int) -> tuple:
-        per_row = packed[: 5 * self.B_pad].view(self.B_pad, 5)
-        slots, owner, key_pos = packed[5 * self.B_pad :].view(3, -1)
-        return per_row[:, :1], per_row[:, 1:2], per_row[:, 2:3], slots, per_row[:, 3], per_row[:, 4], owner, key_pos
+        B, U = self.B_pad, self.U_pad
+        per_row = packed[: 5 * B].view(B, 5)
+        visible = packed[5 * B + U :].view(torch.bool)[: B * U].view(B, U)
+        return per_row[:, :1], per_row[:, 1:2], per_row[:, 2:3], packed[5 * B : 5 * B + U], per_row[:, 3], per_row[:, 4], visible
 
 
 def _key_bucket(n: int) -> int:
@@ -855,26 +848,54 @@ def _key_bucket(n: int) -> int:
     return max(64, 1 << (n - 1).bit_length())
 
 
-def _common_prefix(paths: list[np.ndarray]) -> int:
-    """Length of the longest common prefix of slot paths. A slot belongs to one node of
-    the trie, whose path ends with it: paths holding the same slot at position ``i``
-    agree up to ``i``, so each path is compared at one position a step (bisection)."""
-    first, n = paths[0], len(paths[0])
-    for p in paths:
-        if p is first:
-            continue
-        n = min(n, len(p))
-        if n and p[n - 1] == first[n - 1]:
-            continue
-        lo, hi = 0, max(0, n - 1)  # the common prefix is lo..hi long
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if p[mid - 1] == first[mid - 1]:
-                lo = mid
-            else:
-                hi = mid - 1
-        n = lo
-    return n
+class _KeyUnion:
+    """The tree layout's key set: the distinct slots of a batch's slot paths, found with
+    two scratch arrays over the pool's slots (the call that last saw a slot, and the
+    slot's key index in that call), so nothing is sorted or reset."""
+
+    def __init__(self, n_slots: int):
+        self.seen = np.zeros(n_slots, np.int64)
+        self.index = np.zeros(n_slots, np.int64)
+        self.calls = 0
+
+    def keys(self, paths: np.ndarray, lens: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The distinct slots of the rows' paths in order of first appearance (row ``b``'s
+        path: ``lens[b]`` slots of the concatenated ``paths``, then ``slots[b]``). Each
+        row's keys come in its path's order: a path holding a slot holds the slot's
+        ancestors before it, so each is seen first before the slot is."""
+        self.calls += 1
+        return _distinct_slots(paths, lens, slots, self.seen, self.index, self.calls)
+
+    def mark(self, visible: np.ndarray, paths: np.ndarray, lens: np.ndarray, slots: np.ndarray) -> None:
+        """``visible[b, j] = True`` for the keys ``j`` on row ``b``'s path (those of the
+        last ``keys`` call)."""
+        _mark_visible(visible, paths, lens, slots, self.index)
+
+
+@numba.njit(cache=True, nogil=True)
+def _distinct_slots(paths, lens, slots, seen, index, call):
+    out = np.empty(len(paths) + len(slots), np.int64)
+    n = start = 0
+    for b in range(len(lens)):
+        for k in range(lens[b] + 1):
+            s = paths[start + k] if k < lens[b] else slots[b]
+            if seen[s] != call:
+                seen[s] = call
+                index[s] = n
+                out[n] = s
+                n += 1
+        start += lens[b]
+    return out[:n]
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_visible(visible, paths, lens, slots, index):
+    start = 0
+    for b in range(len(lens)):
+        for k in range(lens[b]):
+            visible[b, index[paths[start + k]]] = True
+        visible[b, index[slots[b]]] = True
+        start += lens[b]
 
 
 def _unpack(packed: torch.Tensor, N: int):
@@ -943,7 +964,7 @@ def _layer(h, pool, mask, cos, sin, write, keys, w: _LayerWeights, c: _LayerCons
     """One decoder layer: ``h`` ``[B, N, hidden]`` -> the same; writes the new tokens'
     keys and values to ``pool`` (the layer's ``[slots, 2 * kv_heads, head_dim]``) at
     slots ``write`` (``[B * N]``) before attention reads ``pool[keys]`` under ``mask``
-    (``_attention_mask``, or with one key set for all rows ``_shared_keys_mask``).
+    (``_attention_mask``, or with one key set for all rows ``_tree_keys_mask``).
     ``cos``/``sin``: ``[B, N, 1, D]`` (``sin`` times rotate_half's sign). Run as it is,
     with ``c.fused`` through the fused kernels of :mod:`.kernels` (the same values), or
     compiled: compiled, the elementwise work around the matmuls and SDPA fuses (SDPA's
@@ -997,16 +1018,13 @@ def _attention(mask, q, kv, layout: kernels.QueryLayout, scale) -> torch.Tensor:
     return layout.unarrange(o)
 
 
-def _shared_keys_mask(pos: torch.Tensor, owner: torch.Tensor, key_pos: torch.Tensor, dtype, g: int) -> torch.Tensor:
-    """Additive mask ``[1, 1, B * g * N, S]`` over keys shared by a batch (``_run``): query
-    ``n`` of row ``b`` (its ``g`` heads of one KV head stacked) sees key ``j`` when
-    ``owner[j]`` is -1 or ``b`` and ``key_pos[j] <= pos[b, n]``."""
-    B, N = pos.shape
-    rows = torch.arange(B, device=pos.device)
-    mine = (owner == -1) | (owner == rows[:, None])  # [B, S]
-    visible = mine[:, None, :] & (key_pos <= pos[:, :, None])  # [B, N, S]
-    mask = torch.zeros(visible.shape, dtype=dtype, device=pos.device).masked_fill_(~visible, float("-inf"))
-    return mask[:, None].expand(B, g, N, mask.shape[-1]).reshape(1, 1, B * g * N, mask.shape[-1])
+def _tree_keys_mask(visible: torch.Tensor, dtype, g: int) -> torch.Tensor:
+    """Additive mask ``[1, 1, B * g, U]`` over one key set for a batch of one-token rows
+    (``_run``'s tree layout): row ``b`` (its ``g`` query heads of one KV head stacked)
+    sees key ``j`` where ``visible[b, j]``."""
+    B, U = visible.shape
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return mask[:, None].expand(B, g, U).reshape(1, 1, B * g, U)
 
 
 def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
