@@ -840,7 +840,15 @@ class _TreeKeys(NamedTuple):
         B, U = self.B_pad, self.U_pad
         per_row = packed[: 5 * B].view(B, 5)
         visible = packed[5 * B + U :].view(torch.bool)[: B * U].view(B, U)
-        return per_row[:, :1], per_row[:, 1:2], per_row[:, 2:3], packed[5 * B : 5 * B + U], per_row[:, 3], per_row[:, 4], visible
+        return (
+            per_row[:, :1],
+            per_row[:, 1:2],
+            per_row[:, 2:3],
+            packed[5 * B : 5 * B + U],
+            per_row[:, 3],
+            per_row[:, 4],
+            visible,
+        )
 
 
 def _key_bucket(n: int) -> int:
