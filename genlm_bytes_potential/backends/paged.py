@@ -711,7 +711,7 @@ class PagedTokenLM(HFTokenLM):
             union = self._key_union.keys(paths, lens - 1, slots)
             U = len(union) + (B_pad > B)  # (a scratch key for the padding rows)
             U_pad = _key_bucket(U) if graph else U
-            if 2 * U_pad <= B_pad * S_pad:
+            if 2 * U_pad <= B_pad * S_pad:  # (rows with little in common keep a row of keys each)
                 packed = self._pack_tree(contexts, nodes, lens, paths, slots, union, B_pad, U_pad)
                 unpack = _TreeKeys(B_pad, U_pad)
         if packed is None:
@@ -869,8 +869,8 @@ class _KeyUnion:
     def keys(self, paths: np.ndarray, lens: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """The distinct slots of the rows' paths in order of first appearance (row ``b``'s
         path: ``lens[b]`` slots of the concatenated ``paths``, then ``slots[b]``). Each
-        row's keys come in its path's order: a path holding a slot holds the slot's
-        ancestors before it, so each is seen first before the slot is."""
+        row's keys come in its path's order: a path that holds a slot holds the slot's
+        ancestors before it, so they are seen before it."""
         self.calls += 1
         return _distinct_slots(paths, lens, slots, self.seen, self.index, self.calls)
 
@@ -882,6 +882,8 @@ class _KeyUnion:
 
 @numba.njit(cache=True, nogil=True)
 def _distinct_slots(paths, lens, slots, seen, index, call):
+    """``_KeyUnion.keys``: slots not yet ``seen`` in this ``call`` are marked and given
+    the next key ``index``."""
     out = np.empty(len(paths) + len(slots), np.int64)
     n = start = 0
     for b in range(len(lens)):
@@ -898,6 +900,7 @@ def _distinct_slots(paths, lens, slots, seen, index, call):
 
 @numba.njit(cache=True, nogil=True)
 def _mark_visible(visible, paths, lens, slots, index):
+    """``_KeyUnion.mark``: each row's path slots through their key ``index``."""
     start = 0
     for b in range(len(lens)):
         for k in range(lens[b]):
