@@ -554,9 +554,9 @@ async def test_padded_buckets_of_cuda_graphs_are_exact(tiny_llama, monkeypatch):
     for batch, rows in zip(_STEP_BATCHES, out):
         for row, ctx in zip(rows, batch):
             assert torch.allclose(row, _ref(model, ctx, lm.vocab_size), atol=2e-4, rtol=1e-5)
-    # 3 rows of 1 new token sharing 60 keys: 4 rows over 64 keys for all and their visibility
-    # bits (_pack_tree); 5 rows of <= 4: 8 x 4, 64 keys each; (6 new tokens: no graph); 1 row
-    # of 2: 2 x 2 (rows padded to >= 2)
+    # 3 rows of 1 new token sharing 60 keys: 4 rows over 64 keys for all and their [4, 64]
+    # visibility matrix (bools, 8 to an int64; _pack_tree); 5 rows of <= 4: 8 x 4, 64 keys
+    # each; (6 new tokens: no graph); 1 row of 2: 2 x 2 (rows padded to >= 2)
     assert shapes == [(1, False, 5 * 4 + 64 + 4 * 64 // 8), (4, True, 8, 12 + 2 + 64), (2, True, 2, 6 + 2 + 64)]
     assert torch.isfinite(lm.pool[:, 0]).all()  # the scratch slot padding wrote
 
