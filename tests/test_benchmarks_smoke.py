@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import common, memory, speculation, w1_score, w2_smc, w3_trie, w4_floor
+from benchmarks import common, memory, paged_layouts, speculation, w1_score, w2_smc, w3_trie, w4_floor
 from benchmarks.lms import RecordingLM, heldout_text, make_lm, reset
 from benchmarks.vocabs import bytes_to_unicode, tiny_vocab
 
@@ -206,6 +206,25 @@ def test_speculation_counts(capsys):
     speculation.main(["--model", "mock", "--vocab", "tiny", "--bytes", "60", "--settings", "4:64"])
     out = capsys.readouterr().out
     assert "| 0:0 |" in out and "| 4:64 |" in out
+
+
+def test_paged_layouts_counts(capsys):
+    """W1 on the paged backend: the beam's one-token batches take the tree layout, reading
+    fewer keys than a row per context; every asked-for context is counted by its tokens past
+    the canonical tokenization."""
+    paged_layouts.main(["--model", "tiny", "--bytes", "60"])
+    out = capsys.readouterr().out
+    tree = next(line for line in out.splitlines() if line.startswith("| tree |"))
+    keys, row_keys = (float(x) for x in tree.strip("| ").split(" | ")[-2:])
+    assert keys < row_keys
+    asked = int(out.split(" contexts asked for")[0].split()[-1])
+    shares = [
+        line.split(" | ")[1]
+        for line in out.splitlines()
+        if line.startswith(("| 0 |", "| 1-", "| 5-", "| 17-", "| 65+"))
+    ]
+    assert sum(map(int, shares)) == asked > 0
+    assert paged_layouts.canonical_tails([(1, 5, 6, 7), (1, 5, 9), (1,)], [5, 6]) == {(1, 4): 2, (0, 0): 1}
 
 
 def test_plots_smoke(tmp_path):
