@@ -33,17 +33,32 @@ class TokenContext(tuple):
     hash kept), or None: for contexts made from a sequence, and once a context two tokens
     longer is made through it (links stay at most two deep: a beam's extension and a
     prefetched chain find their prefixes, and a context never keeps its whole line of
-    ancestors, O(n^2) tokens for n of them, alive)."""
+    ancestors, O(n^2) tokens for n of them, alive).
+
+    ``extended`` computes the child's hash from its parent's in O(1): the very value
+    ``tuple.__hash__`` gives (CPython's tuple hash folds the items' hashes one at a time
+    into a state, then mixes in the length; :func:`_fold` and :func:`_finish`), so a
+    context and an equal plain tuple find the same dict entries. Where the interpreter's
+    tuple hash differs (checked at import), the child's tokens are hashed as before."""
 
     def __new__(cls, tokens=()):
         self = super().__new__(cls, tokens)
         self._hash = tuple.__hash__(self)
+        self._state = None  # the tuple hash's state before the length (once extended)
         self.prefix = None
         return self
 
     def extended(self, token: int) -> TokenContext:
         """This context followed by ``token``."""
-        child = TokenContext(self + (token,))
+        child = tuple.__new__(TokenContext, self + (token,))
+        if _FOLDED_HASH:
+            state = self._state
+            if state is None:  # a context made from a sequence: fold its tokens once
+                state = self._state = _fold_all(self)
+            child._state = _fold(state, token)
+            child._hash = _finish(child._state, len(child))
+        else:
+            child._state, child._hash = None, tuple.__hash__(child)
         child.prefix = self
         if self.prefix is not None:
             self.prefix.prefix = None
@@ -54,6 +69,40 @@ class TokenContext(tuple):
 
     def __reduce__(self):
         return TokenContext, (tuple(self),)
+
+
+# CPython's tuple hash (Objects/tupleobject.c, an xxHash variant, unchanged since 3.8)
+_MASK = (1 << 64) - 1
+_PRIME_1, _PRIME_2, _PRIME_5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+
+def _fold(state: int, item) -> int:
+    """The tuple hash's state after one more item."""
+    state = (state + (hash(item) & _MASK) * _PRIME_2) & _MASK
+    state = ((state << 31) | (state >> 33)) & _MASK
+    return (state * _PRIME_1) & _MASK
+
+
+def _fold_all(items) -> int:
+    state = _PRIME_5
+    for item in items:
+        state = _fold(state, item)
+    return state
+
+
+def _finish(state: int, n: int) -> int:
+    """The hash of a tuple of ``n`` items whose folded state is ``state``."""
+    h = (state + (n ^ (_PRIME_5 ^ 3527539))) & _MASK
+    if h == _MASK:
+        return 1546275796
+    return h - (1 << 64) if h >> 63 else h
+
+
+#: whether this interpreter's tuple hash is the one folded here (else TokenContext hashes
+#: each new context's tokens)
+_FOLDED_HASH = all(
+    _finish(_fold_all(t), len(t)) == hash(t) for t in ((), (0,), (-1,), (1, 2, 3), (2**62, -(2**62), 49151))
+)
 
 
 class LMState:

@@ -445,6 +445,35 @@ def test_store_allocation_order():
     assert store.allocate([key(7)], like).tolist() == [0] and key(0) not in store and key(1) in store
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6),
+    st.lists(st.integers(-5, 2**31), min_size=1, max_size=40),
+    st.booleans(),
+)
+def test_extended_contexts_hash_as_plain_tuples(root, tokens, folded):
+    """``TokenContext.extended`` folds each token into its parent's hash state: the hash
+    of every context along a line of extensions is ``tuple.__hash__`` of its tokens (from
+    a context made from any sequence, and with the fold switched off, as on interpreters
+    whose tuple hash differs), so contexts and equal plain tuples share dict entries."""
+    from genlm_bytes_potential import lm_state
+    from genlm_bytes_potential.lm_state import TokenContext
+
+    saved = lm_state._FOLDED_HASH
+    lm_state._FOLDED_HASH = folded and saved
+    try:
+        ctx, table = TokenContext(root), {}
+        for t in tokens:
+            ctx = ctx.extended(t)
+            assert hash(ctx) == hash(tuple(ctx)) and ctx == tuple(root) + tuple(tokens[: len(ctx) - len(root)])
+            table[ctx] = len(ctx)
+        assert all(table[tuple(root) + tuple(tokens[:k])] == len(root) + k for k in range(1, len(tokens) + 1))
+        assert TokenContext(tuple(ctx)).extended(3) == tuple(ctx) + (3,)
+    finally:
+        lm_state._FOLDED_HASH = saved
+    assert saved  # CPython: the fold is the interpreter's own tuple hash
+
+
 def test_token_contexts_keep_their_prefix_two_links_deep():
     """A context made by ``extended`` equals (and hashes as) the plain tuple and keeps the
     context it extends, which backends find as its prefix without slicing; links stay at
