@@ -84,6 +84,7 @@ def _fold(state: int, item) -> int:
 
 
 def _fold_all(items) -> int:
+    """The tuple hash's state after all of ``items``."""
     state = _PRIME_5
     for item in items:
         state = _fold(state, item)
