@@ -1,5 +1,5 @@
-"""Which key layout the paged backend's forward passes take when W1 scores a text, and how
-far the contexts the beam asks for are from the text's canonical tokenization.
+"""Which key layout the paged backend's forward passes take when W1 scores a text, and how far
+the contexts the beam asks for are from the text's canonical tokenization.
 
     python -m benchmarks.paged_layouts --bytes 600              # SmolLM2 (fp32, this CPU)
     python -m benchmarks.paged_layouts --model tiny --bytes 300
@@ -9,10 +9,11 @@ A batch of one-token rows attends over the union of its rows' slot paths (the tr
 context (``_pack``). Per layout this counts the forward passes, their rows, longest context
 and the keys attention reads (the union; or rows x keys), against what a row of keys per
 context would read. Then, for the contexts the beam asks for (a second run without
-prefetching), the tokens each has past its longest common prefix with the canonical
-tokenization (the tokenizer's encoding of the text): a K=8 beam keeps tokenizations that
-part from each other early, which is why a layout of one shared prefix rarely applied
-(``benchmarks/HISTORY.md``, session 16). Prints only; saves nothing.
+prefetching, counted by ``benchmarks.speculation``), the tokens each has past its longest
+common prefix with the canonical tokenization (the tokenizer's encoding of the text): a K=8
+beam keeps tokenizations that part from each other early, which is why a layout of one
+shared prefix rarely applied (``benchmarks/HISTORY.md``, session 16). Prints only; saves
+nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections import Counter
 
 import numpy as np
 
+from benchmarks import speculation
 from benchmarks.lms import heldout_text, make_lm
 
 #: tokens past the common prefix with the canonical tokenization, grouped
@@ -69,26 +71,6 @@ def canonical_tails(asked, canonical: list[int]) -> Counter:
     return out
 
 
-async def _asked_contexts(lm, text: bytes, K: int, eos) -> set:
-    """The contexts a run without prefetching asks the LM for."""
-    from genlm_bytes_potential.backends.protocol import token_tuple
-    from genlm_bytes_potential.byte_lm import ByteLM
-
-    asked: set = set()
-    call = lm.batch_next_token_logprobs
-
-    async def recording(contexts, *a, **k):
-        asked.update(token_tuple(c) for c in contexts)
-        return await call(contexts, *a, **k)
-
-    lm.batch_next_token_logprobs = recording
-    try:
-        await ByteLM(lm, K=K, eos_tokens=eos, lookahead=0).score(text)
-    finally:
-        del lm.batch_next_token_logprobs
-    return asked
-
-
 def main(argv: list[str] | None = None) -> None:
     from genlm_bytes_potential.byte_lm import ByteLM
 
@@ -114,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {layout} | {len(sel)} | {mean['rows']:.1f} | {mean['longest']:.1f} | {mean['keys']:.0f} "
                 f"| {mean['row_keys']:.0f} |"
             )
-    lm.clear_cache()
-    asked = asyncio.run(_asked_contexts(lm, text, args.K, info["eos"]))
+    lm.clear_cache()  # the contexts a run without prefetching asks for (speculation's count)
+    asked = asyncio.run(speculation.count(speculation.MemoLM(lm), text, args.K, info["eos"], 0, 0))["contexts"]
     canonical = lm.tokenizer.encode(text.decode("utf-8", "ignore"), add_special_tokens=False)
     if b"".join(bytes(getattr(lm.byte_vocab[t], "byte_string", lm.byte_vocab[t])) for t in canonical) != text:
         print("the tokenizer's encoding does not spell the text's bytes: no canonical comparison")
