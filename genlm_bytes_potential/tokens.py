@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from numbers import Integral
 
+import numpy as np
 from genlm.control.constant import EndOfSequence
 from genlm.control.potential.autobatch import AutoBatchedPotential
 from genlm.control.potential.base import Potential
@@ -82,6 +83,32 @@ def _same(context):
     return context
 
 
+class _Distinct:
+    """A batch of contexts with each distinct one once (``contexts``, in order of first
+    appearance), for a potential whose batch answer is a function of each context alone:
+    ``spread`` turns the answer for ``contexts`` into the batch's (row ``i`` of the batch is
+    the row of its context). After SMC resampling many particles hold the same context
+    (a quarter to a third of a regex SMC's grammar calls at 32 particles)."""
+
+    __slots__ = ("contexts", "index")
+
+    def __init__(self, batch: list):
+        first: dict = {}
+        try:
+            index = [first.setdefault(tuple(c), len(first)) for c in batch]
+        except TypeError:  # an unhashable token: every context counts as distinct
+            index = None
+        if index is None or len(first) == len(batch):
+            self.contexts, self.index = batch, None
+        else:
+            self.contexts = [batch[i] for i in np.unique(index, return_index=True)[1]]
+            self.index = np.array(index)
+
+    def spread(self, answer):
+        """``answer`` (one row or value per distinct context) for the whole batch."""
+        return answer if self.index is None else np.asarray(answer)[self.index]
+
+
 class ByteTokenView(Potential):
     """``inner``, a potential over byte values (ints or one-byte ``bytes``, any subset of
     the 256), over the same bytes as ``bytes`` tokens (``token=bytes``) or ints
@@ -121,13 +148,16 @@ class ByteTokenView(Potential):
         return self.make_lazy_weights((await self.inner.logw_next(self.to_inner(context))).weights)
 
     async def batch_prefix(self, contexts):
-        return await self.inner.batch_prefix([self.to_inner(c) for c in contexts])
+        distinct = _Distinct([self.to_inner(c) for c in contexts])
+        return distinct.spread(await self.inner.batch_prefix(distinct.contexts))
 
     async def batch_complete(self, contexts):
-        return await self.inner.batch_complete([self.to_inner(c) for c in contexts])
+        distinct = _Distinct([self.to_inner(c) for c in contexts])
+        return distinct.spread(await self.inner.batch_complete(distinct.contexts))
 
     async def batch_logw_next(self, contexts):
-        return self.make_lazy_weights((await self.inner.batch_logw_next([self.to_inner(c) for c in contexts])).weights)
+        distinct = _Distinct([self.to_inner(c) for c in contexts])
+        return self.make_lazy_weights(distinct.spread((await self.inner.batch_logw_next(distinct.contexts)).weights))
 
     def is_terminal_only(self) -> bool:
         return self.inner.is_terminal_only()

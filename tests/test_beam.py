@@ -82,6 +82,16 @@ async def test_one_batch_call_per_step_for_many_candidates():
     assert all(s.stats.lm_calls >= 1 for s in steps)
 
 
+async def test_a_beam_asked_twice_in_a_batch_is_computed_once():
+    vocab = [b"a", b"b", b"ab", b"ba", EOS_BYTES]
+    _, model = make_model(vocab, 1)
+    beams = [await read(await initial_beam(model, BeamParams(K=None)), d) for d in (b"ab", b"b")]
+    got = await next_byte_logprobs([beams[0], beams[1], beams[0]])
+    assert len(beams[0]._dist) == len(beams[1]._dist) == 1
+    np.testing.assert_array_equal(got[0], got[2])
+    np.testing.assert_array_equal(got[:2], await next_byte_logprobs(beams))
+
+
 async def test_prefill_reads_eos_tokens_as_text_generation_does_not():
     vocab = [b"a", b"b", EOS_BYTES]
     lm, model = make_model(vocab, 0)

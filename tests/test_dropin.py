@@ -212,6 +212,33 @@ async def test_product_with_an_int_grammar_has_the_int_products_weights(pot):
     await product.assert_autoreg_fact([97, 98], rtol=1e-9)
 
 
+async def test_a_grammar_computes_each_distinct_context_of_a_batch_once(pot):
+    """After resampling, particles share contexts: the product's grammar view asks its
+    grammar for each distinct one once and answers every row as the grammar would."""
+    fsa = BoolFSA.from_regex(r"[ab]+c?")
+    asked = []
+    for name in ("batch_logw_next", "batch_prefix", "batch_complete"):
+        method = getattr(fsa, name)
+
+        async def recorded(contexts, method=method):
+            asked.append([list(c) for c in contexts])
+            return await method(contexts)
+
+        setattr(fsa, name, recorded)
+    view = (pot * fsa).p2
+    ctxs = [[b"a"], [b"a", b"b"], [b"a"], [], [b"a", b"b"], [b"a"], [b"a", b"c"]]
+    ints = [[x[0] for x in c] for c in ctxs]
+    distinct = [[97], [97, 98], [], [97, 99]]
+    got = (await view.batch_logw_next(ctxs)).weights
+    np.testing.assert_array_equal(got, np.stack([(await fsa.logw_next(c)).weights for c in ints]))
+    prefix, complete = await view.batch_prefix(ctxs), await view.batch_complete(ctxs)
+    np.testing.assert_array_equal(prefix, [await fsa.prefix(c) for c in ints])
+    np.testing.assert_array_equal(complete, [await fsa.complete(c) for c in ints])
+    assert asked == [distinct] * 3
+    np.testing.assert_array_equal((await view.batch_logw_next(ctxs[:2])).weights, got[:2])
+    assert asked[-1] == distinct[:2]  # all distinct: passed as they are
+
+
 # ---------------------------------------------------------------- chat prompts
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 

@@ -190,7 +190,7 @@ async def next_byte_logprobs(beams: list[Beam]) -> np.ndarray:
     if not beams:
         return np.zeros((0, N_OUTCOMES))
     await _ensure(beams)
-    todo = [b for b in beams if not b._dist]
+    todo = list({id(b): b for b in beams if not b._dist}.values())  # a beam asked twice: once
     if todo:
         for beam, row in zip(todo, _next_logprobs(todo)):
             beam._dist.append(row)
