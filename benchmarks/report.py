@@ -219,6 +219,7 @@ def _w2(meta, results):
             return "skipped" if any(str(e).startswith("skipped") for e in x.get("errors", [])) else "failed"
         return f"{_rng(x['bytes_per_s'])}; ESS {x['ess']:.1f}; valid {x['valid']:.0f}"
 
+    ceiling = any("free" in r for r in results)  # w2_smc's free target: genlm-control alone
     for r in results:
         rows.append(
             [
@@ -230,6 +231,7 @@ def _w2(meta, results):
                 _ratio(r.get("vs_anchor")),
                 _ratio(r.get("vs_token")),
             ]
+            + ([cell(r.get("free")), _ratio(r.get("vs_free"))] if ceiling else [])
         )
         if r.get("vs_anchor"):
             heads.append(f"{r['task']} N={r['particles']}: {_ratio(r['vs_anchor'])}")
@@ -247,7 +249,8 @@ def _w2(meta, results):
             "PromptedLLM (tokens) B/s",
             "ours / ByteLLM",
             "ours / tokens",
-        ],
+        ]
+        + (["free target (genlm-control alone) B/s", "ours / free"] if ceiling else []),
         rows,
     )
     return f"ours / ByteLLM {'; '.join(heads) or '–'}", table, series

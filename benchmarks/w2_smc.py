@@ -12,7 +12,10 @@ seed, prompt, ESS threshold and grammar:
 * anchor: target = ``ByteLLM(lm, BeamParams(K=K))`` with the same prompt; the grammar is
   coerced to its ``bytes`` vocabulary (``f = lambda xs: list(b"".join(xs))``);
 * token:  target = ``PromptedLLM(lm)`` (prompt tokenized); grammar coerced to tokens
-  (``f = lambda ts: list(b"".join(ts))``); max length in tokens = max bytes / 3.
+  (``f = lambda ts: list(b"".join(ts))``); max length in tokens = max bytes / 3;
+* free:   target = :class:`FreeBytes`, a byte potential that costs nothing (every byte and
+  EOS weigh 1): genlm-control's sampler, SMC and the grammar alone, the ceiling any byte
+  potential's run stays under (``--systems ours free``; not run by default).
 
 Grammars: a regex (``BoolFSA.from_regex``) and a JSON schema (``JsonSchema``).
 bytes/s = bytes in all final particles (EOS excluded) / wall seconds; ESS of the final
@@ -30,6 +33,7 @@ import time
 import warnings
 
 import numpy as np
+from genlm.control.potential.base import Potential
 
 from benchmarks.common import (
     Stat,
@@ -43,10 +47,12 @@ from benchmarks.common import (
     set_threads,
 )
 from benchmarks.lms import make_lm, reset
+from genlm_bytes_potential.tokens import BYTE_TABLES, byte_product
 
 PARTICLES = (8, 32, 128)
 QUICK_PARTICLES = (8, 32)
 SYSTEMS = ("ours", "anchor", "token")
+CEILING = "free"
 
 TASKS = {
     "regex": {
@@ -99,6 +105,37 @@ def _prompt_ids(lm, prompt: bytes) -> list[int]:
     return ([bos] if bos is not None else []) + ids
 
 
+class FreeBytes(Potential):
+    """A potential over our 256 byte tokens that costs nothing: ``prefix = complete = 0``
+    and ``logw_next = 0`` for every byte and EOS. Its ``*`` is the byte potentials'
+    (``byte_product``), so a run with it is genlm-control's sampler, SMC and the grammar
+    (through the same grammar view as ours) alone."""
+
+    def __init__(self):
+        super().__init__(BYTE_TABLES.vocab_eos[:-1], tables=BYTE_TABLES)
+
+    async def prefix(self, context):
+        return 0.0
+
+    async def complete(self, context):
+        return 0.0
+
+    async def logw_next(self, context):
+        return self.make_lazy_weights(np.zeros(len(self.vocab_eos)))
+
+    async def batch_prefix(self, contexts):
+        return np.zeros(len(contexts))
+
+    async def batch_complete(self, contexts):
+        return np.zeros(len(contexts))
+
+    async def batch_logw_next(self, contexts):
+        return self.make_lazy_weights(np.zeros((len(contexts), len(self.vocab_eos))))
+
+    def __mul__(self, other):
+        return byte_product(self, other)
+
+
 def _target(system, lm, K, eos, prompt):
     from genlm.bytes import BeamParams
     from genlm.control import ByteLLM, PromptedLLM
@@ -111,13 +148,15 @@ def _target(system, lm, K, eos, prompt):
         bl = ByteLLM(lm, BeamParams(K=K, eos_byte_strings=list(eos)))
         bl.set_prompt_from_str(prompt.decode("utf-8"))
         return bl
+    if system == CEILING:
+        return FreeBytes()
     if system == "token":
         return PromptedLLM(lm, prompt_ids=_prompt_ids(lm, prompt), eos_byte_strings=list(eos))
     raise ValueError(system)
 
 
 def _coerced(g, system, target):
-    if system == "ours":  # the grammar over our byte tokens: a view, no coerce
+    if system in ("ours", CEILING):  # the grammar over our byte tokens: a view, no coerce
         from genlm_bytes_potential import as_byte_tokens
 
         return as_byte_tokens(g)
@@ -250,9 +289,9 @@ def run(
                     "lm_calls": float(np.median([r["batch_calls"] + r["single_calls"] for r in ok])),
                     "sample": ok[0]["sample"],
                 }
-            for s in ("anchor", "token"):
+            for s in ("anchor", "token", CEILING):
                 if "ours" in stats and s in stats:
-                    # throughput ratio: ours / theirs (higher = ours faster)
+                    # throughput ratio: ours / theirs (higher = ours faster; of the ceiling: <= 1)
                     row[f"vs_{s}"] = ratio_stat(stats["ours"], stats[s])
             results.append(row)
     return results
@@ -281,6 +320,7 @@ def render(meta, results) -> str:
         ),
     )
     rows = []
+    ceiling = any(CEILING in r for r in results)
     for r in results:
 
         def cell(s):
@@ -303,10 +343,12 @@ def render(meta, results) -> str:
                 fmt_ratio(r["vs_anchor"]) if "vs_anchor" in r else "–",
                 fmt_ratio(r["vs_token"]) if "vs_token" in r else "–",
             ]
+            + ([cell(CEILING), fmt_ratio(r[f"vs_{CEILING}"]) if f"vs_{CEILING}" in r else "–"] if ceiling else [])
         )
-    md += "\n" + md_table(
-        ["grammar", "particles", "ours", "anchor ByteLLM", "token PromptedLLM", "ours/anchor", "ours/token"], rows
-    )
+    heads = ["grammar", "particles", "ours", "anchor ByteLLM", "token PromptedLLM", "ours/anchor", "ours/token"]
+    if ceiling:
+        heads += ["free target (genlm-control alone)", "ours/free"]
+    md += "\n" + md_table(heads, rows)
     samples = [
         f"{r['task']} N={r['particles']}: ours {r['ours'].get('sample', '')!r}"
         for r in results
@@ -324,7 +366,7 @@ def main(argv=None):
     p.add_argument("--mock-vocab", default="model", choices=["model", "tiny"])
     p.add_argument("--particles", nargs="*", type=int, default=None)
     p.add_argument("--task", nargs="*", default=["regex", "json"], choices=list(TASKS))
-    p.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=[*SYSTEMS, CEILING])
     p.add_argument("--max-bytes", type=int, default=None)
     p.add_argument("--K", type=int, default=4)
     p.add_argument("--mode", default="critic", choices=["critic", "product"])

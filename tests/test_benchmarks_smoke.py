@@ -151,6 +151,12 @@ def test_w2_smc_smoke(mock_lm):
         "seed": 0,
     }
     assert "| regex | 2 |" in w2_smc.render(meta, res)
+    # the ceiling: genlm-control with a target that costs nothing, beside ours
+    (row,) = w2_smc.run(
+        lm, info["eos"], tasks=("regex",), particles=(2,), max_bytes=3, K=2, systems=("ours", "free"), log=print
+    )
+    assert row["free"]["bytes"] > 0 and "vs_free" in row
+    assert "ours/free" in w2_smc.render(meta, [row])
 
 
 def test_w4_floor_smoke(mock_lm):
