@@ -210,7 +210,7 @@ def _w1_rows(meta, rows):
 
 
 def _w2(meta, results):
-    rows, heads, series = [], [], {}
+    rows, heads, free_heads, series = [], [], [], {}
 
     def cell(x):
         if not isinstance(x, dict):
@@ -235,6 +235,8 @@ def _w2(meta, results):
         )
         if r.get("vs_anchor"):
             heads.append(f"{r['task']} N={r['particles']}: {_ratio(r['vs_anchor'])}")
+        if r.get("vs_free"):
+            free_heads.append(f"{r['task']} N={r['particles']}: {_ratio(r['vs_free'])}")
         for side, label in (("ours", "ours"), ("anchor", "ByteLLM"), ("token", "PromptedLLM (tokens)")):
             x = r.get(side)
             if isinstance(x, dict) and "bytes_per_s" in x:
@@ -253,7 +255,11 @@ def _w2(meta, results):
         + (["free target (genlm-control alone) B/s", "ours / free"] if ceiling else []),
         rows,
     )
-    return f"ours / ByteLLM {'; '.join(heads) or '–'}", table, series
+    parts = [f"ours / ByteLLM {'; '.join(heads) or '–'}"] if heads or not free_heads else []
+    if free_heads:
+        parts.append(f"ours / free target (genlm-control alone) {'; '.join(free_heads)}")
+    head = "; ".join(parts)
+    return head, table, series
 
 
 def _w3(meta, results):
@@ -488,7 +494,7 @@ def _cells(workload: str, data: dict) -> frozenset:
     res = data["results"]
     key = {
         "W1": lambda r: r["K"],
-        "W2": lambda r: (r["task"], r["particles"]),
+        "W2": lambda r: (r["task"], r["particles"], r.get("free") is not None),  # a ceiling run stands beside
         "W3": lambda r: (r["vocab"], r["B"]),
         "W4": lambda r: r["workload"],
         "Fidelity": lambda r: (r["text"], r["K"], r["canonical"]),
