@@ -677,10 +677,8 @@ def cached_trie(vocab: list[bytes], eos_tokens) -> TokenByteTrie:
     """The trie of a vocabulary and EOS set, built once per process (the last
     ``_TRIES_KEPT`` vocabularies are kept): a potential over SmolLM2's vocabulary no longer
     rebuilds its ~0.9 s trie on every construction."""
-    digest = hashlib.blake2b(digest_size=16)
-    for t in vocab:
-        digest.update(len(t).to_bytes(4, "little"))
-        digest.update(t)
+    digest = hashlib.blake2b(np.fromiter(map(len, vocab), np.int64, len(vocab)).tobytes(), digest_size=16)
+    digest.update(b"".join(vocab))  # the lengths and the concatenation spell the vocabulary
     key = (digest.digest(), len(vocab), frozenset(bytes(e) for e in eos_tokens))
     trie = _TRIES.get(key)
     if trie is None:

@@ -202,3 +202,14 @@ def test_bad_inputs_name_the_value():
     trie = TokenByteTrie([b"a", b"b"])
     with pytest.raises(ValueError, match=r"\[B, 2\]"):
         trie.log_masses(np.zeros((1, 3)))
+
+
+def test_tries_are_built_once_per_vocabulary_and_eos_set():
+    from genlm_bytes_potential.lm_state import cached_trie
+
+    vocab = [b"a", b"b", b"ab", b"ba", b"<e>"]
+    trie = cached_trie(vocab, [b"<e>"])
+    assert cached_trie(list(vocab), [b"<e>"]) is trie
+    # the same bytes split into other tokens, another EOS set, another token: other tries
+    for other, eos in (([b"ab", b"ab", b"b", b"a", b"<e>"], [b"<e>"]), (vocab, []), (vocab[:-1] + [b"<f>"], [b"<f>"])):
+        assert cached_trie(other, eos) is not trie
