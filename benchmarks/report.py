@@ -494,7 +494,8 @@ def _cells(workload: str, data: dict) -> frozenset:
     res = data["results"]
     key = {
         "W1": lambda r: r["K"],
-        "W2": lambda r: (r["task"], r["particles"], r.get("free") is not None),  # a ceiling run stands beside
+        # a run beside the free target (w2_smc's ceiling) does not replace the runs beside the anchor
+        "W2": lambda r: (r["task"], r["particles"], r.get("free") is not None),
         "W3": lambda r: (r["vocab"], r["B"]),
         "W4": lambda r: r["workload"],
         "Fidelity": lambda r: (r["text"], r["K"], r["canonical"]),

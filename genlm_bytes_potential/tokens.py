@@ -88,7 +88,8 @@ class _Distinct:
     appearance), for a potential whose batch answer is a function of each context alone:
     ``spread`` turns the answer for ``contexts`` into the batch's (row ``i`` of the batch is
     the row of its context). After SMC resampling many particles hold the same context
-    (a quarter to a third of a regex SMC's grammar calls at 32 particles)."""
+    (22-31% of the contexts a regex SMC with SmolLM2 passes its grammar, at 32 and 128
+    particles)."""
 
     __slots__ = ("contexts", "index")
 
