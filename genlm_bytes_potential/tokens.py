@@ -101,9 +101,11 @@ class _Distinct:
             index = None
         if index is None or len(first) == len(batch):
             self.contexts, self.index = batch, None
-        else:
-            self.contexts = [batch[i] for i in np.unique(index, return_index=True)[1]]
-            self.index = np.array(index)
+        else:  # positions are given in order of first appearance
+            self.contexts, self.index = [], np.array(index)
+            for c, j in zip(batch, index):
+                if j == len(self.contexts):
+                    self.contexts.append(c)
 
     def spread(self, answer):
         """``answer`` (one row or value per distinct context) for the whole batch."""
