@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -178,8 +179,9 @@ class MassStore:
     Reuse (see ``allocate``): rows idle for a while are reused first; once ``max_bytes``
     of rows exist, any row not used since the previous allocation (so a step's own rows
     are never taken by its own allocations; the table grows past ``max_bytes`` when a
-    step needs more rows than that). Readers holding :class:`MassRows` check ``valid``
-    and recompute stale rows."""
+    step needs more rows than that), and never a row that is ``pinned`` (rows a call is
+    still computing while it awaits the GPU). Readers holding :class:`MassRows` check
+    ``valid`` and recompute stale rows."""
 
     IDLE = 16  # allocations after which an unused row is reused before new rows are taken
 
@@ -191,6 +193,7 @@ class MassStore:
         self.gen = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
         self.in_use = np.zeros(0, bool)  # per slot: holds a key's row
+        self.pins = np.zeros(0, np.int64)  # per slot: calls computing its row now (see pinned)
         self.clock = 1
         self._slots: dict[tuple[bool, LMState], int] = {}
         self._key_of: list = []  # per slot in use: its key, None when free
@@ -217,7 +220,7 @@ class MassStore:
 
     def clear(self) -> None:
         self._slots.clear()
-        self._key_of = []
+        self._key_of = [None] * len(self._key_of)
         self.in_use[:] = False
         self.gen += 1  # rows held by readers are all stale
 
@@ -243,6 +246,17 @@ class MassStore:
     def valid(self, rows: MassRows) -> np.ndarray:
         return self.gen[rows.slot] == rows.gen
 
+    @contextmanager
+    def pinned(self, slots: np.ndarray):
+        """No allocation takes ``slots`` inside this block (a call awaiting the GPU while
+        it writes their rows; other calls may read them meanwhile: their reads queue
+        behind the writes)."""
+        np.add.at(self.pins, slots, 1)
+        try:
+            yield
+        finally:
+            np.subtract.at(self.pins, slots, 1)
+
     def allocate(self, keys: list, like) -> np.ndarray:
         """Slots for ``keys`` (absent from the store), in this order of preference: free
         slots; rows idle for ``IDLE`` allocations (least recently used first); new rows
@@ -251,7 +265,14 @@ class MassStore:
         table's touched memory near the working set (first touches of fresh memory cost
         about as much as computing the row). The table lives on ``like``'s device."""
         picked, n_new = _pick_slots(
-            self.in_use, self.last_used, len(self._key_of), len(keys), self.clock - self.IDLE, self.clock, self.max_rows
+            self.in_use,
+            self.pins,
+            self.last_used,
+            len(self._key_of),
+            len(keys),
+            self.clock - self.IDLE,
+            self.clock,
+            self.max_rows,
         )
         for s in picked.tolist():
             self._slots.pop(self._key_of[s], None)
@@ -289,6 +310,7 @@ class MassStore:
             self.gen = np.concatenate([self.gen, np.zeros(new_cap - cap, np.int64)])
             self.last_used = np.concatenate([self.last_used, np.zeros(new_cap - cap, np.int64)])
             self.in_use = np.concatenate([self.in_use, np.zeros(new_cap - cap, bool)])
+            self.pins = np.concatenate([self.pins, np.zeros(new_cap - cap, np.int64)])
         self._key_of.extend([None] * (rows - len(self._key_of)))
 
     def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
@@ -309,19 +331,20 @@ class MassStore:
 
 
 @numba.njit(cache=True, nogil=True)
-def _pick_slots(in_use, last_used, n_slots, need, idle_before, now, max_rows):
+def _pick_slots(in_use, pins, last_used, n_slots, need, idle_before, now, max_rows):
     """``MassStore.allocate``'s choice of ``need`` rows among the ``n_slots`` existing
     ones: free slots; then rows last used before ``idle_before``, least recently used
     first; then new rows while fewer than ``max_rows`` exist; then rows last used before
-    ``now``, least recently used first; then new rows past ``max_rows``. Returns the
-    existing slots picked, in that order, and the number of new rows."""
+    ``now``, least recently used first; then new rows past ``max_rows``. Pinned rows
+    (``pins > 0``) are never picked. Returns the existing slots picked, in that order,
+    and the number of new rows."""
     picked = np.empty(need, np.int64)
     k = 0
     for s in range(n_slots):
-        if k < need and not in_use[s]:
+        if k < need and not in_use[s] and pins[s] == 0:
             picked[k] = s
             k += 1
-    used, last = in_use[:n_slots], last_used[:n_slots]
+    used, last = in_use[:n_slots] & (pins[:n_slots] == 0), last_used[:n_slots]
     if k < need:
         idle = np.flatnonzero(used & (last < idle_before))
         idle = idle[np.argsort(last[idle], kind="mergesort")][: need - k]
@@ -566,14 +589,18 @@ class TokenModel:
                     if key not in store and key not in todo and not self._cached(s):
                         todo[key] = None
             new = await self._compute(list(todo), with_eos, n_asked)
-            slot[missing] = [new[keys[i]] for i in missing.tolist()]
-            gen[missing] = store.gen[slot[missing]]
+            slot[missing], gen[missing] = zip(*(new[keys[i]] for i in missing.tolist()))
         return MassRows(slot, gen)
 
     async def _compute(self, keys: list, with_eos: bool, n_asked: int) -> dict:
         """One LM call for ``keys`` (absent from the store) and one trie batch for the
         first ``n_asked`` of them (for all on a GPU), written into the store. Returns the
-        slot of each key given a row."""
+        ``(slot, generation)`` of each key given a row.
+
+        The GPU's work runs while other tasks run (the grammar of a product, another batch
+        of particles): masses computed on the host await the forward pass before any row is
+        allocated; masses kept on the GPU are queued behind it into pinned rows, and the
+        call awaits both (one wait where there were two, the second blocking the host)."""
         inputs = [self.model_input(s) for _, s in keys]
         store = self.store
         allocations = store.clock  # the store's allocations so far
@@ -589,11 +616,9 @@ class TokenModel:
         collector.lm_called()
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
-        # The forward pass runs on the GPU while other tasks run (the grammar of a product,
-        # another batch of particles); awaited here, before any row is allocated, so that
-        # no concurrent call can take this call's new rows before it returns them.
-        await device_done(logprobs.device)
         self._check_shape(logprobs, inputs)
+        if torch.device(self.device or logprobs.device).type == "cpu":
+            await device_done(logprobs.device)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
         if logprobs.device.type == "cpu":  # host rows: numpy from here on
@@ -603,7 +628,7 @@ class TokenModel:
         out = {}
         if store.clock != allocations:  # a concurrent call stored rows while this one awaited the LM
             known = store.find(keys)
-            out = {k: int(s) for k, s in zip(keys, known.tolist()) if s >= 0}
+            out = {k: (int(s), int(store.gen[s])) for k, s in zip(keys, known.tolist()) if s >= 0}
         if out:
             new = np.flatnonzero(known < 0)
             keys, inputs = [keys[i] for i in new.tolist()], [inputs[i] for i in new.tolist()]
@@ -612,16 +637,19 @@ class TokenModel:
             ]
         if keys:
             slots = store.allocate(keys, logprobs)
+            gens = store.gen[slots]  # as allocated: rows cleared while this call awaits read as stale
             try:
                 if isinstance(store.table, np.ndarray):
                     self.trie.weight_rows(logprobs, with_eos, store.table, slots)
                 else:
                     self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
+                    with store.pinned(slots):
+                        await device_done(store.table.device)
                 self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
             except BaseException:
                 store.discard(keys)
                 raise
-            out.update(zip(keys, slots.tolist()))
+            out.update(zip(keys, zip(slots.tolist(), gens.tolist())))
         return out
 
     async def ensure(self, rows: MassRows, states: tuple[LMState, ...], with_eos: bool) -> None:

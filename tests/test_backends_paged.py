@@ -319,15 +319,21 @@ async def test_device_done_lets_other_tasks_run_while_the_gpu_works():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="masses are kept on the device only on a GPU")
-async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_llama):
+@pytest.mark.parametrize("cache_bytes", [2**31, 2**24])
+async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_llama, cache_bytes):
     """Two batches of particles at once (as genlm-control's autobatching sends them), each
-    awaiting the GPU while the other runs: the next-byte log-probs of a potential whose
-    masses stay on the GPU equal those of one whose masses are on the host, step by step."""
+    awaiting the GPU (its forward pass and its masses) while the other runs: the next-byte
+    log-probs of a potential whose masses stay on the GPU equal those of one whose masses
+    are on the host, step by step; also when the GPU's store holds a dozen rows, so that
+    each batch allocates rows while the other's are still being written (pinned)."""
     from genlm_bytes_potential.potential import ByteBeamPotential
 
     model, tok = tiny_llama
     lm = PagedTokenLM(copy.deepcopy(model).cuda(), tok, kv_cache_bytes=2**24)
-    pots = [ByteBeamPotential(lm, K=4, prompt=b"Fruits: ", device=d) for d in (None, "cpu")]
+    pots = [
+        ByteBeamPotential(lm, K=4, prompt=b"Fruits: ", device=d, cache_bytes=b)
+        for d, b in ((None, cache_bytes), ("cpu", 2**31))
+    ]
     rng = np.random.default_rng(0)
     contexts = [[] for _ in range(8)]
     for _ in range(6):

@@ -455,6 +455,26 @@ def test_store_allocation_order():
     assert store.allocate([key(7)], like).tolist() == [0] and key(0) not in store and key(1) in store
 
 
+def test_pinned_rows_are_never_reused():
+    """Rows a call pins while it awaits the GPU (``MassStore.pinned``) are passed over by
+    every rule of ``allocate``, idle or not, free after a ``clear`` or not (the table grows
+    instead); pins nest, and the rows are reusable again once every pin is gone."""
+    from genlm_bytes_potential.lm_state import MassStore
+    from genlm_bytes_potential.trie import TokenByteTrie
+
+    trie = TokenByteTrie([b"a", b"b"])
+    store = MassStore(trie, max_bytes=2 * 8 * trie.row_width)  # 2 rows
+    like = np.zeros((1, trie.vocab_size))
+    key = lambda i: (True, LMState((i,)))  # noqa: E731
+    pinned = store.allocate([key(0), key(1)], like)
+    with store.pinned(pinned), store.pinned(pinned[:1]):
+        for i in range(MassStore.IDLE + 2):  # rows 0 and 1 go idle, unused
+            assert store.allocate([key(10 + i)], like).item() not in (0, 1)
+        store.clear()  # every row free, the pinned ones too: still not taken
+        assert not set(store.allocate([key(20), key(21)], like).tolist()) & {0, 1}
+    assert set(store.allocate([key(30), key(31)], like).tolist()) == {0, 1}  # the two free rows come first
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6),
