@@ -74,6 +74,14 @@ def read_junit(path: Path, result: GroupResult) -> GroupResult:
     return result
 
 
+def _interruptible() -> None:
+    """In a group's process before pytest starts: SIGINT at its default, so that Python
+    turns it into KeyboardInterrupt and pytest still writes its report. A job started in
+    the background (``cmd &`` in a script, ``nohup``) has SIGINT ignored, children
+    inherit that, and an ignored SIGINT left a cut group with no report at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_groups(groups: list[str], timeout: float) -> list[GroupResult]:
     """Run each group as a pytest process, all at once; wait for all (or the timeout)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +98,14 @@ def run_groups(groups: list[str], timeout: float) -> list[GroupResult]:
                     log,
                     time.perf_counter(),
                     # its own process group: a timeout reaches the engine processes vLLM starts too
-                    subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=log, start_new_session=True),
+                    subprocess.Popen(
+                        args,
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=log,
+                        start_new_session=True,
+                        preexec_fn=_interruptible,
+                    ),
                 )
             )
         deadline = time.perf_counter() + timeout

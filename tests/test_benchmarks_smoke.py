@@ -335,6 +335,7 @@ def test_gpu_tests_records_passes_and_failures(tmp_path):
     assert (bad.passed, bad.failed) == (1, 1)
     assert bad.failures[0]["test"].endswith("test_bad") and "arithmetic" in bad.failures[0]["message"]
     assert (cut.passed, cut.failed, cut.timed_out) == (int(quick_ran.exists()), 0, True) and cut.seconds < 90
+    assert cut.returncode != -9  # interrupted, not killed: also where SIGINT is ignored (a background job)
     head, table, _ = report._gpu_tests({}, [asdict(r) for r in results])
     passed = 2 + int(quick_ran.exists())
     assert head == f"{passed} passed, 1 failed, 0 skipped (a group timed out)" and "arithmetic" in table
