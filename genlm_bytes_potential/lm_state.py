@@ -617,11 +617,12 @@ class TokenModel:
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
         self._check_shape(logprobs, inputs)
-        if torch.device(self.device or logprobs.device).type == "cpu":
+        on_host = torch.device(self.device or logprobs.device).type == "cpu"  # where the masses are computed
+        if on_host:  # (a copy to the host would block the event loop while the GPU works)
             await device_done(logprobs.device)
         if self.device is not None:
             logprobs = logprobs.to(self.device)
-        if logprobs.device.type == "cpu":  # host rows: numpy from here on
+        if on_host:  # host rows: numpy from here on
             if logprobs.dtype not in (torch.float32, torch.float64):
                 logprobs = logprobs.to(torch.float64)
             keys, logprobs = keys[:n_asked], logprobs.numpy()[:n_asked]
