@@ -31,6 +31,7 @@ NOTES_MARKER = "<!-- Notes: everything below this line is kept by `python -m ben
 
 WORKLOADS = {
     "W1": "W1 — byte-level scoring (bits/byte, bytes/s)",
+    "W1 batch": "W1 batch — many documents: scored one at a time vs `batch_score` (lockstep)",
     "W2": "W2 — byte-level SMC under a grammar",
     "W3": "W3 — trie masses",
     "W4": "W4 — LM-call floor",
@@ -46,6 +47,7 @@ WORKLOADS = {
 TARGETS = {
     ("W1", "gpu"): "≥ 30× ByteLLM as shipped (SmolLM2)",
     ("W1", "cpu"): "≥ 5× ByteLLM as shipped (SmolLM2)",
+    ("W1 batch", "gpu"): "#14's W1 bar, 5,000 B/s (set for one text)",
     ("W2", "gpu"): "≥ 10× ByteLLM at 32 particles",
     ("W2", "cpu"): "≥ 10× ByteLLM at 32 particles",
     ("W3", "gpu"): "≥ 3× genlm-bytes in every cell",
@@ -207,6 +209,16 @@ def _w1_rows(meta, rows):
     )
     n = rows[0]["n_bytes"] if rows else 0
     return f"{n} B, {meta.get('dtype', '?')}; ours / ByteLLM as shipped {'; '.join(heads)}", table, series
+
+
+def _w1_batch(meta, results):
+    from benchmarks.w1_batch import table
+
+    head = "; ".join(
+        f"{r['docs']} docs: {r['batch']['bytes_per_s']:,.0f} B/s, {r['speedup']:.2f}× one at a time" for r in results
+    )
+    n = results[0]["n_bytes"] if results else 0
+    return f"{n} B, K={results[0]['K'] if results else '?'}; {head}", table(results), {}
 
 
 def _w2(meta, results):
@@ -433,6 +445,7 @@ def _gpu_tests(meta, results):
 
 READERS = {
     "W1": _w1,
+    "W1 batch": _w1_batch,
     "W2": _w2,
     "W3": _w3,
     "W4": _w4,
@@ -494,6 +507,7 @@ def _cells(workload: str, data: dict) -> frozenset:
     res = data["results"]
     key = {
         "W1": lambda r: r["K"],
+        "W1 batch": lambda r: (r["docs"], r["K"]),
         # a run beside the free target (w2_smc's ceiling) does not replace the runs beside the anchor
         "W2": lambda r: (r["task"], r["particles"], r.get("free") is not None),
         "W3": lambda r: (r["vocab"], r["B"]),

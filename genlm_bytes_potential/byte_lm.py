@@ -2,6 +2,7 @@
 
 lm = ByteLM(token_lm, K=8)
 (await lm.score(b"def f(x):\\n")).bits_per_byte
+[s.logprob for s in await lm.batch_score([b"one text", b"and another"])]  # in lockstep
 await lm.generate(b"Once upon a time", max_bytes=40)          # sampled
 (await lm.next_byte(b"Hello, wor")).top(3)                    # {b'l': 0.97, ...}
 """
@@ -125,16 +126,52 @@ class ByteLM:
         """Total log-probability of ``data`` after ``prompt`` (each byte's conditional;
         with healing, a byte the beam cannot read costs the healed estimate).
         ``on_byte(n)`` is called after each byte with the number of bytes read."""
-        data = _as_bytes(data)
-        beam = await self.beam(prompt)
-        start = beam.logp
-        for i, b in enumerate(data):
-            (beam,) = await advance([beam], [b], ahead=[memoryview(data)[i + 1 :]])
+        (score,) = await self.batch_score([data], prompt, on_byte)
+        return score
+
+    async def batch_score(
+        self,
+        texts: Sequence[bytes | str],
+        prompt: bytes = b"",
+        on_byte: Callable[[int], object] | None = None,
+    ) -> list[Score]:
+        """``score`` of each text after the same ``prompt``, the texts read in lockstep:
+        step ``i`` advances the beams of every text with an ``i``-th byte in one
+        :func:`advance` (one read and prune over all their candidates, one LM batch for all
+        their extensions). Each text's beam is its own, so each score is what ``score``
+        gives (with an LM whose values do not depend on how contexts are batched; a bf16
+        forward pass rounds a context differently in another batch). A text whose byte has
+        probability 0 stops there (``impossible_at``); the others go on. ``on_byte(n)`` is
+        called after each step with the number of bytes read so far, all texts together."""
+        texts = [_as_bytes(t) for t in texts]
+        root = await self.beam(prompt)
+        beams = [root] * len(texts)
+        impossible: dict[int, int] = {}
+        read = 0
+        live = [j for j, t in enumerate(texts) if t]
+        for i in range(max(map(len, texts), default=0)):
+            live = [j for j in live if i < len(texts[j])]
+            if not live:
+                break
+            stepped = await advance(
+                [beams[j] for j in live],
+                [texts[j][i] for j in live],
+                ahead=[memoryview(texts[j])[i + 1 :] for j in live],
+            )
+            for j, beam in zip(live, stepped):
+                beams[j] = beam
+                if beam.logp == -math.inf:
+                    impossible[j] = i
+            read += len(live)
+            live = [j for j in live if j not in impossible]
             if on_byte is not None:
-                on_byte(i + 1)
-            if beam.logp == -math.inf:
-                return Score(-math.inf, len(data), beam.stats.heals, beam.stats, impossible_at=i)
-        return Score(beam.logp - start, len(data), beam.stats.heals, beam.stats)
+                on_byte(read)
+        return [
+            Score(-math.inf, len(t), b.stats.heals, b.stats, impossible_at=impossible[j])
+            if j in impossible
+            else Score(b.logp - root.logp, len(t), b.stats.heals, b.stats)
+            for j, (t, b) in enumerate(zip(texts, beams))
+        ]
 
     async def generate(
         self,

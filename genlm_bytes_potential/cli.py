@@ -1,7 +1,7 @@
 """Command line: ``python -m genlm_bytes_potential COMMAND ...``.
 
     sample     grammar-constrained byte-level SMC (--regex, --lark or --json-schema)
-    score      log-probability and bits/byte of a file under the byte beam
+    score      log-probability and bits/byte of files under the byte beam
     next-byte  the next-byte distribution after a prompt
     generate   bytes sampled (or the likeliest, --greedy) after a prompt
 
@@ -178,10 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--record", metavar="PATH", help="write genlm-control's inference-visualizer JSON here")
 
-    c = sub.add_parser("score", help="log-probability and bits/byte of a file")
+    c = sub.add_parser("score", help="log-probability and bits/byte of files")
     common(c)
-    c.add_argument("file", help="file to score ('-' for stdin)")
-    c.add_argument("--prompt", default="", help="text the file is conditioned on (or @file)")
+    c.add_argument(
+        "files",
+        nargs="+",
+        metavar="file",
+        help="files to score ('-' for stdin); several are read together, in lockstep",
+    )
+    c.add_argument("--prompt", default="", help="text each file is conditioned on (or @file)")
 
     n = sub.add_parser("next-byte", help="the next-byte distribution after a prompt")
     common(n)
@@ -494,30 +499,56 @@ def _progress_sampler(sampler, bar):
 
 
 async def _score(args) -> dict:
+    """One file: its score. Several: each file's score (read together, ``batch_score``)
+    and their total."""
     from .byte_lm import ByteLM
 
-    if args.file == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        path = Path(args.file)
-        if not path.is_file():
-            raise CLIError(f"file {path} does not exist")
-        data = path.read_bytes()
+    names = args.files
+    texts = [_read_file(name) for name in names]
     prompt = _text_or_file(args.prompt)
     params = _beam_params(args)
     blm = ByteLM(_load(args), **params)
     _check_prompt(blm, prompt)
-    bar = _progress(args, len(data), "score")
+    bar = _progress(args, sum(map(len, texts)), "score")
     before = _lm_counters(blm.model)
     start = time.perf_counter()
     try:
-        score = await blm.score(data, prompt=prompt, on_byte=None if bar is None else lambda n: bar.update(n - bar.n))
+        scores = await blm.batch_score(
+            texts, prompt=prompt, on_byte=None if bar is None else lambda n: bar.update(n - bar.n)
+        )
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     finally:
         if bar is not None:
             bar.close()
-    read = len(data) if score.impossible_at is None else score.impossible_at + 1
+    seconds = time.perf_counter() - start
+    results = [_score_result(blm, data, score, params) for data, score in zip(texts, scores)]
+    read = sum(len(t) if s.impossible_at is None else s.impossible_at + 1 for t, s in zip(texts, scores))
+    diagnostics = _diagnostics(blm.model, before, read, seconds)
+    if len(results) == 1:
+        return {**results[0], "diagnostics": diagnostics}
+    n_bytes, logprob = sum(r["bytes"] for r in results), sum(r["logprob"] for r in results)
+    return {
+        "files": [{"file": name, **r} for name, r in zip(names, results)],
+        "bytes": n_bytes,
+        "logprob": logprob,
+        "bits_per_byte": -logprob / math.log(2) / n_bytes if n_bytes else 0.0,
+        "K": params["K"],
+        "prune_threshold": params["prune_threshold"],
+        "diagnostics": diagnostics,
+    }
+
+
+def _read_file(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    path = Path(name)
+    if not path.is_file():
+        raise CLIError(f"file {path} does not exist")
+    return path.read_bytes()
+
+
+def _score_result(blm, data: bytes, score, params: dict) -> dict:
     result = {
         "bytes": score.n_bytes,
         "logprob": score.logprob,
@@ -527,7 +558,6 @@ async def _score(args) -> dict:
         "prune_threshold": params["prune_threshold"],
         "pruned_mass": score.stats.pruned_mass,
         "heals": score.heals,
-        "diagnostics": _diagnostics(blm.model, before, read, time.perf_counter() - start),
     }
     if score.impossible_at is not None:
         i = score.impossible_at
@@ -623,22 +653,30 @@ def _print_text(command: str, result: dict, out) -> None:
             file=out,
         )
     elif command == "score":
-        bad = result["impossible_byte"]
-        if bad is not None:
+        files = result.get("files") or [result]
+        for r in files:
+            name = f"{r['file']}: " if "file" in r else ""
+            bad = r["impossible_byte"]
+            if bad is not None:
+                print(
+                    f"{name}{r['bytes']} bytes  log-prob -inf: byte {bad['hex']} at position {bad['position']} "
+                    f"(after {bad['after']!r}) has probability 0: {bad['reason']}",
+                    file=out,
+                )
+            else:
+                print(
+                    f"{name}{r['bytes']} bytes  log-prob {r['logprob']:.4f} nats  {r['bits_per_byte']:.4f} bits/byte",
+                    file=out,
+                )
+        if "files" in result:
             print(
-                f"{result['bytes']} bytes  log-prob -inf: byte {bad['hex']} at position {bad['position']} "
-                f"(after {bad['after']!r}) has probability 0: {bad['reason']}",
-                file=out,
-            )
-        else:
-            print(
-                f"{result['bytes']} bytes  log-prob {result['logprob']:.4f} nats  "
+                f"total: {result['bytes']} bytes  log-prob {result['logprob']:.4f} nats  "
                 f"{result['bits_per_byte']:.4f} bits/byte",
                 file=out,
             )
         print(
-            f"# pruned mass {result['pruned_mass']:.3g}, heals {result['heals']}, {d['lm_calls']} LM calls "
-            f"({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['bytes_per_s'] or 0:.1f} B/s",
+            f"# {'max ' if len(files) > 1 else ''}pruned mass {max(r['pruned_mass'] for r in files):.3g}, heals {sum(r['heals'] for r in files)}, "
+            f"{d['lm_calls']} LM calls ({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['bytes_per_s'] or 0:.1f} B/s",
             file=out,
         )
     elif command == "next-byte":

@@ -238,6 +238,51 @@ async def test_byte_lm_helpers():
     assert (await blm.score(sampled, prompt=b"a")).logprob > -math.inf
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    docs=st.lists(st.one_of(texts(7), texts(3).map(lambda t: t + b"z" + t)), max_size=5),
+    prompt=st.sampled_from([b"", b"ab"]),
+    K=st.sampled_from([1, 3]),
+)
+async def test_batch_score_is_each_texts_score(vocab, seed, docs, prompt, K):
+    """Texts scored in lockstep get, one by one, what ``score`` gives each alone: the same
+    log-prob to the last digit (an exact LM), the same heals and the same impossible byte
+    (``z`` is in no token); ``on_byte`` counts the bytes read, all texts together."""
+    lm = MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES))
+    counts = []
+    together = await ByteLM(lm, K=K).batch_score(docs, prompt=prompt, on_byte=counts.append)
+    alone = []
+    for d in docs:  # each text read alone, byte by byte
+        blm = ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K)
+        beam = start = await blm.beam(prompt)
+        for i, b in enumerate(d):
+            (beam,) = await advance([beam], [b], ahead=[d[i + 1 :]])
+            if beam.logp == -math.inf:
+                alone.append((-math.inf, len(d), beam.stats.heals, i))
+                break
+        else:
+            alone.append((beam.logp - start.logp, len(d), beam.stats.heals, None))
+    assert [(s.logprob, s.n_bytes, s.heals, s.impossible_at) for s in together] == alone
+    assert [(s.logprob, s.impossible_at) for s in together] == [
+        (s.logprob, s.impossible_at) for s in [await ByteLM(lm, K=K).score(d, prompt) for d in docs]
+    ]
+    read = [n if at is None else at + 1 for _, n, _, at in alone]
+    assert counts == sorted(set(counts)) and counts[-1:] == ([sum(read)] if any(read) else [])
+
+
+async def test_batch_score_makes_one_lm_call_a_step():
+    """Lockstep: each step's extensions, over all texts, are one LM call (without
+    prefetching, a text alone calls at nearly every byte too)."""
+    vocab = [b"a", b"b", b"ab", b" ", EOS_BYTES]
+    docs = [b"ab ba ab", b"ba ab", b"a b", b""]
+    lm = MockTokenLM(vocab, seed=4, eos_token_id=4)
+    scores = await ByteLM(lm, K=4, lookahead=0).batch_score(docs)
+    assert lm.batch_calls <= 1 + max(map(len, docs)) and all(s.logprob > -math.inf for s in scores)
+    assert scores[-1].logprob == 0.0 and scores[-1].n_bytes == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]))
 async def test_lookahead_changes_no_value(vocab, seed, data, K):

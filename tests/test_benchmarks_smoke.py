@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import common, memory, paged_layouts, speculation, w1_score, w2_smc, w3_trie, w4_floor
+from benchmarks import common, memory, paged_layouts, speculation, w1_batch, w1_score, w2_smc, w3_trie, w4_floor
 from benchmarks.lms import RecordingLM, heldout_text, make_lm, reset
 from benchmarks.vocabs import bytes_to_unicode, tiny_vocab
 
@@ -127,6 +127,33 @@ def test_w1_score_smoke(mock_lm):
         "text": "t",
     }
     assert "| 3 |" in w1_score.render(meta, res, reps=1)
+
+
+def test_w1_batch_smoke(mock_lm, tmp_path):
+    """The documents scored one at a time and in lockstep: equal totals (an exact LM), fewer
+    LM calls together; the saved run is read by the report."""
+    from benchmarks import report
+
+    lm, info = mock_lm
+    text = heldout_text(60)
+    assert b"".join(w1_batch.documents(text, 3)) == text
+    res = w1_batch.run(lm, info["eos"], text, docs_counts=(1, 3), K=3, reps=1, log=lambda *_: None)
+    assert [r["docs"] for r in res] == [1, 3]
+    for r in res:
+        assert r["one_by_one"]["logprob"] == r["batch"]["logprob"] and math.isfinite(r["batch"]["logprob"])
+        assert r["one_by_one"]["bytes_per_s"] > 0 and r["speedup"] > 0
+    assert res[1]["batch"]["lm_calls"] < res[1]["one_by_one"]["lm_calls"]
+    meta = {
+        "workload": "W1 batch",
+        "date": "d",
+        "machine": "m",
+        "model": info["model"],
+        "backend": "mock",
+        "device": "cpu",
+    }
+    path = common.save_json(meta, res, name="w1batch-cpu-20260101T000000.json", out_dir=tmp_path)
+    run = report.read_run(path)
+    assert run.workload == "W1 batch" and "| 3 |" in run.table and "3 docs" in run.headline
 
 
 def test_w2_smc_smoke(mock_lm):

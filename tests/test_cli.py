@@ -4,6 +4,7 @@ default backend and with vLLM, for what only a real run shows (engine logs kept 
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -219,6 +220,34 @@ def test_score_names_the_impossible_byte(capsys, smollm2_dir, tmp_path):
     assert code == 0, err
     assert "byte 0xff at position 2 (after 'ab') has probability 0" in out
     assert "no token of the vocabulary contains it" in out
+
+
+def test_score_several_files(capsys, smollm2_dir, tmp_path):
+    """Several files are scored together: each gets what scoring it alone gives (the mock
+    LM is exact), an impossible byte stops only its own file, and the total adds them."""
+    paths = [tmp_path / "a.txt", tmp_path / "bad.txt", tmp_path / "c.txt"]
+    for p, data in zip(paths, [b"Hello world\n", IMPOSSIBLE, b"def f(x): pass"]):
+        p.write_bytes(data)
+    mock = ("score", "--backend", "mock", "--model", str(smollm2_dir), "--no-progress", "--K", "3")
+    code, out, err = run(capsys, *mock, *map(str, paths), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    alone = []
+    for p in paths:
+        code, one, err = run(capsys, *mock, str(p), "--json")
+        assert code == 0, err
+        alone.append(json.loads(one))
+    assert [f["file"] for f in result["files"]] == list(map(str, paths))
+    for f, a in zip(result["files"], alone):
+        assert (f["logprob"], f["bytes"], f["impossible_byte"]) == (a["logprob"], a["bytes"], a["impossible_byte"])
+    assert result["files"][1]["impossible_byte"]["position"] == 2 and result["logprob"] is None
+    assert result["bytes"] == sum(len(p.read_bytes()) for p in paths)
+    code, out, err = run(capsys, *mock, str(paths[0]), str(paths[2]))
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{paths[0]}: 12 bytes  log-prob ") and lines[1].startswith(f"{paths[2]}: 14 bytes")
+    total = alone[0]["logprob"] + alone[2]["logprob"]
+    assert lines[2] == f"total: 26 bytes  log-prob {total:.4f} nats  {-total / math.log(2) / 26:.4f} bits/byte"
+    assert lines[3].startswith("# max pruned mass")
 
 
 def test_next_byte_and_generate(capsys, model_dir):
