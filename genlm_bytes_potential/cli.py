@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Llama-family models, CUDA graphs on GPU; mock: random LM over the tokenizer, for tests)",
         )
         p.add_argument("--dtype", default=None, help="weights' dtype, e.g. float32, bfloat16 (default: the backend's)")
+        p.add_argument(
+            "--device",
+            default=None,
+            help="where paged and hf run the model: cpu, cuda, cuda:1 (default: the GPU when torch sees one)",
+        )
         p.add_argument("--K", type=_positive_int, default=8, help="beam width (default 8)")
         p.add_argument(
             "--prune-threshold",
@@ -362,7 +367,7 @@ def _beam_params(args) -> dict:
 def _load(args):
     from .models import load_lm
 
-    opts = {"dtype": args.dtype} if args.dtype is not None else {}
+    opts = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
     try:
         return load_lm(args.model, backend=args.backend, **opts)
     except (FileNotFoundError, OSError, ValueError, TypeError) as exc:
@@ -397,7 +402,9 @@ def _lm_counters(model) -> tuple[int, int]:
 
 def _diagnostics(model, before: tuple[int, int], n_bytes: int, seconds: float) -> dict:
     calls, contexts = (a - b for a, b in zip(_lm_counters(model), before))
+    device = getattr(model.lm, "device", None)
     return {
+        "device": None if device is None else str(device),
         "lm_calls": calls,
         "lm_contexts": contexts,
         "lm_calls_per_byte": calls / n_bytes if n_bytes else None,
@@ -634,6 +641,10 @@ COMMANDS = {"sample": _sample, "score": _score, "next-byte": _next_byte, "genera
 
 
 # ----------------------------------------------------------------------------- text output
+def _on(diagnostics: dict) -> str:
+    return f" on {diagnostics['device']}" if diagnostics.get("device") else ""
+
+
 def _print_text(command: str, result: dict, out) -> None:
     d = result.get("diagnostics")
     if command == "sample":
@@ -649,7 +660,7 @@ def _print_text(command: str, result: dict, out) -> None:
         pruned = max((s["pruned_mass"] for s in result["samples"]), default=0.0)
         print(
             f"# {d['lm_calls']} LM calls ({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['lm_contexts']} contexts, "
-            f"max pruned mass {pruned:.3g}, {d['seconds']:.1f} s",
+            f"max pruned mass {pruned:.3g}, {d['seconds']:.1f} s{_on(d)}",
             file=out,
         )
     elif command == "score":
@@ -676,7 +687,7 @@ def _print_text(command: str, result: dict, out) -> None:
             )
         print(
             f"# {'max ' if len(files) > 1 else ''}pruned mass {max(r['pruned_mass'] for r in files):.3g}, heals {sum(r['heals'] for r in files)}, "
-            f"{d['lm_calls']} LM calls ({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['bytes_per_s'] or 0:.1f} B/s",
+            f"{d['lm_calls']} LM calls ({d['lm_calls_per_byte'] or 0:.2f}/byte), {d['bytes_per_s'] or 0:.1f} B/s{_on(d)}",
             file=out,
         )
     elif command == "next-byte":

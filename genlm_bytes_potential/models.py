@@ -222,8 +222,9 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
             arguments such as ``tensor_parallel_size``, ``gpu_memory_utilization``,
             ``max_model_len``, ``dtype``, passed through to vLLM; ``data_parallel_size``
             too, which vLLM's offline engine takes only with one process per rank; for
-            HF: ``dtype``, ``device``, ``kv_cache_bytes``, ...; for mock: ``seed``,
-            ``temperature``). Options a backend does not know raise ``TypeError``.
+            HF and paged: ``dtype``, ``device`` (default: ``"cuda"`` when torch sees a GPU,
+            else the CPU), ``kv_cache_bytes``, ...; for mock: ``seed``, ``temperature``).
+            Options a backend does not know raise ``TypeError``.
 
     Once the model is loaded, Python's garbage collector is set for byte-level
     inference (:func:`~genlm_bytes_potential.collector.tune_collector`: what is alive is
@@ -239,7 +240,17 @@ def load_lm(model: str | os.PathLike | None = None, backend: str = "auto", **eng
     return lm
 
 
+def default_device() -> str | None:
+    """Where the paged and HF backends load a model unless told: ``"cuda"`` (the current
+    GPU) when torch sees one, else ``None`` (the CPU). vLLM picks its own devices."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def _load_backend(name: str, backend: str, engine_opts: dict):
+    if backend in ("paged", "hf"):
+        engine_opts = {"device": default_device(), **engine_opts}
     if backend == "vllm":
         from genlm_bytes_potential.backends.vllm import VLLMTokenLM
 

@@ -39,6 +39,12 @@ def run_cli(*argv, timeout=600):
     )
 
 
+def _gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # ----------------------------------------------------------------------------- default backend
 def test_sample_json_on_default_backend_parses(tmp_path):
     """stdout is the JSON document alone: no engine log line, no -Infinity."""
@@ -49,6 +55,7 @@ def test_sample_json_on_default_backend_parses(tmp_path):
     assert sum(s["weight"] for s in result["samples"]) == pytest.approx(1)
     d = result["diagnostics"]
     assert d["lm_calls"] >= 1 and d["lm_calls_per_byte"] > 0 and d["bytes_per_s"] > 0
+    assert d["device"].startswith("cuda") if _gpu() else d["device"] == "cpu"  # the GPU when there is one
     assert all(s["pruned_mass"] >= 0 and s["heals"] == 0 for s in result["samples"])
     assert b"INFO" not in proc.stderr and b"Triton" not in proc.stderr  # engine logs are off unless --verbose
 
@@ -174,9 +181,13 @@ def test_sample_canonical_on_hf(capsys, tiny_llama_dir):
         "--canonical",
         "--dtype",
         "float32",
+        "--device",
+        "cpu",
     )
     assert code == 0, err
-    assert all(s["text"] in {"aa", "ab", "ba", "bb"} for s in json.loads(out)["samples"])
+    result = json.loads(out)
+    assert all(s["text"] in {"aa", "ab", "ba", "bb"} for s in result["samples"])
+    assert result["diagnostics"]["device"] == "cpu"
 
 
 def test_sample_lark_text_output_with_progress(capsys, model_dir):

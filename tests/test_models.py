@@ -127,6 +127,20 @@ def test_load_lm_tiny_folder(tiny_llama_dir):
     assert isinstance(lm, HFTokenLM) and lm.cache_bytes == 1 << 20
 
 
+def test_models_load_on_the_gpu_when_there_is_one(monkeypatch, tiny_llama_dir):
+    """The paged and HF backends load on CUDA when torch sees a GPU (a CLI or ``from_name``
+    user with one gets it), on the CPU otherwise; a ``device`` given wins."""
+    import torch
+
+    asked = []
+    monkeypatch.setattr(HFTokenLM, "from_name", classmethod(lambda cls, name, **opts: asked.append(opts) or "lm"))
+    for gpu, opts, want in ((False, {}, None), (True, {}, "cuda"), (True, {"device": "cpu"}, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        for backend in ("paged", "hf"):  # (PagedTokenLM.from_name is HFTokenLM's)
+            assert load_lm(str(tiny_llama_dir), backend=backend, kv_cache_bytes=1 << 20, **opts) == "lm"
+            assert asked.pop() == {"device": want, "kv_cache_bytes": 1 << 20}
+
+
 def test_auto_backend(monkeypatch, tiny_llama_dir, model_dir, tmp_path):
     """The measured rule, on a GPU as on a CPU: paged for the (unquantized) model types it
     runs, even with vLLM installed; else vLLM when installed; else HF. Engine options pass
