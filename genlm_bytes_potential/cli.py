@@ -508,7 +508,7 @@ def _progress_sampler(sampler, bar):
 async def _score(args) -> dict:
     """One file: its score. Several: each file's score (read together, ``batch_score``)
     and their total."""
-    from .byte_lm import ByteLM
+    from .byte_lm import ByteLM, Score
 
     names = args.files
     texts = [_read_file(name) for name in names]
@@ -534,12 +534,12 @@ async def _score(args) -> dict:
     diagnostics = _diagnostics(blm.model, before, read, seconds)
     if len(results) == 1:
         return {**results[0], "diagnostics": diagnostics}
-    n_bytes, logprob = sum(r["bytes"] for r in results), sum(r["logprob"] for r in results)
+    total = Score(sum(s.logprob for s in scores), sum(s.n_bytes for s in scores))
     return {
         "files": [{"file": name, **r} for name, r in zip(names, results)],
-        "bytes": n_bytes,
-        "logprob": logprob,
-        "bits_per_byte": -logprob / math.log(2) / n_bytes if n_bytes else 0.0,
+        "bytes": total.n_bytes,
+        "logprob": total.logprob,
+        "bits_per_byte": total.bits_per_byte,
         "K": params["K"],
         "prune_threshold": params["prune_threshold"],
         "diagnostics": diagnostics,

@@ -105,12 +105,12 @@ def _convert(gguf: Path, dest: Path) -> None:
     # the model saves as a plain checkpoint.
     model.hf_quantizer = None
     for cfg in (model.config, getattr(model, "generation_config", None)):
-        if cfg is not None and hasattr(cfg, "quantization_config"):
+        if cfg is None:
+            continue
+        if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-    for cfg in (model.config, getattr(model, "generation_config", None)):
         for name, token_id in special.items():
-            if cfg is not None:
-                setattr(cfg, f"{name}_id", token_id)
+            setattr(cfg, f"{name}_id", token_id)
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
 
