@@ -219,12 +219,13 @@ def save_json(
     meta: dict, results, name: str | None = None, out_dir: Path = RESULTS_DIR, *, key: str = "results"
 ) -> Path:
     """Save a run as ``{"meta": meta, key: results}`` in ``out_dir`` (named
-    ``workload-device-timestamp.json``); when ``out_dir`` is ``benchmarks/results``, regenerate
+    ``workload-device-timestamp.json``, spaces as dashes); when ``out_dir`` is ``benchmarks/results``, regenerate
     BENCHMARKS.md, benchmarks/HISTORY.md and the plots from all saved runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     device = re.sub(r"[^a-z0-9]+", "-", (meta.get("device") or "cpu").lower()).strip("-")
-    name = name or f"{meta['workload'].lower()}-{device}-{stamp}.json"
+    workload = re.sub(r"[^a-z0-9_]+", "-", meta["workload"].lower()).strip("-")  # "GPU tests": gpu-tests
+    name = name or f"{workload}-{device}-{stamp}.json"
     path = out_dir / name
     path.write_text(json.dumps({"meta": meta, key: results}, indent=1, default=float))
     if out_dir.resolve() == RESULTS_DIR:

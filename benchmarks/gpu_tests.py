@@ -166,7 +166,7 @@ def main(argv=None) -> list[GroupResult]:
     rows = [asdict(r) for r in results]
     print(json.dumps(rows, indent=1))
     if not a.no_write:
-        print("saved", save_json(meta, rows, name=f"gpu-tests-{device}-{time.strftime('%Y%m%dT%H%M%S')}.json"))
+        print("saved", save_json(meta, rows))
     return results
 
 

@@ -149,10 +149,7 @@ def main(argv=None):
     )
     print(md + "\n" + table(results))
     if not a.no_write:
-        print(
-            "saved",
-            save_json(meta, results, name=f"w1batch-{device.split(':')[0]}-{time.strftime('%Y%m%dT%H%M%S')}.json"),
-        )
+        print("saved", save_json(meta, results))
     return results
 
 

@@ -151,7 +151,8 @@ def test_w1_batch_smoke(mock_lm, tmp_path):
         "backend": "mock",
         "device": "cpu",
     }
-    path = common.save_json(meta, res, name="w1batch-cpu-20260101T000000.json", out_dir=tmp_path)
+    path = common.save_json(meta, res, out_dir=tmp_path)
+    assert path.name.startswith("w1-batch-cpu-")  # the workload's space as a dash
     run = report.read_run(path)
     assert run.workload == "W1 batch" and "| 3 |" in run.table and "3 docs" in run.headline
 
