@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -174,7 +175,11 @@ class MassStore:
     with a few cached masses (``TokenByteTrie.weight_rows``), and a node's mass is read as
     the sum of its subtree's columns (a contiguous range): only the masses a step reads are
     summed. On a GPU a row holds every node's mass (``TokenByteTrie.masses``) and never
-    travels whole: readers gather the few entries they need.
+    travels whole: readers gather the few entries they need, and when the bytes after a
+    row's context are known (scoring, prompts), the masses reading them visits come to
+    the host with the row's finiteness check (``keep_paths``), so that reading them waits
+    for no copy from the GPU. ``full_rows=True`` keeps such rows on the host too (a torch
+    table on the CPU).
 
     Reuse (see ``allocate``): rows idle for a while are reused first; once ``max_bytes``
     of rows exist, any row not used since the previous allocation (so a step's own rows
@@ -185,11 +190,15 @@ class MassStore:
 
     IDLE = 16  # allocations after which an unused row is reused before new rows are taken
 
-    def __init__(self, trie: TokenByteTrie, max_bytes: float):
+    def __init__(self, trie: TokenByteTrie, max_bytes: float, full_rows: bool | None = None):
         self.trie = trie
         self.max_bytes = max_bytes
+        self.full_rows = full_rows  # rows of every node's mass; None: where the LM's rows are not on the CPU
         self.width = trie.row_width  # floats per row: host weight rows until a device table exists
-        self.table = None  # [capacity, width] float64: numpy, or torch on the rows' device
+        self.table = None  # [capacity, width] float64: numpy weight rows, or a torch table of full rows
+        #: per slot of a full-rows table, masses held on the host (``keep_paths``): nodes
+        #: (-1: none) and their masses, ``[capacity, PATH_WIDTH]``
+        self.path_node = self.path_mass = None
         self.gen = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
         self.in_use = np.zeros(0, bool)  # per slot: holds a key's row
@@ -232,6 +241,8 @@ class MassStore:
                 self.gen[s] += 1
                 self._key_of[s] = None
                 self.in_use[s] = False
+                if self.path_node is not None:
+                    self.path_node[s] = -1
 
     def find(self, keys: list) -> np.ndarray:
         """Slot of each key (-1 where absent); found rows count as used now."""
@@ -282,6 +293,8 @@ class MassStore:
         slots = np.concatenate([picked, np.arange(start, start + n_new)]) if n_new else picked
         self.gen[slots] += 1
         self.in_use[slots] = True
+        if self.path_node is not None:
+            self.path_node[slots] = -1
         self.clock += 1
         self.touch(slots)
         for key, s in zip(keys, slots.tolist()):
@@ -296,12 +309,19 @@ class MassStore:
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
             on_device = torch.is_tensor(like) and like.device.type != "cpu"
+            full = on_device if self.full_rows is None else self.full_rows
             if self.table is None:
-                self.width = self.trie.n_nodes if on_device else self.trie.row_width
+                self.width = self.trie.n_nodes if full else self.trie.row_width
             first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)
             new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
-            if on_device:
-                table = torch.empty((new_cap, self.width), dtype=torch.float64, device=like.device)
+            if full:
+                device = like.device if on_device else "cpu"
+                table = torch.empty((new_cap, self.width), dtype=torch.float64, device=device)
+                path_node = np.full((new_cap, PATH_WIDTH), -1, np.int64)
+                path_mass = np.empty((new_cap, PATH_WIDTH))
+                if cap:
+                    path_node[:cap], path_mass[:cap] = self.path_node, self.path_mass
+                self.path_node, self.path_mass = path_node, path_mass
             else:
                 table = np.empty((new_cap, self.width))
             if cap:
@@ -319,6 +339,24 @@ class MassStore:
         self.last_used[slot] = self.clock
         if isinstance(self.table, np.ndarray):
             return self.trie.masses_at(self.table, slot, node)
+        mass, missing = _held_masses(self.path_node, self.path_mass, slot, node)
+        if len(missing):
+            mass[missing] = self._copied(slot[missing], node[missing])
+        return mass
+
+    def keep_paths(self, slots: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+        """Copy the masses of ``nodes[i]`` (a row of ``TokenByteTrie.path_nodes``, -1 for
+        none) under row ``slots[i]`` of a full-rows table to the host, where ``gather``
+        finds them, in one copy; returns them (NaN where no node)."""
+        valid = nodes >= 0
+        owner = np.nonzero(valid)[0]
+        mass = np.full(nodes.shape, np.nan)
+        mass[valid] = self._copied(slots[owner], nodes[valid])
+        self.path_node[slots], self.path_mass[slots] = nodes, mass
+        return mass
+
+    def _copied(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
+        """Entries ``(slot[i], node[i])`` of the torch table, copied to the host."""
         idx = to_device(slot * self.width + node, self.table.device)
         return to_host(self.table.view(-1)[idx])
 
@@ -328,6 +366,34 @@ class MassStore:
             n = self.trie.n_nodes
             return self.trie.masses_at(self.table, np.full(n, slot), np.arange(n))
         return to_host(self.table[slot])
+
+
+#: masses a full row keeps on the host for the bytes known after its context (nodes and
+#: leaves; ``MassStore.keep_paths``): the nodes of the longest tokens are read from the GPU
+PATH_WIDTH = 48
+
+
+@numba.njit(cache=True, nogil=True)
+def _held_masses(path_node, path_mass, slot, node):
+    """``MassStore.gather``'s masses held on the host: ``(mass, missing)``, ``mass[i]``
+    found in slot ``slot[i]``'s held path (``missing``: the indices not found)."""
+    mass = np.empty(len(slot))
+    missing = np.empty(len(slot), np.int64)
+    n_missing = 0
+    for i in range(len(slot)):
+        row = path_node[slot[i]]
+        found = False
+        for j in range(len(row)):
+            if row[j] == node[i]:
+                mass[i] = path_mass[slot[i], j]
+                found = True
+                break
+            if row[j] < 0:
+                break
+        if not found:
+            missing[n_missing] = i
+            n_missing += 1
+    return mass, missing[:n_missing]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -560,7 +626,13 @@ class TokenModel:
             return tokens[-n:]
         return tokens
 
-    async def rows(self, states: list[LMState], with_eos: bool, prefetch: list[LMState] = ()) -> MassRows:
+    async def rows(
+        self,
+        states: list[LMState],
+        with_eos: bool,
+        prefetch: list[LMState] = (),
+        ahead: Mapping[LMState, bytes | memoryview] | None = None,
+    ) -> MassRows:
         """Stored mass rows of the states' next-token distributions: rows already stored are
         found; the rest come from one LM batch call over the distinct missing contexts and
         one trie batch written into the store. Within a row, mass ratios are exact.
@@ -569,7 +641,11 @@ class TokenModel:
         later steps find them in the LM's cache; when masses are computed on a GPU, their
         rows are computed in the same trie batch and stored too (later steps then skip the
         LM). On the host only the asked-for rows are computed: most prefetched contexts
-        are never read, and a row costs a pass over the trie."""
+        are never read, and a row costs a pass over the trie.
+
+        ``ahead``: the bytes known to follow some of these contexts (the rest of a text
+        being scored or a prompt being read): a full row (on a GPU) brings the masses that
+        reading them visits to the host with it (``MassStore.keep_paths``)."""
         keys = [(with_eos, s) for s in states]
         store = self.store
         slot = store.find(keys)
@@ -588,14 +664,15 @@ class TokenModel:
                     key = (with_eos, s)
                     if key not in store and key not in todo and not self._cached(s):
                         todo[key] = None
-            new = await self._compute(list(todo), with_eos, n_asked)
+            new = await self._compute(list(todo), with_eos, n_asked, ahead or {})
             slot[missing], gen[missing] = zip(*(new[keys[i]] for i in missing.tolist()))
         return MassRows(slot, gen)
 
-    async def _compute(self, keys: list, with_eos: bool, n_asked: int) -> dict:
+    async def _compute(self, keys: list, with_eos: bool, n_asked: int, ahead: Mapping) -> dict:
         """One LM call for ``keys`` (absent from the store) and one trie batch for the
-        first ``n_asked`` of them (for all on a GPU), written into the store. Returns the
-        ``(slot, generation)`` of each key given a row.
+        first ``n_asked`` of them (for all on a GPU), written into the store, full rows
+        with the masses along the bytes ``ahead`` of their contexts held on the host.
+        Returns the ``(slot, generation)`` of each key given a row.
 
         The GPU's work runs while other tasks run (the grammar of a product, another batch
         of particles): masses computed on the host await the forward pass before any row is
@@ -642,11 +719,14 @@ class TokenModel:
             try:
                 if isinstance(store.table, np.ndarray):
                     self.trie.weight_rows(logprobs, with_eos, store.table, slots)
+                    root_mass = store.gather(slots, np.full(len(slots), self.trie.root))
                 else:
                     self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
                     with store.pinned(slots):
                         await device_done(store.table.device)
-                self._check_finite(store.gather(slots, np.full(len(slots), self.trie.root)), inputs)
+                    paths = self.trie.path_nodes([ahead.get(s) for _, s in keys], PATH_WIDTH)
+                    root_mass = store.keep_paths(slots, paths)[:, 0]
+                self._check_finite(root_mass, inputs)
             except BaseException:
                 store.discard(keys)
                 raise

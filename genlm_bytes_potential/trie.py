@@ -213,6 +213,22 @@ class TokenByteTrie:
         first = np.repeat(nodes + 1 - np.cumsum(counts) + counts, counts)
         return owner, first + np.arange(counts.sum())
 
+    def path_nodes(self, paths: Sequence[bytes | memoryview | None], width: int) -> np.ndarray:
+        """The nodes whose masses a row is read at when the bytes after its context are
+        known: ``[len(paths), width]``, -1 where none. Row ``i``: the root, then for each
+        byte of ``paths[i]`` (None: no bytes) the node it leads to and that node's leaves,
+        until no token continues the bytes or ``width`` nodes are listed. A candidate that
+        starts at the root of this context and reads these bytes reads exactly these
+        masses (the node it is at, its child, the leaves there)."""
+        data = [np.frombuffer(p[:width], np.uint8) for p in paths if p is not None]
+        lengths = [0 if p is None else min(len(p), width) for p in paths]
+        ptr = np.zeros(len(paths) + 1, np.int64)
+        ptr[1:] = np.cumsum(lengths)
+        flat = np.concatenate(data) if data else np.zeros(0, np.uint8)
+        return _path_nodes(
+            flat, ptr, width, self.root, self.child_ptr, self.child_label, self.child_node, self.n_leaves
+        )
+
     def leaves_spelling(self, prefix: bytes) -> range | None:
         """Leaves of the tokens whose bytes are exactly ``prefix`` (often none); None
         when no token starts with ``prefix``."""
@@ -238,9 +254,9 @@ class TokenByteTrie:
             ``n`` under row ``b``; ``shift[b]`` is the row's largest log-prob. Both float64;
             numpy for CPU input, torch on the input's device for CUDA input. Ratios of
             masses in one row (all the beam needs) are ratios of ``scaled`` entries.
-            With ``out`` (a ``[rows, n_nodes]`` float64 table of the same kind) and
-            ``out_rows`` (one index per input row), row ``b`` is written to
-            ``out[out_rows[b]]`` instead, and ``(out, shift)`` is returned.
+            With ``out`` (a ``[rows, n_nodes]`` float64 table of the same kind, or for
+            CPU input a CPU tensor) and ``out_rows`` (one index per input row), row ``b``
+            is written to ``out[out_rows[b]]`` instead, and ``(out, shift)`` is returned.
         """
         if torch.is_tensor(logprobs) and logprobs.device.type != "cpu":
             self._check_shape(logprobs.shape)
@@ -267,7 +283,7 @@ class TokenByteTrie:
             self._eos_tokens_or_none(with_eos),
             self.eos_node,
             self.parent,
-            out,
+            out.numpy() if torch.is_tensor(out) else out,
             np.asarray(out_rows, np.int64),
         )
         return out, shift
@@ -479,6 +495,32 @@ _SERIAL_MAX_ROWS = 4
 def _subtree_sums(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows):
     kernel = _subtree_sums_serial if lp.shape[0] <= _SERIAL_MAX_ROWS else _subtree_sums_parallel
     kernel(lp, shift, leaf_tokens, leaf_nodes, eos_tokens, eos_node, parent, out, out_rows)
+
+
+@numba.njit(cache=True, nogil=True)
+def child_by_byte(node, byte, child_ptr, child_label, child_node):
+    """The child of ``node`` by ``byte``, -1 if none."""
+    lo, hi = child_ptr[node], child_ptr[node + 1]
+    p = lo + np.searchsorted(child_label[lo:hi], byte)
+    return child_node[p] if p < hi and child_label[p] == byte else -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _path_nodes(data, ptr, width, root, child_ptr, child_label, child_node, n_leaves):
+    """``TokenByteTrie.path_nodes`` of the paths ``data[ptr[i]:ptr[i + 1]]``."""
+    out = np.full((len(ptr) - 1, width), -1, np.int64)
+    for i in range(len(ptr) - 1):
+        out[i, 0] = node = root
+        k = 1
+        for j in range(ptr[i], ptr[i + 1]):
+            node = child_by_byte(node, data[j], child_ptr, child_label, child_node)
+            if node < 0 or k + 1 + n_leaves[node] > width:
+                break
+            out[i, k] = node
+            for leaf in range(n_leaves[node]):
+                out[i, k + 1 + leaf] = node + 1 + leaf
+            k += 1 + n_leaves[node]
+    return out
 
 
 @numba.njit(cache=True, nogil=True)

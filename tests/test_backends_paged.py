@@ -3,6 +3,7 @@ eviction, supported model families, and CUDA graphs (on a GPU machine)."""
 
 import asyncio
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -300,6 +301,32 @@ async def test_prefetched_mass_rows_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
     (lp0, calls0), (lp4, calls4) = runs
     assert lp4 == pytest.approx(lp0, abs=1e-4)
     assert calls4 < calls0 / 2  # most steps only gathered stored rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="masses are kept on the device only on a GPU")
+async def test_scoring_on_the_gpu_reads_its_masses_on_the_host(tiny_llama):
+    """Scoring a text, each new row brings the masses along the bytes after its context
+    to the host with its check: reads copy from the GPU's table only while the first
+    context's row (made before the text was known) is read."""
+    from genlm_bytes_potential.byte_lm import ByteLM
+
+    model, tok = tiny_llama
+    blm = ByteLM(PagedTokenLM(copy.deepcopy(model).cuda(), tok, kv_cache_bytes=2**22), K=4, heal=False)
+    store, copied = blm.model.store, []
+    gather, copy_ = store.gather, store._copied
+
+    def gather_spy(slot, node):
+        store._copied = lambda s, n: copied.append(s) or copy_(s, n)
+        try:
+            return gather(slot, node)
+        finally:
+            store._copied = copy_
+
+    store.gather = gather_spy
+    first_row = int((await blm.beam()).rows.slot[0])
+    score = await blm.score("def f(x):\n    return x + 1  # café, naïve".encode())
+    assert score.logprob > -math.inf and store.table.device.type == "cuda"
+    assert set(np.concatenate([[first_row], *copied]).tolist()) == {first_row}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for CUDA work")

@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from brute import complete_prob, log, prefix_prob
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -470,6 +471,53 @@ async def test_next_byte_sums_read_in_rows_equal_the_gathered_ones(vocab, seed, 
     )
     assert isinstance(model.store.table, np.ndarray)
     np.testing.assert_array_equal(_next_logprobs(beams), gathered)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    data=texts(10),
+    K=st.sampled_from([None, 1, 3]),
+    heal=st.booleans(),
+)
+async def test_full_rows_hold_the_masses_of_the_known_bytes_on_the_host(vocab, seed, data, K, heal):
+    """A store of full rows (as on a GPU; here a torch table on the CPU) copies, with each
+    new row's check, the masses that reading the bytes known after its context visits
+    (``keep_paths``). Scoring then gives, bit for bit, what the same store gives copying
+    every mass from the table when it is read; without healing no read copies anything
+    but from the first context's row (computed before any bytes were known); and the
+    values are those of host weight rows (another summation order: to 1e-9)."""
+    from genlm_bytes_potential.lm_state import MassStore
+
+    runs = []
+    for hold in (True, False):
+        blm = ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K, heal=heal)
+        store = blm.model.store = MassStore(blm.model.trie, 2**30, full_rows=True)
+        read_copies, copy, gather = [], store._copied, store.gather
+        if not hold:  # hold nothing: only the check's copy of the root masses
+            store.keep_paths = lambda slots, nodes: copy(slots, nodes[:, 0])[:, None]
+
+        def gather_spy(slot, node):
+            store._copied = lambda s, n: read_copies.append(s) or copy(s, n)
+            try:
+                return gather(slot, node)
+            finally:
+                store._copied = copy
+
+        store.gather = gather_spy
+        first_row = int((await blm.beam()).rows.slot[0])
+        score = await blm.score(data)
+        runs.append((score.logprob, score.heals, score.impossible_at))
+        if hold and not heal:
+            assert set(np.concatenate([[first_row], *read_copies]).tolist()) == {first_row}
+        elif not hold and len(data) > 1 and score.impossible_at is None:
+            assert len(read_copies) >= len(data)
+        assert isinstance(store.table, torch.Tensor) and store.path_node is not None
+    assert runs[0] == runs[1]
+    host = await ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K, heal=heal).score(data)
+    assert (host.heals, host.impossible_at) == runs[0][1:]
+    assert host.logprob == pytest.approx(runs[0][0], rel=1e-9, abs=1e-9)
 
 
 def test_store_allocation_order():

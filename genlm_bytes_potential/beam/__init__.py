@@ -24,7 +24,8 @@ token has bytes, and ``q`` is the exact byte-level conditional.
 Candidates hold no masses: a candidate's masses are a row of the model's
 :class:`~genlm_bytes_potential.lm_state.MassStore` (one per context and EOS mode, kept
 where the trie batch ran), and each step gathers the few masses it reads (on the host,
-summing them from the row's token weights).
+summing them from the row's token weights; from a GPU's rows, reading bytes known in
+advance finds them already copied to the host with the row).
 
 How the approximations enter:
 

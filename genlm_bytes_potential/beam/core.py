@@ -493,19 +493,19 @@ def _log_minus(a: float, b: float) -> float:
     return a + math.log1p(-math.exp(b - a)) if b < a else -math.inf
 
 
-async def _rows_by_mode(model, states: list[LMState], modes: list[bool], prefetch=()) -> MassRows:
+async def _rows_by_mode(model, states: list[LMState], modes: list[bool], prefetch=(), ahead=None) -> MassRows:
     """Rows of ``states``, each in its mode: one ``TokenModel.rows`` call per mode present
-    (the first one also carries ``prefetch``)."""
+    (the first one also carries ``prefetch``; ``ahead``: see ``TokenModel.rows``)."""
     if not states:
         return MassRows.empty()
     if all(m == modes[0] for m in modes):
-        return await model.rows(states, modes[0], prefetch)
+        return await model.rows(states, modes[0], prefetch, ahead)
     slot = np.zeros(len(states), np.int64)
     gen = np.zeros(len(states), np.int64)
     modes_arr = np.array(modes, bool)
     for mode in sorted(set(modes)):
         sel = np.flatnonzero(modes_arr == mode)
-        got = await model.rows([states[i] for i in sel.tolist()], mode, prefetch)
+        got = await model.rows([states[i] for i in sel.tolist()], mode, prefetch, ahead)
         prefetch = ()
         slot[sel], gen[sel] = got.slot, got.gen
     return MassRows(slot, gen)

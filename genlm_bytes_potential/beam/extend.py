@@ -44,8 +44,12 @@ async def advance(
         step = await _read_and_prune(beams, next_bytes, modes)
     ext_bid = step.ext_bid[step.made]
     prefetch = _prefetch(beams, next_bytes, ahead, step.ext_states, modes, ext_bid)
+    known = dict(prefetch)  # bytes known to follow each new context
+    if ahead is not None:
+        known.update((s, ahead[b]) for s, b in zip(step.ext_states, ext_bid.tolist()) if len(ahead[b]))
     calls_before = model.stats.batch_calls
-    ext_rows = await _rows_by_mode(model, step.ext_states, [modes[b] for b in ext_bid.tolist()], prefetch)
+    ext_modes = [modes[b] for b in ext_bid.tolist()]
+    ext_rows = await _rows_by_mode(model, step.ext_states, ext_modes, list(prefetch), known)
     calls = model.stats.batch_calls - calls_before
     return await _assemble(beams, next_bytes, modes, step, ext_bid, ext_rows, calls)
 

@@ -7,32 +7,35 @@ from __future__ import annotations
 import numpy as np
 
 from ..lm_state import LMState
-from ..trie import EOS
+from ..trie import EOS, child_by_byte
 from .core import Beam, _njit
 
 
-def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> list[LMState]:
+def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> dict[LMState, memoryview]:
     """Contexts to compute in this step's LM call for the steps ahead (phase 3), when the
-    step calls the LM anyway."""
+    step calls the LM anyway, in rank order, each with the bytes known to follow it."""
     model = beams[0].model
     if ahead is None or not model.lookahead or not requests or not any(len(a) for a in ahead):
-        return []
+        return {}
     mode = modes[int(req_bid[0])]
     if not model.would_call([s for s, b in zip(requests, req_bid.tolist()) if modes[b] == mode], mode):
-        return []
+        return {}
     budget = model.max_prefetch - len(requests)
-    out: list[LMState] = []
+    out: dict[LMState, memoryview] = {}
     for beam, b, more in zip(beams, next_bytes, ahead):
         if b != EOS and len(more) and budget > 0:
             extra = speculative_contexts(beam, bytes([b]) + bytes(more[: model.lookahead]), budget)
-            out.extend(extra)
+            more = memoryview(more)
+            for state, end in extra.items():  # it read b and more[: end - 1]
+                out.setdefault(state, more[end - 1 :])
             budget -= len(extra)
     return out
 
 
-def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) -> list[LMState]:
+def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) -> dict[LMState, int]:
     """Token contexts that reading ``data`` from ``beam`` may ask the LM for, at most
-    ``limit``, ranked by a guess of their weight.
+    ``limit``, ranked by a guess of their weight (in that order), each with the bytes of
+    ``data`` it has read (its tokens end there).
 
     After reading ``data[:e]``, candidate ``c`` extends its state by a token spelled by its
     partial token and ``data[:e]``, with log weight ``w_c + log M_c(leaf) - log M_c(node_c)``
@@ -43,11 +46,11 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     prefix-closed. Which contexts are asked for depends on pruning: this is a guess for the
     LM's cache, never part of the beam's arithmetic."""
     if limit <= 0 or beam.is_empty:
-        return []
+        return {}
     trie = beam.model.trie
     parent, leaf, level, ends = spelled_contexts(trie, beam.nodes, data, depth)
     if not len(parent):
-        return []
+        return {}
     est = np.empty(len(parent))
     first = np.flatnonzero(level == 1)
     cand = -1 - parent[first]
@@ -62,7 +65,7 @@ def speculative_contexts(beam: Beam, data: bytes, limit: int, depth: int = 3) ->
     extend = beam.model.extend
     for k, src, token in zip(keep.tolist(), parent[keep].tolist(), trie.leaf_token[leaf[keep]].tolist()):
         states[k] = extend(beam.states[-1 - src] if src < 0 else states[src], token)
-    return list(states.values())
+    return dict(zip(states.values(), ends[list(states)].tolist()))
 
 
 def spelled_contexts(trie, nodes: np.ndarray, data: bytes, depth: int) -> tuple[np.ndarray, ...]:
@@ -96,7 +99,7 @@ def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, chi
     for start in range(n):
         node = root
         for end in range(start + 1, n + 1):
-            node = _child(node, data[end - 1], child_ptr, child_label, child_node)
+            node = child_by_byte(node, data[end - 1], child_ptr, child_label, child_node)
             if node < 0:
                 break
             for j in range(n_leaves[node]):
@@ -115,7 +118,7 @@ def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, chi
     for i in range(len(cand_nodes)):
         node = cand_nodes[i]
         for end in range(1, n + 1):
-            node = _child(node, data[end - 1], child_ptr, child_label, child_node)
+            node = child_by_byte(node, data[end - 1], child_ptr, child_label, child_node)
             if node < 0:
                 break
             for j in range(n_leaves[node]):
@@ -134,14 +137,6 @@ def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, chi
                 k += 1
         q += 1
     return parent[:k], leaf[:k], level[:k], ends[:k]
-
-
-@_njit
-def _child(node, byte, child_ptr, child_label, child_node):
-    """The child of ``node`` by ``byte``, -1 if none."""
-    lo, hi = child_ptr[node], child_ptr[node + 1]
-    p = lo + np.searchsorted(child_label[lo:hi], byte)
-    return child_node[p] if p < hi and child_label[p] == byte else -1
 
 
 @_njit
