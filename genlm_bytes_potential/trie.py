@@ -220,11 +220,10 @@ class TokenByteTrie:
         until no token continues the bytes or ``width`` nodes are listed. A candidate that
         starts at the root of this context and reads these bytes reads exactly these
         masses (the node it is at, its child, the leaves there)."""
-        data = [np.frombuffer(p[:width], np.uint8) for p in paths if p is not None]
-        lengths = [0 if p is None else min(len(p), width) for p in paths]
+        cut = [b"" if p is None else p[:width] for p in paths]
         ptr = np.zeros(len(paths) + 1, np.int64)
-        ptr[1:] = np.cumsum(lengths)
-        flat = np.concatenate(data) if data else np.zeros(0, np.uint8)
+        ptr[1:] = np.cumsum(np.fromiter(map(len, cut), np.int64, len(cut)))
+        flat = np.frombuffer(b"".join(cut), np.uint8)
         return _path_nodes(
             flat, ptr, width, self.root, self.child_ptr, self.child_label, self.child_node, self.n_leaves
         )
