@@ -87,6 +87,28 @@ def test_weight_rows_give_every_mass_as_a_segment_sum(vocab, seed, with_eos, spr
     )
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    vocab=vocabularies(),
+    paths=st.lists(st.one_of(st.none(), st.binary(max_size=8), st.sampled_from([b"ab", b"abcab", b"ba"])), max_size=5),
+    width=st.integers(1, 12),
+)
+def test_path_nodes_walk_the_known_bytes(vocab, paths, width):
+    """``path_nodes``: the root, then per byte the node of the prefix read so far and the
+    leaves of the tokens spelled exactly by it, until no token continues or ``width``."""
+    trie = TokenByteTrie(vocab, [EOS_BYTES])
+    got = trie.path_nodes([None if p is None else memoryview(p) for p in paths], width)
+    for path, row in zip(paths, got):
+        want = [trie.root]
+        for n in range(1, len(path or b"") + 1):
+            node = trie.node_of(path[:n])
+            leaves = list(trie.leaves_spelling(path[:n]) or [])
+            if node < 0 or len(want) + 1 + len(leaves) > width:
+                break
+            want += [node, *leaves]
+        assert row.tolist() == want + [-1] * (width - len(want))
+
+
 def test_no_underflow_700_below_max():
     vocab = [b"a", b"ab", b"b"]
     trie = TokenByteTrie(vocab)
