@@ -190,10 +190,10 @@ class MassStore:
 
     IDLE = 16  # allocations after which an unused row is reused before new rows are taken
 
-    def __init__(self, trie: TokenByteTrie, max_bytes: float, full_rows: bool | None = None):
+    def __init__(self, trie: TokenByteTrie, max_bytes: float, full_rows: bool = False):
         self.trie = trie
         self.max_bytes = max_bytes
-        self.full_rows = full_rows  # rows of every node's mass; None: where the LM's rows are not on the CPU
+        self.full_rows = full_rows  # rows of every node's mass also when the LM's rows are on the CPU
         self.width = trie.row_width  # floats per row: host weight rows until a device table exists
         self.table = None  # [capacity, width] float64: numpy weight rows, or a torch table of full rows
         #: per slot of a full-rows table, masses held on the host (``keep_paths``): nodes
@@ -309,7 +309,7 @@ class MassStore:
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
             on_device = torch.is_tensor(like) and like.device.type != "cpu"
-            full = on_device if self.full_rows is None else self.full_rows
+            full = on_device or self.full_rows
             if self.table is None:
                 self.width = self.trie.n_nodes if full else self.trie.row_width
             first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)
