@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from genlm.backend.llm.base import AsyncLM
+from spies import record_read_copies
 from tiny_models import BACKEND_CONTEXTS, assert_matches_reference
 
 from genlm_bytes_potential.backends.hf import HFTokenLM
@@ -312,17 +313,8 @@ async def test_scoring_on_the_gpu_reads_its_masses_on_the_host(tiny_llama):
 
     model, tok = tiny_llama
     blm = ByteLM(PagedTokenLM(copy.deepcopy(model).cuda(), tok, kv_cache_bytes=2**22), K=4, heal=False)
-    store, copied = blm.model.store, []
-    gather, copy_ = store.gather, store._copied
-
-    def gather_spy(slot, node):
-        store._copied = lambda s, n: copied.append(s) or copy_(s, n)
-        try:
-            return gather(slot, node)
-        finally:
-            store._copied = copy_
-
-    store.gather = gather_spy
+    store = blm.model.store
+    copied = record_read_copies(store)
     first_row = int((await blm.beam()).rows.slot[0])
     score = await blm.score("def f(x):\n    return x + 1  # café, naïve".encode())
     assert score.logprob > -math.inf and store.table.device.type == "cuda"

@@ -6,6 +6,7 @@ import torch
 from brute import complete_prob, log, prefix_prob
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from spies import record_read_copies
 from strategies import EOS_BYTES, texts, vocabularies
 
 from genlm_bytes_potential.backends import MockTokenLM
@@ -494,18 +495,9 @@ async def test_full_rows_hold_the_masses_of_the_known_bytes_on_the_host(vocab, s
     for hold in (True, False):
         blm = ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K, heal=heal)
         store = blm.model.store = MassStore(blm.model.trie, 2**30, full_rows=True)
-        read_copies, copy, gather = [], store._copied, store.gather
         if not hold:  # hold nothing: only the check's copy of the root masses
-            store.keep_paths = lambda slots, nodes: copy(slots, nodes[:, 0])[:, None]
-
-        def gather_spy(slot, node):
-            store._copied = lambda s, n: read_copies.append(s) or copy(s, n)
-            try:
-                return gather(slot, node)
-            finally:
-                store._copied = copy
-
-        store.gather = gather_spy
+            store.keep_paths = lambda slots, nodes, copy=store._copied: copy(slots, nodes[:, 0])[:, None]
+        read_copies = record_read_copies(store)
         first_row = int((await blm.beam()).rows.slot[0])
         score = await blm.score(data)
         runs.append((score.logprob, score.heals, score.impossible_at))
