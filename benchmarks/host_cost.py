@@ -7,7 +7,8 @@ Parts (the LM costs ~nothing, so every number is our own Python/numpy work):
 
 * ``smc``: a 32-particle SMC-like loop (sample a byte per particle from ``batch_logw_next``,
   resample every 8 steps): microseconds per particle-byte inside ``batch_logw_next``: wall, CPU
-  time of this process, the mock LM's share, and ours (wall less the LM's share).
+  time of this process, the mock LM's share, ours (wall less the LM's share), and the share
+  of the garbage collector's collections (part of ours).
 * ``score``: scoring a 300-byte text through ``prefix`` (one byte at a time, as genlm-control's
   samplers ask), ours vs genlm-control's ``ByteLLM`` on the same mock, K = 1, 2, 4, 8: bytes/s.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
 import warnings
@@ -38,6 +40,23 @@ def _mock():
     return MockTokenLM(vocab, seed=0, temperature=0.8, eos_token_id=len(vocab) - 1)
 
 
+class _CollectorClock:
+    """Seconds spent in the garbage collector's collections while ``on``."""
+
+    def __init__(self):
+        self.seconds, self.on, self._start = 0.0, False, 0.0
+        gc.callbacks.append(self)
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.on:
+            self.seconds += time.perf_counter() - self._start
+
+    def close(self):
+        gc.callbacks.remove(self)
+
+
 async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
     """The SMC-like loop; the first 8 steps warm up (numba compilation, first rows). The
     mock's own time (inside ``batch_next_token_logprobs``) is reported apart."""
@@ -49,9 +68,12 @@ async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
     rng = np.random.default_rng(0)
     ctxs = [b""] * n
     spent = cpu = 0.0
+    collections = _CollectorClock()
     for step in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
+        collections.on = step >= 8
         w = (await pot.batch_logw_next([list(c) for c in ctxs])).weights[:, :256]
+        collections.on = False
         if step >= 8:
             spent += time.perf_counter() - t0
             cpu += time.process_time() - c0
@@ -63,6 +85,7 @@ async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
         ctxs = [c + bytes([b]) for c, b in zip(ctxs, nxt)]
         if step % 8 == 7:
             ctxs = [ctxs[i] for i in rng.integers(0, n, n)]
+    collections.close()
     timed = n * (steps - 8)
     in_lm = lm.summary()["lm_seconds_inside_calls"]
     return {
@@ -73,6 +96,7 @@ async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
         "cpu_us_per_particle_byte": 1e6 * cpu / timed,
         "lm_us_per_particle_byte": 1e6 * in_lm / timed,
         "ours_us_per_particle_byte": 1e6 * (spent - in_lm) / timed,
+        "collector_us_per_particle_byte": 1e6 * collections.seconds / timed,
     }
 
 

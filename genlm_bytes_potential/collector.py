@@ -9,6 +9,12 @@ walks every long-lived object again. On an H200 with SmolLM2 (``paged``), a full
 took 136-398 ms, once or twice per 128-particle regex SMC run of about a second, and the
 collector took 0.34-0.76 s of a 4.4-5.4 s scoring run (benchmarks/HISTORY.md, session 13).
 
+Every :class:`~genlm_bytes_potential.lm_state.TokenModel` raises the young generation's
+threshold (:func:`raise_young_threshold`): a mock-LM SMC of 400 steps of 32 particles spent
+0.74-0.83 s in collections with CPython's defaults and 0.13-0.16 s with the threshold raised
+(2-core CPU; benchmarks/HISTORY.md, session 21). Objects are not frozen there: only
+:func:`tune_collector` does that, for the processes that load their model through ``load_lm``.
+
 :func:`tune_collector` (``load_lm`` calls it once the model is loaded):
 
 1. collects, then freezes every object alive (``gc.freeze``: left out of every later
@@ -43,15 +49,28 @@ def tune_collector(young_threshold: int = YOUNG_THRESHOLD, settle_after: int = S
     """Freeze what is alive now, raise the young generation's threshold to
     ``young_threshold`` (never lowering it), and freeze once more after the next
     ``settle_after`` LM calls (0: not again). See the module's docstring."""
-    for name, value in (("young_threshold", young_threshold), ("settle_after", settle_after)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r}; expected an int >= 0")
+    _check_count("settle_after", settle_after)
+    _check_count("young_threshold", young_threshold)
     freeze_alive()
+    raise_young_threshold(young_threshold)
+    global _calls_until_settled
+    _calls_until_settled = settle_after
+
+
+def raise_young_threshold(young_threshold: int = YOUNG_THRESHOLD) -> None:
+    """Let ``young_threshold`` container allocations pass between young collections
+    (CPython's default is 700); a higher threshold already set is kept. What a byte step
+    makes then mostly dies by reference counting before a collection sees it, and is not
+    promoted into the generations that full collections walk."""
+    _check_count("young_threshold", young_threshold)
     young, middle, old = gc.get_threshold()
     if young < young_threshold:
         gc.set_threshold(young_threshold, middle, old)
-    global _calls_until_settled
-    _calls_until_settled = settle_after
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}; expected an int >= 0")
 
 
 def freeze_alive() -> None:

@@ -486,6 +486,9 @@ class TokenModel:
         max_prefetch: most contexts one LM call asks for, when it prefetches.
         mass_bytes: bytes of trie-mass rows the model keeps (:class:`MassStore`; on the
             device where masses are computed). Rows are recomputed when needed again.
+
+    Making one raises Python's young-generation collection threshold for the process
+    (:func:`~genlm_bytes_potential.collector.raise_young_threshold`).
     """
 
     lm: Any
@@ -514,6 +517,7 @@ class TokenModel:
         if self.eos_tokens is None:
             self.eos_tokens = [vocab[self.eos_token_id]] if self.eos_token_id is not None else []
         self.trie = cached_trie(vocab, self.eos_tokens)
+        collector.raise_young_threshold()  # byte steps make many short-lived containers
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
         self.store = MassStore(self.trie, self.mass_bytes)

@@ -1,4 +1,5 @@
-"""tune_collector: what it freezes, the thresholds it sets, the freeze after the first LM calls."""
+"""tune_collector: what it freezes, the thresholds it sets, the freeze after the first LM calls;
+the young threshold every TokenModel raises."""
 
 import asyncio
 import gc
@@ -60,3 +61,14 @@ def test_bad_settings_are_named(bad, restore_collector):
         collector.tune_collector(young_threshold=bad)
     with pytest.raises(ValueError, match=f"settle_after={bad!r}; expected an int >= 0"):
         collector.tune_collector(settle_after=bad)
+    with pytest.raises(ValueError, match=f"young_threshold={bad!r}; expected an int >= 0"):
+        collector.raise_young_threshold(bad)
+
+
+def test_a_token_model_raises_the_young_threshold_and_keeps_a_higher_one(restore_collector):
+    gc.set_threshold(700, 10, 10)
+    TokenModel(MockTokenLM(VOCAB, seed=1, eos_token_id=4))
+    assert gc.get_threshold() == (collector.YOUNG_THRESHOLD, 10, 10)
+    gc.set_threshold(collector.YOUNG_THRESHOLD + 1, 5, 5)
+    TokenModel(MockTokenLM(VOCAB, seed=1, eos_token_id=4))
+    assert gc.get_threshold() == (collector.YOUNG_THRESHOLD + 1, 5, 5)
