@@ -437,21 +437,22 @@ class ByteBeamPotential(Potential):
         if isinstance(context, (bytes, bytearray)):
             return bytes(context)
         try:
-            items = list(context)
+            items = context if type(context) in (list, tuple) else list(context)
         except TypeError:
             raise TypeError(f"context {context!r} is not a sequence of byte tokens") from None
-        # fast paths (C loops): valid contexts cost O(1) Python work per call
+        # fast paths (C loops, a few per call): contexts are long and come every step
         if items and not isinstance(items[0], (bytes, bytearray)):  # ints 0..255
             try:
                 key = bytes(items)
-                if bool not in set(map(type, items)):
+                # a bool would read as byte 0 or 1: look for one only where such bytes are
+                if (b"\x00" not in key and b"\x01" not in key) or bool not in set(map(type, items)):
                     return key
             except (TypeError, ValueError):
                 pass
         else:  # one-byte bytes tokens, the vocabulary
             try:
                 key = b"".join(items)
-                if len(key) == len(items) and (not key or min(map(len, items)) == 1):
+                if len(key) == len(items) and b"" not in items:  # n bytes, none empty: one each
                     return key
             except TypeError:
                 pass

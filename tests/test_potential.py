@@ -131,12 +131,25 @@ async def test_spawn_and_cleanup():
         ([97, "a"], TypeError, "'a'"),
         ([97, CONTROL_EOS, 97], ValueError, "EOS at position 1"),
         ([True], TypeError, "True"),
+        ([98, 97, False], TypeError, "False"),
+        ([b"ab", b""], ValueError, "b'ab'"),  # two bytes in two tokens, not one each
+        ((b"a", b""), ValueError, "b''"),
     ],
 )
 async def test_bad_contexts_name_the_item(context, err, match):
     pot = ByteBeamPotential(mock([b"a", b"b", EOS_BYTES]), K=2)
     with pytest.raises(err, match=match):
         await pot.prefix(context)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 255), st.sampled_from(["int", "bytes", "bytearray"]))), st.booleans())
+def test_contexts_of_any_byte_tokens_read_as_their_bytes(items, as_tuple):
+    """Ints, one-byte ``bytes`` and ``bytearray`` tokens, mixed, in a list or a tuple."""
+    make = {"int": int, "bytes": lambda v: bytes([v]), "bytearray": lambda v: bytearray([v])}
+    context = [make[kind](v) for v, kind in items]
+    key = ByteBeamPotential._key(None, tuple(context) if as_tuple else context)
+    assert key == bytes(v for v, _ in items)
 
 
 def test_bad_parameters_name_the_value():
