@@ -11,7 +11,7 @@ collector took 0.34-0.76 s of a 4.4-5.4 s scoring run (benchmarks/HISTORY.md, se
 
 Every :class:`~genlm_bytes_potential.lm_state.TokenModel` raises the young generation's
 threshold (:func:`raise_young_threshold`): a mock-LM SMC of 400 steps of 32 particles spent
-0.74-0.83 s in collections with CPython's defaults and 0.13-0.16 s with the threshold raised
+0.73-0.84 s in collections with CPython's defaults and 0.13-0.16 s with the threshold raised
 (2-core CPU; benchmarks/HISTORY.md, session 21). Objects are not frozen there: only
 :func:`tune_collector` does that, for the processes that load their model through ``load_lm``.
 
