@@ -10,7 +10,10 @@ Parts (the LM costs ~nothing, so every number is our own Python/numpy work):
   time of this process, the mock LM's share, ours (wall less the LM's share), and the share
   of the garbage collector's collections (part of ours).
 * ``score``: scoring a 300-byte text through ``prefix`` (one byte at a time, as genlm-control's
-  samplers ask), ours vs genlm-control's ``ByteLLM`` on the same mock, K = 1, 2, 4, 8: bytes/s.
+  samplers ask), ours vs genlm-control's ``ByteLLM`` on the same mock, K = 1, 2, 4, 8: bytes/s,
+  and each side's own microseconds a byte (wall less the mock's time inside its calls; the
+  mock's rows cost tens of microseconds each, so the ratio of bytes/s is bounded by the
+  mock's share).
 
 Run it against two checkouts (``PYTHONPATH=<checkout>``) in one command to compare before/after.
 """
@@ -100,11 +103,15 @@ async def smc_part(steps: int = 64, n: int = 32, K: int = 4) -> dict:
     }
 
 
-async def _score(pot, data: bytes) -> float:
+async def _score(pot, data: bytes, lm=None) -> tuple[float, float]:
+    """Bytes/s scoring ``data`` one prefix at a time, and microseconds a byte outside the
+    calls of ``lm`` (a ``RecordingLM``; all of it without one)."""
     t0 = time.perf_counter()
     for i in range(1, len(data) + 1):
         await pot.prefix(list(data[:i]) if isinstance(pot.vocab[0], int) else [bytes([b]) for b in data[:i]])
-    return len(data) / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    in_lm = lm.summary()["lm_seconds_inside_calls"] if lm is not None else 0.0
+    return len(data) / wall, 1e6 * (wall - in_lm) / len(data)
 
 
 async def score_part(nbytes: int = 300, Ks=(1, 2, 4, 8)) -> list[dict]:
@@ -116,16 +123,34 @@ async def score_part(nbytes: int = 300, Ks=(1, 2, 4, 8)) -> list[dict]:
 
     data = (DATA_DIR / "heldout.txt").read_bytes()[:nbytes].lower()
     await _score(ByteBeamPotential(_mock(), K=1), data[:16])  # warm-up: numba's cache, the trie
+    with warnings.catch_warnings():  # and genlm-bytes' first trie (torch's sparse kernels)
+        warnings.simplefilter("ignore")
+        mock = _mock()
+        lm = RecordingLM(mock, SimpleNamespace(bos_token_id=mock.eos_token_id, eos_token_id=mock.eos_token_id))
+        await _score(ByteLLM(lm, BeamParams(K=1, eos_tokens=[b"<|eos|>"])), data[:16])
     out = []
     for K in Ks:
-        ours = await _score(ByteBeamPotential(_mock(), K=K), data)
+        ours_lm = RecordingLM(_mock())
+        ours, ours_own = await _score(ByteBeamPotential(ours_lm, K=K), data, ours_lm)
         mock = _mock()  # ByteLLM starts from the tokenizer's BOS: the EOS, as ours does without BOS
         lm = RecordingLM(mock, SimpleNamespace(bos_token_id=mock.eos_token_id, eos_token_id=mock.eos_token_id))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             anchor_pot = ByteLLM(lm, BeamParams(K=K, eos_tokens=[b"<|eos|>"]))
-        anchor = await _score(anchor_pot, data)
-        out.append({"K": K, "ours_bytes_per_s": ours, "bytelm_bytes_per_s": anchor, "ratio": ours / anchor})
+        anchor, anchor_own = await _score(anchor_pot, data, lm)
+        out.append(
+            {
+                "K": K,
+                "ours_bytes_per_s": ours,
+                "bytelm_bytes_per_s": anchor,
+                "ratio": ours / anchor,
+                "ours_own_us_per_byte": ours_own,
+                "bytelm_own_us_per_byte": anchor_own,
+                "own_ratio": anchor_own / ours_own,
+                "ours_contexts": ours_lm.summary()["contexts"],
+                "bytelm_contexts": lm.summary()["contexts"],
+            }
+        )
     return out
 
 

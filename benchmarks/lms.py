@@ -59,7 +59,8 @@ class RecordingLM:
     async def batch_next_token_logprobs(self, token_ids_list, lora_name=None):
         t0 = time.perf_counter()
         out = await self._lm.batch_next_token_logprobs(token_ids_list)
-        self.calls.append(("batch", [tuple(c) for c in token_ids_list], time.perf_counter() - t0))
+        dt = time.perf_counter() - t0
+        self.calls.append(("batch", [c if isinstance(c, tuple) else tuple(c) for c in token_ids_list], dt))
         return out
 
     async def next_token_logprobs(self, token_ids, lora_name=None):
