@@ -11,7 +11,18 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import common, memory, paged_layouts, speculation, w1_batch, w1_score, w2_smc, w3_trie, w4_floor
+from benchmarks import (
+    common,
+    host_cost,
+    memory,
+    paged_layouts,
+    speculation,
+    w1_batch,
+    w1_score,
+    w2_smc,
+    w3_trie,
+    w4_floor,
+)
 from benchmarks.lms import RecordingLM, heldout_text, make_lm, reset
 from benchmarks.vocabs import bytes_to_unicode, tiny_vocab
 
@@ -222,6 +233,19 @@ def test_w4_floor_smoke(mock_lm):
     asyncio.run(w4_floor.replay(lm, calls))
     assert inner.batch_calls == len(calls)
     assert [tuple(c) for c in inner.requests] == [c for _, cs, _ in calls for c in cs]
+
+
+def test_host_cost_smoke():
+    """The mock SMC's shares add up; scoring reports both sides' own cost and contexts."""
+    smc = asyncio.run(host_cost.smc_part(steps=12, n=4))
+    assert smc["ours_us_per_particle_byte"] + smc["lm_us_per_particle_byte"] == pytest.approx(
+        smc["us_per_particle_byte"]
+    )
+    assert 0 <= smc["collector_us_per_particle_byte"] <= smc["ours_us_per_particle_byte"]
+    (score,) = asyncio.run(host_cost.score_part(nbytes=12, Ks=(2,)))
+    assert score["K"] == 2 and score["ours_contexts"] > 0 and score["bytelm_contexts"] > 0
+    assert 0 < score["ours_own_us_per_byte"] and 0 < score["bytelm_own_us_per_byte"]
+    assert score["own_ratio"] == pytest.approx(score["bytelm_own_us_per_byte"] / score["ours_own_us_per_byte"])
 
 
 def test_memory_smoke(capsys):
