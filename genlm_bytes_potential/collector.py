@@ -50,9 +50,8 @@ def tune_collector(young_threshold: int = YOUNG_THRESHOLD, settle_after: int = S
     ``young_threshold`` (never lowering it), and freeze once more after the next
     ``settle_after`` LM calls (0: not again). See the module's docstring."""
     _check_count("settle_after", settle_after)
-    _check_count("young_threshold", young_threshold)
+    raise_young_threshold(young_threshold)  # (checks it before anything is frozen)
     freeze_alive()
-    raise_young_threshold(young_threshold)
     global _calls_until_settled
     _calls_until_settled = settle_after
 

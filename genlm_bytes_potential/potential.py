@@ -432,7 +432,8 @@ class ByteBeamPotential(Potential):
         return await self.prefix(context.encode("utf-8") if isinstance(context, str) else context)
 
     # ------------------------------------------------------------ beams
-    def _key(self, context) -> bytes:
+    @staticmethod
+    def _key(context) -> bytes:
         """A context (one-byte ``bytes`` tokens, ints 0..255, or ``bytes``) as bytes."""
         if isinstance(context, (bytes, bytearray)):
             return bytes(context)

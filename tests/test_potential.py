@@ -148,7 +148,7 @@ def test_contexts_of_any_byte_tokens_read_as_their_bytes(items, as_tuple):
     """Ints, one-byte ``bytes`` and ``bytearray`` tokens, mixed, in a list or a tuple."""
     make = {"int": int, "bytes": lambda v: bytes([v]), "bytearray": lambda v: bytearray([v])}
     context = [make[kind](v) for v, kind in items]
-    key = ByteBeamPotential._key(None, tuple(context) if as_tuple else context)
+    key = ByteBeamPotential._key(tuple(context) if as_tuple else context)
     assert key == bytes(v for v, _ in items)
 
 
