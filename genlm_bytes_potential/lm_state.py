@@ -8,6 +8,7 @@ exactly one LM batch call and one trie batch.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -175,11 +176,18 @@ class MassStore:
     with a few cached masses (``TokenByteTrie.weight_rows``), and a node's mass is read as
     the sum of its subtree's columns (a contiguous range): only the masses a step reads are
     summed. On a GPU a row holds every node's mass (``TokenByteTrie.masses``) and never
-    travels whole: readers gather the few entries they need, and when the bytes after a
-    row's context are known (scoring, prompts), the masses reading them visits come to
-    the host with the row's finiteness check (``keep_paths``), so that reading them waits
-    for no copy from the GPU. ``full_rows=True`` keeps such rows on the host too (a torch
-    table on the CPU).
+    travels whole: readers gather the few entries they need, and the host holds copies of
+    the entries the next reads will want, so that they wait for no copy from the GPU:
+
+    * each new row's *root front* (``TokenByteTrie.root_front``: what a candidate at the
+      root reads next) and, when the bytes after its context are known (scoring,
+      prompts), the masses reading them visits, both with the row's finiteness check
+      (``keep_paths``);
+    * the fronts of candidates whose next byte is unknown (sampling), copied while the LM
+      runs (``fetch``, then ``hold``).
+
+    ``gather`` looks there first and copies only what it lacks. ``full_rows=True`` keeps
+    such rows on the host too (a torch table on the CPU).
 
     Reuse (see ``allocate``): rows idle for a while are reused first; once ``max_bytes``
     of rows exist, any row not used since the previous allocation (so a step's own rows
@@ -196,9 +204,15 @@ class MassStore:
         self.full_rows = full_rows  # rows of every node's mass also when the LM's rows are on the CPU
         self.width = trie.row_width  # floats per row: host weight rows until a device table exists
         self.table = None  # [capacity, width] float64: numpy weight rows, or a torch table of full rows
-        #: per slot of a full-rows table, masses held on the host (``keep_paths``): nodes
-        #: (-1: none) and their masses, ``[capacity, PATH_WIDTH]``
-        self.path_node = self.path_mass = None
+        #: per slot of a full-rows table, masses held on the host: the root front
+        #: (``front_mass``, valid where ``has_front``), and up to ``HELD_WIDTH`` more
+        #: (``held_node``, sorted, and ``held_mass``; ``held_n`` of them)
+        self.front_mass = self.held_node = self.held_mass = None
+        self.has_front = np.zeros(0, bool)
+        self.held_n = np.zeros(0, np.int64)
+        self._front_col = None  # per trie node: its column in a root front, -1 if none
+        self._front_nodes = None  # the root front's nodes on the table's device
+        self.copies = 0  # copies from a full-rows table to the host
         self.gen = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
         self.in_use = np.zeros(0, bool)  # per slot: holds a key's row
@@ -241,8 +255,7 @@ class MassStore:
                 self.gen[s] += 1
                 self._key_of[s] = None
                 self.in_use[s] = False
-                if self.path_node is not None:
-                    self.path_node[s] = -1
+                self._forget_held(s)
 
     def find(self, keys: list) -> np.ndarray:
         """Slot of each key (-1 where absent); found rows count as used now."""
@@ -293,8 +306,7 @@ class MassStore:
         slots = np.concatenate([picked, np.arange(start, start + n_new)]) if n_new else picked
         self.gen[slots] += 1
         self.in_use[slots] = True
-        if self.path_node is not None:
-            self.path_node[slots] = -1
+        self._forget_held(slots)
         self.clock += 1
         self.touch(slots)
         for key, s in zip(keys, slots.tolist()):
@@ -317,11 +329,7 @@ class MassStore:
             if full:
                 device = like.device if on_device else "cpu"
                 table = torch.empty((new_cap, self.width), dtype=torch.float64, device=device)
-                path_node = np.full((new_cap, PATH_WIDTH), -1, np.int64)
-                path_mass = np.empty((new_cap, PATH_WIDTH))
-                if cap:
-                    path_node[:cap], path_mass[:cap] = self.path_node, self.path_mass
-                self.path_node, self.path_mass = path_node, path_mass
+                self._grow_held(cap, new_cap, device)
             else:
                 table = np.empty((new_cap, self.width))
             if cap:
@@ -333,31 +341,99 @@ class MassStore:
             self.pins = np.concatenate([self.pins, np.zeros(new_cap - cap, np.int64)])
         self._key_of.extend([None] * (rows - len(self._key_of)))
 
+    def _grow_held(self, cap: int, new_cap: int, device) -> None:
+        """The host-held masses of a full-rows table, for ``new_cap`` slots (``cap`` kept)."""
+        if self._front_col is None:
+            front = self.trie.root_front
+            self._front_col = np.full(self.trie.n_nodes, -1, np.int64)
+            self._front_col[front] = np.arange(len(front))
+            self._front_nodes = torch.as_tensor(front, device=device)
+        grown = (
+            np.empty((new_cap, len(self._front_nodes))),
+            np.empty((new_cap, HELD_WIDTH), np.int64),
+            np.empty((new_cap, HELD_WIDTH)),
+        )
+        if cap:
+            for new, old in zip(grown, (self.front_mass, self.held_node, self.held_mass)):
+                new[:cap] = old
+        self.front_mass, self.held_node, self.held_mass = grown
+        self.has_front = np.concatenate([self.has_front, np.zeros(new_cap - cap, bool)])
+        self.held_n = np.concatenate([self.held_n, np.zeros(new_cap - cap, np.int64)])
+
+    def _forget_held(self, slots) -> None:
+        if self.front_mass is not None:
+            self.has_front[slots] = False
+            self.held_n[slots] = 0
+
     def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
         """Scaled masses of ``node[i]`` under row ``slot[i]`` on the host (float64); the
         rows count as used now."""
         self.last_used[slot] = self.clock
         if isinstance(self.table, np.ndarray):
             return self.trie.masses_at(self.table, slot, node)
-        mass, missing = _held_masses(self.path_node, self.path_mass, slot, node)
+        mass, missing = _held_masses(
+            self._front_col, self.has_front, self.front_mass, self.held_node, self.held_mass, self.held_n, slot, node
+        )
         if len(missing):
             mass[missing] = self._copied(slot[missing], node[missing])
         return mass
 
     def keep_paths(self, slots: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-        """Copy the masses of ``nodes[i]`` (a row of ``TokenByteTrie.path_nodes``, -1 for
-        none) under row ``slots[i]`` of a full-rows table to the host, where ``gather``
-        finds them, in one copy; returns them (NaN where no node)."""
-        valid = nodes >= 0
-        owner = np.nonzero(valid)[0]
-        mass = np.full(nodes.shape, np.nan)
-        mass[valid] = self._copied(slots[owner], nodes[valid])
-        self.path_node[slots], self.path_mass[slots] = nodes, mass
-        return mass
+        """Copy, in one copy, each new row's root front and the masses of ``nodes[i]`` (a
+        row of ``TokenByteTrie.path_nodes``, -1 for none) under row ``slots[i]`` of a
+        full-rows table to the host, where ``gather`` finds them; returns the rows' root
+        masses."""
+        col = self._front_col[np.maximum(nodes, 0)]
+        extra = (nodes >= 0) & (col < 0)  # (the root front holds the path's first nodes)
+        owner = np.nonzero(extra)[0]
+        device = self.table.device
+        sent = to_device(np.concatenate([slots, slots[owner] * self.width + nodes[extra]]), device)
+        front = sent[: len(slots), None] * self.width + self._front_nodes
+        flat = self.table.view(-1)
+        got = to_host(torch.cat([flat[front.view(-1)], flat[sent[len(slots) :]]]))
+        self.copies += 1
+        n_front = front.numel()
+        self.front_mass[slots] = got[:n_front].reshape(len(slots), -1)
+        self.has_front[slots] = True
+        _hold(self.held_node, self.held_mass, self.held_n, slots[owner], nodes[extra], got[n_front:])
+        return self.front_mass[slots, 0]
+
+    def fetch(self, slots: np.ndarray, nodes: np.ndarray) -> HeldCopy:
+        """Start copying the masses of ``nodes[i]`` under rows ``slots[i]`` of a full-rows
+        table to the host: queued behind the GPU's work, the host does not wait. ``hold``
+        then puts them where ``gather`` finds them."""
+        device = self.table.device
+        got = self.table.view(-1)[to_device(slots * self.width + nodes, device)]
+        event = None
+        if device.type == "cuda":
+            host = torch.empty(got.shape, dtype=got.dtype, pin_memory=True)
+            host.copy_(got, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(device))
+            got = host
+        self.copies += 1
+        return HeldCopy(slots, nodes, self.gen[slots], got, event)
+
+    async def hold(self, copy: HeldCopy) -> None:
+        """Hold the masses of ``copy`` (``fetch``) on the host, once copied; those of rows
+        reused since are dropped."""
+        if copy.event is not None:
+            while not copy.event.query():
+                await asyncio.sleep(0)
+        fresh = self.gen[copy.slots] == copy.gens
+        _hold(
+            self.held_node,
+            self.held_mass,
+            self.held_n,
+            copy.slots[fresh],
+            copy.nodes[fresh],
+            copy.masses.numpy()[fresh],
+        )
 
     def _copied(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
         """Entries ``(slot[i], node[i])`` of the torch table, copied to the host."""
         idx = to_device(slot * self.width + node, self.table.device)
+        self.copies += 1
         return to_host(self.table.view(-1)[idx])
 
     def row(self, slot: int) -> np.ndarray:
@@ -372,28 +448,81 @@ class MassStore:
 #: leaves; ``MassStore.keep_paths``): the nodes of the longest tokens are read from the GPU
 PATH_WIDTH = 48
 
+#: masses a full row holds on the host besides its root front (paths, candidates'
+#: fronts: a front has at most 222 masses on SmolLM2's vocabulary, 17 on average one
+#: byte from the root); new masses that do not fit replace those held before
+HELD_WIDTH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCopy:
+    """A copy of table entries on its way to the host (``MassStore.fetch``): rows
+    ``slots`` at generations ``gens``, nodes ``nodes``, into ``masses`` (host memory
+    once ``event`` has passed; None: copied already)."""
+
+    slots: np.ndarray
+    nodes: np.ndarray
+    gens: np.ndarray
+    masses: torch.Tensor
+    event: Any
+
 
 @numba.njit(cache=True, nogil=True)
-def _held_masses(path_node, path_mass, slot, node):
+def _held_masses(front_col, has_front, front_mass, held_node, held_mass, held_n, slot, node):
     """``MassStore.gather``'s masses held on the host: ``(mass, missing)``, ``mass[i]``
-    found in slot ``slot[i]``'s held path (``missing``: the indices not found)."""
+    found in slot ``slot[i]``'s root front or held list (``missing``: the indices not
+    found)."""
     mass = np.empty(len(slot))
     missing = np.empty(len(slot), np.int64)
     n_missing = 0
     for i in range(len(slot)):
-        row = path_node[slot[i]]
-        found = False
-        for j in range(len(row)):
-            if row[j] == node[i]:
-                mass[i] = path_mass[slot[i], j]
-                found = True
-                break
-            if row[j] < 0:
-                break
-        if not found:
+        s, n = slot[i], node[i]
+        col = front_col[n]
+        if col >= 0 and has_front[s]:
+            mass[i] = front_mass[s, col]
+            continue
+        k = np.searchsorted(held_node[s, : held_n[s]], n)
+        if k < held_n[s] and held_node[s, k] == n:
+            mass[i] = held_mass[s, k]
+        else:
             missing[n_missing] = i
             n_missing += 1
     return mass, missing[:n_missing]
+
+
+@numba.njit(cache=True, nogil=True)
+def _hold(held_node, held_mass, held_n, slot, node, mass):
+    """Merge the entries ``(slot[i], node[i], mass[i])`` into each slot's held list (sorted
+    by node, each node once: a node held already keeps its mass). When the list would
+    outgrow its width, the new entries replace it (the smallest nodes first, if they
+    alone do not fit)."""
+    width = held_node.shape[1]
+    order = np.argsort(slot * (1 << 32) + node)
+    buf_node = np.empty(width, np.int64)
+    buf_mass = np.empty(width)
+    i, n = 0, len(order)
+    while i < n:
+        s = slot[order[i]]
+        end = i
+        while end < n and slot[order[end]] == s:
+            end += 1
+        n_old = held_n[s] if held_n[s] + end - i <= width else 0
+        a, b, k = 0, i, 0
+        while k < width and (a < n_old or b < end):
+            if b < end and (a == n_old or node[order[b]] < held_node[s, a]):
+                v, m = node[order[b]], mass[order[b]]
+                b += 1
+            else:
+                v, m = held_node[s, a], held_mass[s, a]
+                a += 1
+                while b < end and node[order[b]] == v:
+                    b += 1
+            if k == 0 or buf_node[k - 1] != v:
+                buf_node[k], buf_mass[k] = v, m
+                k += 1
+        held_node[s, :k], held_mass[s, :k] = buf_node[:k], buf_mass[:k]
+        held_n[s] = k
+        i = end
 
 
 @numba.njit(cache=True, nogil=True)
@@ -729,7 +858,7 @@ class TokenModel:
                     with store.pinned(slots):
                         await device_done(store.table.device)
                     paths = self.trie.path_nodes([ahead.get(s) for _, s in keys], PATH_WIDTH)
-                    root_mass = store.keep_paths(slots, paths)[:, 0]
+                    root_mass = store.keep_paths(slots, paths)
                 self._check_finite(root_mass, inputs)
             except BaseException:
                 store.discard(keys)

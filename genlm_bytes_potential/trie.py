@@ -185,6 +185,7 @@ class TokenByteTrie:
         self._cached_nodes = cached
         self.row_width = len(leaves) + 1 + len(cached)
         self._scratch = _Scratch()
+        self._root_front: np.ndarray | None = None
 
     # ------------------------------------------------------------------ lookups
     def child(self, nodes: np.ndarray, label: int) -> np.ndarray:
@@ -227,6 +228,29 @@ class TokenByteTrie:
         return _path_nodes(
             flat, ptr, width, self.root, self.child_ptr, self.child_label, self.child_node, self.n_leaves
         )
+
+    def front_nodes(self, slots: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The masses the next step of a candidate at ``nodes[i]`` (on row ``slots[i]``)
+        reads, as ``(slot, node)`` pairs: the node, each of its children, and each
+        child's leaves; the next-byte distribution reads the node and its children, and
+        reading a byte its child and the leaves there. Candidates at the root are left
+        out (a full row's root front holds theirs: ``root_front``)."""
+        return _front_nodes(
+            np.asarray(slots, np.int64),
+            np.asarray(nodes, np.int64),
+            self.root,
+            self.child_ptr,
+            self.child_node,
+            self.n_leaves,
+        )
+
+    @property
+    def root_front(self) -> np.ndarray:
+        """``front_nodes`` of a candidate at the root (the root first), computed once."""
+        if self._root_front is None:
+            root = np.array([self.root])  # (no node is -1: the root is not left out)
+            self._root_front = _front_nodes(root, root, -1, self.child_ptr, self.child_node, self.n_leaves)[1]
+        return self._root_front
 
     def leaves_spelling(self, prefix: bytes) -> range | None:
         """Leaves of the tokens whose bytes are exactly ``prefix`` (often none); None
@@ -502,6 +526,33 @@ def child_by_byte(node, byte, child_ptr, child_label, child_node):
     lo, hi = child_ptr[node], child_ptr[node + 1]
     p = lo + np.searchsorted(child_label[lo:hi], byte)
     return child_node[p] if p < hi and child_label[p] == byte else -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _front_nodes(slots, nodes, root, child_ptr, child_node, n_leaves):
+    """``TokenByteTrie.front_nodes`` (candidates at ``root`` left out)."""
+    total = 0
+    for i in range(len(nodes)):
+        n = nodes[i]
+        if n != root:
+            total += 1
+            for p in range(child_ptr[n], child_ptr[n + 1]):
+                total += 1 + n_leaves[child_node[p]]
+    out_slot = np.empty(total, np.int64)
+    out_node = np.empty(total, np.int64)
+    k = 0
+    for i in range(len(nodes)):
+        n = nodes[i]
+        if n == root:
+            continue
+        out_slot[k], out_node[k] = slots[i], n
+        k += 1
+        for p in range(child_ptr[n], child_ptr[n + 1]):
+            c = child_node[p]
+            for j in range(1 + n_leaves[c]):  # the child, then its leaves
+                out_slot[k], out_node[k] = slots[i], c + j
+                k += 1
+    return out_slot, out_node
 
 
 @numba.njit(cache=True, nogil=True)

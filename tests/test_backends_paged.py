@@ -344,7 +344,9 @@ async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_lla
     awaiting the GPU (its forward pass and its masses) while the other runs: the next-byte
     log-probs of a potential whose masses stay on the GPU equal those of one whose masses
     are on the host, step by step; also when the GPU's store holds a dozen rows, so that
-    each batch allocates rows while the other's are still being written (pinned)."""
+    each batch allocates rows while the other's are still being written (pinned). With
+    room for every row, the particles' steps read no mass from the GPU's table (new rows'
+    root fronts and the kept candidates' fronts are on the host)."""
     from genlm_bytes_potential.potential import ByteBeamPotential
 
     model, tok = tiny_llama
@@ -353,6 +355,9 @@ async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_lla
         ByteBeamPotential(lm, K=4, prompt=b"Fruits: ", device=d, cache_bytes=b)
         for d, b in ((None, cache_bytes), ("cpu", 2**31))
     ]
+    for pot in pots:
+        await pot.prefill()  # (the prompt's reads copy from the first row, made before it was known)
+    copied = record_read_copies(pots[0].model.store)
     rng = np.random.default_rng(0)
     contexts = [[] for _ in range(8)]
     for _ in range(6):
@@ -367,6 +372,9 @@ async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_lla
         p = np.exp(on_gpu[:, :256] - on_gpu[:, :256].max(1, keepdims=True))
         for i, row in enumerate(p / p.sum(1, keepdims=True)):
             contexts[i] = contexts[i] + [int(rng.choice(256, p=row))]
+    assert pots[0].model.store.table.device.type == "cuda"
+    if cache_bytes == 2**31:
+        assert copied == []
 
 
 async def test_contexts_that_keep_their_prefix_plan_and_compute_as_tuples(tiny_llama):

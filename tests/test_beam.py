@@ -496,7 +496,7 @@ async def test_full_rows_hold_the_masses_of_the_known_bytes_on_the_host(vocab, s
         blm = ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K, heal=heal)
         store = blm.model.store = MassStore(blm.model.trie, 2**30, full_rows=True)
         if not hold:  # hold nothing: only the check's copy of the root masses
-            store.keep_paths = lambda slots, nodes, copy=store._copied: copy(slots, nodes[:, 0])[:, None]
+            store.keep_paths = lambda slots, nodes, copy=store._copied: copy(slots, nodes[:, 0])
         read_copies = record_read_copies(store)
         first_row = int((await blm.beam()).rows.slot[0])
         score = await blm.score(data)
@@ -505,11 +505,34 @@ async def test_full_rows_hold_the_masses_of_the_known_bytes_on_the_host(vocab, s
             assert set(np.concatenate([[first_row], *read_copies]).tolist()) == {first_row}
         elif not hold and len(data) > 1 and score.impossible_at is None:
             assert len(read_copies) >= len(data)
-        assert isinstance(store.table, torch.Tensor) and store.path_node is not None
+        assert isinstance(store.table, torch.Tensor) and store.held_node is not None
     assert runs[0] == runs[1]
     host = await ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K, heal=heal).score(data)
     assert (host.heals, host.impossible_at) == runs[0][1:]
     assert host.logprob == pytest.approx(runs[0][0], rel=1e-9, abs=1e-9)
+
+
+def test_held_masses_merge_sorted_and_new_ones_replace_a_full_list():
+    """``_hold``: per slot a sorted list, each node once (a node held keeps its mass);
+    entries that would overflow the list replace it; ``_held_masses`` finds them."""
+    from genlm_bytes_potential.lm_state import _held_masses, _hold
+
+    width, slots = 4, 2
+    node, mass, n = np.zeros((slots, width), np.int64), np.zeros((slots, width)), np.zeros(slots, np.int64)
+    no_front = (np.full(20, -1), np.zeros(slots, bool), np.zeros((slots, 1)))
+
+    def hold(slot, nodes):
+        _hold(node, mass, n, np.array(slot), np.array(nodes), np.array(nodes, float) + 0.5)
+
+    hold([0, 1, 0, 0], [7, 3, 2, 7])
+    assert n.tolist() == [2, 1] and node[0, :2].tolist() == [2, 7] and node[1, :1].tolist() == [3]
+    mass[0, 1] = -1.0  # held already: a new copy of node 7 leaves it
+    hold([0, 0], [7, 5])
+    assert node[0, :3].tolist() == [2, 5, 7] and mass[0, :3].tolist() == [2.5, 5.5, -1.0]
+    hold([0, 0], [9, 1])  # 3 + 2 > 4: the new ones replace the list
+    assert node[0, : n[0]].tolist() == [1, 9]
+    got, missing = _held_masses(*no_front, node, mass, n, np.array([0, 0, 1, 1]), np.array([9, 2, 3, 4]))
+    assert missing.tolist() == [1, 3] and got[[0, 2]].tolist() == [9.5, 3.5]
 
 
 def test_store_allocation_order():

@@ -188,6 +188,40 @@ async def test_int_view_agrees():
     await view.assert_contract([[97], [97, 98]], rtol=1e-6)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    K=st.sampled_from([None, 1, 3]),
+    prompt=st.sampled_from([b"", b"ab"]),
+    walk=st.lists(st.lists(st.integers(0, 2**16), min_size=1, max_size=4), min_size=1, max_size=6),
+)
+async def test_sampling_on_full_rows_reads_no_mass_from_the_table(vocab, seed, K, prompt, walk):
+    """On a store of full rows (as on a GPU; here a torch table on the CPU), particles
+    that grow by one byte a step, as a sampler's do, read no mass from the table: each
+    new row brings its root front to the host, and the fronts of the candidates kept are
+    copied while the LM runs. Their weights are those of host weight rows (to 1e-9)."""
+    from spies import record_read_copies
+
+    from genlm_bytes_potential.lm_state import MassStore
+
+    pot = ByteBeamPotential(mock(vocab, seed), K=K, prompt=prompt, heal=False)
+    pot.model.store = MassStore(pot.model.trie, 2**30, full_rows=True)
+    await pot.prefill()  # (the prompt's reads copy from the first row, made before it was known)
+    read_copies = record_read_copies(pot.model.store)
+    host = ByteBeamPotential(mock(vocab, seed), K=K, prompt=prompt, heal=False)
+    contexts = [[] for _ in walk[0]]
+    for choices in walk:
+        w = (await pot.batch_logw_next(contexts)).weights
+        np.testing.assert_allclose(w, (await host.batch_logw_next(contexts)).weights, rtol=1e-9, atol=1e-9)
+        for i, c in enumerate(contexts):
+            possible = np.flatnonzero(np.isfinite(w[i, :256]))
+            if len(possible):
+                c.append(bytes([possible[choices[i % len(choices)] % len(possible)]]))
+    assert read_copies == []
+    assert pot.model.store.copies <= 2 * pot.model.stats.batch_calls + len(walk) + len(prompt)
+
+
 async def test_cache_bytes_bound_reuses_mass_rows_and_keeps_results():
     """``cache_bytes`` bounds the model's mass store: with room for 3 rows, rows are
     reused and recomputed, and every value equals an unbounded potential's."""

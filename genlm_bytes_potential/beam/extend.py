@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..lm_state import MassRows
+from ..lm_state import HeldCopy, MassRows
 from ..trie import EOS
 from .core import Beam, BeamStats, _check_byte, _ensure, _log_minus, _njit, _rows_by_mode
 from .heal import _empty_or_healed
@@ -43,6 +43,7 @@ async def advance(
         await _ensure(beams)
         step = await _read_and_prune(beams, next_bytes, modes)
     ext_bid = step.ext_bid[step.made]
+    fronts = _fetch_fronts(model, step, ahead)
     prefetch = _prefetch(beams, next_bytes, ahead, step.ext_states, modes, ext_bid)
     known = dict(prefetch)  # bytes known to follow each new context
     if ahead is not None:
@@ -51,7 +52,25 @@ async def advance(
     ext_modes = [modes[b] for b in ext_bid.tolist()]
     ext_rows = await _rows_by_mode(model, step.ext_states, ext_modes, list(prefetch), known)
     calls = model.stats.batch_calls - calls_before
+    if fronts is not None:
+        await model.store.hold(fronts)
     return await _assemble(beams, next_bytes, modes, step, ext_bid, ext_rows, calls)
+
+
+def _fetch_fronts(model, step: _Step, ahead: list[bytes] | None) -> HeldCopy | None:
+    """On a full-rows table (a GPU's), start copying the masses that the next step of the
+    kept candidates of beams whose next byte is unknown reads (``TokenByteTrie.front_nodes``;
+    new candidates at the root have them in their rows' root fronts): they travel while
+    the LM runs, so that the next-byte distribution and the next read copy nothing."""
+    store = model.store
+    if isinstance(store.table, np.ndarray) or not len(step.keep):
+        return None
+    kept = step.keep
+    if ahead is not None:
+        unknown = np.fromiter((len(a) == 0 for a in ahead), bool, len(ahead))
+        kept = kept[unknown[step.bid[kept]]]
+    slots, nodes = model.trie.front_nodes(step.rows.slot[kept], step.nodes[kept])
+    return store.fetch(slots, nodes) if len(slots) else None
 
 
 async def _assemble(beams, next_bytes, modes, step: _Step, ext_bid, ext_rows: MassRows, calls: int) -> list[Beam]:
