@@ -114,8 +114,9 @@ class ByteLM:
 
     async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:
         """The beam after ``prompt_tokens`` then ``prompt`` bytes (read as text)."""
-        beam = await initial_beam(self.model, self.params, prompt_tokens, with_eos=not prompt)
-        return await prefill(beam, _as_bytes(prompt)) if prompt else beam
+        prompt = _as_bytes(prompt)
+        beam = await initial_beam(self.model, self.params, prompt_tokens, with_eos=not prompt, ahead=prompt)
+        return await prefill(beam, prompt) if prompt else beam
 
     async def next_byte(self, prompt: bytes = b"") -> ByteDist:
         return ByteDist((await self.beam(prompt)).next_logprobs())

@@ -472,7 +472,9 @@ class ByteBeamPotential(Potential):
     async def _root(self) -> Beam:
         """The beam after the prompt, for the empty context (kept outside the LRU)."""
         if self._root_beam is None:
-            beam = await initial_beam(self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt)
+            beam = await initial_beam(
+                self.model, self.prompt_params, self.prompt_tokens, with_eos=not self.prompt, ahead=self.prompt
+            )
             for i, b in enumerate(self.prompt):  # prefill, stopping at a byte it cannot read
                 (beam,) = await advance(
                     [beam], [b], with_eos=i == len(self.prompt) - 1, ahead=[memoryview(self.prompt)[i + 1 :]]

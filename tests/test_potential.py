@@ -197,17 +197,17 @@ async def test_int_view_agrees():
     walk=st.lists(st.lists(st.integers(0, 2**16), min_size=1, max_size=4), min_size=1, max_size=6),
 )
 async def test_sampling_on_full_rows_reads_no_mass_from_the_table(vocab, seed, K, prompt, walk):
-    """On a store of full rows (as on a GPU; here a torch table on the CPU), particles
-    that grow by one byte a step, as a sampler's do, read no mass from the table: each
-    new row brings its root front to the host, and the fronts of the candidates kept are
-    copied while the LM runs. Their weights are those of host weight rows (to 1e-9)."""
+    """On a store of full rows (as on a GPU; here a torch table on the CPU), reading the
+    prompt and then particles that grow by one byte a step, as a sampler's do, read no
+    mass from the table: each new row brings its root front (and the first row the
+    prompt's path) to the host, and the fronts of the candidates kept are copied while
+    the LM runs. Their weights are those of host weight rows (to 1e-9)."""
     from spies import record_read_copies
 
     from genlm_bytes_potential.lm_state import MassStore
 
     pot = ByteBeamPotential(mock(vocab, seed), K=K, prompt=prompt, heal=False)
     pot.model.store = MassStore(pot.model.trie, 2**30, full_rows=True)
-    await pot.prefill()  # (the prompt's reads copy from the first row, made before it was known)
     read_copies = record_read_copies(pot.model.store)
     host = ByteBeamPotential(mock(vocab, seed), K=K, prompt=prompt, heal=False)
     contexts = [[] for _ in walk[0]]

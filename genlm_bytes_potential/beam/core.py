@@ -460,11 +460,13 @@ async def initial_beam(
     params: BeamParams,
     prompt_tokens: tuple[int, ...] | list[int] = (),
     with_eos: bool = True,
+    ahead: bytes = b"",
 ) -> Beam:
-    """The beam before any byte: one candidate at the root after ``prompt_tokens``."""
+    """The beam before any byte: one candidate at the root after ``prompt_tokens``.
+    ``ahead``: the bytes known to come first (a prompt; see ``TokenModel.rows``)."""
     state = model.initial_state(prompt_tokens)
     calls = model.stats.batch_calls
-    rows = await model.rows([state], with_eos)
+    rows = await model.rows([state], with_eos, ahead={state: ahead} if ahead else None)
     return Beam(
         model=model,
         params=params,

@@ -65,7 +65,7 @@ async def _read_and_prune(beams: list[Beam], next_bytes: list[int], modes: list[
     )
     bid = flat.bid[ok]
     rows = flat.rows.take(ok)
-    target = await _rows_in_mode(model, beams, modes, bid, rows, flat, ok)
+    target = await _rows_in_mode(model, beams, modes, bid, rows, flat, ok, next_bytes)
     if target is not rows:
         if not (model.store.valid(rows).all() and model.store.valid(target).all()):
             return None
@@ -232,10 +232,13 @@ def _logsumexp_at(values, idx):
     return _grouped_logsumexp(np.zeros(len(idx), np.int64), values[idx], 1)[0]
 
 
-async def _rows_in_mode(model, beams, modes, bid, rows: MassRows, flat: _Flat, ok: np.ndarray) -> MassRows:
+async def _rows_in_mode(
+    model, beams, modes, bid, rows: MassRows, flat: _Flat, ok: np.ndarray, next_bytes: list[int]
+) -> MassRows:
     """The rows of the candidates ``ok`` of ``flat`` (beams ``bid``, rows ``rows``) in their
     step's mode: their own rows, except for beams read in the other mode (the last byte of
-    a prompt), whose contexts get rows in the new mode."""
+    a prompt), whose contexts get rows in the new mode (the bytes each candidate reads in
+    them, its token's bytes so far and the byte, known ahead)."""
     if all(m == b.with_eos for m, b in zip(modes, beams)):
         return rows
     switch = np.array([m != b.with_eos for m, b in zip(modes, beams)])
@@ -243,6 +246,13 @@ async def _rows_in_mode(model, beams, modes, bid, rows: MassRows, flat: _Flat, o
     if not len(moved):
         return rows
     target = MassRows(rows.slot.copy(), rows.gen.copy())
-    new = await _rows_by_mode(model, flat.states_at(ok[moved]), [modes[b] for b in bid[moved].tolist()])
+    states = flat.states_at(ok[moved])
+    prefix_of = model.trie.prefix_of
+    ahead = {
+        s: prefix_of[n] + bytes([next_bytes[b]])
+        for s, n, b in zip(states, flat.nodes[ok[moved]].tolist(), bid[moved].tolist())
+        if next_bytes[b] < 256
+    }
+    new = await _rows_by_mode(model, states, [modes[b] for b in bid[moved].tolist()], ahead=ahead)
     target.slot[moved], target.gen[moved] = new.slot, new.gen
     return target
