@@ -356,7 +356,7 @@ async def test_device_masses_equal_host_masses_under_concurrent_batches(tiny_lla
         for d, b in ((None, cache_bytes), ("cpu", 2**31))
     ]
     for pot in pots:
-        await pot.prefill()  # (the prompt's reads copy from the first row, made before it was known)
+        await pot.prefill()  # (what reading the prompt copies is not counted here)
     copied = record_read_copies(pots[0].model.store)
     rng = np.random.default_rng(0)
     contexts = [[] for _ in range(8)]
