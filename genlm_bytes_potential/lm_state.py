@@ -179,10 +179,9 @@ class MassStore:
     travels whole: readers gather the few entries they need, and the host holds copies of
     the entries the next reads will want, so that they wait for no copy from the GPU:
 
-    * each new row's *root front* (``TokenByteTrie.root_front``: what a candidate at the
-      root reads next) and, when the bytes after its context are known (scoring,
-      prompts), the masses reading them visits, both with the row's finiteness check
-      (``keep_paths``);
+    * with each new row's finiteness check (``keep_paths``): when the bytes after its
+      context are known (scoring, prompts), the masses reading them visits; otherwise its
+      *root front* (``TokenByteTrie.root_front``: what a candidate at the root reads next);
     * the fronts of candidates whose next byte is unknown (sampling), copied while the LM
       runs (``fetch``, then ``hold``).
 
@@ -378,25 +377,29 @@ class MassStore:
             mass[missing] = self._copied(slot[missing], node[missing])
         return mass
 
-    def keep_paths(self, slots: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-        """Copy, in one copy, each new row's root front and the masses of ``nodes[i]`` (a
-        row of ``TokenByteTrie.path_nodes``, -1 for none) under row ``slots[i]`` of a
-        full-rows table to the host, where ``gather`` finds them; returns the rows' root
+    def keep_paths(self, slots: np.ndarray, nodes: np.ndarray, fronts: np.ndarray) -> np.ndarray:
+        """Copy to the host, in one copy, the masses of ``nodes[i]`` (a row of
+        ``TokenByteTrie.path_nodes``: the root first, -1 for none) under row ``slots[i]`` of
+        a full-rows table and, for the rows ``fronts`` (new rows whose next byte is
+        unknown), their root fronts; ``gather`` finds them there. Returns the rows' root
         masses."""
-        col = self._front_col[np.maximum(nodes, 0)]
-        extra = (nodes >= 0) & (col < 0)  # (the root front holds the path's first nodes)
-        owner = np.nonzero(extra)[0]
-        device = self.table.device
-        sent = to_device(np.concatenate([slots, slots[owner] * self.width + nodes[extra]]), device)
-        front = sent[: len(slots), None] * self.width + self._front_nodes
+        valid = nodes >= 0
+        in_front = fronts[:, None] & valid & (self._front_col[np.maximum(nodes, 0)] >= 0)
+        row, col = np.nonzero(valid & ~in_front)  # (a root front holds the path's first nodes)
+        front_slots = slots[fronts]
+        sent = to_device(np.concatenate([front_slots, slots[row] * self.width + nodes[row, col]]), self.table.device)
+        front = sent[: len(front_slots), None] * self.width + self._front_nodes
         flat = self.table.view(-1)
-        got = to_host(torch.cat([flat[front.view(-1)], flat[sent[len(slots) :]]]))
+        got = to_host(torch.cat([flat[front.view(-1)], flat[sent[len(front_slots) :]]]))
         self.copies += 1
-        n_front = front.numel()
-        self.front_mass[slots] = got[:n_front].reshape(len(slots), -1)
-        self.has_front[slots] = True
-        _hold(self.held_node, self.held_mass, self.held_n, slots[owner], nodes[extra], got[n_front:])
-        return self.front_mass[slots, 0]
+        path = got[front.numel() :]
+        self.front_mass[front_slots] = got[: front.numel()].reshape(front.shape)
+        self.has_front[front_slots] = True
+        _hold(self.held_node, self.held_mass, self.held_n, slots[row], nodes[row, col], path)
+        root = np.empty(len(slots))
+        root[fronts] = self.front_mass[front_slots, 0]
+        root[row[col == 0]] = path[col == 0]
+        return root
 
     def fetch(self, slots: np.ndarray, nodes: np.ndarray) -> HeldCopy:
         """Start copying the masses of ``nodes[i]`` under rows ``slots[i]`` of a full-rows
@@ -857,8 +860,9 @@ class TokenModel:
                     self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
                     with store.pinned(slots):
                         await device_done(store.table.device)
-                    paths = self.trie.path_nodes([ahead.get(s) for _, s in keys], PATH_WIDTH)
-                    root_mass = store.keep_paths(slots, paths)
+                    known = [ahead.get(s) for _, s in keys]
+                    fronts = np.fromiter((not k for k in known), bool, len(known))
+                    root_mass = store.keep_paths(slots, self.trie.path_nodes(known, PATH_WIDTH), fronts)
                 self._check_finite(root_mass, inputs)
             except BaseException:
                 store.discard(keys)
