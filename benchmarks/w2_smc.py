@@ -3,6 +3,7 @@
     python -m benchmarks.w2_smc                       # SmolLM2-135M, 8/32/128 particles
     python -m benchmarks.w2_smc --quick               # 8/32 particles, 16 bytes
     python -m benchmarks.w2_smc --model mock --mock-vocab tiny --particles 8
+    python -m benchmarks.w2_smc --systems ours --cold   # a fresh process's first runs
 
 Each system runs genlm-control's ``SMC(direct_token_sampler(target), critic=grammar)``
 (``--mode product``: ``direct_token_sampler(target * grammar)``, no critic) with the same
@@ -241,11 +242,14 @@ def run(
     anchor_max_particles=None,
     skip=(),
     log=print,
+    cold=False,
 ) -> list[dict]:
     """``anchor_max_particles``: skip the anchor above this many particles. ``skip``:
     ``(system, task, n)`` triples: skip ``system`` on ``task`` above ``n`` particles. Runs
     grow ~linearly in particles and some take tens of minutes on a small CPU; skipped
-    cells say so."""
+    cells say so. ``cold``: no warm-up, so the first run of each particle count pays for
+    what a user's first run in a fresh process does (numba, CUDA-graph captures of new
+    batch shapes); run one system per process for a fair number."""
     caps = {(s, t): n for s, t, n in skip}
     if anchor_max_particles:
         for t in tasks:
@@ -257,7 +261,7 @@ def run(
     # captured: 18.7 ms a step against 9.6). Ours and the free target warm up over the
     # whole length; the others, whose LM captures nothing and which take minutes a run
     # on a CPU, over 8 bytes.
-    for n in particles:
+    for n in particles if not cold else ():
         for system in systems:
             cap = caps.get((system, tasks[0]))
             if cap is None or n <= cap:
@@ -384,6 +388,7 @@ def main(argv=None):
         help="skip SYSTEM on TASK above N particles (N=0: always)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cold", action="store_true", help="no warm-up runs: a fresh process's first runs")
     p.add_argument("--backend", default="hf", choices=["hf", "paged"], help="our LM backend, shared by all systems")
     p.add_argument("--device", default=None, help="model device (e.g. cuda)")
     p.add_argument("--dtype", default=None, help="model dtype (e.g. bfloat16)")
@@ -407,6 +412,7 @@ def main(argv=None):
         mode=a.mode,
         anchor_max_particles=a.anchor_max_particles,
         skip=[(x.split(":")[0], x.split(":")[1], int(x.split(":")[2])) for x in a.skip],
+        cold=a.cold,
     )
     meta, _ = header(
         "W2", date=a.date, machine=a.machine, model=info["model"], backend=info["backend"], threads=threads
@@ -420,6 +426,7 @@ def main(argv=None):
         reps=a.reps,
         seed=a.seed,
         device=a.device,
+        cold=a.cold,
     )
     md = render(meta, results)
     print(md)

@@ -168,7 +168,7 @@ def test_w1_batch_smoke(mock_lm, tmp_path):
     assert run.workload == "W1 batch" and "| 3 |" in run.table and "3 docs" in run.headline
 
 
-def test_w2_smc_smoke(mock_lm):
+def test_w2_smc_smoke(mock_lm, monkeypatch):
     lm, info = mock_lm
     res = w2_smc.run(lm, info["eos"], tasks=("regex",), particles=(2,), max_bytes=3, K=2, log=lambda *_: None)
     (row,) = res
@@ -190,6 +190,13 @@ def test_w2_smc_smoke(mock_lm):
         "seed": 0,
     }
     assert "| regex | 2 |" in w2_smc.render(meta, res)
+    # cold: the timed runs only, no warm-up run
+    runs = []
+    one = w2_smc._one
+    monkeypatch.setattr(w2_smc, "_one", lambda *a: runs.append(a[0]) or one(*a))
+    for cold in (False, True):
+        w2_smc.run(lm, info["eos"], tasks=("regex",), particles=(2,), max_bytes=3, K=2, systems=("ours",), cold=cold)
+    assert runs == ["ours", "ours", "ours"]  # warm-up and run, then the run alone
     # the ceiling: genlm-control with a target that costs nothing, beside ours
     (row,) = w2_smc.run(
         lm,
