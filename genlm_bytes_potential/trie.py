@@ -234,7 +234,7 @@ class TokenByteTrie:
         reads, as ``(slot, node)`` pairs: the node, each of its children, and each
         child's leaves; the next-byte distribution reads the node and its children, and
         reading a byte its child and the leaves there. Candidates at the root are left
-        out (a full row's root front holds theirs: ``root_front``)."""
+        out: theirs are the row's ``root_front``."""
         return _front_nodes(
             np.asarray(slots, np.int64),
             np.asarray(nodes, np.int64),
