@@ -406,7 +406,7 @@ class MassStore:
         table to the host: queued behind the GPU's work, the host does not wait. ``hold``
         then puts them where ``gather`` finds them."""
         device = self.table.device
-        got = self.table.view(-1)[to_device(slots * self.width + nodes, device)]
+        got = self._entries(slots, nodes)
         event = None
         if device.type == "cuda":
             host = torch.empty(got.shape, dtype=got.dtype, pin_memory=True)
@@ -435,9 +435,12 @@ class MassStore:
 
     def _copied(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
         """Entries ``(slot[i], node[i])`` of the torch table, copied to the host."""
-        idx = to_device(slot * self.width + node, self.table.device)
         self.copies += 1
-        return to_host(self.table.view(-1)[idx])
+        return to_host(self._entries(slot, node))
+
+    def _entries(self, slot: np.ndarray, node: np.ndarray) -> torch.Tensor:
+        """Entries ``(slot[i], node[i])`` of the torch table, gathered where it lives."""
+        return self.table.view(-1)[to_device(slot * self.width + node, self.table.device)]
 
     def row(self, slot: int) -> np.ndarray:
         """The masses of every node under one row, on the host."""
