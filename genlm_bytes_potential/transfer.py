@@ -1,10 +1,11 @@
-"""Copies between host and GPU through page-locked memory, and CUDA graph capture.
+"""Copies between host and GPU, and CUDA graph capture.
 
-A copy from pageable memory makes the host wait for the GPU's queue (host to device) or
-goes through a staging buffer (device to host); page-locked buffers, taken from torch's
-caching host allocator, let host-to-device copies run in the GPU's queue without the host
-waiting, and device-to-host copies run at DMA speed. ``device_done`` waits for the GPU
-without blocking the event loop.
+Host to device: a non-blocking copy from pageable memory returns once the driver has
+staged the array (it does not wait for the GPU's queue); page-locking the array first
+(``Tensor.pin_memory``) cost more than that staging for the index arrays we send
+(measured on the H200: 96–202 µs against 177–996 µs a copy with the GPU busy). Device to
+host: into page-locked buffers from torch's caching host allocator, at DMA speed.
+``device_done`` waits for the GPU without blocking the event loop.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import torch
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` as a tensor on ``device``; on CUDA queued behind the work already
-    there, without the host waiting for it."""
+    there, without the host waiting for it (``array`` may change once this returns:
+    the driver has copied it)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device, non_blocking=device.type == "cuda")
 
 
 def to_host(x: torch.Tensor) -> np.ndarray:
