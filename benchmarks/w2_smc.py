@@ -415,7 +415,13 @@ def main(argv=None):
         cold=a.cold,
     )
     meta, _ = header(
-        "W2", date=a.date, machine=a.machine, model=info["model"], backend=info["backend"], threads=threads
+        "W2",
+        date=a.date,
+        machine=a.machine,
+        model=info["model"],
+        backend=info["backend"],
+        device=a.device or "cpu",
+        threads=threads,
     )
     meta["threads_rec"] = threads
     meta.update(
