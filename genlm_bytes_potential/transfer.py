@@ -17,9 +17,9 @@ import torch
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``array`` as a tensor on ``device``; on CUDA queued behind the work already
-    there, without the host waiting for it (``array`` may change once this returns:
-    the driver has copied it)."""
+    """``array`` as a tensor on ``device``: on the CPU a view of it; on CUDA a copy queued
+    behind the work already there, without the host waiting for it (the driver has
+    copied ``array`` when this returns, so it may change)."""
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.to(device, non_blocking=device.type == "cuda")
 
