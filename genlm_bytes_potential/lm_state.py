@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -645,13 +645,13 @@ class TokenModel:
         limit = lm_context_limit(self.lm)
         #: tokens the LM sees at most: ``max_context_length`` capped by the LM's own limit
         self.window = min((x for x in (m, limit) if x is not None), default=None)
-        vocab = [bytes(t) for t in self.lm.byte_vocab]
+        vocab = vocabulary(self.lm.byte_vocab).tokens
         self.bos_token_id = _special_id(self.lm, "bos_token_id")
         self.eos_token_id = _special_id(self.lm, "eos_token_id")
         self.start_token_id = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
         if self.eos_tokens is None:
             self.eos_tokens = [vocab[self.eos_token_id]] if self.eos_token_id is not None else []
-        self.trie = cached_trie(vocab, self.eos_tokens)
+        self.trie = cached_trie(self.lm.byte_vocab, self.eos_tokens)
         collector.raise_young_threshold()  # byte steps make many short-lived containers
         self._vocab = vocab
         self.lookahead = self._resolve_lookahead()
@@ -918,20 +918,48 @@ class TokenModel:
             )
 
 
+class Vocabulary(NamedTuple):
+    """An LM's tokens as ``bytes`` (``tokens[i]`` is token ``i``) and a digest of them
+    (their lengths and their concatenation, which together spell the vocabulary)."""
+
+    tokens: list[bytes]
+    digest: bytes
+
+
+_VOCABS: OrderedDict[int, tuple[Any, Vocabulary]] = OrderedDict()
 _TRIES: OrderedDict[tuple, TokenByteTrie] = OrderedDict()
-_TRIES_KEPT = 4
+_TRIES_KEPT = 4  # vocabularies (and tries) kept
 
 
-def cached_trie(vocab: list[bytes], eos_tokens) -> TokenByteTrie:
-    """The trie of a vocabulary and EOS set, built once per process (the last
-    ``_TRIES_KEPT`` vocabularies are kept): a potential over SmolLM2's vocabulary no longer
-    rebuilds its ~0.9 s trie on every construction."""
-    digest = hashlib.blake2b(np.fromiter(map(len, vocab), np.int64, len(vocab)).tobytes(), digest_size=16)
-    digest.update(b"".join(vocab))  # the lengths and the concatenation spell the vocabulary
-    key = (digest.digest(), len(vocab), frozenset(bytes(e) for e in eos_tokens))
+def vocabulary(byte_vocab) -> Vocabulary:
+    """``byte_vocab`` (an LM's tokens as bytes-like objects) read once per object: a model
+    made again on the same LM (a new potential, ``spawn``) neither converts nor hashes
+    SmolLM2's 49,152 tokens again (~10 ms). The memo holds each object it keys, so no
+    other object takes its id; a vocabulary changed in place after its first read is
+    seen only if its length changed."""
+    key = id(byte_vocab)
+    hit = _VOCABS.get(key)
+    if hit is None or len(hit[1].tokens) != len(byte_vocab):
+        tokens = [bytes(t) for t in byte_vocab]
+        digest = hashlib.blake2b(np.fromiter(map(len, tokens), np.int64, len(tokens)).tobytes(), digest_size=16)
+        digest.update(b"".join(tokens))
+        hit = _VOCABS[key] = (byte_vocab, Vocabulary(tokens, digest.digest()))
+        while len(_VOCABS) > _TRIES_KEPT:
+            _VOCABS.popitem(last=False)
+    _VOCABS.move_to_end(key)
+    return hit[1]
+
+
+def cached_trie(byte_vocab, eos_tokens) -> TokenByteTrie:
+    """The trie of a vocabulary (see :func:`vocabulary`) and EOS set, built once per
+    process (the last ``_TRIES_KEPT`` are kept): a potential over SmolLM2's vocabulary
+    no longer rebuilds its ~0.9 s trie on every construction. Equal vocabularies in
+    different objects share one trie."""
+    vocab = vocabulary(byte_vocab)
+    key = (vocab.digest, len(vocab.tokens), frozenset(bytes(e) for e in eos_tokens))
     trie = _TRIES.get(key)
     if trie is None:
-        trie = _TRIES[key] = TokenByteTrie(vocab, eos_tokens)
+        trie = _TRIES[key] = TokenByteTrie(vocab.tokens, eos_tokens)
         while len(_TRIES) > _TRIES_KEPT:
             _TRIES.popitem(last=False)
     _TRIES.move_to_end(key)

@@ -118,6 +118,7 @@ async def test_spawn_and_cleanup():
     want = await pot.batch_prefix([list(b"ab"), list(b"b")])
     other = pot.spawn()
     assert len(other.cache) == 0 and other.prompt == b"ab"
+    assert other.model._vocab is pot.model._vocab and other.model.trie is pot.model.trie  # read once
     np.testing.assert_array_equal(await other.batch_prefix([list(b"ab"), list(b"b")]), want)
     await pot.cleanup()
     assert len(pot.cache) == 0

@@ -235,3 +235,16 @@ def test_tries_are_built_once_per_vocabulary_and_eos_set():
     # the same bytes split into other tokens, another EOS set, another token: other tries
     for other, eos in (([b"ab", b"ab", b"b", b"a", b"<e>"], [b"<e>"]), (vocab, []), (vocab[:-1] + [b"<f>"], [b"<f>"])):
         assert cached_trie(other, eos) is not trie
+
+
+def test_a_vocabulary_object_is_read_once_and_equal_vocabularies_share_a_trie():
+    from genlm_bytes_potential.lm_state import cached_trie, vocabulary
+
+    vocab = [bytearray(b"a"), b"b", b"ab", b"<e>"]
+    first = vocabulary(vocab)
+    assert first.tokens == [b"a", b"b", b"ab", b"<e>"] and all(type(t) is bytes for t in first.tokens)
+    assert vocabulary(vocab) is first  # the same object: not read again
+    assert vocabulary(list(vocab)) == first  # an equal vocabulary in another object: the same digest
+    assert cached_trie(list(vocab), [b"<e>"]) is cached_trie(vocab, [b"<e>"])
+    vocab.append(b"ba")  # a vocabulary that grew in place is read again
+    assert vocabulary(vocab).tokens[-1] == b"ba" and cached_trie(vocab, [b"<e>"]).vocab_size == 5
