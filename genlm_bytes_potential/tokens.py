@@ -75,7 +75,11 @@ def byte_ints(context) -> list:
         if len(data) == len(context) and (not data or min(map(len, context)) == 1):
             return list(data)
     except TypeError:
-        pass
+        if set(map(type, context)) == {int}:  # ints (no bools), their range checked at C speed
+            try:
+                return list(bytes(context))
+            except ValueError:
+                pass
     return [x if isinstance(x, EndOfSequence) or byte_value(x) is None else byte_value(x) for x in context]
 
 

@@ -12,6 +12,7 @@ from strategies import EOS_BYTES, texts, vocabularies
 from genlm_bytes_potential import ByteBeamPotential
 from genlm_bytes_potential.backends import MockTokenLM
 from genlm_bytes_potential.potential import BeamCache
+from genlm_bytes_potential.tokens import byte_ints, byte_value
 
 
 def mock(vocab, seed=0, temperature=1.0):
@@ -151,6 +152,24 @@ def test_contexts_of_any_byte_tokens_read_as_their_bytes(items, as_tuple):
     context = [make[kind](v) for v, kind in items]
     key = ByteBeamPotential._key(tuple(context) if as_tuple else context)
     assert key == bytes(v for v, _ in items)
+
+
+_ODD_ITEMS = [True, False, 256, -1, b"", b"ab", "a", 2.0, CONTROL_EOS]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.one_of(st.integers(0, 255).map(lambda v: ("byte", v)), st.sampled_from(range(len(_ODD_ITEMS))))),
+    st.sampled_from(["int", "bytes", "mixed"]),
+)
+def test_grammar_views_read_byte_tokens_as_ints_and_leave_other_items(items, kind):
+    """``byte_ints`` (what a grammar over ints reads through its view) agrees with the
+    item-by-item rule: byte tokens as ints, anything else (bools, EOS, other values) kept."""
+    make = {"int": int, "bytes": lambda v: bytes([v]), "mixed": lambda v: bytes([v]) if v % 2 else v}[kind]
+    context = [make(x[1]) if isinstance(x, tuple) else _ODD_ITEMS[x] for x in items]
+    want = [x if x is CONTROL_EOS or byte_value(x) is None else byte_value(x) for x in context]
+    got = byte_ints(context)
+    assert got == want and [type(x) for x in got] == [type(x) for x in want]
 
 
 def test_bad_parameters_name_the_value():
