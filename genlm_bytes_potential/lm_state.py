@@ -141,7 +141,11 @@ class LMStats:
     contexts: int = 0
 
 
+#: a device table's first size (then doubling: device memory is taken when allocated)
 _FIRST_TABLE_BYTES = 2**25
+#: a host table is allocated for ``max_rows`` at once, up to these bytes and rows (see
+#: ``MassStore._grow``; the rows bound the per-slot bookkeeping of small vocabularies)
+_HOST_FIRST_BYTES, _HOST_FIRST_ROWS = 2**31, 2**13
 #: host-held masses of a full-rows table allocated at first (``MassStore._grow_held``)
 _HELD_FIRST_BYTES = 2**26
 
@@ -315,23 +319,36 @@ class MassStore:
         return slots
 
     def _grow(self, rows: int, like) -> None:
-        """At least ``rows`` slots in use. The table starts at ``_FIRST_TABLE_BYTES`` (or
-        ``max_rows``) and doubles up to ``max_rows``; idle rows are reused before it grows,
-        so it grows only with the working set."""
+        """At least ``rows`` slots in use. A host table is allocated for ``max_rows`` at
+        once (up to ``_HOST_FIRST_BYTES`` and ``_HOST_FIRST_ROWS``, then doubling): its rows
+        take memory only when first written. Doubling from a small table copied every row
+        (and faulted fresh pages) at each growth: 3-9 ms a step of a new store's first
+        32-particle SMC run on SmolLM2's vocabulary (2-core CPU). A device table (whose
+        memory is taken when allocated) starts at ``_FIRST_TABLE_BYTES`` and doubles up
+        to ``max_rows``. Idle rows are reused before new ones are taken, so the memory
+        written stays near the working set."""
         cap = 0 if self.table is None else self.table.shape[0]
         if rows > cap:
             on_device = torch.is_tensor(like) and like.device.type != "cpu"
             full = on_device or self.full_rows
             if self.table is None:
                 self.width = self.trie.n_nodes if full else self.trie.row_width
-            first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)
-            new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
-            if full:
-                device = like.device if on_device else "cpu"
-                table = torch.empty((new_cap, self.width), dtype=torch.float64, device=device)
-                self._grow_held(new_cap, device)
+            if on_device:
+                first = _FIRST_TABLE_BYTES // self.row_bytes
             else:
-                table = np.empty((new_cap, self.width))
+                first = min(_HOST_FIRST_ROWS, _HOST_FIRST_BYTES // self.row_bytes)
+            first = max(64, first)
+            new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
+            device = like.device if on_device else "cpu"
+            try:
+                table = self._new_table(new_cap, full, device)
+            except (MemoryError, RuntimeError):  # (a host refusing the address space: doubling)
+                if on_device:
+                    raise
+                new_cap = max(rows, min(self.max_rows, max(64, _FIRST_TABLE_BYTES // self.row_bytes, 2 * cap)))
+                table = self._new_table(new_cap, full, device)
+            if full:
+                self._grow_held(new_cap, device)
             if cap:
                 table[:cap] = self.table
             self.table = table
@@ -340,6 +357,12 @@ class MassStore:
             self.in_use = np.concatenate([self.in_use, np.zeros(new_cap - cap, bool)])
             self.pins = np.concatenate([self.pins, np.zeros(new_cap - cap, np.int64)])
         self._key_of.extend([None] * (rows - len(self._key_of)))
+
+    def _new_table(self, rows: int, full: bool, device):
+        """An uninitialized ``[rows, width]`` float64 table: torch for full rows, else numpy."""
+        if full:
+            return torch.empty((rows, self.width), dtype=torch.float64, device=device)
+        return np.empty((rows, self.width))
 
     def _grow_held(self, new_cap: int, device) -> None:
         """The host-held masses of a full-rows table, for at least ``new_cap`` slots, at

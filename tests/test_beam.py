@@ -563,6 +563,31 @@ def test_store_allocation_order():
     assert store.allocate([key(7)], like).tolist() == [0] and key(0) not in store and key(1) in store
 
 
+def test_a_host_store_allocates_its_rows_once(monkeypatch):
+    """A host table is allocated for ``max_rows`` at once (its rows take memory when first
+    written), where a device table starts small: growing to ``max_rows`` rows copies
+    none; a step needing more rows than that grows it past them, keeping every row."""
+    from genlm_bytes_potential import lm_state
+    from genlm_bytes_potential.lm_state import MassStore
+    from genlm_bytes_potential.trie import TokenByteTrie
+
+    trie = TokenByteTrie([b"a", b"b", b"ab"])
+    store = MassStore(trie, max_bytes=300 * 8 * trie.row_width)
+    monkeypatch.setattr(lm_state, "_FIRST_TABLE_BYTES", store.row_bytes)  # a device table: 64 rows
+    like = np.zeros((1, trie.vocab_size))
+    key = lambda i: (True, LMState((i,)))  # noqa: E731
+    store.allocate([key(0)], like)
+    table = store.table
+    assert table.shape[0] == store.max_rows == 300
+    for i in range(1, 300):
+        store.table[store.allocate([key(i)], like)] = i
+    assert store.table is table
+    wanted = store.table[:300].copy()
+    slots = store.allocate([key(1000 + i) for i in range(400)], like)  # more than max_rows at once
+    assert store.table is not table and store.table.shape[0] >= 400 and len(set(slots.tolist())) == 400
+    np.testing.assert_array_equal(store.table[:300], wanted)
+
+
 def test_pinned_rows_are_never_reused():
     """Rows a call pins while it awaits the GPU (``MassStore.pinned``) are passed over by
     every rule of ``allocate``, idle or not, free after a ``clear`` or not (the table grows
