@@ -20,7 +20,7 @@ import numba
 import numpy as np
 import torch
 
-from . import collector
+from . import collector, threads
 from .transfer import device_done, event_done, to_device, to_host
 from .trie import TokenByteTrie
 
@@ -655,7 +655,9 @@ class TokenModel:
             device where masses are computed). Rows are recomputed when needed again.
 
     Making one raises Python's young-generation collection threshold for the process
-    (:func:`~genlm_bytes_potential.collector.raise_young_threshold`).
+    (:func:`~genlm_bytes_potential.collector.raise_young_threshold`); its first LM call
+    that returns log-probs on a GPU sets torch to one CPU thread unless ``OMP_NUM_THREADS``
+    is set (:func:`~genlm_bytes_potential.threads.for_gpu_inference`).
     """
 
     lm: Any
@@ -865,6 +867,8 @@ class TokenModel:
         if not torch.is_tensor(logprobs):
             logprobs = torch.as_tensor(np.asarray(logprobs))
         self._check_shape(logprobs, inputs)
+        if logprobs.device.type != "cpu":
+            threads.for_gpu_inference()
         on_host = torch.device(self.device or logprobs.device).type == "cpu"  # where the masses are computed
         if on_host:  # (a copy to the host would block the event loop while the GPU works)
             await device_done(logprobs.device)

@@ -12,6 +12,7 @@ from genlm.backend.llm.base import AsyncLM
 from spies import record_read_copies
 from tiny_models import BACKEND_CONTEXTS, assert_matches_reference
 
+from genlm_bytes_potential import threads
 from genlm_bytes_potential.backends.hf import HFTokenLM
 from genlm_bytes_potential.backends.paged import PagedTokenLM
 
@@ -319,6 +320,7 @@ async def test_scoring_on_the_gpu_reads_its_masses_on_the_host(tiny_llama):
     score = await blm.score("def f(x):\n    return x + 1  # café, naïve".encode())
     assert score.logprob > -math.inf and store.table.device.type == "cuda"
     assert set(np.concatenate([[first_row], *copied]).tolist()) == {first_row}
+    assert threads._done  # an LM call returned log-probs on the GPU: torch's CPU threads were set
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="waits for CUDA work")
