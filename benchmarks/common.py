@@ -118,13 +118,23 @@ _COMMIT_AT_START = _git_commit_now()
 
 def set_threads(n: int | None) -> dict:
     """Limit torch and numba to ``n`` threads (None: leave the defaults); returns the
-    thread counts in force, for the record."""
+    thread counts in force, for the record. ``n`` is also exported as ``OMP_NUM_THREADS``,
+    which keeps it when the LM runs on a GPU (see ``genlm_bytes_potential.threads``)."""
     import numba
     import torch
 
     if n:
+        os.environ["OMP_NUM_THREADS"] = str(n)
         torch.set_num_threads(n)
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    return thread_counts()
+
+
+def thread_counts() -> dict:
+    """torch's and numba's thread counts now."""
+    import numba
+    import torch
+
     return {"torch_threads": torch.get_num_threads(), "numba_threads": numba.get_num_threads()}
 
 
@@ -177,6 +187,7 @@ def header(
     device: str = "cpu",
     extra: str = "",
     threads: dict | None = None,
+    threads_at_end: dict | None = None,
 ) -> tuple[dict, str]:
     meta = {
         "workload": workload,
@@ -203,7 +214,12 @@ def header(
     )
     if threads:
         meta.update(threads)
-        md += f"- threads: torch {threads['torch_threads']}, numba {threads['numba_threads']}\n"
+        md += f"- threads: torch {threads['torch_threads']}, numba {threads['numba_threads']}"
+        if threads_at_end and threads_at_end != {k: threads[k] for k in threads_at_end}:
+            # (a GPU run sets torch to one thread at its first LM call: genlm_bytes_potential.threads)
+            meta["threads_at_end"] = threads_at_end
+            md += f" at the start; torch {threads_at_end['torch_threads']}, numba {threads_at_end['numba_threads']} at the end"
+        md += "\n"
     if extra:
         md += extra.rstrip() + "\n"
     return meta, md

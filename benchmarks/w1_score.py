@@ -34,6 +34,7 @@ from benchmarks.common import (
     ratio_stat,
     save_json,
     set_threads,
+    thread_counts,
 )
 from benchmarks.lms import heldout_text, make_lm, reset
 
@@ -143,6 +144,7 @@ def render(meta, results, reps) -> str:
         date=meta["date"],
         machine=meta["machine"],
         threads=meta.get("threads_rec"),
+        threads_at_end=meta.get("threads_at_end"),
         model=meta["model"],
         backend=meta["backend"],
         device="cpu",
@@ -221,6 +223,7 @@ def main(argv=None):
         "W1", date=a.date, machine=a.machine, model=info["model"], backend=info["backend"], threads=threads
     )
     meta["threads_rec"] = threads
+    meta["threads_at_end"] = thread_counts()
     meta.update(
         command=command_line("benchmarks.w1_score", argv if argv is not None else sys.argv[1:]),
         text="benchmarks/data/heldout.txt" + (f"[:{len(text)}]" if a.bytes or a.quick else ""),

@@ -46,6 +46,7 @@ from benchmarks.common import (
     ratio_stat,
     save_json,
     set_threads,
+    thread_counts,
 )
 from benchmarks.lms import make_lm, reset
 from genlm_bytes_potential.tokens import BYTE_TABLES, byte_product
@@ -311,6 +312,7 @@ def render(meta, results) -> str:
         date=meta["date"],
         machine=meta["machine"],
         threads=meta.get("threads_rec"),
+        threads_at_end=meta.get("threads_at_end"),
         model=meta["model"],
         backend=meta["backend"],
         device=meta.get("device") or "cpu",
@@ -424,6 +426,7 @@ def main(argv=None):
         threads=threads,
     )
     meta["threads_rec"] = threads
+    meta["threads_at_end"] = thread_counts()
     meta.update(
         command=command_line("benchmarks.w2_smc", argv if argv is not None else sys.argv[1:]),
         mode=a.mode,
