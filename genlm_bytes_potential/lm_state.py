@@ -333,19 +333,16 @@ class MassStore:
             full = on_device or self.full_rows
             if self.table is None:
                 self.width = self.trie.n_nodes if full else self.trie.row_width
-            if on_device:
-                first = _FIRST_TABLE_BYTES // self.row_bytes
-            else:
-                first = min(_HOST_FIRST_ROWS, _HOST_FIRST_BYTES // self.row_bytes)
-            first = max(64, first)
-            new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
             device = like.device if on_device else "cpu"
+            first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)  # a device table's
+            host_first = max(64, min(_HOST_FIRST_ROWS, _HOST_FIRST_BYTES // self.row_bytes))
+            new_cap = max(rows, min(self.max_rows, max(first if on_device else host_first, 2 * cap)))
             try:
                 table = self._new_table(new_cap, full, device)
-            except (MemoryError, RuntimeError):  # (a host refusing the address space: doubling)
+            except (MemoryError, RuntimeError):  # a host refusing the address space: doubling
                 if on_device:
                     raise
-                new_cap = max(rows, min(self.max_rows, max(64, _FIRST_TABLE_BYTES // self.row_bytes, 2 * cap)))
+                new_cap = max(rows, min(self.max_rows, max(first, 2 * cap)))
                 table = self._new_table(new_cap, full, device)
             if full:
                 self._grow_held(new_cap, device)

@@ -9,8 +9,9 @@ host (16 cores), a 128-particle regex SMC spent 6-8 ms a step in genlm-control's
 against ~1 ms with the threads sleeping at once (``OMP_WAIT_POLICY=PASSIVE``); and with
 torch on one thread, alternating processes gave W2 (regex product, SmolLM2 bf16, paged)
 1.26x at 32 particles (medians of 6 runs, 3,781 against 2,989 B/s) and 1.24x at 128
-(5,742 against 4,638 B/s) (benchmarks/HISTORY.md, session 24). vLLM's engine sets its
-processes to one thread for the same reason.
+(5,742 against 4,638 B/s); the change itself, in a noisier lease, 1.10x and 1.05x (medians
+of 12) (benchmarks/HISTORY.md, session 24). vLLM's engine sets its processes to one thread
+for the same reason.
 
 :func:`for_gpu_inference` sets torch to one CPU thread, once per process, unless
 ``OMP_NUM_THREADS`` is set (the user's choice is kept: set it to keep more threads).

@@ -588,6 +588,32 @@ def test_a_host_store_allocates_its_rows_once(monkeypatch):
     np.testing.assert_array_equal(store.table[:300], wanted)
 
 
+def test_a_host_refusing_a_large_table_gets_one_that_doubles(monkeypatch):
+    """When the host refuses the address space of ``max_rows`` rows at once, the table
+    starts at a device table's first size and doubles, keeping every row."""
+    from genlm_bytes_potential import lm_state
+    from genlm_bytes_potential.lm_state import MassStore
+    from genlm_bytes_potential.trie import TokenByteTrie
+
+    trie = TokenByteTrie([b"a", b"b", b"ab"])
+    store = MassStore(trie, max_bytes=300 * 8 * trie.row_width)
+    monkeypatch.setattr(lm_state, "_FIRST_TABLE_BYTES", store.row_bytes)  # first size: 64 rows
+    new_table = store._new_table
+
+    def refuse_large(rows, full, device):
+        if rows > 200:  # max_rows (300) at once
+            raise MemoryError(f"{rows} rows")
+        return new_table(rows, full, device)
+
+    monkeypatch.setattr(store, "_new_table", refuse_large)
+    like = np.zeros((1, trie.vocab_size))
+    first = store.allocate([(True, LMState((i,))) for i in range(10)], like)
+    store.table[first] = first[:, None]
+    assert store.table.shape[0] == 64
+    store.allocate([(True, LMState((i,))) for i in range(10, 70)], like)
+    assert store.table.shape[0] == 128 and store.table[first, 0].tolist() == first.tolist()
+
+
 def test_pinned_rows_are_never_reused():
     """Rows a call pins while it awaits the GPU (``MassStore.pinned``) are passed over by
     every rule of ``allocate``, idle or not, free after a ``clear`` or not (the table grows
