@@ -334,7 +334,7 @@ class MassStore:
             if self.table is None:
                 self.width = self.trie.n_nodes if full else self.trie.row_width
             device = like.device if on_device else "cpu"
-            first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)  # a device table's
+            first = max(64, _FIRST_TABLE_BYTES // self.row_bytes)  # a device (or refused host) table
             host_first = max(64, min(_HOST_FIRST_ROWS, _HOST_FIRST_BYTES // self.row_bytes))
             new_cap = max(rows, min(self.max_rows, max(first if on_device else host_first, 2 * cap)))
             try:
