@@ -6,7 +6,7 @@ ours, genlm-control's (its batched draw is ``logsumexp`` and ``log`` over a ``[p
 elements on its OpenMP pool (by default one thread per core), whose threads then spin for
 a while waiting for the next one, on the cores the step's own thread needs. On an H200
 host (16 cores), a 128-particle regex SMC spent 6-8 ms a step in genlm-control's draw
-against ~1 ms with the threads sleeping at once (``OMP_WAIT_POLICY=PASSIVE``); and with
+against 1-2 ms with the threads sleeping at once (``OMP_WAIT_POLICY=PASSIVE``); and with
 torch on one thread, alternating processes gave W2 (regex product, SmolLM2 bf16, paged)
 1.26x at 32 particles (medians of 6 runs, 3,781 against 2,989 B/s) and 1.24x at 128
 (5,742 against 4,638 B/s); the change itself, in a noisier lease, 1.10x and 1.05x (medians
