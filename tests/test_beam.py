@@ -579,9 +579,10 @@ def test_a_host_store_allocates_its_rows_once(monkeypatch):
     store.allocate([key(0)], like)
     table = store.table
     assert table.shape[0] == store.max_rows == 300
-    for i in range(1, 300):
-        store.table[store.allocate([key(i)], like)] = i
-    assert store.table is table
+    for start in range(1, 300, 20):  # 15 allocations: no row idle yet, 300 rows in use
+        slots = store.allocate([key(i) for i in range(start, min(start + 20, 300))], like)
+        store.table[slots] = slots[:, None]
+    assert len(store) == 300 and store.table is table
     wanted = store.table[:300].copy()
     slots = store.allocate([key(1000 + i) for i in range(400)], like)  # more than max_rows at once
     assert store.table is not table and store.table.shape[0] >= 400 and len(set(slots.tolist())) == 400
