@@ -306,12 +306,14 @@ async def test_prefetched_mass_rows_stay_on_the_gpu_and_skip_the_lm(tiny_llama):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="masses are kept on the device only on a GPU")
-async def test_scoring_on_the_gpu_reads_its_masses_on_the_host(tiny_llama):
+async def test_scoring_on_the_gpu_reads_its_masses_on_the_host(tiny_llama, monkeypatch):
     """Scoring a text, each new row brings the masses along the bytes after its context
     to the host with its check: reads copy from the GPU's table only while the first
-    context's row (made before the text was known) is read."""
+    context's row (made before the text was known) is read. Its LM calls, on the GPU,
+    set torch's CPU threads (``threads.for_gpu_inference``)."""
     from genlm_bytes_potential.byte_lm import ByteLM
 
+    monkeypatch.setattr(threads, "_done", False)  # as in a process that has not set them yet
     model, tok = tiny_llama
     blm = ByteLM(PagedTokenLM(copy.deepcopy(model).cuda(), tok, kv_cache_bytes=2**22), K=4, heal=False)
     store = blm.model.store
