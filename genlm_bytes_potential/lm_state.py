@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import collector, threads
-from .transfer import device_done, event_done, to_device, to_host
+from .transfer import device_done, event_done, to_device, to_host, to_host_queued
 from .trie import TokenByteTrie
 
 
@@ -184,9 +184,10 @@ class MassStore:
     travels whole: readers gather the few entries they need, and the host holds copies of
     the entries the next reads will want, so that they wait for no copy from the GPU:
 
-    * with each new row's finiteness check (``keep_paths``): when the bytes after its
-      context are known (scoring, prompts), the masses reading them visits; otherwise its
-      *root front* (``TokenByteTrie.root_front``: what a candidate at the root reads next);
+    * with each new row's finiteness check (``send_paths``, queued behind the row's
+      computation, then ``keep_paths``): when the bytes after its context are known
+      (scoring, prompts), the masses reading them visits; otherwise its *root front*
+      (``TokenByteTrie.root_front``: what a candidate at the root reads next);
     * the fronts of candidates whose next byte is unknown (sampling), copied while the LM
       runs (``fetch``, then ``hold``).
 
@@ -407,43 +408,46 @@ class MassStore:
             mass[missing] = self._copied(slot[missing], node[missing])
         return mass
 
-    def keep_paths(self, slots: np.ndarray, nodes: np.ndarray, fronts: np.ndarray) -> np.ndarray:
-        """Copy to the host, in one copy, the masses of ``nodes[i]`` (a row of
+    def send_paths(self, slots: np.ndarray, nodes: np.ndarray, fronts: np.ndarray) -> PathCopy:
+        """Start copying to the host, in one copy queued behind the work that writes the
+        rows (the host does not wait), the masses of ``nodes[i]`` (a row of
         ``TokenByteTrie.path_nodes``: the root first, -1 for none) under row ``slots[i]`` of
         a full-rows table and, for the rows ``fronts`` (new rows whose next byte is
-        unknown), their root fronts; ``gather`` finds them there. Returns the rows' root
-        masses."""
-        valid = nodes >= 0
-        in_front = fronts[:, None] & valid & (self._front_col[np.maximum(nodes, 0)] >= 0)
-        row, col = np.nonzero(valid & ~in_front)  # (a root front holds the path's first nodes)
-        front_slots = slots[fronts]
-        sent = to_device(np.concatenate([front_slots, slots[row] * self.width + nodes[row, col]]), self.table.device)
-        front = sent[: len(front_slots), None] * self.width + self._front_nodes
-        flat = self.table.view(-1)
-        got = to_host(torch.cat([flat[front.view(-1)], flat[sent[len(front_slots) :]]]))
+        unknown), their root fronts. ``keep_paths`` then puts them where ``gather`` finds
+        them. The host's part is two kernels (``_keep_plan``, ``_keep_unpack``) around one
+        gather on the device, where each root front is expanded from its row's offset."""
+        sent, n_front_rows, path_row, path_node = _keep_plan(slots, nodes, fronts, self._front_col, self.width)
+        index = to_device(sent, self.table.device)
+        if n_front_rows:
+            front = (index[:n_front_rows, None] + self._front_nodes).view(-1)
+            index = torch.cat([front, index[n_front_rows:]]) if len(path_row) else front
+        masses, event = to_host_queued(self.table.view(-1)[index])
         self.copies += 1
-        path = got[front.numel() :]
-        self.front_mass[front_slots] = got[: front.numel()].reshape(front.shape)
-        self.has_front[front_slots] = True
-        _hold(self.held_node, self.held_mass, self.held_n, slots[row], nodes[row, col], path)
-        root = np.empty(len(slots))
-        root[fronts] = self.front_mass[front_slots, 0]
-        root[row[col == 0]] = path[col == 0]
-        return root
+        return PathCopy(slots, fronts, path_row, path_node, masses, event)
+
+    def keep_paths(self, copy: PathCopy) -> np.ndarray:
+        """Hold the masses of ``copy`` (``send_paths``, whose event has passed) on the
+        host; returns its rows' root masses."""
+        if copy.event is not None:
+            copy.event.synchronize()
+        return _keep_unpack(
+            copy.masses.numpy(),
+            copy.slots,
+            copy.fronts,
+            copy.path_row,
+            copy.path_node,
+            self.front_mass,
+            self.has_front,
+            self.held_node,
+            self.held_mass,
+            self.held_n,
+        )
 
     def fetch(self, slots: np.ndarray, nodes: np.ndarray) -> HeldCopy:
         """Start copying the masses of ``nodes[i]`` under rows ``slots[i]`` of a full-rows
         table to the host: queued behind the GPU's work, the host does not wait. ``hold``
         then puts them where ``gather`` finds them."""
-        device = self.table.device
-        got = self._entries(slots, nodes)
-        event = None
-        if device.type == "cuda":
-            host = torch.empty(got.shape, dtype=got.dtype, pin_memory=True)
-            host.copy_(got, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-            got = host
+        got, event = to_host_queued(self._entries(slots, nodes))
         self.copies += 1
         return HeldCopy(slots, nodes, self.gen[slots], got, event)
 
@@ -487,6 +491,21 @@ PATH_WIDTH = 48
 #: fronts: a front has at most 222 masses on SmolLM2's vocabulary, 17 on average one
 #: byte from the root); new masses that do not fit replace those held before
 HELD_WIDTH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class PathCopy:
+    """New rows' path masses and root fronts on their way to the host
+    (``MassStore.send_paths``): rows ``slots``, which of them send their root fronts
+    (``fronts``), each path entry's row index and node, into ``masses`` (host memory once
+    ``event`` has passed; None: copied already)."""
+
+    slots: np.ndarray
+    fronts: np.ndarray
+    path_row: np.ndarray
+    path_node: np.ndarray
+    masses: torch.Tensor
+    event: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +577,63 @@ def _hold(held_node, held_mass, held_n, slot, node, mass):
         held_node[s, :k], held_mass[s, :k] = buf_node[:k], buf_mass[:k]
         held_n[s] = k
         i = end
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_plan(slots, nodes, fronts, front_col, width):
+    """``MassStore.keep_paths``'s copy: the flat table offsets to send (first each front
+    row's ``slot * width``, then each path entry's ``slot * width + node``), the number of
+    front rows, and each path entry's row and node. A front row's nodes that its root
+    front holds are not path entries."""
+    n, w = nodes.shape
+    n_front = n_path = 0
+    for i in range(n):
+        n_front += fronts[i]
+        for j in range(w):
+            v = nodes[i, j]
+            if v >= 0 and not (fronts[i] and front_col[v] >= 0):
+                n_path += 1
+    sent = np.empty(n_front + n_path, np.int64)
+    path_row = np.empty(n_path, np.int64)
+    path_node = np.empty(n_path, np.int64)
+    f, p = 0, 0
+    for i in range(n):
+        if fronts[i]:
+            sent[f] = slots[i] * width
+            f += 1
+        for j in range(w):
+            v = nodes[i, j]
+            if v >= 0 and not (fronts[i] and front_col[v] >= 0):
+                sent[n_front + p] = slots[i] * width + v
+                path_row[p], path_node[p] = i, v
+                p += 1
+    return sent, n_front, path_row, path_node
+
+
+@numba.njit(cache=True, nogil=True)
+def _keep_unpack(got, slots, fronts, path_row, path_node, front_mass, has_front, held_node, held_mass, held_n):
+    """Put ``keep_paths``'s copy ``got`` (the front rows' root fronts, then the path
+    entries of ``_keep_plan``) where ``gather`` finds it; returns each row's root mass
+    (its front's first entry, or its path's first: the root)."""
+    width = front_mass.shape[1]
+    root = np.empty(len(slots))
+    f = 0
+    for i in range(len(slots)):
+        if fronts[i]:
+            s = slots[i]
+            front_mass[s, :] = got[f * width : (f + 1) * width]
+            has_front[s] = True
+            root[i] = got[f * width]
+            f += 1
+    path = got[f * width :]
+    last = -1
+    for p in range(len(path_row)):
+        if path_row[p] != last:  # a row's first path entry is its root
+            last = path_row[p]
+            if not fronts[last]:
+                root[last] = path[p]
+    _hold(held_node, held_mass, held_n, slots[path_row], path_node, path)
+    return root
 
 
 @numba.njit(cache=True, nogil=True)
@@ -846,8 +922,9 @@ class TokenModel:
 
         The GPU's work runs while other tasks run (the grammar of a product, another batch
         of particles): masses computed on the host await the forward pass before any row is
-        allocated; masses kept on the GPU are queued behind it into pinned rows, and the
-        call awaits both (one wait where there were two, the second blocking the host)."""
+        allocated; masses kept on the GPU are queued behind it into pinned rows, with the
+        copy of what the host holds of them (``send_paths``) behind those, and the call
+        awaits the copy: one wait for all three, the host planning the copy meanwhile."""
         inputs = [self.model_input(s) for _, s in keys]
         store = self.store
         allocations = store.clock  # the store's allocations so far
@@ -894,11 +971,13 @@ class TokenModel:
                     root_mass = store.gather(slots, np.full(len(slots), self.trie.root))
                 else:
                     self.trie.masses(logprobs, with_eos=with_eos, out=store.table, out_rows=slots)
-                    with store.pinned(slots):
-                        await device_done(store.table.device)
                     known = [ahead.get(s) for _, s in keys]
                     fronts = np.fromiter((not k for k in known), bool, len(known))
-                    root_mass = store.keep_paths(slots, self.trie.path_nodes(known, PATH_WIDTH), fronts)
+                    copy = store.send_paths(slots, self.trie.path_nodes(known, PATH_WIDTH), fronts)
+                    if copy.event is not None:  # the forward pass, the masses, the copy
+                        with store.pinned(slots):
+                            await event_done(copy.event)
+                    root_mass = store.keep_paths(copy)
                 self._check_finite(root_mass, inputs)
             except BaseException:
                 store.discard(keys)

@@ -33,6 +33,19 @@ def to_host(x: torch.Tensor) -> np.ndarray:
     return host.numpy()
 
 
+def to_host_queued(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """``x`` copied to the host behind the work queued on its GPU, the host not waiting:
+    a page-locked tensor and the event after which it holds ``x`` (off CUDA: ``x`` on the
+    CPU and None)."""
+    if x.device.type != "cuda":
+        return x.cpu(), None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(x.device))
+    return host, event
+
+
 async def device_done(device: torch.device) -> None:
     """Return once the work queued so far on ``device`` (its current CUDA stream) has
     run, letting the event loop run other tasks meanwhile (the grammar of a product,

@@ -496,7 +496,9 @@ async def test_full_rows_hold_the_masses_of_the_known_bytes_on_the_host(vocab, s
         blm = ByteLM(MockTokenLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES)), K=K, heal=heal)
         store = blm.model.store = MassStore(blm.model.trie, 2**30, full_rows=True)
         if not hold:  # hold nothing: only the check's copy of the root masses
-            store.keep_paths = lambda slots, nodes, fronts, copy=store._copied: copy(slots, nodes[:, 0])
+            store.keep_paths = lambda sent, copy=store._copied, root=blm.model.trie.root: copy(
+                sent.slots, np.full(len(sent.slots), root)
+            )
         read_copies = record_read_copies(store)
         first_row = int((await blm.beam()).rows.slot[0])
         score = await blm.score(data)
