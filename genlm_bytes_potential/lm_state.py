@@ -395,22 +395,15 @@ class MassStore:
             self.has_front[slots] = False
             self.held_n[slots] = 0
 
-    @property
-    def held(self) -> tuple[np.ndarray, ...] | None:
-        """What a full-rows table holds on the host, as ``held_entry`` reads it
-        (``front_col, has_front, front_mass, held_node, held_mass, held_n``); None for
-        host weight rows."""
-        if self.front_mass is None:
-            return None
-        return self._front_col, self.has_front, self.front_mass, self.held_node, self.held_mass, self.held_n
-
     def gather(self, slot: np.ndarray, node: np.ndarray) -> np.ndarray:
         """Scaled masses of ``node[i]`` under row ``slot[i]`` on the host (float64); the
         rows count as used now."""
         self.last_used[slot] = self.clock
         if isinstance(self.table, np.ndarray):
             return self.trie.masses_at(self.table, slot, node)
-        mass, missing = _held_masses(*self.held, slot, node)
+        mass, missing = _held_masses(
+            self._front_col, self.has_front, self.front_mass, self.held_node, self.held_mass, self.held_n, slot, node
+        )
         if len(missing):
             mass[missing] = self._copied(slot[missing], node[missing])
         return mass
@@ -529,19 +522,6 @@ class HeldCopy:
 
 
 @numba.njit(cache=True, nogil=True)
-def held_entry(front_col, has_front, front_mass, held_node, held_mass, held_n, s, n):
-    """The mass of node ``n`` under slot ``s`` of a full-rows table where the host holds
-    it (its root front, then its held list), or -1.0 where it does not (masses are >= 0)."""
-    col = front_col[n]
-    if col >= 0 and has_front[s]:
-        return front_mass[s, col]
-    k = np.searchsorted(held_node[s, : held_n[s]], n)
-    if k < held_n[s] and held_node[s, k] == n:
-        return held_mass[s, k]
-    return -1.0
-
-
-@numba.njit(cache=True, nogil=True)
 def _held_masses(front_col, has_front, front_mass, held_node, held_mass, held_n, slot, node):
     """``MassStore.gather``'s masses held on the host: ``(mass, missing)``, ``mass[i]``
     found in slot ``slot[i]``'s root front or held list (``missing``: the indices not
@@ -550,8 +530,15 @@ def _held_masses(front_col, has_front, front_mass, held_node, held_mass, held_n,
     missing = np.empty(len(slot), np.int64)
     n_missing = 0
     for i in range(len(slot)):
-        mass[i] = held_entry(front_col, has_front, front_mass, held_node, held_mass, held_n, slot[i], node[i])
-        if mass[i] < 0:
+        s, n = slot[i], node[i]
+        col = front_col[n]
+        if col >= 0 and has_front[s]:
+            mass[i] = front_mass[s, col]
+            continue
+        k = np.searchsorted(held_node[s, : held_n[s]], n)
+        if k < held_n[s] and held_node[s, k] == n:
+            mass[i] = held_mass[s, k]
+        else:
             missing[n_missing] = i
             n_missing += 1
     return mass, missing[:n_missing]

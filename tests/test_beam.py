@@ -445,49 +445,32 @@ def test_next_byte_sums_match_log_space(n_beams, seed, spread, zeros):
     seed=st.integers(0, 1000),
     data=texts(6),
     spread=st.sampled_from([0.0, 50.0, 800.0, 2000.0]),
-    full_rows=st.booleans(),
 )
-async def test_next_byte_sums_read_in_place_equal_the_gathered_ones(vocab, seed, data, spread, full_rows):
-    """``_next_logprobs`` reads each mass where it sums it: in host weight rows, or (full
-    rows, as on a GPU; here a torch table on the CPU) in what the host holds of them. The
-    result equals, bit for bit, the sums over one gather of all children's masses, also
-    when candidates' weights lie far apart (``spread``: sums then redone in log space). A
-    sampling step's beam (next byte unknown) finds every mass it reads held."""
+async def test_next_byte_sums_read_in_rows_equal_the_gathered_ones(vocab, seed, data, spread):
+    """On host weight rows ``_next_logprobs`` reads each mass where it sums it; the result
+    equals, bit for bit, the sums over one gather of all children's masses, also when
+    candidates' weights lie far apart (``spread``: sums then redone in log space)."""
     from dataclasses import replace
 
-    from genlm_bytes_potential.beam.core import (
-        _children_plan,
-        _Flat,
-        _next_logprobs,
-        _outcome_logprobs,
-        _outcome_sums_held,
-    )
-    from genlm_bytes_potential.lm_state import MassStore
+    from genlm_bytes_potential.beam.core import _children_plan, _Flat, _next_logprobs, _outcome_logprobs
 
     lm, model = make_model(vocab, seed)
-    if full_rows:
-        model.store = MassStore(model.trie, 2**30, full_rows=True)
     beams = [await initial_beam(model, BeamParams(K=None, heal=False))]
     for b in data:
         (beam,) = await advance([beams[-1]], [b])
         if beam.is_empty:
             break
         beams.append(beam)
-    trie = model.trie
-    if full_rows:
-        last = beams[-1]
-        one_beam = (last.nodes, last.rows.slot, last.weights, np.zeros(len(last), np.int64), 1)
-        children = (trie.child_ptr, trie.child_node, trie.child_label)
-        assert _outcome_sums_held(*model.store.held, *one_beam, *children)[-1]  # every mass held
     rng = np.random.default_rng(seed)
     beams = [replace(b, weights=b.weights - spread * rng.random(len(b)), _dist=[]) for b in beams]
+    trie = model.trie
     flat = _Flat(beams)
     owner, pos, g_slot, g_node = _children_plan(flat.nodes, flat.rows.slot, trie.child_ptr, trie.child_node)
     norm = np.array([b.log_norm for b in beams])
     gathered = _outcome_logprobs(
         owner, trie.child_label[pos], model.store.gather(g_slot, g_node), flat.weights, flat.bid, norm
     )
-    assert isinstance(model.store.table, torch.Tensor if full_rows else np.ndarray)
+    assert isinstance(model.store.table, np.ndarray)
     np.testing.assert_array_equal(_next_logprobs(beams), gathered)
 
 

@@ -14,7 +14,7 @@ from numbers import Integral, Real
 import numba
 import numpy as np
 
-from ..lm_state import LMState, MassRows, TokenModel, held_entry
+from ..lm_state import LMState, MassRows, TokenModel
 from ..trie import EOS, mass_in_row
 
 N_OUTCOMES = 257  # bytes 0..255, then EOS
@@ -201,36 +201,28 @@ def _next_logprobs(beams: list[Beam]) -> np.ndarray:
     """Next-byte log-probs ``[len(beams), 257]`` of beams over one model, in one pass.
 
     ``W(x·a)`` sums, over candidates ``c``, ``exp(w_c) M_c(child_a) / M_c(node_c)`` (see
-    ``_outcome_logprobs``). The masses are read inside the kernel where the host has them:
-    host weight rows (``_outcome_sums_in_rows``), or what a device table holds on the host
-    (``_outcome_sums_held``); no index arrays, no gather. Sums that need the log-space
-    redo, and masses the host lacks, go through one gather of all children's masses."""
+    ``_outcome_logprobs``). On host weight rows the masses are read inside the kernel
+    (``_outcome_sums_in_rows``: no index arrays, no gather); sums that need the log-space
+    redo, and device tables, go through one gather of all children's masses."""
     model, trie = beams[0].model, beams[0].model.trie
     flat = _Flat(beams)
     norm = np.array([b.log_norm for b in beams])
-    table, held = model.store.table, model.store.held
-    children = (trie.child_ptr, trie.child_node, trie.child_label)
-    sums = None  # (top, acc, count), when every mass was read in place
+    table = model.store.table
     if isinstance(table, np.ndarray):
-        sums = _outcome_sums_in_rows(
+        top, acc, count = _outcome_sums_in_rows(
             table,
             flat.nodes,
             flat.rows.slot,
             flat.weights,
             flat.bid,
             len(beams),
-            *children,
+            trie.child_ptr,
+            trie.child_node,
+            trie.child_label,
             trie.seg_lo,
             trie.seg_hi,
             trie.mass_col,
         )
-    elif held is not None:
-        *sums, complete = _outcome_sums_held(
-            *held, flat.nodes, flat.rows.slot, flat.weights, flat.bid, len(beams), *children
-        )
-        sums = sums if complete else None
-    if sums is not None:
-        top, acc, count = sums
         out, redo = _outcome_logs(acc, count, top)
         if not redo.any():
             return _less_norm(out, norm)
@@ -358,48 +350,6 @@ def _outcome_sums_in_rows(
                 acc[g] += scale[c] * m
                 count[g] += 1
     return top, acc, count
-
-
-@_njit
-def _outcome_sums_held(
-    front_col,
-    has_front,
-    front_mass,
-    held_node,
-    held_mass,
-    held_n,
-    nodes,
-    slot,
-    weights,
-    bid,
-    nb,
-    child_ptr,
-    child_node,
-    child_label,
-):
-    """``_outcome_sums_in_rows`` on the masses a full-rows table holds on the host
-    (``held_entry``): the same terms, added in the same order, and whether every mass was
-    held (``complete``; if not, the sums are unfinished and the caller gathers)."""
-    n = len(nodes)
-    own = np.empty(n)
-    acc = np.zeros(nb * N_OUTCOMES)
-    count = np.zeros(nb * N_OUTCOMES, np.int64)
-    for c in range(n):
-        own[c] = held_entry(front_col, has_front, front_mass, held_node, held_mass, held_n, slot[c], nodes[c])
-        if own[c] < 0:
-            return np.empty(0), acc, count, False
-    top, scale = _candidate_scales(own, weights, bid, nb)
-    for c in range(n):
-        base = bid[c] * N_OUTCOMES
-        for p in range(child_ptr[nodes[c]], child_ptr[nodes[c] + 1]):
-            m = held_entry(front_col, has_front, front_mass, held_node, held_mass, held_n, slot[c], child_node[p])
-            if m < 0:
-                return top, acc, count, False
-            if m != 0.0:
-                g = base + (256 if child_label[p] == EOS else child_label[p])
-                acc[g] += scale[c] * m
-                count[g] += 1
-    return top, acc, count, True
 
 
 @_njit
