@@ -581,7 +581,7 @@ def _hold(held_node, held_mass, held_n, slot, node, mass):
 
 @numba.njit(cache=True, nogil=True)
 def _keep_plan(slots, nodes, fronts, front_col, width):
-    """``MassStore.keep_paths``'s copy: the flat table offsets to send (first each front
+    """``MassStore.send_paths``'s copy: the flat table offsets to send (first each front
     row's ``slot * width``, then each path entry's ``slot * width + node``), the number of
     front rows, and each path entry's row and node. A front row's nodes that its root
     front holds are not path entries."""
@@ -612,7 +612,7 @@ def _keep_plan(slots, nodes, fronts, front_col, width):
 
 @numba.njit(cache=True, nogil=True)
 def _keep_unpack(got, slots, fronts, path_row, path_node, front_mass, has_front, held_node, held_mass, held_n):
-    """Put ``keep_paths``'s copy ``got`` (the front rows' root fronts, then the path
+    """Put ``send_paths``'s copy ``got`` (the front rows' root fronts, then the path
     entries of ``_keep_plan``) where ``gather`` finds it; returns each row's root mass
     (its front's first entry, or its path's first: the root)."""
     width = front_mass.shape[1]

@@ -4,7 +4,7 @@
 def record_read_copies(store) -> list:
     """Make ``store`` (a full-rows ``MassStore``) record the slots of every copy from its
     table that a read (``gather``) makes; returns the list they are appended to. Copies
-    made outside reads (a new row's check, ``keep_paths``) are not recorded."""
+    made outside reads (a new row's check, ``send_paths``) are not recorded."""
     copied, gather, copy = [], store.gather, store._copied
 
     def gather_spy(slot, node):
