@@ -586,28 +586,22 @@ def _keep_plan(slots, nodes, fronts, front_col, width):
     front rows, and each path entry's row and node. A front row's nodes that its root
     front holds are not path entries."""
     n, w = nodes.shape
-    n_front = n_path = 0
-    for i in range(n):
-        n_front += fronts[i]
-        for j in range(w):
-            v = nodes[i, j]
-            if v >= 0 and not (fronts[i] and front_col[v] >= 0):
-                n_path += 1
-    sent = np.empty(n_front + n_path, np.int64)
-    path_row = np.empty(n_path, np.int64)
-    path_node = np.empty(n_path, np.int64)
-    f, p = 0, 0
+    front_offset = np.empty(n, np.int64)
+    path_row = np.empty(n * w, np.int64)
+    path_node = np.empty(n * w, np.int64)
+    f = p = 0
     for i in range(n):
         if fronts[i]:
-            sent[f] = slots[i] * width
+            front_offset[f] = slots[i] * width
             f += 1
         for j in range(w):
             v = nodes[i, j]
             if v >= 0 and not (fronts[i] and front_col[v] >= 0):
-                sent[n_front + p] = slots[i] * width + v
                 path_row[p], path_node[p] = i, v
                 p += 1
-    return sent, n_front, path_row, path_node
+    path_row, path_node = path_row[:p], path_node[:p]
+    sent = np.concatenate((front_offset[:f], slots[path_row] * width + path_node))
+    return sent, f, path_row, path_node
 
 
 @numba.njit(cache=True, nogil=True)
