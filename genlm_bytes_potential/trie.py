@@ -606,8 +606,8 @@ def _place_weights(weights, leaf_tokens, eos_tokens, cached, seg_lo, seg_hi, mas
 def _segment_sums(table, rows, cached, seg_lo, seg_hi, mass_col):
     """Each cached node's mass column of the rows ``table[rows]``: the sum of its segment,
     added in order. Four rows at a time: four independent sums in flight where one sum's
-    additions wait on each other (about 2.5x as fast for 80 rows of a 653-token
-    vocabulary; each row's sum is added in the same order, so it is the same value)."""
+    additions wait on each other (``_place_weights`` of 80 rows of a 653-token vocabulary:
+    175 -> 54 µs, warm caches); each row's sum is added in the same order: the same value."""
     n4 = len(rows) - len(rows) % 4
     for b in range(0, n4, 4):
         r0, r1, r2, r3 = table[rows[b]], table[rows[b + 1]], table[rows[b + 2]], table[rows[b + 3]]
