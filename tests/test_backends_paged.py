@@ -447,6 +447,27 @@ async def test_one_token_steps_past_the_batch_size_run_in_several_passes(tiny_ll
     _assert_slot_paths_consistent(lm)
 
 
+async def test_one_token_steps_past_the_batch_size_are_the_passes_of_their_chunks(tiny_llama):
+    """More one-token rows on cached prefixes than a pass holds run as passes of
+    ``max_batch_size`` rows in order: the rows, bit for bit, and the passes of calling
+    those chunks one by one."""
+    model, tok = tiny_llama
+    ctx = [1, 504, 3, 77, 1000]
+    steps = [ctx + [t] for t in range(200, 210)] + [ctx[:3] + [t] for t in (7, 8)]
+    runs = []
+    for chunked in (True, False):
+        lm = PagedTokenLM(model, tok, kv_cache_bytes=2**22, max_batch_size=4)
+        await lm.next_token_logprobs(ctx)
+        if chunked:
+            out = await lm.batch_next_token_logprobs(steps)
+        else:
+            out = torch.cat([await lm.batch_next_token_logprobs(steps[i : i + 4]) for i in range(0, len(steps), 4)])
+        runs.append((out, lm.forward_calls, lm.forward_tokens))
+        _assert_slot_paths_consistent(lm)
+    (out, calls, tokens), (ref, ref_calls, ref_tokens) = runs
+    assert torch.equal(out, ref) and calls == ref_calls == 1 + 3 and tokens == ref_tokens == len(ctx) + 12
+
+
 async def test_slot_paths_after_eviction_and_a_long_context(tiny_llama):
     model, tok = tiny_llama
     per_slot = 2 * 2 * 1 * 32 * 4

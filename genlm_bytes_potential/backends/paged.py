@@ -609,8 +609,8 @@ class PagedTokenLM(HFTokenLM):
             pinned.update(ctx if redo else context_prefix(ctx) for ctx, _, _, redo in steps)
             pinned.update(ctx[: cache.deepest(ctx)[0]] for ctx in later)
             cache.reserve(need, pinned)
-        if not later and len(steps) <= min(self.max_batch_size, self.max_batch_tokens):
-            return self._step(steps)  # the usual call: one wave of one-token rows
+        if not later and (len(steps) <= self._step_rows or not any(redo for *_, redo in steps)):
+            return self._steps(steps)  # the usual call: waves of one-token rows
         # the rest are located when reached, after the nodes planned before them exist
         plan = chain(steps, ((ctx, *cache.deepest(ctx), False) for ctx in later))
         created: list[tuple[int, ...]] = []  # new nodes, parents first
@@ -665,6 +665,25 @@ class PagedTokenLM(HFTokenLM):
             for node in marked:
                 node.wave = -1
         return out_contexts, out_nodes
+
+    @property
+    def _step_rows(self) -> int:
+        """Most one-token rows of a forward pass."""
+        return min(self.max_batch_size, self.max_batch_tokens)
+
+    def _steps(self, steps: list[tuple]) -> tuple[list, list]:
+        """``_compute`` of one-token rows whose prefixes are cached before the call (none
+        recomputed when they take more than one pass): passes of ``_step_rows`` rows in
+        order, the waves the planner makes of them, without its bookkeeping."""
+        n = self._step_rows
+        if len(steps) <= n:
+            return self._step(steps)
+        contexts, nodes = [], []
+        for i in range(0, len(steps), n):
+            c, m = self._step(steps[i : i + n])
+            contexts += c
+            nodes += m
+        return contexts, nodes
 
     def _step(self, steps: list[tuple]) -> tuple[list, list]:
         """``_compute`` of rows of one new token that fit one forward pass (``steps``:
