@@ -15,15 +15,9 @@ the CPU; only their price depends on the device. For each
 * precision: the share of those the beam itself asks for. The asked-for contexts are the
   ones a run without prefetching computes (prefetching never changes the beam).
 
-A setting ``draft:KD:W`` simulates another prefetcher (not built): a *draft-and-resync*
-one. Whenever the exact beam asks for a context not computed yet (a forward pass), a draft
-beam of width ``KD`` reads the text from the start up to ``W`` bytes past the exact beam's
-byte, on the exact rows of the contexts computed so far and, for the others, on a *proxy*
-row: that of the context ending at the same byte along one fixed tokenization of the text
-(the tokenizer's encoding, each position's tail tokenized greedily by longest match). Every
-context the draft asks for joins that pass. The proxies' rows cost one more pass (counted).
-Only the counts are simulated: the draft reruns from the start at each pass (quadratic host
-time), where a built one would carry on from the exact beam.
+A setting ``draft:W`` runs the draft prefetcher (``TokenModel.draft_window=W``, the
+default being ``draft:16``); ``lookahead:max_prefetch`` settings rank guesses instead
+(``draft_window=0``).
 
 Rows come from a memo shared by all settings, so later settings cost only the beam's work.
 The counts are priced as ``a`` per forward pass, ``b`` per context and ``c`` per byte
@@ -36,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from itertools import accumulate
 
 import torch
 
@@ -78,112 +71,15 @@ class MemoLM:
         return torch.stack([self._rows[k] for k in keys]).to(torch.float64)
 
 
-async def count(lm: MemoLM, text: bytes, K: int, eos, lookahead: int, max_prefetch: int) -> dict:
+async def count(lm: MemoLM, text: bytes, K: int, eos, lookahead: int, max_prefetch: int, draft_window: int = 0) -> dict:
     """One scoring run of ``text`` under a prefetch setting: its counts and log-prob."""
     from genlm_bytes_potential.byte_lm import ByteLM
 
-    blm = ByteLM(lm, K=K, eos_tokens=eos, lookahead=lookahead)
+    blm = ByteLM(lm, K=K, eos_tokens=eos, lookahead=lookahead, draft_window=draft_window)
     blm.model.max_prefetch = max_prefetch
     lm.new_run()
     score = await blm.score(text)
     return {"forwards": lm.forwards, "contexts": set(lm.computed), "logprob": score.logprob}
-
-
-def proxy_contexts(lm: MemoLM, text: bytes, start: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Per byte position ``p`` of ``text`` (``0..len(text)``), a context ``start`` followed by
-    tokens spelling ``text[:p]``: the tokenizer's encoding of the text up to its last token
-    boundary at or before ``p`` (greedy longest match without a tokenizer), then ``text``
-    up to ``p`` by greedy longest match."""
-    vocab = [bytes(t) for t in lm.byte_vocab]
-    index = {t: i for i, t in enumerate(vocab) if t}
-    longest = max(map(len, index))
-
-    def greedy(data: bytes) -> list[int]:
-        out, i = [], 0
-        while i < len(data):
-            j = next(j for j in range(min(len(data), i + longest), i, -1) if data[i:j] in index)
-            out.append(index[data[i:j]])
-            i = j
-        return out
-
-    tok = lm.tokenizer
-    encode = getattr(tok, "encode", None)
-    spine = list(encode(text.decode("utf-8"), add_special_tokens=False)) if encode else greedy(text)
-    ends = list(accumulate(len(vocab[t]) for t in spine))
-    out, j = [], 0
-    for p in range(len(text) + 1):
-        while j < len(ends) and ends[j] <= p:
-            j += 1
-        q = ends[j - 1] if j else 0
-        out.append(start + tuple(spine[:j]) + tuple(greedy(text[q:p])))
-    return out
-
-
-class _MemoView:
-    """An LM answering from ``memo`` (its vocabulary and special tokens; no ``has_logprobs``,
-    so a beam over it does not prefetch)."""
-
-    def __init__(self, memo: MemoLM):
-        self.memo = memo
-        self.byte_vocab, self.tokenizer = memo.byte_vocab, memo.tokenizer
-        self.eos_token_id, self.bos_token_id = memo.eos_token_id, memo.bos_token_id
-
-
-class _DraftRows(_MemoView):
-    """The draft's LM: the memo's row of a context computed in this run, else the proxy row
-    of the byte position it ends at; ``asked`` records the contexts not computed yet."""
-
-    def __init__(self, memo: MemoLM, proxies: list[tuple[int, ...]], n_start: int):
-        super().__init__(memo)
-        self.proxies, self.n_start = proxies, n_start
-        self.asked: dict[tuple[int, ...], None] = {}
-
-    async def batch_next_token_logprobs(self, token_ids_list) -> torch.Tensor:
-        rows, vocab = self.memo._rows, self.byte_vocab
-        out = []
-        for c in map(token_tuple, token_ids_list):
-            if c not in self.memo.computed:
-                self.asked[c] = None
-                c = self.proxies[sum(len(vocab[t]) for t in c[self.n_start :])]
-            out.append(rows[c])
-        return torch.stack(out).to(torch.float64)
-
-
-class _Resync(_MemoView):
-    """The exact beam's LM under the draft-and-resync prefetcher: a call with a context not
-    computed yet runs the draft (``draft(pos)``: the contexts it asks for reading the text
-    up to ``W`` bytes past byte ``pos``) and computes those with the call's own, in one pass."""
-
-    def __init__(self, memo: MemoLM, draft):
-        super().__init__(memo)
-        self.draft, self.pos = draft, 0
-
-    async def batch_next_token_logprobs(self, token_ids_list) -> torch.Tensor:
-        keys = [token_tuple(c) for c in token_ids_list]
-        if any(k not in self.memo.computed for k in keys):
-            extra = await self.draft(self.pos)
-            await self.memo.batch_next_token_logprobs(list(extra) + keys)
-        return await self.memo.batch_next_token_logprobs(keys)
-
-
-async def count_draft(memo: MemoLM, text: bytes, K: int, eos, draft_K: int, window: int) -> dict:
-    """One scoring run of ``text`` under the draft-and-resync prefetcher (module docstring)."""
-    from genlm_bytes_potential.byte_lm import ByteLM
-
-    memo.new_run()
-    start = ByteLM(memo, K=K, eos_tokens=eos).model.initial_state().tokens
-    proxies = proxy_contexts(memo, text, tuple(start))
-    await memo.batch_next_token_logprobs(list(dict.fromkeys(proxies)))
-
-    async def draft(pos: int) -> dict:  # pos: bytes the exact beam has read
-        rows = _DraftRows(memo, proxies, len(start))
-        await ByteLM(rows, K=draft_K, eos_tokens=eos, lookahead=0).score(text[: pos + 1 + window])
-        return rows.asked
-
-    resync = _Resync(memo, draft)
-    blm = ByteLM(resync, K=K, eos_tokens=eos, lookahead=0)
-    score = await blm.score(text, on_byte=lambda n: setattr(resync, "pos", n))
-    return {"forwards": memo.forwards, "contexts": set(memo.computed), "logprob": score.logprob}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,15 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         "--settings",
         nargs="+",
         default=["4:64", "6:96", "8:128"],
-        help="lookahead:max_prefetch, or draft:KD:W (the draft-and-resync simulation)",
+        help="lookahead:max_prefetch (ranked guesses), or draft:W (the draft prefetcher)",
     )
     p.add_argument("--cost", default="2.0,0.07,0.43", help="ms per forward pass, per context, per byte")
     args = p.parse_args(argv)
     a, b, c = (float(x) for x in args.cost.split(","))
     settings = [s.split(":") for s in args.settings]
     for s in settings:
-        if len(s) != (3 if s[0] == "draft" else 2) or not all(x.isdigit() for x in s[s[0] == "draft" :]):
-            p.error(f"setting {':'.join(s)!r}; expected lookahead:max_prefetch or draft:KD:W (ints)")
+        if len(s) != 2 or not all(x.isdigit() for x in s[s[0] == "draft" :]):
+            p.error(f"setting {':'.join(s)!r}; expected lookahead:max_prefetch or draft:W (ints)")
     lm, info = make_lm(args.model, vocab=args.vocab, backend=args.backend)
     memo = MemoLM(lm)
     text = heldout_text(args.bytes)
@@ -215,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = [("0:0", asked)]
         for s in settings:
             if s[0] == "draft":
-                r = await count_draft(memo, text, args.K, info["eos"], int(s[1]), int(s[2]))
+                r = await count(memo, text, args.K, info["eos"], 4, 64, int(s[1]))
             else:
                 r = await count(memo, text, args.K, info["eos"], int(s[0]), int(s[1]))
             rows.append((":".join(s), r))

@@ -84,6 +84,9 @@ class ByteLM:
         device: where trie masses are computed (see ``TokenModel``).
         lookahead: bytes read ahead when they are known (``score``, prompts) to prefetch
             LM calls into the LM's cache (see ``TokenModel``; 0: off).
+        draft_window: bytes a draft of the beam reads ahead to choose what to prefetch
+            (see ``TokenModel``; 0, the default: ranked guesses instead; 16 took W1 from
+            596 to 291 forward passes on an H200).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ByteLM:
         canonical: bool = False,
         device: str | None = None,
         lookahead: int = 4,
+        draft_window: int = 0,
     ):
         self.params = BeamParams(
             K=K,
@@ -109,7 +113,13 @@ class ByteLM:
             heal_max_splits=heal_max_splits,
         )
         self.model = TokenModel(
-            lm, eos_tokens, max_context_length, device=device, canonical=canonical, lookahead=lookahead
+            lm,
+            eos_tokens,
+            max_context_length,
+            device=device,
+            canonical=canonical,
+            lookahead=lookahead,
+            draft_window=draft_window,
         )
 
     async def beam(self, prompt: bytes = b"", prompt_tokens: Sequence[int] = ()) -> Beam:

@@ -718,6 +718,12 @@ class TokenModel:
             them in the LM's cache: fewer, larger LM calls, same values. Only for LMs that
             cache log-probs and say so (``lm.has_logprobs(token_ids) -> bool``); 0: off.
         max_prefetch: most contexts one LM call asks for, when it prefetches.
+        draft_window: when the bytes ahead are a known text (scoring one text, prefill), a
+            step that prefetches takes the contexts that a draft of the beam asks for reading
+            this many bytes ahead on stand-in rows (:mod:`~genlm_bytes_potential.beam.draft`),
+            up to ``4 * max_prefetch``, instead of guesses ranked ``lookahead`` bytes ahead;
+            0 (the default until its open questions are settled: benchmarks/HISTORY.md,
+            session 27): guesses only. Same values.
         mass_bytes: bytes of trie-mass rows the model keeps (:class:`MassStore`; on the
             device where masses are computed). Rows are recomputed when needed again.
 
@@ -735,6 +741,7 @@ class TokenModel:
     canonical_window: int = 2
     lookahead: int = 4
     max_prefetch: int = 64
+    draft_window: int = 0
     mass_bytes: float = 2**31
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)
@@ -758,6 +765,8 @@ class TokenModel:
         self.lookahead = self._resolve_lookahead()
         self.store = MassStore(self.trie, self.mass_bytes)
         self._extensions: dict[tuple[LMState, int], LMState] = {}  # see extend
+        #: the proxy contexts of recently drafted texts (``beam.draft._Proxies``), by text
+        self.drafts: dict[bytes, Any] = {}
         self._extension_tokens = 0
         if self.canonical:
             w = self.canonical_window
@@ -774,7 +783,7 @@ class TokenModel:
             self._canonical_memo: dict[tuple[int, ...], bool] = {}
 
     def _resolve_lookahead(self) -> int:
-        for name in ("lookahead", "max_prefetch"):
+        for name in ("lookahead", "max_prefetch", "draft_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, Integral) or v < 0:
                 raise ValueError(f"{name}={v!r}; expected an int >= 0")

@@ -257,6 +257,9 @@ class ByteBeamPotential(Potential):
             ``lm.tokenizer``.
         lookahead: bytes of a context (or prompt) read ahead to prefetch LM calls into
             the LM's cache (see ``TokenModel``; 0: off). Values unchanged.
+        draft_window: bytes of a prompt a draft of the beam reads ahead to choose what
+            to prefetch (see ``TokenModel``; 0, the default: ranked guesses instead).
+            Values unchanged.
 
     Exact mode: ``K=None, prune_threshold=0`` keeps every tokenization of the context
     that has nonzero probability, and the potential is then the exact byte-level
@@ -294,6 +297,7 @@ class ByteBeamPotential(Potential):
         device: str | None = None,
         canonical: bool = False,
         lookahead: int = 4,
+        draft_window: int = 0,
     ):
         _check_lm(lm)
         if beam_params is not None:
@@ -331,7 +335,14 @@ class ByteBeamPotential(Potential):
             self.params, heal=bool(heal), heal_max_backoff=heal_max_backoff, heal_max_splits=heal_max_splits
         )
         self.model = TokenModel(
-            lm, eos_tokens, max_context_length, device, canonical=canonical, lookahead=lookahead, mass_bytes=cache_bytes
+            lm,
+            eos_tokens,
+            max_context_length,
+            device,
+            canonical=canonical,
+            lookahead=lookahead,
+            draft_window=draft_window,
+            mass_bytes=cache_bytes,
         )
         self.cache = BeamCache(cache_size)
         self._warned_cache = False
@@ -349,6 +360,7 @@ class ByteBeamPotential(Potential):
             device=device,
             canonical=canonical,
             lookahead=lookahead,
+            draft_window=draft_window,
         )
         self.prompt: bytes = b""
         self.prompt_tokens: tuple[int, ...] = ()

@@ -305,6 +305,78 @@ async def test_lookahead_changes_no_value(vocab, seed, data, K):
 
 
 @settings(max_examples=40, deadline=None)
+@given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(8), K=st.sampled_from([None, 1, 3]))
+async def test_a_draft_changes_no_value(vocab, seed, data, K):
+    """Drafting what to prefetch (a known text as a ``bytes`` object behind the bytes
+    ahead) only adds contexts to LM calls: every conditional is the same, read from a
+    prompt (``prefill``) or byte by byte."""
+    params = BeamParams(K=K, heal=False)
+    runs = []
+    for window in (0, 3):
+        lm, model = make_model(vocab, seed, lookahead=4, max_prefetch=16, draft_window=window)
+        beam = await initial_beam(model, params, ahead=data)
+        view = memoryview(data)
+        logps = []
+        for i, b in enumerate(data):
+            (beam,) = await advance([beam], [b], ahead=[view[i + 1 :]])
+            logps.append(beam.logp)
+        prompted = await prefill(await initial_beam(model, params, with_eos=False, ahead=data), data)
+        runs.append((logps, prompted.logp))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("seed", [1, 5, 9])
+async def test_a_draft_prefetches_what_the_beam_reads_in_fewer_calls(seed):
+    """Scoring a long text, a draft's prefetches (the default window) leave at least a
+    fifth fewer LM calls with new contexts than ranked guesses do; the score is the same."""
+    words = [b"the", b" the", b"cat", b" cat", b"sat", b" sat", b"on", b" on", b"mat", b" mat", b"th", b"he", b"at"]
+    vocab = words + [b"e", b"c", b"a", b"t", b"s", b"o", b"n", b"m", b" ", b" m", EOS_BYTES]
+    data = b"the cat sat on the mat " * 5
+    runs = {}
+    for window in (0, 16):
+        lm = MockTokenLM(vocab, seed=seed, eos_token_id=len(vocab) - 1)
+        blm = ByteLM(lm, K=8, draft_window=window)
+        calls, seen = 0, set()
+        inner = lm.batch_next_token_logprobs
+
+        async def counting(contexts, lora_name=None, inner=inner):
+            nonlocal calls
+            new = {tuple(c) for c in contexts} - seen
+            calls += bool(new)
+            seen.update(new)
+            return await inner(contexts)
+
+        lm.batch_next_token_logprobs = counting
+        runs[window] = (calls, (await blm.score(data)).logprob)
+    assert runs[16][1] == runs[0][1]
+    assert runs[16][0] <= 0.8 * runs[0][0]
+
+
+def test_proxy_plan_spells_each_prefix_along_one_tokenization():
+    """Per position a proxy context spelling the text up to there: the tokenizer's
+    encoding up to its last boundary, then greedy longest match; without a tokenizer the
+    encoding is greedy longest match too."""
+    from genlm_bytes_potential.beam.draft import proxy_plan
+
+    vocab = [b"a", b"b", b"ab", b"ba", b"aba", b" "]
+    text = b"abab ba"
+
+    class Tokenizer:  # a tokenization that greedy longest match would not give
+        def encode(self, s, add_special_tokens=False):
+            return [0, 3, 1, 5, 3]  # a|ba|b| |ba
+
+    for tokenizer, spine in ((None, [4, 1, 5, 3]), (Tokenizer(), [0, 3, 1, 5, 3])):
+        got, plan = proxy_plan(vocab, tokenizer, text)
+        assert got == spine and len(plan) == len(text) + 1
+        for p, (j, tail) in enumerate(plan):
+            ends = np.cumsum([0] + [len(vocab[t]) for t in spine])
+            assert ends[j] <= p and (j == len(spine) or ends[j + 1] > p)  # the spine's tokens ending by p
+            assert b"".join(vocab[t] for t in (*spine[:j], *tail)) == text[:p]
+    spine, plan = proxy_plan(vocab, Tokenizer(), text[:6])  # an encoding of other bytes: greedy instead
+    assert spine == [4, 1, 5, 1] and plan[-1] == (4, ()) and plan[2] == (0, (2,))
+
+
+@settings(max_examples=40, deadline=None)
 @given(vocab=vocabularies(), seed=st.integers(0, 1000), data=texts(3).filter(len))
 async def test_lookahead_prefetches_every_context_an_unpruned_read_asks_for(vocab, seed, data):
     """Without pruning, the first step asks for every context that reading the rest

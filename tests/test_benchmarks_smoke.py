@@ -275,28 +275,12 @@ def test_speculation_counts(capsys):
     assert plain["contexts"] <= prefetched["contexts"]
     assert prefetched["forwards"] < plain["forwards"] == 1 + len(text)  # the prompt's row, then one a byte
     assert prefetched["logprob"] == plain["logprob"]
-    drafted = asyncio.run(speculation.count_draft(memo, text, 8, info["eos"], 8, 16))
+    drafted = asyncio.run(speculation.count(memo, text, 8, info["eos"], 4, 64, draft_window=16))
     assert plain["contexts"] <= drafted["contexts"] and drafted["logprob"] == plain["logprob"]
     assert drafted["forwards"] < prefetched["forwards"]
-    speculation.main(["--model", "mock", "--vocab", "tiny", "--bytes", "60", "--settings", "4:64", "draft:8:16"])
+    speculation.main(["--model", "mock", "--vocab", "tiny", "--bytes", "60", "--settings", "4:64", "draft:16"])
     out = capsys.readouterr().out
-    assert "| 0:0 |" in out and "| 4:64 |" in out and "| draft:8:16 |" in out
-
-
-def test_proxy_contexts_spell_each_prefix_of_the_text():
-    """A proxy context per byte position: the start tokens, then tokens spelling exactly
-    the text up to there, along the tokenizer's encoding where it has a boundary."""
-    lm, _ = make_lm("mock", vocab="tiny")
-    memo = speculation.MemoLM(lm)
-    vocab = [bytes(t) for t in memo.byte_vocab]
-    text = heldout_text(80)
-    proxies = speculation.proxy_contexts(memo, text, (7,))
-    assert len(proxies) == len(text) + 1 and proxies[0] == (7,)
-    for p, ctx in enumerate(proxies):
-        assert ctx[0] == 7 and b"".join(vocab[t] for t in ctx[1:]) == text[:p]
-    whole = proxies[-1]  # the start, then the text's encoding: at each of its boundaries, its prefix
-    for i in range(1, len(whole) + 1):
-        assert proxies[len(b"".join(vocab[t] for t in whole[1:i]))] == whole[:i]
+    assert "| 0:0 |" in out and "| 4:64 |" in out and "| draft:16 |" in out
 
 
 def test_paged_layouts_counts(capsys):

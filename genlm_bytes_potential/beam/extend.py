@@ -44,7 +44,7 @@ async def advance(
         step = await _read_and_prune(beams, next_bytes, modes)
     ext_bid = step.ext_bid[step.made]
     fronts = _fetch_fronts(model, step, ahead)
-    prefetch = _prefetch(beams, next_bytes, ahead, step.ext_states, modes, ext_bid)
+    prefetch = await _prefetch(beams, next_bytes, ahead, step.ext_states, modes, ext_bid)
     known = dict(prefetch)  # bytes known to follow each new context
     if ahead is not None:
         known.update((s, ahead[b]) for s, b in zip(step.ext_states, ext_bid.tolist()) if len(ahead[b]))
