@@ -8,9 +8,11 @@ reads with the row of the *proxy* context ending at the same byte of the text (o
 tokenization of it: the tokenizer's encoding, each position's tail by greedy longest
 match). Where the stand-ins rank alternatives as the exact rows do, it asks for what the
 exact beam will ask for: scoring SmolLM2's held-out text at K=8 it took 291 forward passes
-where ranked guesses took 596 (H200), and 36 where they took 84 on 300 bytes on the CPU
+where ranked guesses took 596 (H200), and 36-48 where they took 84 on 300 bytes on the CPU
 (benchmarks/HISTORY.md, session 27). Each draft costs up to ``draft_window`` steps of host
-work: that is what is left of the gain on a GPU (W1 1.14x there, 1.9x on the CPU).
+work, which is most of the gain on a GPU (W1 1.05-1.16x there, 1.9x on the CPU); drafts of
+many beams read in lockstep missed in turn (``batch_score`` of 16 documents 3.5x slower),
+so only a step of one beam drafts. Off by default (``TokenModel.draft_window``).
 """
 
 from __future__ import annotations

@@ -25,29 +25,26 @@ async def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> dict[
     mode = modes[int(req_bid[0])]
     if not model.would_call([s for s, b in zip(requests, req_bid.tolist()) if modes[b] == mode], mode):
         return {}
-    budget = (4 if model.draft_window else 1) * model.max_prefetch - len(requests)
+    drafting = bool(model.draft_window) and len(beams) == 1
+    budget = (4 if drafting else 1) * model.max_prefetch - len(requests)
     out: dict[LMState, memoryview] = {}
-    missed = None  # beams with a request the LM has not computed (a draft's guesses ran out)
-    for j, (beam, b, more) in enumerate(zip(beams, next_bytes, ahead)):
+    for beam, b, more in zip(beams, next_bytes, ahead):
         if b == EOS or not len(more) or budget <= 0:
             continue
         text = more.obj if isinstance(more, memoryview) else None
-        extra = None
-        if model.draft_window and len(beams) == 1 and isinstance(text, bytes):
-            if missed is None:
-                missed = {g for s, g in zip(requests, req_bid.tolist()) if model.would_call([s], modes[g])}
-            if j not in missed:
-                continue
-            extra = await drafted_contexts(beam, text, len(text) - len(more) - 1, budget)
-        if extra is not None:
-            for state, rest in extra.items():
+        drafted = None
+        if drafting and isinstance(text, bytes):
+            drafted = await drafted_contexts(beam, text, len(text) - len(more) - 1, budget)
+        if drafted is not None:
+            for state, rest in drafted.items():
                 out.setdefault(state, rest)
+            budget -= len(drafted)
         else:
             extra = speculative_contexts(beam, bytes([b]) + bytes(more[: model.lookahead]), budget)
             more = memoryview(more)
             for state, end in extra.items():  # it read b and more[: end - 1]
                 out.setdefault(state, more[end - 1 :])
-        budget -= len(extra)
+            budget -= len(extra)
     return out
 
 
