@@ -8,9 +8,9 @@ reads with the row of the *proxy* context ending at the same byte of the text (o
 tokenization of it: the tokenizer's encoding, each position's tail by greedy longest
 match). Where the stand-ins rank alternatives as the exact rows do, it asks for what the
 exact beam will ask for: scoring SmolLM2's held-out text at K=8 it took 291 forward passes
-where ranked guesses took 596 (H200), and 36-48 where they took 84 on 300 bytes on the CPU
+where ranked guesses took 596 (H200), and 49 where they took 84 on 300 bytes on the CPU
 (benchmarks/HISTORY.md, session 27). Each draft costs up to ``draft_window`` steps of host
-work, which is most of the gain on a GPU (W1 1.05-1.16x there, 1.9x on the CPU); drafts of
+work, which is most of the gain on a GPU (W1 1.05-1.16x there, 1.5x on the CPU); drafts of
 many beams read in lockstep missed in turn (``batch_score`` of 16 documents 3.5x slower),
 so only a step of one beam drafts. Off by default (``TokenModel.draft_window``).
 """
@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..lm_state import LMState, LMStats, MassRows, TokenModel
+from ..lm_state import LMState, MassRows, TokenModel
 from .core import Beam
 
 
@@ -68,14 +68,13 @@ class _DraftModel:
     """The model a draft reads with: ``model`` (delegated to), except that a context the
     store has no row for reads with its proxy's row and is recorded in ``asked`` (with the
     text position where its tokens end: ``pos``, kept for every state the draft makes).
-    It never prefetches and counts its calls apart."""
+    It never prefetches (``lookahead`` 0)."""
 
     lookahead = 0
 
     def __init__(self, model: TokenModel, text: memoryview, proxies: _Proxies, pos: dict[LMState, int]):
         self._model, self._text, self._proxies, self.pos = model, text, proxies, pos
         self.asked: dict[LMState, int] = {}
-        self.stats = LMStats()
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -84,9 +83,6 @@ class _DraftModel:
         child = self._model.extend(state, token)
         self.pos[child] = self.pos.get(state, self._proxies.first) + len(self._model._vocab[token])
         return child
-
-    def would_call(self, states, with_eos: bool) -> bool:
-        return False
 
     async def rows(self, states, with_eos: bool, prefetch=(), ahead=None) -> MassRows:
         store = self._model.store
