@@ -15,8 +15,8 @@ the CPU; only their price depends on the device. For each
 * precision: the share of those the beam itself asks for. The asked-for contexts are the
   ones a run without prefetching computes (prefetching never changes the beam).
 
-A setting ``draft:W`` runs the draft prefetcher (``TokenModel.draft_window=W``, opt-in);
-``lookahead:max_prefetch`` settings rank guesses (``draft_window=0``, the default).
+A setting ``draft:W`` runs the draft prefetcher (``TokenModel.draft_window=W``, 16 by default);
+``lookahead:max_prefetch`` settings rank guesses (``draft_window=0``).
 
 Rows come from a memo shared by all settings, so later settings cost only the beam's work.
 The counts are priced as ``a`` per forward pass, ``b`` per context and ``c`` per byte

@@ -152,6 +152,8 @@ _HELD_FIRST_BYTES = 2**26
 #: extensions ``TokenModel.extend`` remembers, and the tokens they hold: the memo is
 #: cleared when either is reached (its tuples then hold at most ~8 MB of references)
 _EXTENSIONS_KEPT = 1024
+#: bytes a draft reads ahead by default (``TokenModel.draft_window``)
+DRAFT_WINDOW = 16
 _EXTENSION_TOKENS_KEPT = 2**20
 
 
@@ -721,9 +723,10 @@ class TokenModel:
         draft_window: when the bytes ahead are a known text (scoring one text, prefill), a
             step that prefetches takes the contexts that a draft of the beam asks for reading
             this many bytes ahead on stand-in rows (:mod:`~genlm_bytes_potential.beam.draft`),
-            up to ``4 * max_prefetch``, instead of guesses ranked ``lookahead`` bytes ahead;
-            0 (the default until its open questions are settled: benchmarks/HISTORY.md,
-            session 27): guesses only. Same values.
+            up to ``4 * max_prefetch``, instead of guesses ranked ``lookahead`` bytes ahead
+            (0: guesses only). Same values. The default, 16, took W1 (K=8, SmolLM2, the
+            whole held-out text) from 596 to 313 forward passes and 1.5x on an H200
+            (benchmarks/HISTORY.md, session 28).
         mass_bytes: bytes of trie-mass rows the model keeps (:class:`MassStore`; on the
             device where masses are computed). Rows are recomputed when needed again.
 
@@ -741,7 +744,7 @@ class TokenModel:
     canonical_window: int = 2
     lookahead: int = 4
     max_prefetch: int = 64
-    draft_window: int = 0
+    draft_window: int = DRAFT_WINDOW
     mass_bytes: float = 2**31
     trie: TokenByteTrie = field(init=False)
     stats: LMStats = field(init=False, default_factory=LMStats)

@@ -37,7 +37,7 @@ from genlm.control.constant import EndOfSequence
 from genlm.control.potential.base import Potential
 
 from .beam import Beam, BeamParams, advance, initial_beam, next_byte_logprobs
-from .lm_state import TokenModel
+from .lm_state import DRAFT_WINDOW, TokenModel
 from .prompts import Messages, chat_token_ids, is_messages, token_ids
 from .tokens import BYTE_TABLES, ByteTokenView, autobatch_as_bytes, byte_product, byte_value
 
@@ -258,8 +258,7 @@ class ByteBeamPotential(Potential):
         lookahead: bytes of a context (or prompt) read ahead to prefetch LM calls into
             the LM's cache (see ``TokenModel``; 0: off). Values unchanged.
         draft_window: bytes of a prompt a draft of the beam reads ahead to choose what
-            to prefetch (see ``TokenModel``; 0, the default: ranked guesses instead).
-            Values unchanged.
+            to prefetch (see ``TokenModel``; 0: ranked guesses instead). Values unchanged.
 
     Exact mode: ``K=None, prune_threshold=0`` keeps every tokenization of the context
     that has nonzero probability, and the potential is then the exact byte-level
@@ -297,7 +296,7 @@ class ByteBeamPotential(Potential):
         device: str | None = None,
         canonical: bool = False,
         lookahead: int = 4,
-        draft_window: int = 0,
+        draft_window: int = DRAFT_WINDOW,
     ):
         _check_lm(lm)
         if beam_params is not None:

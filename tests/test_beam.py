@@ -352,6 +352,45 @@ async def test_a_draft_prefetches_what_the_beam_reads_in_fewer_calls(seed):
     assert runs[16][0] <= 0.8 * runs[0][0]
 
 
+class _ContextFreeLM(MockTokenLM):
+    """The mock with one next-token distribution after every context (its seed only)."""
+
+    def _words(self, ctx):
+        return np.asarray([self.seed], np.int64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    vocab=vocabularies(),
+    seed=st.integers(0, 1000),
+    data=texts(9).filter(lambda d: len(d) >= 2),
+    K=st.sampled_from([1, 2, 4]),
+    window=st.integers(1, 6),
+    threshold=st.sampled_from([0.0, 0.05]),
+)
+async def test_a_draft_makes_what_the_beam_makes_when_proxies_are_exact(vocab, seed, data, K, window, threshold):
+    """Under an LM whose distribution ignores the context, a proxy's row is the row of
+    every context ending where it does: a draft from byte ``i`` then makes exactly the
+    contexts the beam makes reading ``data[i:i + window]``, in the beam's order."""
+    from genlm_bytes_potential.beam.draft import draft
+
+    lm = _ContextFreeLM(vocab, seed=seed, eos_token_id=vocab.index(EOS_BYTES))
+    model = TokenModel(lm)
+    root = model.trie.root
+    beams = [await initial_beam(model, BeamParams(K=K, prune_threshold=threshold, heal=False), ahead=data)]
+    made = []  # per step, the contexts it made (its candidates at the root) and where they end
+    for i, b in enumerate(data):
+        (beam,) = await advance([beams[-1]], [b], ahead=[data[i + 1 :]])
+        beams.append(beam)
+        made.append({s: i + 1 for s, n in zip(beam.states, beam.nodes.tolist()) if n == root})
+    for i in range(len(data)):
+        end = min(len(data), i + window)
+        drafted = await draft(beams[i], data, i, end)
+        assert drafted is not None
+        want = {s: p for step in made[i:end] for s, p in step.items()}
+        assert list(drafted.items()) == list(want.items())
+
+
 def test_proxy_plan_spells_each_prefix_along_one_tokenization():
     """Per position a proxy context spelling the text up to there: the tokenizer's
     encoding up to its last boundary, then greedy longest match; without a tokenizer the

@@ -232,6 +232,14 @@ def _next_logprobs(beams: list[Beam]) -> np.ndarray:
 
 
 @_njit
+def _grown(a):
+    """``a`` in an array twice as long (the rest uninitialized)."""
+    out = np.empty(2 * len(a), a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+@_njit
 def _grouped_logsumexp(group: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
     """``out[g] = log sum exp(values[group == g])`` (-inf for an empty group), each group
     shifted by its own maximum; terms add in array order. A group's result does not depend

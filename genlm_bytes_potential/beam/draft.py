@@ -1,29 +1,29 @@
 """Draft prefetching: when a step reading known bytes (a text being scored, a prompt)
 has to call the LM, a *draft* of the beam reads the next ``draft_window`` bytes first,
-and every context it asks for joins that call (a guess for the LM's cache, never part of
-the beam's arithmetic).
+and every context it makes that needs a forward pass joins that call (a guess for the
+LM's cache, never part of the beam's arithmetic).
 
-The draft is the beam itself, run on stand-in rows: a context the LM has not computed yet
-reads with the row of the *proxy* context ending at the same byte of the text (one fixed
-tokenization of it: the tokenizer's encoding, each position's tail by greedy longest
-match). Where the stand-ins rank alternatives as the exact rows do, it asks for what the
-exact beam will ask for: scoring SmolLM2's held-out text at K=8 it took 291 forward passes
-where ranked guesses took 596 (H200), and 49 where they took 84 on 300 bytes on the CPU
-(benchmarks/HISTORY.md, session 27). Each draft costs up to ``draft_window`` steps of host
-work, which is most of the gain on a GPU (W1 1.05-1.16x there, 1.5x on the CPU); drafts of
-many beams read in lockstep missed in turn (``batch_score`` of 16 documents 3.5x slower),
-so only a step of one beam drafts. Off by default (``TokenModel.draft_window``).
+The draft is the beam's own steps (read, prune, extend) run in one numba kernel on
+stand-in rows: the beam's candidates read with their own rows, and a context the draft
+makes reads with the row of the *proxy* context ending at the same byte of the text (one
+fixed tokenization of it: the tokenizer's encoding, each position's tail by greedy
+longest match). The masses it reads (the paths of the text's bytes on those rows) are
+gathered at once; where the stand-ins rank alternatives as the exact rows do, it makes
+what the exact beam will make (exactly so under an LM whose distribution ignores the
+context). Scoring SmolLM2's held-out text at K=8 a draft took 291 forward passes where
+ranked guesses took 596 (H200; benchmarks/HISTORY.md, session 27). Only a step of one
+beam drafts: drafts of many beams read in lockstep miss in turn (``batch_score`` of 16
+documents was 3.5x slower). Off by default (``TokenModel.draft_window``).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-
 import numpy as np
 
-from ..lm_state import LMState, MassRows, TokenModel
-from .core import Beam
+from ..lm_state import LMState, TokenModel
+from ..trie import child_by_byte
+from .core import Beam, _grown, _njit
+from .read import _logsumexp_at
 
 
 def proxy_plan(vocab: list[bytes], tokenizer, text: bytes) -> tuple[list[int], list[tuple[int, tuple[int, ...]]]]:
@@ -62,53 +62,6 @@ def proxy_plan(vocab: list[bytes], tokenizer, text: bytes) -> tuple[list[int], l
             j += 1
         plan.append((j, greedy(text[q:p])))
     return spine, plan
-
-
-class _DraftModel:
-    """The model a draft reads with: ``model`` (delegated to), except that a context the
-    store has no row for reads with its proxy's row and is recorded in ``asked`` (with the
-    text position where its tokens end: ``pos``, kept for every state the draft makes).
-    It never prefetches (``lookahead`` 0)."""
-
-    lookahead = 0
-
-    def __init__(self, model: TokenModel, text: memoryview, proxies: _Proxies, pos: dict[LMState, int]):
-        self._model, self._text, self._proxies, self.pos = model, text, proxies, pos
-        self.asked: dict[LMState, int] = {}
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def extend(self, state: LMState, token: int) -> LMState:
-        child = self._model.extend(state, token)
-        self.pos[child] = self.pos.get(state, self._proxies.first) + len(self._model._vocab[token])
-        return child
-
-    async def rows(self, states, with_eos: bool, prefetch=(), ahead=None) -> MassRows:
-        store = self._model.store
-        slot = store.find([(with_eos, s) for s in states])
-        gen = np.zeros(len(slot), np.int64)
-        found = slot >= 0
-        gen[found] = store.gen[slot[found]]
-        missing = np.flatnonzero(~found)
-        if len(missing):
-            proxies = self._proxies
-            order, after = [], {}  # per missing state its stand-in; each stand-in's text after it
-            for i in missing.tolist():
-                s = states[i]
-                p = self.pos.get(s, proxies.first)
-                if not self._model._cached(s):  # (computed ones are not asked for again)
-                    self.asked.setdefault(s, p)
-                p = min(max(p, proxies.first), proxies.last)
-                s = proxies.at(p)
-                order.append(s)
-                after[s] = self._text[p:]
-            got = await self._model.rows(order, with_eos, ahead=after)
-            slot[missing], gen[missing] = got.slot, got.gen
-        return MassRows(slot, gen)
-
-    async def ensure(self, rows: MassRows, states, with_eos: bool) -> None:
-        await TokenModel.ensure(self, rows, states, with_eos)  # (recomputing through self.rows)
 
 
 class _Proxies:
@@ -177,35 +130,218 @@ def _proxies(beam: Beam, text: bytes, i: int) -> _Proxies | None:
 
 async def drafted_contexts(beam: Beam, text: bytes, i: int, limit: int) -> dict[LMState, memoryview] | None:
     """Contexts to prefetch when ``beam`` reads byte ``i`` of ``text`` and the step calls
-    the LM: those a draft of ``beam`` asks for reading bytes ``i .. i + draft_window``
-    (module docstring), then the proxies of the window after that (the stand-ins of the
-    next draft), at most ``limit``; each with the bytes of ``text`` that follow it. None
-    when the text has no proxies (``_proxies``)."""
-    from .extend import advance  # (the draft runs the step that calls it)
-
+    the LM: those a draft of ``beam`` makes reading bytes ``i .. i + draft_window`` that
+    need a forward pass (module docstring), then the proxies of the window after that (the
+    stand-ins of the next draft), at most ``limit``; each with the bytes of ``text`` that
+    follow it. None when the text has no proxies there (``draft``)."""
     model = beam.model
-    proxies = _proxies(beam, text, i)
-    if proxies is None:
-        return None
-    pos = dict(zip(beam.states, (i - model.trie.depth[beam.nodes]).tolist()))
-    view = memoryview(text)
-    draft_model = _DraftModel(model, view, proxies, pos)
-    draft = replace(beam, model=draft_model, _dist=[])
     end = min(len(text), i + 1 + model.draft_window)
-    # the stand-ins, in one call: a pass at a text's first draft, then the previous one's prefetch
-    window = {proxies.at(p): view[p:] for p in range(max(i, proxies.first), end + 1)}
-    await model.rows(list(window), beam.with_eos, ahead=window)
-    for k in range(i, end):
-        (draft,) = await advance([draft], [text[k]], ahead=[view[k + 1 :]])
-        if draft.is_empty or draft.logp == -math.inf:
-            break
-    out = {s: view[p:] for s, p in draft_model.asked.items()}
+    made = await draft(beam, text, i, end)
+    if made is None:
+        return None
+    view = memoryview(text)
+    out = {s: view[p:] for s, p in made.items() if not _known(model, s, beam.with_eos)}
+    proxies = model.drafts[text]
     for p in range(end, min(len(text), end + model.draft_window) + 1):
         out.setdefault(proxies.at(p), view[p:])
     return dict(list(out.items())[:limit])
+
+
+async def draft(beam: Beam, text: bytes, i: int, end: int) -> dict[LMState, int] | None:
+    """The contexts a draft of ``beam`` makes reading ``text[i:end]``, in order, each with
+    the position where its tokens end; None when the text has no proxies there
+    (``_proxies``). The draft reads with the beam's own rows for its candidates and, for
+    a context it makes ending at ``p``, with the row of ``text``'s proxy at ``p`` (those
+    of ``i + 1 .. end`` in one call: a pass at a text's first draft, then what the
+    previous draft prefetched); its steps are the beam's (read, prune to ``K``, the
+    full-support rule, extensions past the threshold: ``_draft_steps``) on masses gathered
+    once. When every context's row is its proxy's, these are the contexts the beam makes."""
+    model, trie, params = beam.model, beam.model.trie, beam.params
+    proxies = _proxies(beam, text, i)
+    if proxies is None or proxies.first > i + 1:  # (a text drafted before from further on)
+        return None
+    view = memoryview(text)
+    window = {proxies.at(p): view[p:] for p in range(i + 1, end + 1)}
+    stand_ins = await model.rows(list(window), beam.with_eos, ahead=window)
+    n = len(beam)
+    start_node = np.concatenate([beam.nodes, np.full(end - i, trie.root)])
+    start_pos = np.concatenate([np.full(n, i), np.arange(i + 1, end + 1)])
+    slots = np.concatenate([beam.rows.slot, stand_ins.slot])
+    off, node, leaf_off, leaf = _draft_walks(
+        np.frombuffer(text, np.uint8),
+        start_node,
+        start_pos,
+        end,
+        trie.child_ptr,
+        trie.child_label,
+        trie.child_node,
+        trie.n_leaves,
+    )
+    row_of_entry = np.repeat(np.arange(len(slots)), np.diff(off))
+    entry_of_leaf = np.repeat(np.arange(len(node)), np.diff(leaf_off))
+    m = model.log_mass(
+        np.concatenate([slots[row_of_entry], slots[row_of_entry[entry_of_leaf]]]), np.concatenate([node, leaf])
+    )
+    K = params.K if params.K is not None else _UNBOUNDED_K
+    parent, token, pos = _draft_steps(
+        off,
+        m[: len(node)],
+        leaf_off,
+        m[len(node) :],
+        trie.leaf_token[leaf],
+        beam.weights,
+        i,
+        end,
+        K,
+        params.log_threshold,
+    )
+    made: list[LMState] = []
+    for src, t in zip(parent.tolist(), token.tolist()):
+        made.append(model.extend(beam.states[-1 - src] if src < 0 else made[src], t))
+    return dict(zip(made, pos.tolist()))
+
+
+def _known(model: TokenModel, state: LMState, with_eos: bool) -> bool:
+    """Whether ``state`` needs no LM forward pass: its row is stored or the LM caches it."""
+    return (with_eos, state) in model.store or model._cached(state)
+
+
+@_njit
+def _draft_walks(data, start_node, start_pos, end, child_ptr, child_label, child_node, n_leaves):
+    """Per row ``r``, the nodes reached from ``start_node[r]`` reading ``data[start_pos[r]:
+    end]``, up to the first byte the trie lacks: ``node[off[r] + k]`` after ``k`` bytes;
+    the leaves at entry ``e`` are ``leaf[leaf_off[e]:leaf_off[e + 1]]``."""
+    R = len(start_node)
+    off = np.zeros(R + 1, np.int64)
+    node = np.empty(16, np.int64)
+    leaf = np.empty(16, np.int64)
+    leaf_off = np.zeros(17, np.int64)
+    e = nl = 0
+    for r in range(R):
+        cur = start_node[r]
+        p = start_pos[r]
+        while True:
+            if e + 1 >= len(node):
+                node, leaf_off = _grown(node), _grown(leaf_off)
+            node[e] = cur
+            for j in range(n_leaves[cur]):
+                if nl == len(leaf):
+                    leaf = _grown(leaf)
+                leaf[nl] = cur + 1 + j
+                nl += 1
+            e += 1
+            leaf_off[e] = nl
+            if p >= end:
+                break
+            cur = child_by_byte(cur, data[p], child_ptr, child_label, child_node)
+            p += 1
+            if cur < 0:
+                break
+        off[r + 1] = e
+    return off, node[:e], leaf_off[: e + 1], leaf[:nl]
+
+
+@_njit
+def _draft_steps(off, m_node, leaf_off, m_leaf, leaf_token, weights, i, end, K, log_thr):
+    """The draft's steps (``draft``) on the walks' log-masses: candidates are (row, bytes
+    read on it, weight); the beam's candidates start on rows ``0..len(weights)``, a context
+    made at ``p`` on row ``len(weights) + p - i - 1``. Each step mirrors ``read._select``:
+    read (``w += m(child) - m(node)``), drop below the threshold share, keep the ``K``
+    heaviest (stable), the full-support rescue, then the kept candidates' finite
+    extensions in read order, made past the threshold share of the kept weight (the
+    heaviest always). Returns each context made: its parent (``-1 - c`` for candidate ``c``
+    of the beam, else an earlier context), token and end position."""
+    n0 = len(weights)
+    row = np.arange(n0)
+    depth = np.zeros(n0, np.int64)
+    w = weights.copy()
+    origin = -1 - np.arange(n0)
+    parent = np.empty(64, np.int64)
+    token = np.empty(64, np.int64)
+    pos = np.empty(64, np.int64)
+    n_made = 0
+    for p in range(i + 1, end + 1):  # after reading the byte at p - 1
+        n = len(row)
+        read = np.empty(n, np.int64)
+        nw = np.empty(n)
+        n_read = 0
+        for c in range(n):
+            e = off[row[c]] + depth[c]
+            if e + 1 < off[row[c] + 1]:
+                v = w[c] + m_node[e + 1] - m_node[e]
+                if np.isfinite(v):
+                    read[n_read], nw[n_read] = c, v
+                    n_read += 1
+        if n_read == 0:
+            break
+        read, nw = read[:n_read], nw[:n_read]
+        lr = _logsumexp_at(nw, np.arange(n_read))
+        can_extend = np.zeros(n_read, np.bool_)
+        for k in range(n_read):
+            e = off[row[read[k]]] + depth[read[k]] + 1
+            for j in range(leaf_off[e], leaf_off[e + 1]):
+                if np.isfinite(nw[k] + m_leaf[j] - m_node[e]):
+                    can_extend[k] = True
+        passes = np.flatnonzero(nw - lr > log_thr)
+        order = passes[np.argsort(-nw[passes], kind="mergesort")][:K]
+        kept = np.empty(len(order) + 1, np.int64)
+        kept[: len(order)] = order
+        n_kept = len(order)
+        if not can_extend[order].any():  # full support: the heaviest that can end a token
+            best = -1
+            for k in range(n_read):
+                if can_extend[k] and (best < 0 or nw[k] > nw[best]):
+                    best = k
+            if best >= 0:
+                kept[n_kept] = best
+                n_kept += 1
+        kept = kept[:n_kept]
+        lt = _logsumexp_at(nw, kept)
+        is_kept = np.zeros(n_read, np.bool_)
+        is_kept[kept] = True
+        n_ext = 0
+        for k in kept:
+            e = off[row[read[k]]] + depth[read[k]] + 1
+            n_ext += leaf_off[e + 1] - leaf_off[e]
+        ext_k, ext_j, ext_w = np.empty(n_ext, np.int64), np.empty(n_ext, np.int64), np.empty(n_ext)
+        n_ext = 0
+        for k in range(n_read):  # the kept candidates' finite extensions, in read order
+            if is_kept[k]:
+                e = off[row[read[k]]] + depth[read[k]] + 1
+                for j in range(leaf_off[e], leaf_off[e + 1]):
+                    v = nw[k] + m_leaf[j] - m_node[e]
+                    if np.isfinite(v):
+                        ext_k[n_ext], ext_j[n_ext], ext_w[n_ext] = k, j, v
+                        n_ext += 1
+        ext_k, ext_j, ext_w = ext_k[:n_ext], ext_j[:n_ext], ext_w[:n_ext]
+        made = ext_w - lt > log_thr
+        if n_ext and not made.any():
+            made[np.argmax(ext_w)] = True
+        n_new = n_kept + made.sum()
+        new_row, new_depth, new_w, new_origin = (
+            np.empty(n_new, np.int64),
+            np.empty(n_new, np.int64),
+            np.empty(n_new),
+            np.empty(n_new, np.int64),
+        )
+        for a in range(n_kept):
+            c = read[kept[a]]
+            new_row[a], new_depth[a], new_w[a], new_origin[a] = row[c], depth[c] + 1, nw[kept[a]], origin[c]
+        a = n_kept
+        for x in np.flatnonzero(made):
+            if n_made == len(parent):
+                parent, token, pos = _grown(parent), _grown(token), _grown(pos)
+            parent[n_made], token[n_made], pos[n_made] = origin[read[ext_k[x]]], leaf_token[ext_j[x]], p
+            new_row[a], new_depth[a], new_w[a], new_origin[a] = n0 + p - i - 1, 0, ext_w[x], n_made
+            n_made += 1
+            a += 1
+        row, depth, w, origin = new_row, new_depth, new_w, new_origin
+    return parent[:n_made], token[:n_made], pos[:n_made]
 
 
 #: bytes of the texts whose proxy plans a model keeps (``TokenModel.drafts``)
 _TEXT_BYTES_KEPT = 1 << 20
 #: proxy contexts a text keeps made (and as many along its tokenization)
 _PROXIES_KEPT = 64
+#: the draft's beam width for a beam without one (``K=None``)
+_UNBOUNDED_K = 64

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..lm_state import LMState
 from ..trie import EOS, child_by_byte
-from .core import Beam, _njit
+from .core import Beam, _grown, _njit
 from .draft import drafted_contexts
 
 
@@ -153,14 +153,6 @@ def _spelled_contexts(cand_nodes, data, depth, root, child_ptr, child_label, chi
                 k += 1
         q += 1
     return parent[:k], leaf[:k], level[:k], ends[:k]
-
-
-@_njit
-def _grown(a):
-    """``a`` in an array twice as long (the rest uninitialized)."""
-    out = np.empty(2 * len(a), a.dtype)
-    out[: len(a)] = a
-    return out
 
 
 # Rank of a speculative context (see speculative_contexts), in nats. Chosen on SmolLM2
