@@ -133,15 +133,22 @@ async def drafted_contexts(beam: Beam, text: bytes, i: int, limit: int) -> dict[
     the LM: those a draft of ``beam`` makes reading bytes ``i .. i + draft_window`` that
     need a forward pass (module docstring), then the proxies of the window after that (the
     stand-ins of the next draft), at most ``limit``; each with the bytes of ``text`` that
-    follow it. None when the text has no proxies there (``draft``)."""
+    follow it. The draft stops where the stand-ins known end (those the previous draft
+    prefetched: computing more would be a pass of its own), unless none is known (a text's
+    first draft). None when the text has no proxies there (``draft``)."""
     model = beam.model
+    proxies = _proxies(beam, text, i)
+    if proxies is None:
+        return None
     end = min(len(text), i + 1 + model.draft_window)
-    made = await draft(beam, text, i, end)
+    known = i
+    while known < end and _known(model, proxies.at(known + 1), beam.with_eos):
+        known += 1
+    made = await draft(beam, text, i, known if known > i else end)
     if made is None:
         return None
     view = memoryview(text)
     out = {s: view[p:] for s, p in made.items() if not _known(model, s, beam.with_eos)}
-    proxies = model.drafts[text]
     for p in range(end, min(len(text), end + model.draft_window) + 1):
         out.setdefault(proxies.at(p), view[p:])
     return dict(list(out.items())[:limit])
