@@ -725,8 +725,8 @@ class TokenModel:
             this many bytes ahead on stand-in rows (:mod:`~genlm_bytes_potential.beam.draft`),
             up to ``4 * max_prefetch``, instead of guesses ranked ``lookahead`` bytes ahead
             (0: guesses only). Same values. The default, 16, took W1 (K=8, SmolLM2, the
-            whole held-out text) from 596 to 313 forward passes and 1.5x on an H200
-            (benchmarks/HISTORY.md, session 28).
+            whole held-out text) from 596 to 251 forward passes and ~900 to ~1,550 B/s on
+            an H200 (benchmarks/HISTORY.md, session 28).
         mass_bytes: bytes of trie-mass rows the model keeps (:class:`MassStore`; on the
             device where masses are computed). Rows are recomputed when needed again.
 

@@ -10,10 +10,11 @@ fixed tokenization of it: the tokenizer's encoding, each position's tail by gree
 longest match). The masses it reads (the paths of the text's bytes on those rows) are
 gathered at once; where the stand-ins rank alternatives as the exact rows do, it makes
 what the exact beam will make (exactly so under an LM whose distribution ignores the
-context). Scoring SmolLM2's held-out text at K=8 a draft took 291 forward passes where
-ranked guesses took 596 (H200; benchmarks/HISTORY.md, session 27). Only a step of one
-beam drafts: drafts of many beams read in lockstep miss in turn (``batch_score`` of 16
-documents was 3.5x slower). Off by default (``TokenModel.draft_window``).
+context). Scoring SmolLM2's held-out text at K=8 the drafts took 251 forward passes where
+ranked guesses took 596, ~1,550 against ~900 B/s (H200; benchmarks/HISTORY.md, session 28).
+Only a step of one beam drafts: drafts of many beams read in lockstep each need stand-ins
+of their own (``batch_score`` of 16 and 64 documents was 4-6x slower, of 4 documents 1.5x
+faster). On by default (``TokenModel.draft_window``, 16 bytes).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ async def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> dict[
     draft's (:func:`~.draft.drafted_contexts`, with the model's ``draft_window``, one beam
     and the text known as a ``bytes`` object), else ranked guesses
     (:func:`speculative_contexts`). Texts read in lockstep keep ranked guesses: drafts for
-    many beams, each missing in turn, made ``batch_score`` of 16 documents 3.5x slower."""
+    every beam (stand-ins computed together, the budget shared) took ``batch_score`` of 16
+    documents from 3,069 to ~700 B/s and of 64 from 4,227 to 347-650 on an H200 (of 4:
+    1,046 to 1,592; benchmarks/HISTORY.md, session 28)."""
     model = beams[0].model
     if ahead is None or not model.lookahead or not requests or not any(len(a) for a in ahead):
         return {}
