@@ -139,15 +139,13 @@ async def drafted_contexts(beam: Beam, text: bytes, i: int, limit: int) -> dict[
     first draft). None when the text has no proxies there (``draft``)."""
     model = beam.model
     proxies = _proxies(beam, text, i)
-    if proxies is None:
+    if proxies is None or proxies.first > i + 1:  # (a text drafted before from further on)
         return None
     end = min(len(text), i + 1 + model.draft_window)
     known = i
     while known < end and _known(model, proxies.at(known + 1), beam.with_eos):
         known += 1
     made = await draft(beam, text, i, known if known > i else end)
-    if made is None:
-        return None
     view = memoryview(text)
     out = {s: view[p:] for s, p in made.items() if not _known(model, s, beam.with_eos)}
     for p in range(end, min(len(text), end + model.draft_window) + 1):
