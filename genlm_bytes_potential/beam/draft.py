@@ -12,9 +12,9 @@ gathered at once; where the stand-ins rank alternatives as the exact rows do, it
 what the exact beam will make (exactly so under an LM whose distribution ignores the
 context). Scoring SmolLM2's held-out text at K=8 the drafts took 251 forward passes where
 ranked guesses took 596, ~1,550 against ~900 B/s (H200; benchmarks/HISTORY.md, session 28).
-Only a step of one beam drafts: drafts of many beams read in lockstep each need stand-ins
-of their own (``batch_score`` of 16 and 64 documents was 4-6x slower, of 4 documents 1.5x
-faster). On by default (``TokenModel.draft_window``, 16 bytes).
+Only a step of at most ``MAX_DRAFTING_BEAMS`` beams drafts: drafts of many beams read in
+lockstep each need stand-ins of their own (``batch_score`` of 16 and 64 documents was 4-6x
+slower, of 4 documents 1.5x faster). On by default (``TokenModel.draft_window``, 16 bytes).
 """
 
 from __future__ import annotations
@@ -151,6 +151,23 @@ async def drafted_contexts(beam: Beam, text: bytes, i: int, limit: int) -> dict[
     for p in range(end, min(len(text), end + model.draft_window) + 1):
         out.setdefault(proxies.at(p), view[p:])
     return dict(list(out.items())[:limit])
+
+
+async def compute_stand_ins(jobs: list[tuple[Beam, bytes, int]]) -> None:
+    """Compute, in one call per EOS mode, the stand-ins that the drafts of several beams
+    read in lockstep (``beam`` reading byte ``i`` of ``text``) would each compute in a
+    call of their own (a text's first draft: ``drafted_contexts``)."""
+    windows: dict[bool, dict[LMState, memoryview]] = {}
+    for beam, text, i in jobs:
+        model = beam.model
+        proxies = _proxies(beam, text, i)
+        if proxies is None or proxies.first > i + 1 or _known(model, proxies.at(i + 1), beam.with_eos):
+            continue
+        view = memoryview(text)
+        end = min(len(text), i + 1 + model.draft_window)
+        windows.setdefault(beam.with_eos, {}).update((proxies.at(p), view[p:]) for p in range(i + 1, end + 1))
+    for mode, window in windows.items():
+        await jobs[0][0].model.rows(list(window), mode, ahead=window)
 
 
 async def draft(beam: Beam, text: bytes, i: int, end: int) -> dict[LMState, int] | None:
@@ -349,5 +366,7 @@ def _draft_steps(off, m_node, leaf_off, m_leaf, leaf_token, weights, i, end, K, 
 _TEXT_BYTES_KEPT = 1 << 20
 #: proxy contexts a text keeps made (and as many along its tokenization)
 _PROXIES_KEPT = 64
+#: most beams read in lockstep whose step drafts (more keep ranked guesses)
+MAX_DRAFTING_BEAMS = 4
 #: the draft's beam width for a beam without one (``K=None``)
 _UNBOUNDED_K = 64

@@ -9,34 +9,45 @@ import numpy as np
 from ..lm_state import LMState
 from ..trie import EOS, child_by_byte
 from .core import Beam, _grown, _njit
-from .draft import drafted_contexts
+from .draft import MAX_DRAFTING_BEAMS, compute_stand_ins, drafted_contexts
 
 
 async def _prefetch(beams, next_bytes, ahead, requests, modes, req_bid) -> dict[LMState, memoryview]:
     """Contexts to compute in this step's LM call for the steps ahead (phase 3), when the
-    step calls the LM anyway, in rank order, each with the bytes known to follow it: a
-    draft's (:func:`~.draft.drafted_contexts`, with the model's ``draft_window``, one beam
-    and the text known as a ``bytes`` object), else ranked guesses
-    (:func:`speculative_contexts`). Texts read in lockstep keep ranked guesses: drafts for
-    every beam (stand-ins computed together, the budget shared) took ``batch_score`` of 16
-    documents from 3,069 to ~700 B/s and of 64 from 4,227 to 347-650 on an H200 (of 4:
-    1,046 to 1,592; benchmarks/HISTORY.md, session 28)."""
+    step calls the LM anyway, in rank order, each with the bytes known to follow it. A
+    step of at most ``MAX_DRAFTING_BEAMS`` beams drafts (:func:`~.draft.drafted_contexts`,
+    with the model's ``draft_window``) for each beam whose text is known as a ``bytes``
+    object: each within its share of ``4 * max_prefetch`` per drafting beam, their first
+    stand-ins in one call. Other beams, and the beams of larger steps, take ranked guesses
+    (:func:`speculative_contexts`): drafts for every beam took ``batch_score`` of 4
+    documents from 1,046 to 1,592 B/s, but of 16 from 3,069 to ~700 and of 64 from 4,227
+    to 347-650 on an H200 (benchmarks/HISTORY.md, session 28)."""
     model = beams[0].model
     if ahead is None or not model.lookahead or not requests or not any(len(a) for a in ahead):
         return {}
     mode = modes[int(req_bid[0])]
     if not model.would_call([s for s, b in zip(requests, req_bid.tolist()) if modes[b] == mode], mode):
         return {}
-    drafting = bool(model.draft_window) and len(beams) == 1
-    budget = (4 if drafting else 1) * model.max_prefetch - len(requests)
+    drafting = bool(model.draft_window) and len(beams) <= MAX_DRAFTING_BEAMS
+    texts = [  # per beam, its text and the byte read, where it drafts
+        (more.obj, len(more.obj) - len(more) - 1)
+        if drafting and b != EOS and len(more) and isinstance(more, memoryview) and isinstance(more.obj, bytes)
+        else None
+        for b, more in zip(next_bytes, ahead)
+    ]
+    drafts = [(beam, *t) for beam, t in zip(beams, texts) if t is not None]
+    if len(drafts) > 1:
+        await compute_stand_ins(drafts)
+    budget = (4 * len(drafts) if drafts else 1) * model.max_prefetch - len(requests)
     out: dict[LMState, memoryview] = {}
-    for beam, b, more in zip(beams, next_bytes, ahead):
+    left = len(drafts)  # beams still to draft: each within its share of the budget left
+    for beam, b, more, known in zip(beams, next_bytes, ahead, texts):
         if b == EOS or not len(more) or budget <= 0:
             continue
-        text = more.obj if isinstance(more, memoryview) else None
         drafted = None
-        if drafting and isinstance(text, bytes):
-            drafted = await drafted_contexts(beam, text, len(text) - len(more) - 1, budget)
+        if known is not None:
+            drafted = await drafted_contexts(beam, *known, budget // left)
+            left -= 1
         if drafted is not None:
             for state, rest in drafted.items():
                 out.setdefault(state, rest)
