@@ -720,10 +720,10 @@ class TokenModel:
             them in the LM's cache: fewer, larger LM calls, same values. Only for LMs that
             cache log-probs and say so (``lm.has_logprobs(token_ids) -> bool``); 0: off.
         max_prefetch: most contexts one LM call asks for, when it prefetches.
-        draft_window: when the bytes ahead are a known text (scoring one text, prefill), a
-            step that prefetches takes the contexts that a draft of the beam asks for reading
-            this many bytes ahead on stand-in rows (:mod:`~genlm_bytes_potential.beam.draft`),
-            up to ``4 * max_prefetch``, instead of guesses ranked ``lookahead`` bytes ahead
+        draft_window: when the bytes ahead are a known text (scoring up to four texts in
+            lockstep, prefill), a step that prefetches takes the contexts that a draft of each
+            beam makes reading this many bytes ahead on stand-in rows
+            (:mod:`~genlm_bytes_potential.beam.draft`), up to ``4 * max_prefetch`` a beam, instead of guesses ranked ``lookahead`` bytes ahead
             (0: guesses only). Same values. The default, 16, took W1 (K=8, SmolLM2, the
             whole held-out text) from 596 to 251 forward passes and ~900 to ~1,550 B/s on
             an H200 (benchmarks/HISTORY.md, session 28).

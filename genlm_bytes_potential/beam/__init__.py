@@ -95,7 +95,7 @@ arrays (one gather of masses per step), and all extensions that need masses shar
 Modules, by phase: :mod:`.core` (the types, the first beam, the next-byte distribution),
 :mod:`.read` (read and prune), :mod:`.extend` (extend and assemble: :func:`advance`,
 :func:`prefill`), :mod:`.heal` (token healing), :mod:`.prefetch` (contexts for the bytes
-ahead), :mod:`.draft` (those a draft of the beam makes, for one beam reading a known text).
+ahead), :mod:`.draft` (those a draft of the beam makes, for up to four beams reading known texts).
 """
 
 from .core import N_OUTCOMES, Beam, BeamParams, BeamStats, initial_beam, next_byte_logprobs

@@ -14,7 +14,7 @@ context). Scoring SmolLM2's held-out text at K=8 the drafts took 251 forward pas
 ranked guesses took 596, ~1,550 against ~900 B/s (H200; benchmarks/HISTORY.md, session 28).
 Only a step of at most ``MAX_DRAFTING_BEAMS`` beams drafts: drafts of many beams read in
 lockstep each need stand-ins of their own (``batch_score`` of 16 and 64 documents was 4-6x
-slower, of 4 documents 1.5x faster). On by default (``TokenModel.draft_window``, 16 bytes).
+slower, of 4 documents 1.35x faster). On by default (``TokenModel.draft_window``, 16 bytes).
 """
 
 from __future__ import annotations
