@@ -16,3 +16,18 @@ def record_read_copies(store) -> list:
 
     store.gather = gather_spy
     return copied
+
+
+def count_new_context_calls(lm) -> list[int]:
+    """Make ``lm`` count its batch calls that ask for a context it was not asked for
+    before in this count; returns a one-item list holding that count."""
+    count, seen, inner = [0], set(), lm.batch_next_token_logprobs
+
+    async def counting(contexts, lora_name=None):
+        new = {tuple(c) for c in contexts} - seen
+        count[0] += bool(new)
+        seen.update(new)
+        return await inner(contexts)
+
+    lm.batch_next_token_logprobs = counting
+    return count

@@ -6,7 +6,7 @@ import torch
 from brute import complete_prob, log, prefix_prob
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spies import record_read_copies
+from spies import count_new_context_calls, record_read_copies
 from strategies import EOS_BYTES, texts, vocabularies
 
 from genlm_bytes_potential.backends import MockTokenLM
@@ -325,29 +325,30 @@ async def test_a_draft_changes_no_value(vocab, seed, data, K):
     assert runs[0] == runs[1]
 
 
+class _ContextFreeLM(MockTokenLM):
+    """The mock with one next-token distribution after every context (its seed only)."""
+
+    def _words(self, ctx):
+        return np.asarray([self.seed], np.int64)
+
+
+_WORDS = [b"the", b" the", b"cat", b" cat", b"sat", b" sat", b"on", b" on", b"mat", b" mat", b"th", b"he", b"at"]
+_WORD_VOCAB = _WORDS + [b"e", b"c", b"a", b"t", b"s", b"o", b"n", b"m", b" ", b" m", EOS_BYTES]
+
+
 @pytest.mark.parametrize("seed", [1, 5, 9])
 async def test_a_draft_prefetches_what_the_beam_reads_in_fewer_calls(seed):
-    """Scoring a long text, a draft's prefetches (a window of 16 bytes) leave at least a
-    fifth fewer LM calls with new contexts than ranked guesses do; the score is the same."""
-    words = [b"the", b" the", b"cat", b" cat", b"sat", b" sat", b"on", b" on", b"mat", b" mat", b"th", b"he", b"at"]
-    vocab = words + [b"e", b"c", b"a", b"t", b"s", b"o", b"n", b"m", b" ", b" m", EOS_BYTES]
+    """Scoring a long text where proxies predict the rows (a context-free LM: on the random
+    mock a proxy's row says nothing of another context's, and drafts guess no better than
+    ranked guesses), a draft's prefetches (a window of 16 bytes) leave at least a fifth
+    fewer LM calls with new contexts than ranked guesses do; the score is the same."""
     data = b"the cat sat on the mat " * 5
     runs = {}
     for window in (0, 16):
-        lm = MockTokenLM(vocab, seed=seed, eos_token_id=len(vocab) - 1)
-        blm = ByteLM(lm, K=8, draft_window=window)
-        calls, seen = 0, set()
-        inner = lm.batch_next_token_logprobs
-
-        async def counting(contexts, lora_name=None, inner=inner):
-            nonlocal calls
-            new = {tuple(c) for c in contexts} - seen
-            calls += bool(new)
-            seen.update(new)
-            return await inner(contexts)
-
-        lm.batch_next_token_logprobs = counting
-        runs[window] = (calls, (await blm.score(data)).logprob)
+        lm = _ContextFreeLM(_WORD_VOCAB, seed=seed, eos_token_id=len(_WORD_VOCAB) - 1)
+        calls = count_new_context_calls(lm)
+        logprob = (await ByteLM(lm, K=8, draft_window=window).score(data)).logprob
+        runs[window] = (calls[0], logprob)
     assert runs[16][1] == runs[0][1]
     assert runs[16][0] <= 0.8 * runs[0][0]
 
@@ -355,35 +356,17 @@ async def test_a_draft_prefetches_what_the_beam_reads_in_fewer_calls(seed):
 @pytest.mark.parametrize("n_docs", [2, 4])
 async def test_texts_read_in_lockstep_draft_up_to_four_beams(n_docs):
     """``batch_score`` of up to ``MAX_DRAFTING_BEAMS`` texts drafts for each: at least a
-    fifth fewer LM calls with new contexts than ranked guesses, the same scores."""
-    words = [b"the", b" the", b"cat", b" cat", b"sat", b" sat", b"on", b" on", b"mat", b" mat", b"th", b"he", b"at"]
-    vocab = words + [b"e", b"c", b"a", b"t", b"s", b"o", b"n", b"m", b" ", b" m", EOS_BYTES]
+    fifth fewer LM calls with new contexts than ranked guesses (where proxies predict the
+    rows, as above), the same scores."""
     docs = [(b"the cat sat on the mat " * 3)[k:] for k in range(n_docs)]
     runs = {}
     for window in (0, 16):
-        lm = MockTokenLM(vocab, seed=3, eos_token_id=len(vocab) - 1)
-        seen, calls = set(), 0
-        inner = lm.batch_next_token_logprobs
-
-        async def counting(contexts, lora_name=None, inner=inner):
-            nonlocal calls
-            new = {tuple(c) for c in contexts} - seen
-            calls += bool(new)
-            seen.update(new)
-            return await inner(contexts)
-
-        lm.batch_next_token_logprobs = counting
+        lm = _ContextFreeLM(_WORD_VOCAB, seed=3, eos_token_id=len(_WORD_VOCAB) - 1)
+        calls = count_new_context_calls(lm)
         scores = await ByteLM(lm, K=8, draft_window=window).batch_score(docs)
-        runs[window] = (calls, [s.logprob for s in scores])
+        runs[window] = (calls[0], [s.logprob for s in scores])
     assert runs[16][1] == runs[0][1]
     assert runs[16][0] <= 0.8 * runs[0][0]
-
-
-class _ContextFreeLM(MockTokenLM):
-    """The mock with one next-token distribution after every context (its seed only)."""
-
-    def _words(self, ctx):
-        return np.asarray([self.seed], np.int64)
 
 
 @settings(max_examples=40, deadline=None)
