@@ -108,11 +108,14 @@ class _Timers:
 
 def _split(blm, lm, text) -> dict[str, float]:
     """Wall-clock milliseconds of one scoring run, split by wrapping the main pieces
-    (nested pieces are also counted in their callers)."""
-    from genlm_bytes_potential import beam as beam_mod
+    (nested pieces are also counted in their callers): the LM calls (the paged backend's
+    host work, the wait for the GPU, the store's and the trie's work around it), then a
+    step's phases (:mod:`genlm_bytes_potential.beam`), drafts included. Adds the run's LM
+    calls, forward passes and contexts asked for."""
     from genlm_bytes_potential import lm_state
-    from genlm_bytes_potential.beam import prefetch
+    from genlm_bytes_potential.beam import draft, extend, prefetch
 
+    model = blm.model
     timers = _Timers()
     wrap = timers.wrap
     wrap(lm_state.TokenModel, "_compute", "TokenModel._compute (LM call, trie batch into the store)", True)
@@ -120,15 +123,33 @@ def _split(blm, lm, text) -> dict[str, float]:
     wrap(lm, "_evaluate", "    evaluate (plan and queue the forward, gather rows)")
     wrap(lm, "_forward_wave", "      forward pass (pack, replay)")
     wrap(lm, "_cached_logprobs", "      log-prob gather")
-    wrap(lm_state, "to_host", "  store gathers to the host")
-    wrap(prefetch, "speculative_contexts", "speculation")
-    wrap(beam_mod.Beam, "log_mass", "beam mass gathers")
+    wrap(lm_state, "event_done", "  wait for the GPU (forward pass, masses, copy)", True)
+    wrap(lm_state.MassStore, "allocate", "  store: allocate rows")
+    wrap(model.trie, "masses", "  trie masses (queued)")
+    wrap(model.trie, "path_nodes", "  nodes of the bytes ahead")
+    wrap(lm_state.MassStore, "send_paths", "  store: queue the copy of paths")
+    wrap(lm_state.MassStore, "keep_paths", "  store: keep the copied paths")
+    wrap(lm_state, "to_host", "store gathers to the host")
+    wrap(extend, "_ensure", "step: rows still valid", True)
+    wrap(extend, "_read_and_prune", "step: read and prune", True)
+    wrap(extend, "_fetch_fronts", "step: fetch the next step's masses")
+    wrap(extend, "_prefetch", "step: prefetch", True)
+    wrap(prefetch, "drafted_contexts", "  drafted contexts", True)
+    wrap(draft, "draft", "    draft (stand-ins, gather, kernels, extensions)", True)
+    wrap(prefetch, "speculative_contexts", "  ranked guesses")
+    wrap(extend, "_assemble", "step: assemble", True)
+    wrap(lm_state.TokenModel, "extend", "contexts extended (all phases)")
+    wrap(lm_state.TokenModel, "log_mass", "mass gathers (all phases)")
+    calls, forwards, contexts = model.stats.batch_calls, lm.forward_calls, model.stats.contexts
     t = time.perf_counter()
     try:
         asyncio.run(blm.score(text))
     finally:
         timers.undo()
     timers.spent["total"] = (time.perf_counter() - t) * 1e3
+    timers.spent["LM calls (count)"] = model.stats.batch_calls - calls
+    timers.spent["forward passes (count)"] = lm.forward_calls - forwards
+    timers.spent["contexts asked for (count)"] = model.stats.contexts - contexts
     return timers.spent
 
 
@@ -283,9 +304,9 @@ def main():
         asyncio.run(blm.score(text))
         print(f"W1 K={K}: {len(text) / (time.perf_counter() - t):.1f} B/s")
     lm.clear_cache()
-    print(f"wall-clock split of one K={args.K[-1]} scoring (ms per byte):")
-    for name, ms in _split(blm, lm, text).items():
-        print(f"  {name}: {ms / len(text):.3f}")
+    print(f"wall-clock split of one K={args.K[-1]} scoring (µs per byte):")
+    for name, value in _split(blm, lm, text).items():
+        print(f"  {name}: {value}" if name.endswith("(count)") else f"  {name}: {1e3 * value / len(text):.1f}")
     lm.clear_cache()
     calls, forwards = blm.model.stats.batch_calls, lm.forward_calls
     prof = cProfile.Profile()

@@ -414,3 +414,39 @@ def test_w2_split_accounts_for_a_real_smc_run_and_unwraps():
     assert r["bytes"] > 0 and 0 < r["steps"] <= 8
     assert r["total"] > r["ours"] >= r["  LM calls inside ours"] > 0 and r["grammar"] > 0
     assert 0 < r["rest (sampler, resampling, product)"] < r["total"]
+
+
+def test_w1_split_accounts_for_a_real_scoring_run_and_unwraps():
+    """``gpu_profile._split`` on the tiny paged model (CPU): a real W1 scoring run whose
+    nested pieces lie within their callers' time, with the run's LM calls, forward passes
+    and contexts counted; every wrapped function is the original again afterwards."""
+    from benchmarks.gpu_profile import _split
+    from genlm_bytes_potential import lm_state
+    from genlm_bytes_potential.beam import draft, extend, prefetch
+    from genlm_bytes_potential.byte_lm import ByteLM
+
+    lm, info = make_lm("tiny", backend="paged")
+    paged = lm.inner
+    blm = ByteLM(paged, K=4, eos_tokens=info["eos"])
+    wrapped = [
+        (lm_state.TokenModel, "_compute"),
+        (lm_state.TokenModel, "extend"),
+        (lm_state, "event_done"),
+        (extend, "_read_and_prune"),
+        (extend, "_prefetch"),
+        (prefetch, "drafted_contexts"),
+        (draft, "draft"),
+    ]
+    before = [getattr(owner, name) for owner, name in wrapped]
+    calls, forwards = blm.model.stats.batch_calls, paged.forward_calls
+    r = {name.strip(): value for name, value in _split(blm, paged, heldout_text(60)).items()}
+    assert [getattr(owner, name) for owner, name in wrapped] == before
+    assert "_evaluate" not in vars(paged) and "masses" not in vars(blm.model.trie)
+    assert r["LM calls (count)"] == blm.model.stats.batch_calls - calls >= 1
+    assert r["forward passes (count)"] == paged.forward_calls - forwards >= 1
+    assert r["contexts asked for (count)"] >= r["LM calls (count)"]
+    lm_call = r["TokenModel._compute (LM call, trie batch into the store)"]
+    assert 0 < r["evaluate (plan and queue the forward, gather rows)"] <= r["LM call (await)"] <= lm_call
+    assert 0 < r["draft (stand-ins, gather, kernels, extensions)"] <= r["drafted contexts"] <= r["step: prefetch"]
+    assert r["step: read and prune"] > 0 and r["step: assemble"] > 0
+    assert lm_call + r["step: read and prune"] + r["step: assemble"] < r["total"]
