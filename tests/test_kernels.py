@@ -1,6 +1,7 @@
 """The fused kernels of ``backends.kernels``: on a GPU equal, bit for bit, to the PyTorch
-kernels they replace, alone and inside ``PagedTokenLM``'s forward; everywhere, the query
-layouts they write agree with the attention's."""
+kernels they replace, alone and inside ``PagedTokenLM``'s forward; the shared-keys
+attention as close to exact attention as SDPA is, alone and inside the forward; everywhere,
+the query layouts they write agree with the attention's."""
 
 import copy
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from genlm_bytes_potential.backends import kernels
 from genlm_bytes_potential.backends.kernels import QueryLayout
-from genlm_bytes_potential.backends.paged import PagedTokenLM
+from genlm_bytes_potential.backends.paged import PagedTokenLM, _tree_keys_mask
 
 needs_gpu = pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.available(torch.device("cuda"))), reason="the kernels need a GPU"
@@ -99,3 +100,56 @@ async def test_fused_forward_equals_the_unfused_forward(tiny_llama, dtype):
         got, want = await fused.batch_next_token_logprobs(batch), await plain.batch_next_token_logprobs(batch)
         assert torch.equal(got, want)
     assert fused.graph_replays == plain.graph_replays > 0
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,U", [(1, 1), (2, 5), (11, 330), (70, 800), (22, 64), (128, 1500), (16, 3000)])
+def test_shared_keys_attention_is_as_close_to_exact_attention_as_sdpa(B, U):
+    """Rows of one KV-head group over keys read from the pool by slot, each row seeing its
+    own subset (a tree's paths): as far from float32 attention as SDPA's bf16 kernel is,
+    for row and key counts below, at and past the kernel's tiles and chunks."""
+    G, g, D = 3, 3, 64
+    gen = torch.Generator(device="cuda").manual_seed(B * 10007 + U)
+    pool = torch.randn(4 * U + 8, 2 * G, D, device="cuda", generator=gen).to(torch.bfloat16)
+    keys = torch.randperm(4 * U + 7, device="cuda", generator=gen)[:U] + 1
+    visible = torch.rand(B, U, device="cuda", generator=gen) < 0.7
+    visible[torch.arange(B), torch.randint(0, U, (B,), device="cuda", generator=gen)] = True  # a key each
+    mask = _tree_keys_mask(visible, torch.bfloat16, g)
+    q = torch.randn(1, G, B * g, D, device="cuda", generator=gen).to(torch.bfloat16)
+    kv = pool[keys].transpose(0, 1)[None]
+    exact = F.scaled_dot_product_attention(
+        q.float(), kv[:, :G].float(), kv[:, G:].float(), attn_mask=mask.float(), scale=D**-0.5
+    )
+    sdpa = F.scaled_dot_product_attention(q, kv[:, :G], kv[:, G:], attn_mask=mask, scale=D**-0.5)
+    got = kernels.shared_keys_attention(q, pool, keys, mask, D**-0.5)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    assert (got.float() - exact).abs().max() <= 2 * (sdpa.float() - exact).abs().max() + 1e-3
+
+
+@needs_gpu
+async def test_the_attention_kernel_forward_is_as_close_to_sdpa_as_bf16_allows(tiny_llama):
+    """Beam steps (one key set for the batch, through graphs and eager waves) and rows of
+    several new tokens: the log-probs with the shared-keys attention kernel are SDPA's up
+    to bf16 rounding, and the same passes run."""
+    model, tok = tiny_llama
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    ours = PagedTokenLM(model, tok, kv_cache_bytes=2**24)
+    sdpa = PagedTokenLM(model, tok, kv_cache_bytes=2**24, attention_kernel=False)
+    assert ours.attention_kernel and not sdpa.attention_kernel
+    stem = list(range(100, 400))
+    batches = [
+        [stem],
+        [stem + [t] for t in range(2, 40)],
+        [stem + [t, 7] for t in range(2, 40)] + [stem + [5, 6, 8]],
+        [stem[:100] + [t] for t in range(50, 60)],
+    ]
+    for batch in batches:
+        got, want = await ours.batch_next_token_logprobs(batch), await sdpa.batch_next_token_logprobs(batch)
+        assert (got - want).abs().max() < 0.05
+    assert ours.graph_replays == sdpa.graph_replays > 0
+
+
+def test_the_attention_kernel_is_off_on_the_cpu(tiny_llama):
+    """On the CPU the layer attends by SDPA whatever is asked."""
+    model, tok = tiny_llama
+    assert not PagedTokenLM(model, tok, kv_cache_bytes=2**24, attention_kernel=True).attention_kernel

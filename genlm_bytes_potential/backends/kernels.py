@@ -8,12 +8,18 @@ A one-token step of a small model is bound by the number of kernels it launches 
 * :func:`rope_write` — rotary embedding of q and k, k and v written to their KV-pool
   slots, q written in the attention's layout: the ``mul``, ``roll``, ``addcmul``, ``cat``,
   ``index_put`` and the query's ``permute`` copy in one kernel;
-* :func:`silu_mul` — ``silu(gate) * up`` of the gated MLP in one kernel instead of two.
+* :func:`silu_mul` — ``silu(gate) * up`` of the gated MLP in one kernel instead of two;
+* :func:`shared_keys_attention` — attention of a batch's rows over one shared key set (the
+  paged layer's tree layout), its keys split across programs (flash-decoding) and read from
+  the KV pool by slot: SDPA's kernel runs ``kv_heads x ceil(rows / 64)`` programs, each
+  over every key in turn (18.6 µs a layer over ~800 keys while scoring on an H200).
 
-Both round as the PyTorch kernels they replace do (float32 arithmetic, each PyTorch
+The first two round as the PyTorch kernels they replace do (float32 arithmetic, each PyTorch
 kernel's result rounded to the tensor's dtype, the same fused multiply-add and the same
 ``expf``): :func:`rope_write_reference` and :func:`gated_activation` are those PyTorch
-kernels, and the GPU tests hold the fused ones to them bit for bit.
+kernels, and the GPU tests hold the fused ones to them bit for bit. The attention sums in another
+order than SDPA's kernels (float32 accumulation, as theirs): the GPU tests hold it to SDPA
+within bf16 rounding.
 
 :func:`available` says whether they run on a device (CUDA with Triton); elsewhere the
 references are the layer.
@@ -33,7 +39,15 @@ try:  # Triton ships with CUDA builds of torch; CPU builds may lack it or its GP
 except Exception:  # noqa: BLE001 (any failure to import means: no fused kernels)
     triton = None
 
-__all__ = ["QueryLayout", "available", "gated_activation", "rope_write", "rope_write_reference", "silu_mul"]
+__all__ = [
+    "QueryLayout",
+    "available",
+    "gated_activation",
+    "rope_write",
+    "rope_write_reference",
+    "shared_keys_attention",
+    "silu_mul",
+]
 
 
 class QueryLayout(NamedTuple):
@@ -150,7 +164,103 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], inner)
 
 
+def shared_keys_attention(q, pool, keys, mask, scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` per KV head, over the keys and values of
+    ``pool[keys]`` (CUDA, Triton): ``q`` ``[1, G, R, D]`` (the shared layout), ``pool``
+    ``[slots, 2G, D]`` (keys, then values), ``keys`` ``[U]`` slots, ``mask`` ``[1, 1, R,
+    U]`` additive (0 or -inf; every row sees a key). Equal to
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)`` up to the
+    order of float32 sums. The keys are split into chunks of ``_KEYS_PER_PROGRAM`` or more,
+    one program per chunk, KV head and 64 rows (enough programs to fill the GPU), and a
+    second kernel combines the chunks' partial softmaxes."""
+    _, G, R, D = q.shape
+    U = keys.shape[0]
+    tiles = triton.cdiv(R, _ROWS)
+    chunks = max(1, min(triton.cdiv(U, _KEYS_PER_PROGRAM), _PROGRAMS // (G * tiles)))
+    chunk = triton.cdiv(triton.cdiv(U, chunks), _KEYS) * _KEYS
+    chunks = triton.cdiv(U, chunk)
+    part = torch.empty((chunks, G, R, D), dtype=torch.float32, device=q.device)
+    top = torch.empty((chunks, G, R), dtype=torch.float32, device=q.device)
+    total = torch.empty((chunks, G, R), dtype=torch.float32, device=q.device)
+    m = mask.reshape(R, U)
+    _chunk_attention_kernel[(tiles, G, chunks)](
+        q, pool, keys, m, part, top, total,
+        q.stride(1), q.stride(2), pool.stride(0), pool.stride(1), m.stride(0), m.stride(1),
+        R, U, G, chunk, scale,
+        D=D, ROWS=_ROWS, KEYS=_KEYS,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _combine_chunks_kernel[(R, G)](part, top, total, out, out.stride(1), out.stride(2), R, G, chunks, D=D)
+    return out
+
+
+_ROWS, _KEYS = 64, 64  # query rows and keys of one program's tiles
+_KEYS_PER_PROGRAM = 128  # fewest keys a program reads (more chunks cost the combine more)
+_PROGRAMS = 264  # programs to aim for: two per SM of an H100/H200
+
+
 if triton is not None:
+
+    @triton.jit
+    def _chunk_attention_kernel(
+        q, pool, keys, mask, part, top, total,
+        s_qh, s_qr, s_slot, s_head, s_mr, s_mu,
+        R, U, G, chunk, scale,
+        D: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr,
+    ):  # fmt: skip
+        """One chunk of keys for ``ROWS`` query rows of KV head ``h``: its partial
+        softmax (running maximum ``top``, sum ``total``, unnormalized output ``part``)."""
+        t, h, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        r = t * ROWS + tl.arange(0, ROWS)
+        d = tl.arange(0, D)
+        row_ok = r < R
+        qt = tl.load(q + h * s_qh + r[:, None] * s_qr + d[None, :], mask=row_ok[:, None], other=0.0)
+        m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, D), tl.float32)
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, U)
+        for start in range(lo, hi, KEYS):
+            u = start + tl.arange(0, KEYS)
+            key_ok = u < hi
+            slot = tl.load(keys + u, mask=key_ok, other=0)
+            kt = tl.load(pool + slot[:, None] * s_slot + h * s_head + d[None, :], mask=key_ok[:, None], other=0.0)
+            vt = tl.load(pool + slot[:, None] * s_slot + (G + h) * s_head + d[None, :], mask=key_ok[:, None], other=0.0)
+            bias = tl.load(
+                mask + r[:, None] * s_mr + u[None, :] * s_mu,
+                mask=row_ok[:, None] & key_ok[None, :],
+                other=float("-inf"),
+            ).to(tl.float32)
+            s = tl.dot(qt, tl.trans(kt)) * scale + bias
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            base = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - base[:, None])
+            alpha = tl.exp(m_i - base)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        at = (c * G + h) * R + r
+        tl.store(top + at, m_i, mask=row_ok)
+        tl.store(total + at, l_i, mask=row_ok)
+        tl.store(part + at[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+    @triton.jit
+    def _combine_chunks_kernel(part, top, total, out, s_oh, s_or, R, G, chunks, D: tl.constexpr):
+        """Row ``r`` of KV head ``h``: the chunks' partial softmaxes as one."""
+        r, h = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, D)
+        m = tl.full((), float("-inf"), tl.float32)
+        for c in range(chunks):
+            m = tl.maximum(m, tl.load(top + (c * G + h) * R + r))
+        base = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros((D,), tl.float32)
+        norm = tl.zeros((), tl.float32)
+        for c in range(chunks):
+            at = (c * G + h) * R + r
+            w = tl.exp(tl.load(top + at) - base)
+            norm += w * tl.load(total + at)
+            acc += w * tl.load(part + at * D + d)
+        tl.store(out + h * s_oh + r * s_or + d, (acc / norm).to(out.dtype.element_ty))
 
     @triton.jit
     def _rope_write_kernel(
