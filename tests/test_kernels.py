@@ -127,15 +127,16 @@ def test_shared_keys_attention_is_as_close_to_exact_attention_as_sdpa(B, U):
 
 
 @needs_gpu
-async def test_the_attention_kernel_forward_is_as_close_to_sdpa_as_bf16_allows(tiny_llama):
+async def test_the_attention_kernel_forward_is_as_close_to_float32_as_sdpa(tiny_llama):
     """Beam steps (one key set for the batch, through graphs and eager waves) and rows of
-    several new tokens: the log-probs with the shared-keys attention kernel are SDPA's up
-    to bf16 rounding, and the same passes run."""
+    several new tokens: with the shared-keys attention kernel, a bf16 model's log-probs are
+    as far from the float32 model's as with SDPA, and the same passes run."""
     model, tok = tiny_llama
-    model = copy.deepcopy(model).to("cuda", torch.bfloat16)
-    ours = PagedTokenLM(model, tok, kv_cache_bytes=2**24)
-    sdpa = PagedTokenLM(model, tok, kv_cache_bytes=2**24, attention_kernel=False)
-    assert ours.attention_kernel and not sdpa.attention_kernel
+    bf16 = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    ours = PagedTokenLM(bf16, tok, kv_cache_bytes=2**24)
+    sdpa = PagedTokenLM(bf16, tok, kv_cache_bytes=2**24, attention_kernel=False)
+    exact = PagedTokenLM(copy.deepcopy(model).to("cuda"), tok, kv_cache_bytes=2**24)
+    assert ours.attention_kernel and not sdpa.attention_kernel and not exact.attention_kernel
     stem = list(range(100, 400))
     batches = [
         [stem],
@@ -144,8 +145,10 @@ async def test_the_attention_kernel_forward_is_as_close_to_sdpa_as_bf16_allows(t
         [stem[:100] + [t] for t in range(50, 60)],
     ]
     for batch in batches:
-        got, want = await ours.batch_next_token_logprobs(batch), await sdpa.batch_next_token_logprobs(batch)
-        assert (got - want).abs().max() < 0.05
+        want = await exact.batch_next_token_logprobs(batch)
+        ours_err = (await ours.batch_next_token_logprobs(batch) - want).abs().max().item()
+        sdpa_err = (await sdpa.batch_next_token_logprobs(batch) - want).abs().max().item()
+        assert ours_err <= 2 * sdpa_err + 1e-3, (ours_err, sdpa_err)
     assert ours.graph_replays == sdpa.graph_replays > 0
 
 
