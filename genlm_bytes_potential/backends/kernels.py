@@ -171,7 +171,7 @@ def shared_keys_attention(q, pool, keys, mask, scale: float) -> torch.Tensor:
     U]`` additive (0 or -inf; every row sees a key). Equal to
     ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)`` up to the
     order of float32 sums. The keys are split into chunks of ``_KEYS_PER_PROGRAM`` or more,
-    one program per chunk, KV head and 64 rows (enough programs to fill the GPU), and a
+    one program per chunk, KV head and ``_ROWS`` rows (enough programs to fill the GPU), and a
     second kernel combines the chunks' partial softmaxes."""
     _, G, R, D = q.shape
     U = keys.shape[0]
@@ -194,8 +194,8 @@ def shared_keys_attention(q, pool, keys, mask, scale: float) -> torch.Tensor:
     return out
 
 
-_ROWS, _KEYS = 64, 64  # query rows and keys of one program's tiles
-_KEYS_PER_PROGRAM = 128  # fewest keys a program reads (more chunks cost the combine more)
+_ROWS, _KEYS = 32, 64  # query rows and keys of one program's tiles
+_KEYS_PER_PROGRAM = 64  # fewest keys a program reads (more chunks cost the combine more)
 _PROGRAMS = 264  # programs to aim for: two per SM of an H100/H200
 
 
