@@ -8,7 +8,8 @@ A byte beam's usual LM call: every context extends one cached context by one tok
 prefix (``--prefix-bytes`` of the held-out text after BOS) is evaluated once; each
 repetition then asks for ``N`` contexts ``prefix + (t,)`` with tokens ``t`` never asked
 for before. Per variant of the forward (``eager``: ``compile=False``, with the fused
-kernels of ``backends.kernels`` on CUDA; ``unfused``: the same without them; ``compiled``:
+kernels of ``backends.kernels`` on CUDA; ``unfused``: the same without them; ``sdpa``: the
+fused kernels, but attention by SDPA, not ``shared_keys_attention``; ``compiled``:
 the decoder layer through ``torch.compile``; all with CUDA graphs on CUDA), per ``N`` and per
 API (``sync``: ``batch_next_token_logprobs_sync``, ``async``: ``await
 batch_next_token_logprobs`` as ``TokenModel`` calls it), medians and ranges over
@@ -348,6 +349,7 @@ def main(argv=None):
 VARIANTS = {
     "eager": {"compile": False},
     "unfused": {"compile": False, "fused_kernels": False},
+    "sdpa": {"compile": False, "attention_kernel": False},
     "compiled": {"compile": True},
     "autotuned": {"compile": "max-autotune-no-cudagraphs"},
 }
