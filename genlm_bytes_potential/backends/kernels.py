@@ -168,7 +168,8 @@ def shared_keys_attention(q, pool, keys, mask, scale: float) -> torch.Tensor:
     """``softmax(q k^T * scale + mask) v`` per KV head, over the keys and values of
     ``pool[keys]`` (CUDA, Triton): ``q`` ``[1, G, R, D]`` (the shared layout), ``pool``
     ``[slots, 2G, D]`` (keys, then values), ``keys`` ``[U]`` slots, ``mask`` ``[1, 1, R,
-    U]`` additive (0 or -inf; every row sees a key). Equal to
+    U]`` additive (0 or -inf; every row sees a key); ``q``, ``pool`` and ``keys`` contiguous in
+    their last dimension. Equal to
     ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)`` up to the
     order of float32 sums. The keys are split into chunks of ``_KEYS_PER_PROGRAM`` or more,
     one program per chunk, KV head and ``_ROWS`` rows (enough programs to fill the GPU), and a
